@@ -1,0 +1,140 @@
+"""The ``smd`` command line.
+
+    smd init-model --out DIR [--arch qwen2|llama] [--hidden-size N ...] [--seed S]
+    smd rollout    --config CFG [--out DIR] [key=value ...]
+    smd replay     --rollouts DIR [--packed] [--json]
+    smd bench      rollout [--json]
+
+User errors (bad config, malformed files, invalid masks) print ``error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import SMDError
+
+
+def _cmd_init_model(a) -> int:
+    from .model.tiny import init_model_dir
+
+    kw = {k: v for k, v in dict(hidden_size=a.hidden_size, num_layers=a.num_layers, num_heads=a.num_heads,
+                                 num_kv_heads=a.num_kv_heads, intermediate_size=a.intermediate_size).items()
+          if v is not None}
+    if a.tie_word_embeddings is not None:
+        kw["tie_word_embeddings"] = a.tie_word_embeddings == "true"
+    path = init_model_dir(a.out, a.arch, seed=a.seed, **kw)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_rollout(a) -> int:
+    from pathlib import Path
+
+    from .config import dump_config, load_config
+    from .rollout.run import run_rollout
+
+    cfg = load_config(a.config, a.overrides)
+    out = Path(a.out or Path(cfg.output_dir) / "rollout")
+    batch = run_rollout(cfg, out)
+    dump_config(cfg, out / "config.yaml")
+    st = batch.meta["stats"]
+    rw = batch.meta["rewards"]
+    print(f"wrote {len(batch)} trajectories to {out}  (policy={cfg.rollout.policy.name}, "
+          f"peak KV {st['peak_kv_bytes'] / 2**20:.2f} MiB, {st['tokens_per_s']:.0f} tok/s, "
+          f"mean reward {sum(rw) / len(rw):.3f})")
+    return 0
+
+
+def _cmd_replay(a) -> int:
+    from .replay import replay_torch
+    from .rollout.io import load_rollouts
+
+    if a.learner != "torch":
+        from .learner.replay import replay_megatron  # noqa: F401  (issue: learner side)
+
+        res = replay_megatron(a.rollouts, tp=a.tp, pp=a.pp, cp=a.cp, packed=a.packed, backend=a.backend)
+    else:
+        batch = load_rollouts(a.rollouts)
+        res = replay_torch(batch, a.model, packed=a.packed)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for mode, m in res.items():
+            print(f"{mode:>7}: max|dlogp|={m['max_abs_logprob_diff']:.3e}  mean KL={m['mean_kl']:.3e}  "
+                  f"({m['num_tokens']} tokens)")
+    return 0
+
+
+def _cmd_bench(a) -> int:
+    from . import bench
+
+    if a.what == "rollout":
+        res = bench.bench_rollout()
+    elif a.what == "attention":
+        from .learner.bench_attention import run_attention_bench
+
+        res = run_attention_bench()
+    else:  # pragma: no cover - argparse restricts choices
+        raise SMDError(f"unknown benchmark {a.what}")
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(json.dumps(res, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smd", description="Shadow Mask Distillation: on-policy RL with a compressed rollout KV cache")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("init-model", help="write a tiny random Qwen2/Llama model in Hugging Face format")
+    s.add_argument("--out", required=True)
+    s.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
+    s.add_argument("--hidden-size", type=int)
+    s.add_argument("--num-layers", type=int)
+    s.add_argument("--num-heads", type=int)
+    s.add_argument("--num-kv-heads", type=int)
+    s.add_argument("--intermediate-size", type=int)
+    s.add_argument("--tie-word-embeddings", choices=["true", "false"])
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_init_model)
+
+    s = sub.add_parser("rollout", help="sample the configured task with KV eviction and export shadow masks")
+    s.add_argument("--config", required=True)
+    s.add_argument("--out")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides")
+    s.set_defaults(fn=_cmd_rollout)
+
+    s = sub.add_parser("replay", help="replay a rollout with a learner; report the log-prob gap per learner mode")
+    s.add_argument("--rollouts", required=True)
+    s.add_argument("--learner", choices=["torch", "megatron"], default="torch")
+    s.add_argument("--model", help="model directory (default: meta.json's model_path)")
+    s.add_argument("--tp", type=int, default=1)
+    s.add_argument("--pp", type=int, default=1)
+    s.add_argument("--cp", type=int, default=1)
+    s.add_argument("--backend", choices=["sdpa", "flex", "te"], default="sdpa")
+    s.add_argument("--packed", action="store_true", help="pack all trajectories into one row (THD style)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_replay)
+
+    s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
+    s.add_argument("what", choices=["rollout", "attention"])
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SMDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

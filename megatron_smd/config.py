@@ -1,0 +1,221 @@
+"""Configuration: typed pydantic models are the source of truth, YAML is their serialized form.
+
+Three layers, later wins:
+
+1. a model preset (``configs/models/*.yaml``), named by the experiment's ``preset:`` key (a path
+   relative to the experiment file, or a bare name looked up in ``configs/models/``);
+2. the experiment file (``configs/*.yaml``);
+3. ``key=value`` overrides from the command line (values parsed as YAML: ``rollout.policy.budget=64``,
+   ``rollout.policy.name=h2o``, ``task.num_pairs=[1,2]``).
+
+Unknown keys and wrong types are errors that name the dotted key and the layer (file or
+``command line``) that set it. Cross-field constraints (a policy budget smaller than its sinks plus
+window, ...) are checked here too, at config time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+from .policies import PolicyConfig
+from .tasks import TaskConfig
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+
+class TinyInitConfig(_Strict):
+    """How to create the model directory when ``model.path`` does not exist (tiny presets only)."""
+
+    arch: Literal["qwen2", "llama"] = "qwen2"
+    """Architecture family written to config.json."""
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 176
+    tie_word_embeddings: bool | None = None
+    """None: Qwen2 ties input/output embeddings, Llama does not."""
+    seed: int = 0
+    """Seed of the random initialisation (the same seed always gives the same weights)."""
+
+
+class ModelConfig(_Strict):
+    path: str
+    """Hugging Face model directory (config.json, model.safetensors, tokenizer.json). Relative paths
+    are resolved against the working directory."""
+    init: TinyInitConfig | None = None
+    """If set and ``path`` does not exist, create a tiny random model there (``smd init-model``)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the reference engine. Exactness claims are stated for float32."""
+
+
+class RolloutConfig(_Strict):
+    backend: Literal["reference"] = "reference"
+    """Rollout engine. ``reference``: the pure-torch engine in this package (CPU default)."""
+    num_prompts: int = Field(8, ge=1)
+    """Prompts per rollout batch."""
+    group_size: int = Field(4, ge=1)
+    """Samples per prompt (GRPO group); they share one prefill of the prompt."""
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    """0 = greedy. Sampler log-probs are of the temperature-scaled distribution."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    """0 = off."""
+    stop_at_eos: bool = True
+    """Stop a sample at the tokenizer's <eos> (which is kept as the last action)."""
+    seed: int = 0
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    """KV eviction policy and budget (see megatron_smd.policies)."""
+    kv_growth: int = Field(16, ge=1)
+    """Tokens by which a layer's cache tensors grow when full (and the slack kept after compaction)."""
+
+
+class ExperimentConfig(_Strict):
+    """The whole resolved configuration of one command."""
+
+    preset: str | None = None
+    """Model preset this experiment was layered on (informational once resolved)."""
+    model: ModelConfig
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    output_dir: str = "runs/default"
+    """Where commands write their outputs unless told otherwise."""
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, top: dict, src: str, sources: dict[str, str], prefix: str = "") -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, src, sources, key + ".")
+        else:
+            out[k] = v
+            _mark(v, key, src, sources)
+    return out
+
+
+def _mark(v: Any, key: str, src: str, sources: dict[str, str]) -> None:
+    sources[key] = src
+    if isinstance(v, dict):
+        for k2, v2 in v.items():
+            _mark(v2, f"{key}.{k2}", src, sources)
+
+
+def _resolve_preset(name: str, exp_path: Path | None) -> Path:
+    cands = []
+    if exp_path is not None:
+        cands.append((exp_path.parent / name))
+    cands += [Path(name), REPO_CONFIGS / "models" / name, REPO_CONFIGS / "models" / f"{name}.yaml"]
+    for c in cands:
+        if c.is_file():
+            return c
+    raise ConfigError(f"{exp_path or 'command line'}: preset {name!r} not found (looked in {[str(c) for c in cands]})")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"command line: override {item!r} must look like key=value (e.g. rollout.policy.budget=64)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"command line: override {item!r} has an empty key")
+    try:
+        val = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: override {key}: value {raw!r} is not valid YAML ({e})") from None
+    return key, val
+
+
+def _nest(key: str, val: Any) -> dict:
+    out: Any = val
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                schema: type[BaseModel] = ExperimentConfig) -> BaseModel:
+    """Load and validate the three layers. Raises ConfigError naming the dotted key and its source."""
+    sources: dict[str, str] = {}
+    data: dict = {}
+    exp_path = Path(path) if path is not None else None
+    exp = _read_yaml(exp_path) if exp_path is not None else {}
+    preset = exp.get("preset")
+    for item in overrides or []:
+        k, v = parse_override(item)
+        if k == "preset":
+            preset = v
+    if preset is not None:
+        if not isinstance(preset, str):
+            raise ConfigError(f"{exp_path}: preset must be a string, got {preset!r}")
+        ppath = _resolve_preset(preset, exp_path)
+        pdata = _read_yaml(ppath)
+        if "preset" in pdata:
+            raise ConfigError(f"{ppath}: a model preset cannot itself name a preset")
+        data = _merge(data, pdata, str(ppath), sources)
+    data = _merge(data, exp, str(exp_path), sources)
+    for item in overrides or []:
+        k, v = parse_override(item)
+        data = _merge(data, _nest(k, v), "command line", sources)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, sources, str(exp_path) if exp_path else "command line")) from None
+
+
+def _format_errors(e: ValidationError, sources: dict[str, str], default_src: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
+        # pydantic puts union/tagged branch names in loc; keep only real field names
+        dotted = ".".join(p for p in loc if not p[0].isupper())
+        src = default_src
+        probe = dotted
+        while probe:
+            if probe in sources:
+                src = sources[probe]
+                break
+            probe = probe.rpartition(".")[0]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"{src}: {dotted or '<top level>'}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def dump_config(cfg: BaseModel, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically), next to a command's outputs."""
+    from .rollout.io import _atomic_write_bytes
+
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    _atomic_write_bytes(Path(path), text.encode())

@@ -1,0 +1,84 @@
+"""``smd rollout``: sample a batch of the configured task with the configured engine and policy, and
+write it in the rollout format (:mod:`megatron_smd.rollout.io`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import ExperimentConfig, ModelConfig
+from ..errors import FormatError
+from ..model.hf import read_arch
+from .engine import ReferenceEngine, SamplingParams
+from .io import RolloutBatch, save_rollouts
+
+
+def ensure_model(mc: ModelConfig) -> Path:
+    """Return the model directory, creating the tiny random model first if the preset says how."""
+    path = Path(mc.path)
+    if not path.exists() and mc.init is not None:
+        from ..model.tiny import init_model_dir
+
+        kw = mc.init.model_dump()
+        arch = kw.pop("arch")
+        seed = kw.pop("seed")
+        init_model_dir(path, arch, seed=seed, **kw)
+    if not path.exists():
+        raise FormatError(f"{path}: model directory does not exist (model.path)")
+    read_arch(path)  # fail early, naming the file
+    return path
+
+
+def load_tokenizer(model_dir: Path):
+    from ..model.tokenizer import CharTokenizer
+
+    f = model_dir / "tokenizer.json"
+    if not f.is_file():
+        raise FormatError(f"{f}: missing (the reference engine needs the model's tokenizer)")
+    return CharTokenizer.from_file(f)
+
+
+def sampling_params(cfg: ExperimentConfig, eos_id: int | None, max_new_tokens: int | None = None) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(
+        max_new_tokens=max_new_tokens or r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+        top_k=r.top_k, stop_token_ids=(eos_id,) if (r.stop_at_eos and eos_id is not None) else (), seed=r.seed,
+    )
+
+
+def run_rollout(cfg: ExperimentConfig, out_dir: str | Path, *, engine: ReferenceEngine | None = None,
+                batch_seed: int | None = None) -> RolloutBatch:
+    """Sample ``num_prompts x group_size`` trajectories, score them, write ``out_dir``."""
+    from ..tasks import make_task
+
+    torch.manual_seed(cfg.rollout.seed)
+    model_dir = ensure_model(cfg.model)
+    tok = load_tokenizer(model_dir)
+    engine = engine or ReferenceEngine.from_pretrained(model_dir, cfg.rollout.policy, kv_growth=cfg.rollout.kv_growth)
+    task = make_task(cfg.task)
+    examples = task.sample(cfg.rollout.num_prompts, seed=batch_seed)
+    prompts = [tok.encode(e.prompt) for e in examples]
+    sp = sampling_params(cfg, tok.eos_id)
+    trajs, stats = engine.generate(prompts, n=cfg.rollout.group_size, sampling=sp)
+    rewards = []
+    for t in trajs:
+        comp = [x for x in t.tokens[t.prompt_len:] if x != tok.eos_id]
+        rewards.append(task.reward(examples[t.prompt_index], tok.decode(comp)))
+    a = engine.arch
+    meta = {
+        "model_path": str(model_dir), "num_layers": a.num_layers, "num_kv_heads": a.num_kv_heads,
+        "policy": cfg.rollout.policy.model_dump(mode="json"),
+        "sampling": {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k,
+                     "max_new_tokens": sp.max_new_tokens, "seed": sp.seed, "group_size": cfg.rollout.group_size,
+                     "logprob_distribution": "temperature-scaled full-vocabulary softmax, before top-k/top-p"},
+        "stats": {"peak_kv_bytes": stats.peak_kv_bytes, "peak_kv_bytes_used": stats.peak_kv_bytes_used,
+                  "generated_tokens": stats.generated_tokens, "tokens_per_s": stats.tokens_per_s,
+                  "seconds": stats.seconds, "evictions": stats.evictions},
+        "finish_reasons": [t.finish_reason for t in trajs],
+        "task": cfg.task.model_dump(mode="json"),
+        "rewards": rewards,
+    }
+    batch = RolloutBatch.from_trajectories(trajs, meta)
+    save_rollouts(out_dir, batch)
+    return batch
