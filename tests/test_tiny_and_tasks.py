@@ -14,7 +14,7 @@ import torch
 from megatron_smd.errors import ConfigError, FormatError, SMDError
 from megatron_smd.model import hf
 from megatron_smd.model.tiny import init_model_dir, init_weights, tiny_arch
-from megatron_smd.model.tokenizer import CHARSET, CharTokenizer
+from megatron_smd.model.tokenizer import CHARSET, CharTokenizer, byte_to_unicode
 from megatron_smd.tasks import Example, Task, TaskConfig, make_task
 
 transformers = pytest.importorskip("transformers")
@@ -41,7 +41,8 @@ def test_tokenizer_round_trip_and_specials(tmp_path):
     assert tok.encode(text, add_bos=False) == ids[1:]
     assert tok.decode(ids) == text
     assert tok.decode(ids + [tok.eos_id, tok.pad_id]) == text
-    assert tok.decode([tok.bos_id, *tok.encode("a=1", add_bos=False), tok.eos_id], skip_special=False) == "<bos>a=1<eos>"
+    with_specials = [tok.bos_id, *tok.encode("a=1", add_bos=False), tok.eos_id]
+    assert tok.decode(with_specials, skip_special=False) == "<bos>a=1<eos>"
     assert len(set(tok.encode(CHARSET, add_bos=False))) == len(CHARSET)  # distinct ids
 
     path = tmp_path / "tokenizer.json"
@@ -49,6 +50,15 @@ def test_tokenizer_round_trip_and_specials(tmp_path):
     tok2 = CharTokenizer.from_file(path)
     assert tok2.encode(text) == ids and tok2.decode(ids) == text
     assert tok2.to_json() == tok.to_json()
+
+
+def test_byte_alphabet_matches_tokenizers_library():
+    from tokenizers import pre_tokenizers
+
+    b2u = byte_to_unicode()
+    assert sorted(b2u) == list(range(256)) and len(set(b2u.values())) == 256  # a bijection
+    assert set(b2u.values()) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert (b2u[ord(" ")], b2u[ord("\n")], b2u[ord("k")]) == ("\u0120", "\u010a", "k")
 
 
 def test_tokenizer_matches_transformers(tmp_path):
@@ -136,7 +146,9 @@ def test_init_model_dir_round_trip_and_transformers(tmp_path, arch_name):
     text = _task_text()
     auto = transformers.AutoTokenizer.from_pretrained(d)
     ours = CharTokenizer.from_file(d / "tokenizer.json")
+    # (for qwen2, transformers >= 5 rebuilds a ByteLevel Qwen2Tokenizer from our vocabulary)
     assert auto(text)["input_ids"] == ours.encode(text)
+    assert auto.decode(ours.encode(text), skip_special_tokens=True, clean_up_tokenization_spaces=False) == text
     assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (1, 2, 0)
 
 

@@ -14,9 +14,10 @@ decoder, vocabulary entries spelled in GPT-2's byte alphabet (``"Ġ"`` for space
 newline, every other character as itself) and a ``<bos> $A`` post-processor. Why byte-level
 rather than plain characters: ``transformers`` >= 5 ignores ``tokenizer_class`` for ``qwen2``
 model directories and rebuilds a ``Qwen2Tokenizer`` (ByteLevel pre-tokenizer + BPE) from our
-vocabulary; SGLang loads tokenizers that way. With the byte alphabet that rebuilt tokenizer, a
-plain ``PreTrainedTokenizerFast(tokenizer_file=...)`` and :class:`CharTokenizer` all produce the
-same ids for every text (tested, with ``transformers`` as the oracle).
+vocabulary, and SGLang loads its tokenizer through ``AutoTokenizer``. With the byte alphabet that
+rebuilt tokenizer, a plain ``PreTrainedTokenizerFast(tokenizer_file=...)`` and
+:class:`CharTokenizer` produce the same ids for any text over the vocabulary, spaces and newlines
+included (tested, with ``transformers`` as the oracle).
 
 Departures from a general tokenizer, on purpose:
 

@@ -43,8 +43,10 @@ Module-scoped stand-ins (only the named module sees them):
   ``device="cuda"``), ``optimizer/optimizer.py`` (``MixedPrecisionOptimizer.__init__``,
   ``FP32Optimizer.__init__``: ``found_inf`` / ``_scale`` on ``'cuda'``), ``optimizer/clip_grads.py``
   (``get_grad_norm_fp32``, ``clip_grad_by_total_norm_fp32``, ``count_zeros_fp32``),
-  ``distributed/param_and_grad_buffer.py`` (``_ParamAndGradBuffer.__init__``) and
-  ``tensor_parallel/data.py`` (``broadcast_data``) is a proxy of ``torch`` whose tensor factories
+  ``distributed/param_and_grad_buffer.py`` (``_ParamAndGradBuffer.__init__``),
+  ``tensor_parallel/data.py`` (``broadcast_data``), ``transformer/utils.py``
+  (``get_default_causal_mask`` / ``get_sliding_window_causal_mask``, used by the local
+  ``DotProductAttention``'s softmax) and ``optimizer/grad_scaler.py`` (loss scalers) is a proxy of ``torch`` whose tensor factories
   map ``device="cuda"`` to CPU. ``torch.zeros`` everywhere else is untouched.
 * ``models/common/embeddings/rope_utils.py:get_pos_emb_on_this_cp_rank`` (and the copies imported
   by name into ``rotary_pos_embedding.py`` and ``yarn_rotary_pos_embedding.py``): the original
@@ -78,6 +80,8 @@ _CUDA_DEVICE_MODULES = (
     "megatron.core.optimizer.clip_grads",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.tensor_parallel.data",
+    "megatron.core.transformer.utils",
+    "megatron.core.optimizer.grad_scaler",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "as_tensor", "rand", "randn")
 
