@@ -368,7 +368,8 @@ def key_redundancy(keys: torch.Tensor) -> torch.Tensor:
 
     ``k̂_j = k_j / max(||k_j||, 1e-8)``; ``r[h, j] = (1/(C-1)) Σ_{j' != j} k̂[h, j] · k̂[h, j']``
     (the diagonal of the similarity matrix is zeroed). Computed in ``O(C·d)`` as
-    ``(k̂_j · Σ_{j'} k̂_{j'} - k̂_j · k̂_j) / (C - 1)`` instead of materialising the ``[C, C]`` matrix.
+    ``(k̂_j · Σ_{j'} k̂_{j'} - k̂_j · k̂_j) / (C - 1)`` instead of materialising the ``[C, C]``
+    similarity matrix (so prefill compression of a long prompt stays linear in ``C``).
     Args: keys ``[H_kv, C, d]``. Returns ``[H_kv, C]``.
     """
     H_kv, C, _ = keys.shape
@@ -398,16 +399,22 @@ def rkv_candidate_scores(keys: torch.Tensor, positions: torch.Tensor, obs_querie
 
     Both terms are distributions over the candidates, so ``λ`` weighs quantities of the same scale.
     Departures from the paper / its reference code, stated precisely:
-    (1) the paper and its reference code also zero, for each key, its similarity to its most
-    recent near-duplicate(s) (cosine above a threshold, 0.5 in the code) before averaging, which
-    lowers the redundancy of the latest copy of repeated content so that one copy survives; that
-    needs two more hyperparameters (threshold, copies retained) and the full ``[C, C]`` matrix, and
-    is not applied here (our redundancy is symmetric among exact duplicates, so among equally
-    important duplicates the tie rule still keeps the most recent); (2) the mean divides by ``C - 1`` (the other keys)
-    where the reference code divides by ``C``, a constant factor inside the softmax;
-    (3) GQA heads of a group are summed (reference: max of logits over the group), and the importance
-    softmax runs over all visible slots then is renormalised over candidates after pooling
-    (reference: softmax over candidates, mean over queries, no renormalisation after pooling).
+
+    1. The paper and its reference code also zero, for each key, its similarity to its most
+       recent near-duplicate(s) (cosine above a threshold, 0.5 in the code) before averaging,
+       which lowers the redundancy of the latest copy of repeated content so that one copy
+       survives. That needs two more hyperparameters (threshold, copies retained) and the full
+       ``[C, C]`` matrix; it is not applied here. Our redundancy is symmetric among exact
+       duplicates, so among equally important duplicates the tie rule keeps the most recent.
+    2. The mean divides by ``C - 1`` (the other keys); the reference code divides by ``C``
+       (a constant factor inside the softmax).
+    3. GQA: the query heads of a group are summed (reference: max of the logits over the group).
+       The importance softmax runs over all visible slots (window included, as SnapKV) and is
+       renormalised over the candidates after pooling (reference: softmax over the candidates
+       only, mean over queries, no renormalisation after pooling).
+    4. Both softmaxes (importance renormalisation, redundancy) are over the candidates; the
+       reference takes the redundancy softmax over all slots and then drops the window.
+
     Returns ``[H_kv, C - window]``.
     """
     C = keys.shape[1]
@@ -507,9 +514,13 @@ class EvictionPolicy:
             raise ValueError("select: positions must be strictly increasing along each row")
         if cfg.granularity == "layer" and not bool((positions == positions[:1]).all()):
             raise ValueError("select: granularity 'layer' needs identical positions in every head")
-        if self.name == "none" or C <= cfg.budget:  # type: ignore[operator]
-            return torch.arange(C, device=keys.device).expand(H_kv, C).clone()
-        budget = int(cfg.budget)  # type: ignore[arg-type]
+        everything = torch.arange(C, device=keys.device).expand(H_kv, C).clone()
+        if self.name == "none":
+            return everything
+        budget = cfg.budget
+        assert budget is not None  # guaranteed by PolicyConfig for compressing policies
+        if C <= budget:
+            return everything
 
         if self.name == "streaming":
             return streaming_keep(H_kv, C, budget, cfg.sinks, device=keys.device)

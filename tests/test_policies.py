@@ -545,26 +545,26 @@ def test_rkv_lambda_one_equals_snapkv_head():
 
 
 def test_rkv_hand_computed_tradeoff():
-    """Two candidates, equal importance by construction; the duplicated one is evicted.
+    """Equal importance by construction; the duplicated candidates lose on redundancy.
 
-    Keys (d = 2): slots 0 and 1 identical e0, slot 2 = e1, slot 3 = (e0 + e1)/sqrt2-ish window.
-    The query is orthogonal to nothing in particular: q = 0 gives uniform attention, so
-    importance is uniform over candidates and redundancy alone decides, for any lambda < 1.
+    Keys (d = 2): slots 0 and 1 both e0, slot 2 = e1, window slots 3 = (1, 1) and 4 = (1, -1).
+    q = 0 gives uniform attention (1/5 per slot), so I = 1/3 for each of the 3 candidates.
+    Mean cosine to the other 4 keys: r0 = r1 = (1 + 0 + c + c) / 4 with c = 1/sqrt(2);
+    r2 = (0 + 0 + c - c) / 4 = 0. R = softmax(r); score = 0.3 * I - 0.7 * R.
     """
-    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]])
-    q = torch.zeros(1, 1, 2)
-    # r = mean cos to the other 4: slot0: (1 + 0 + c + c)/4, slot1 same, slot2: (0 + 0 + c - c)/4
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]],
+                        dtype=torch.float64)
+    q = torch.zeros(1, 1, 2, dtype=torch.float64)
+    qpos = torch.tensor([4])
+    pos = torch.arange(5).view(1, 5)
     c = 1 / math.sqrt(2)
     r = [(1 + 2 * c) / 4, (1 + 2 * c) / 4, 0.0]
-    assert r[2] < r[0]
-    p = pol(name="rkv", budget=3, window=2, pool_kernel=1, rkv_lambda=0.3)
-    assert select(p, keys, q=q, qpos=torch.tensor([4])).tolist() == [[2, 3, 4]]
-    # Exact score values against the formula: I = 1/3 each, R = softmax(r)
     z = sum(math.exp(x) for x in r)
-    want = [0.3 / 3 - 0.7 * math.exp(x) / z for x in r]
-    got = ref_rkv_scores(keys.double(), torch.arange(5).view(1, 5), q.double(), torch.tensor([4]),
-                         2, 1, "max", 0.3)[0]
-    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-12
+    want = torch.tensor([[0.3 / 3 - 0.7 * math.exp(x) / z for x in r]], dtype=torch.float64)
+    got = rkv_candidate_scores(keys, pos, q, qpos, 2, 1, "max", 0.3, "head")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    p = pol(name="rkv", budget=3, window=2, pool_kernel=1, rkv_lambda=0.3)
+    assert select(p, keys, q=q, qpos=qpos).tolist() == [[2, 3, 4]]
 
 
 @pytest.mark.parametrize("gran", ["head", "layer"])

@@ -251,21 +251,3 @@ class ParallelLayout:
 
         return parallel_state.get_pipeline_model_parallel_last_rank()
 
-
-def cp_chunk_positions(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Global sequence positions held by one context-parallel rank, in its local order.
-
-    Megatron's causal load balance (``utils.get_batch_on_this_cp_rank``) views a row of ``seq_len``
-    tokens as ``2 * cp_size`` equal chunks; rank ``r`` keeps chunks ``r`` and ``2 * cp_size - 1 - r``
-    concatenated. Returns int64 ``[seq_len / cp_size]``; ``tokens[:, cp_chunk_positions(...)]`` is the
-    rank's slice. With ``cp_size = 1`` this is ``arange(seq_len)``.
-    """
-    if seq_len % (2 * cp_size) and cp_size > 1:
-        raise ConfigError(f"sequence length {seq_len} is not divisible by 2*cp = {2 * cp_size}")
-    if cp_size == 1:
-        return torch.arange(seq_len)
-    c = seq_len // (2 * cp_size)
-    first = torch.arange(cp_rank * c, (cp_rank + 1) * c)
-    j = 2 * cp_size - 1 - cp_rank
-    second = torch.arange(j * c, (j + 1) * c)
-    return torch.cat([first, second])

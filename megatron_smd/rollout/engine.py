@@ -333,8 +333,11 @@ class ReferenceEngine:
             h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             if c.acc is not None:
-                for b in range(B):
-                    c.acc[b] = self.policy.accumulate(c.acc[b], probs[b].float())
+                # GQA groups are contiguous, so flattening (row, head) keeps every query head in
+                # its own row's KV group: one policy call covers the whole batch.
+                Bc, Hkv, cap_ = c.acc.shape
+                c.acc = self.policy.accumulate(c.acc.reshape(Bc * Hkv, cap_),
+                                               probs.float().reshape(B * probs.shape[1], 1, cap_)).view(Bc, Hkv, cap_)
             if w:
                 rows.obs_q[li] = torch.cat([rows.obs_q[li][:, :, 1:], q], 2)
         if w:
@@ -364,8 +367,8 @@ class ReferenceEngine:
                 dropped = torch.ones_like(live_pos, dtype=torch.bool)
                 dropped.scatter_(1, keep, False)
                 ev = trajs[rows.traj_ids[b]]["evict"][li]  # [H_kv, T_max]
-                for hh in range(ev.shape[0]):
-                    ev[hh, live_pos[hh][dropped[hh]]] = q_pos + 1
+                hh, jj = dropped.nonzero(as_tuple=True)
+                ev[hh, live_pos[hh, jj]] = q_pos + 1
                 self._compact_row(c, b, keep)
                 stats.evictions += 1
         for b in rows_to_cut:
