@@ -86,7 +86,6 @@ def _gather_rows(local: torch.Tensor, cp: int) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int) -> dict:
-    import copy
     import warnings
 
     import torch.distributed as dist
@@ -96,7 +95,7 @@ def _worker(rank: int, world: int) -> dict:
 
     cpu_shim.apply()
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -182,12 +181,8 @@ def _worker(rank: int, world: int) -> dict:
     res["tp_dk"] = _err(dk_total, ref[2][:, :, kh])
     res["tp_dv"] = _err(dv_total, ref[3][:, :, kh])
 
-    if world == 2:
-        res.update(_self_attention_checks(rank, world, one, everyone, gen))
-
     # ---- groups from megatron.core.parallel_state when no pg_collection is given ---------------
     parallel_state.initialize_model_parallel(context_parallel_size=cp)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
     evict = _evict(gen, b, s, None, [s // 2, s // 2])
     q, k, v = (torch.randn(s, b, h, D, generator=gen) for h in (HQ, HKV, HKV))
     dout = torch.randn(s, b, HQ * D, generator=gen)
@@ -197,7 +192,9 @@ def _worker(rank: int, world: int) -> dict:
     mine = _run(implicit, *(split_for_cp(t, 0, rank, cp) for t in (q, k, v)), evict, split_for_cp(dout, 0, rank, cp))
     res["cp_parallel_state"] = max(_err(_gather_rows(m, cp), r) for m, r in zip(mine, ref))
     parallel_state.destroy_model_parallel()
-    del copy
+
+    if world == 2:
+        res.update(_self_attention_checks(rank, world, one, everyone, gen))
     return res
 
 
@@ -214,7 +211,8 @@ def _self_attention_checks(rank, world, one, everyone, gen) -> dict:
 
     from megatron_smd.learner.attention import ShadowCoreAttention
 
-    parallel_state._set_global_memory_buffer()  # the local DotProductAttention's score buffer
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()  # the local DotProductAttention's score buffer
     tensor_parallel.get_cuda_rng_tracker().add("model-parallel-rng", 1234)  # its (inactive) dropout fork
     cfg = TransformerConfig(num_layers=L, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=HKV,
                             kv_channels=D, attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True)
@@ -269,6 +267,5 @@ def test_cp_and_tp_match_single_process(world):
     for rank, res in enumerate(results):
         print(f"cp/tp={world} rank {rank}: " + ", ".join(f"{k}={v:.1e}" for k, v in res.items()))
         assert res.pop("parallel_state_cp_size") == world
-        assert res["selfattn_vs_megatron_local"] <= TOL if world == 2 else True
         bad = {k: v for k, v in res.items() if not v <= TOL}
         assert not bad, f"rank {rank}: errors above {TOL}: {bad}"

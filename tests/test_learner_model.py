@@ -5,8 +5,10 @@ and the CPU shim never enter the pytest process. Tiny models: hidden 64, 4 layer
 heads (plus a 1-KV-head Llama, where TP=2 exceeds the KV heads), vocabulary 250 (padded to 256, so
 the padded-vocabulary path is exercised), weights N(0, 0.1) so attention is far from uniform.
 
-Tolerances (fp32, CPU): logits vs transformers <= 1e-4; TP=2 / PP=2 logits, log-probs and
-gradients vs the single-process Megatron run <= 1e-5; conversion round trips bit-exact.
+Tolerances (fp32, CPU): logits and log-probs vs transformers <= 1e-4 absolute; TP=2 / PP=2 logits
+and log-probs vs the single-process Megatron run <= 1e-5 absolute; gradients (of a weighted sum of
+token log-probs) <= 1e-4 / 1e-5 relative to each tensor's largest gradient entry (see
+``_grad_rel_diff``); conversion round trips bit-exact.
 """
 
 from __future__ import annotations
@@ -129,6 +131,16 @@ def _learner_worker(rank: int, world: int, tp: int, pp: int, cases: list[str], m
     return out
 
 
+def _grad_rel_diff(ours: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """max over tensors of max|ours - want| / max|want|: the gradient error relative to its scale.
+
+    Gradients of a token *sum* over 384 tokens reach |g| ~ 25, where fp32 summation order alone
+    moves them by ~1e-5 absolute (~1e-6 relative); a mis-sharded tensor is off by O(1) relative.
+    """
+    assert set(ours) == set(want), set(ours) ^ set(want)
+    return max(((ours[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want)
+
+
 def _hf_grads(results: list[dict], case: str, tp: int, pp: int) -> dict[str, torch.Tensor]:
     per_rank = {(r[case]["tp_rank"], r[case]["pp_rank"]): r[case]["grads"] for r in results}
     return convert.megatron_to_hf(per_rank, _arch(case), tp, pp)
@@ -210,9 +222,7 @@ def test_single_process_logprobs_and_grads_match_transformers(single, case):
     if arch.tie_word_embeddings:
         ref.pop("lm_head.weight", None)
     assert set(ours) == set(ref)
-    diffs = {n: (ours[n] - ref[n]).abs().max().item() for n in ref}
-    print(sorted(diffs.items(), key=lambda x: -x[1])[:4])
-    gdiff = max(diffs.values())
+    gdiff = _grad_rel_diff(ours, ref)
     print(f"{case}: logprobs diff {lp_diff:.2e}, grad diff {gdiff:.2e}, loss {sum(res['losses']):.4f} vs {total:.4f}")
     assert lp_diff <= HF_TOL
     assert gdiff <= HF_TOL
@@ -242,7 +252,7 @@ def test_tp2_matches_single_process(single, tp2, case):
         assert lp_diff <= PAR_TOL, lp_diff
         assert r[case]["vp_value_diff"] <= 1e-6 and r[case]["vp_grad_diff"] <= 1e-6
     ours, want = _hf_grads(tp2, case, 2, 1), _hf_grads([single], case, 1, 1)
-    gdiff = max((ours[n] - want[n]).abs().max().item() for n in want)
+    gdiff = _grad_rel_diff(ours, want)
     print(f"{case} TP=2: logprobs diff {lp_diff:.2e}, grad diff {gdiff:.2e}")
     assert gdiff <= PAR_TOL
 
@@ -261,7 +271,7 @@ def test_pp2_matches_single_process(single, pp2, case):
         last = pp2[1][case]["grads"]["output_layer.weight"]
         assert torch.equal(first, last)
     ours, want = _hf_grads(pp2, case, 1, 2), _hf_grads([single], case, 1, 1)
-    gdiff = max((ours[n] - want[n]).abs().max().item() for n in want)
+    gdiff = _grad_rel_diff(ours, want)
     print(f"{case} PP=2: logprobs diff {lp_diff:.2e}, grad diff {gdiff:.2e}")
     assert gdiff <= PAR_TOL
 
