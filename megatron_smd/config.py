@@ -81,6 +81,149 @@ class RolloutConfig(_Strict):
     """Tokens by which a layer's cache tensors grow when full (and the slack kept after compaction)."""
 
 
+class ResourcesConfig(_Strict):
+    """Where things run (kept apart from the algorithm, STYLE.md practice 6).
+
+    The learner's world is ``tp * pp * cp * dp`` ranks; ``dp`` is derived from the number of
+    learner processes. On CPU every rank is a gloo process; on GPU one rank per GPU.
+    """
+
+    tp: int = Field(1, ge=1)
+    """Tensor-parallel degree of the learner."""
+    pp: int = Field(1, ge=1)
+    """Pipeline-parallel degree of the learner (layers must divide evenly)."""
+    cp: int = Field(1, ge=1)
+    """Context-parallel degree (sequence split in 2*cp chunks; lengths are padded to a multiple of 2*cp)."""
+    dp: int = Field(1, ge=1)
+    """Data-parallel degree of the learner."""
+    nodes: int = Field(1, ge=1)
+    """Learner nodes (Slurm)."""
+    gpus_per_node: int = Field(8, ge=1)
+    rollout_nodes: int = Field(0, ge=0)
+    """Nodes that run SGLang rollout servers (0 = colocated with the learner, or the CPU reference engine)."""
+    rollout_tp: int = Field(1, ge=1)
+    """Tensor-parallel degree of each rollout engine (SGLang --tp)."""
+    gpu_memory_gb: float = Field(80.0, gt=0)
+    """Memory of one accelerator, for `smd plan` (80 GB H100 by default)."""
+
+    @property
+    def learner_world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+
+class SparseRLConfig(_Strict):
+    """Thresholds of Sparse-RL's correction (megatron_smd.losses.sparse_rl_filter)."""
+
+    reject_min: float = Field(1e-3, gt=0)
+    """Reject a sequence if any token's consistency ratio pi_dense_old/pi_sampler is below this."""
+    reject_mean: float = Field(2.0, ge=1.0)
+    """Reject a sequence if the geometric mean of its ratios leaves [1/reject_mean, reject_mean]."""
+    weight_min: float = Field(0.0, ge=0)
+    weight_max: float = Field(2.0, gt=0)
+    """Token weights are the ratios clipped to [weight_min, weight_max]."""
+
+
+class DistillConfig(_Strict):
+    """SMD's distillation term between the shadow-masked and the dense policy.
+
+    Defaults: ``sparse_to_dense`` with the ``k3`` estimator at coefficient 0.1. The RL gradient
+    already moves the shadow (sampling) policy; distilling it into the dense forward keeps the
+    shipped dense model consistent without pulling the RL policy back. ``k3`` is unbiased for
+    KL(shadow || dense) on sampled tokens, never negative, and needs no full-vocabulary logits.
+    """
+
+    coef: float = Field(0.1, ge=0)
+    """Weight of the distillation term (0 = off: SMD then trains only the shadow policy)."""
+    direction: Literal["sparse_to_dense", "dense_to_sparse", "both"] = "sparse_to_dense"
+    estimator: Literal["k1", "k3", "full"] = "k3"
+
+
+class AlgorithmConfig(_Strict):
+    """GRPO / PPO-clip and the correction mode for sparse rollouts (megatron_smd.losses)."""
+
+    correction: Literal["dense", "naive", "tis", "sparse_rl", "smd"] = "smd"
+    """How the learner treats the compressed rollout. ``dense`` turns compression off for the rollout."""
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.2, ge=0)
+    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    normalize_adv_std: bool = True
+    """GRPO's std normalisation of group advantages (False = Dr. GRPO)."""
+    epochs: int = Field(1, ge=1)
+    """PPO epochs over each rollout batch."""
+    minibatches: int = Field(1, ge=1)
+    """Optimizer steps per epoch (the rollout batch is split into this many mini-batches)."""
+    kl_coef: float = Field(0.0, ge=0)
+    """KL penalty to the reference (initial) model; 0 = off (no reference forward)."""
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    tis_cap: float = Field(2.0, gt=0)
+    """C in min(pi_dense_old / pi_sampler, C) for ``tis``."""
+    sparse_rl: SparseRLConfig = Field(default_factory=SparseRLConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+class LearnerConfig(_Strict):
+    """Megatron-Core learner settings we own; anything else goes through ``megatron:`` untouched."""
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = Field(1.0, ge=0)
+    """Global gradient-norm clip (0 = off)."""
+    micro_batch_size: int = Field(4, ge=1)
+    attention_backend: Literal["sdpa", "flex", "te"] = "sdpa"
+    """sdpa: dense mask per layer (CPU, reference); flex: FlexAttention mask_mod (GPU); te: Transformer Engine (GPU)."""
+    seed: int = 1234
+    megatron: dict[str, Any] = Field(default_factory=dict)
+    """Extra TransformerConfig fields passed through unchanged (e.g. recompute_granularity)."""
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(20, ge=1)
+    """RL steps (one rollout batch + its updates each)."""
+    eval_every: int = Field(5, ge=0)
+    """Greedy eval (dense and compressed) every N steps; 0 = only at the end."""
+    eval_prompts: int = Field(16, ge=1)
+    save_every: int = Field(10, ge=0)
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class SFTConfig(_Strict):
+    """Supervised warm start on the task (RL on a random model has no signal)."""
+
+    enabled: bool = True
+    """Run SFT (and cache it at ``out``) when no checkpoint exists there."""
+    out: str = "runs/models/tiny-qwen2-sft"
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    target_reward: float = Field(1.01, ge=0)
+    """Stop early once greedy eval reward reaches this (1.01 = never)."""
+    eval_every: int = Field(100, ge=1)
+
+
+class SyncConfig(_Strict):
+    """Weight sync learner -> rollout engine (megatron_smd.sync)."""
+
+    transport: Literal["inprocess", "broadcast", "sglang", "disk"] = "inprocess"
+    bucket_mb: int = Field(512, ge=1)
+    verify: bool = False
+    """After a sync, check per-tensor checksums (or probe logits) and fail loudly on mismatch."""
+    dir: str | None = None
+    """Directory for the ``disk`` transport."""
+
+
+class LoggingConfig(_Strict):
+    tensorboard: bool = True
+    mask_images: int = Field(2, ge=0)
+    """Shadow masks rendered per log step (first layer and last layer of the first N trajectories)."""
+    sample_text: int = Field(2, ge=0)
+    progress_bar: bool = True
+
+
 class ExperimentConfig(_Strict):
     """The whole resolved configuration of one command."""
 
@@ -89,6 +232,15 @@ class ExperimentConfig(_Strict):
     model: ModelConfig
     task: TaskConfig = Field(default_factory=TaskConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    sglang: dict[str, Any] = Field(default_factory=dict)
+    """Arguments passed through to SGLang servers unchanged (``--key value``)."""
     output_dir: str = "runs/default"
     """Where commands write their outputs unless told otherwise."""
 
