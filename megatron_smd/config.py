@@ -49,6 +49,35 @@ class TinyInitConfig(_Strict):
     """Seed of the random initialisation (the same seed always gives the same weights)."""
 
 
+class ModelArchConfig(_Strict):
+    """A model's architecture, copied from its public config.json: lets `smd plan` and the launch
+    scripts size a job for a model whose weights are not on this machine."""
+
+    arch: Literal["qwen2", "llama"]
+    vocab_size: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    intermediate_size: int = Field(ge=1)
+    num_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    num_kv_heads: int = Field(ge=1)
+    head_dim: int | None = None
+    """Default: hidden_size // num_heads."""
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+
+    def to_model_arch(self):
+        from .model.hf import ModelArch
+
+        return ModelArch(arch=self.arch, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                         intermediate_size=self.intermediate_size, num_layers=self.num_layers,
+                         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                         head_dim=self.head_dim or self.hidden_size // self.num_heads, rope_theta=self.rope_theta,
+                         rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,
+                         max_position_embeddings=self.max_position_embeddings)
+
+
 class ModelConfig(_Strict):
     path: str
     """Hugging Face model directory (config.json, model.safetensors, tokenizer.json). Relative paths
@@ -57,6 +86,10 @@ class ModelConfig(_Strict):
     """If set and ``path`` does not exist, create a tiny random model there (``smd init-model``)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the reference engine. Exactness claims are stated for float32."""
+    arch: ModelArchConfig | None = None
+    """Architecture for planning/launching when ``path`` is not on this machine (real-model presets)."""
+    max_seq_len: int = Field(4096, ge=1)
+    """Longest prompt + completion the learner is sized for (`smd plan`, micro-batch padding)."""
 
 
 class RolloutConfig(_Strict):
