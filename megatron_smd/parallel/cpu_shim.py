@@ -46,7 +46,8 @@ Module-scoped stand-ins (only the named module sees them):
   ``distributed/param_and_grad_buffer.py`` (``_ParamAndGradBuffer.__init__``),
   ``tensor_parallel/data.py`` (``broadcast_data``), ``transformer/utils.py``
   (``get_default_causal_mask`` / ``get_sliding_window_causal_mask``, used by the local
-  ``DotProductAttention``'s softmax) and ``optimizer/grad_scaler.py`` (loss scalers) is a proxy of ``torch`` whose tensor factories
+  ``DotProductAttention``'s softmax) ``optimizer/grad_scaler.py`` (loss scalers) and ``utils.py`` (``local_multi_tensor_l2_norm``:
+  the grad-norm result on ``device="cuda"`` when apex/TE are absent) is a proxy of ``torch`` whose tensor factories
   map ``device="cuda"`` to CPU. ``torch.zeros`` everywhere else is untouched.
 * ``models/common/embeddings/rope_utils.py:get_pos_emb_on_this_cp_rank`` (and the copies imported
   by name into ``rotary_pos_embedding.py`` and ``yarn_rotary_pos_embedding.py``): the original
@@ -82,6 +83,7 @@ _CUDA_DEVICE_MODULES = (
     "megatron.core.tensor_parallel.data",
     "megatron.core.transformer.utils",
     "megatron.core.optimizer.grad_scaler",
+    "megatron.core.utils",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "as_tensor", "rand", "randn")
 

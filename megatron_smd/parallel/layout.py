@@ -173,12 +173,16 @@ class ParallelLayout:
         )
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
-    def destroy(self) -> None:
-        """Tear down Megatron's groups and the default process group (safe to call twice)."""
+    def destroy(self, *, process_group: bool = True) -> None:
+        """Tear down Megatron's groups and, unless ``process_group=False``, the default process group.
+
+        Keeping the process group lets the same processes initialize another layout (tests switch
+        between TP, PP and CP this way). Safe to call twice.
+        """
         from megatron.core import parallel_state
 
         parallel_state.destroy_model_parallel()
-        if torch.distributed.is_initialized():
+        if process_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
     # ------------------------------------------------------------------------------------------

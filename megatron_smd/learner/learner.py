@@ -1,0 +1,204 @@
+"""The learner: a Megatron-Core GPT (+ DDP + Megatron optimizer) that scores and trains on rollouts.
+
+One :class:`Learner` per process, inside an initialized :class:`ParallelLayout`. It knows how to
+
+* turn a :class:`~megatron_smd.rollout.io.RolloutBatch` into micro-batches (padded rows, targets
+  shifted by one, the shadow mask or the dense mask per row),
+* compute per-token log-probs of a batch under the ``dense`` or ``shadow`` mask (forward only),
+* run one optimizer step over micro-batches with a loss callback (gradient accumulation over
+  micro-batches, DDP reduction over DP x CP, global-norm clipping, Adam from Megatron-Core),
+* gather its weights as full HF-named tensors (for weight sync and HF export).
+
+Alignment convention (shared with the rollout format): a per-token tensor ``x [N, T]`` is about
+``tokens[t]`` given ``tokens[<t]``; the model's output at position ``t`` predicts ``t + 1``, so the
+learner's raw log-prob row is shifted right by one before it is returned.
+
+Padding: rows are padded to a common length ``S`` (a multiple of ``2 * cp``). Padded positions form
+their own "document": their ``evict`` is ``S`` (visible only to later padded queries), so real
+queries never see them and padded queries always see at least themselves (finite softmax).
+
+Loss normalisation: Megatron is configured with ``calculate_per_token_loss=True`` and a
+``finalize_model_grads`` that does *not* divide by a token count. Loss callbacks return
+``sum_t c_t * loss_t`` where the coefficients ``c_t`` are already normalised over the whole
+mini-batch (every micro-batch on every DP rank), so DDP's sum-reduction yields exactly the
+token-mean or sequence-mean gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..mask import EVICT_DTYPE
+from ..model.hf import ModelArch
+from ..parallel.layout import ParallelLayout
+from ..rollout.io import RolloutBatch
+from .runner import MicroBatch, run_microbatches
+
+Mode = str  # "dense" | "shadow"
+
+
+@dataclass
+class LearnerSettings:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4
+    attention_backend: str = "sdpa"
+    megatron: dict | None = None
+
+
+def _finalize_without_token_scaling(model, num_tokens=None, **kw):
+    """DDP / embedding grad reductions, but no division by a token count (losses arrive normalised)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    return finalize_model_grads(model, num_tokens=None, **kw)
+
+
+class Learner:
+    def __init__(self, arch: ModelArch, layout: ParallelLayout, settings: LearnerSettings,
+                 weights: str | dict | None = None, *, train: bool = True):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        from .convert import load_hf_into_model
+        from .model import build_gpt_model
+
+        self.arch, self.layout, self.settings = arch, layout, settings
+        extra = dict(settings.megatron or {})
+        self.model = build_gpt_model(arch, attention_backend=settings.attention_backend,
+                                     calculate_per_token_loss=True, **extra)
+        if weights is not None:
+            load_hf_into_model(self.model, weights, layout)
+        self.optimizer = None
+        self.ddp = self.model
+        if train:
+            cfg = self.model.config
+            ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                    use_distributed_optimizer=False)
+            self.ddp = DistributedDataParallel(config=cfg, ddp_config=ddp_cfg, module=self.model)
+            opt_cfg = OptimizerConfig(optimizer="adam", lr=settings.lr, min_lr=settings.lr,
+                                      weight_decay=settings.weight_decay, adam_beta1=settings.adam_beta1,
+                                      adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
+                                      clip_grad=settings.grad_clip, bf16=False, fp16=False,
+                                      params_dtype=torch.float32, use_distributed_optimizer=False)
+            self.optimizer = get_megatron_optimizer(opt_cfg, [self.ddp])
+            cfg.finalize_model_grads_func = _finalize_without_token_scaling
+            cfg.no_sync_func = self.ddp.no_sync
+            cfg.grad_scale_func = None
+
+    # ----------------------------------------------------------------------------- batching
+    def row_length(self, seq_len: int) -> int:
+        """Padded row length: a multiple of ``2 * cp`` (CP chunks) and of 8."""
+        m = 2 * self.layout.cp
+        m = m * 8 // math.gcd(m, 8)
+        return int(math.ceil(seq_len / m) * m)
+
+    def microbatches(self, batch: RolloutBatch, idx: Sequence[int], modes: Sequence[Mode],
+                     extras: dict[str, torch.Tensor] | None = None, S: int | None = None) -> list[MicroBatch]:
+        """Micro-batches over trajectories ``idx``; every trajectory appears once per entry of
+        ``modes`` in the same micro-batch (rows ``[m * b, (m + 1) * b)`` hold mode ``m``), so a
+        distillation loss sees the shadow and the dense forward of the same tokens side by side.
+
+        extras: ``[N, T]`` per-token tensors in the rollout's alignment (about ``tokens[t]``); they
+        are shifted to the model's alignment (about the prediction made at ``t``) here.
+        """
+        extras = extras or {}
+        S = S or self.row_length(int(batch.seq_lens.max()))
+        L = self.arch.num_layers
+        per_head = batch.per_head
+        H = batch.evict.shape[2] if per_head else None
+        mbs = []
+        b = self.settings.micro_batch_size
+        for k in range(0, len(idx), b):
+            ids = list(idx[k:k + b])
+            n = len(ids)
+            rows = n * len(modes)
+            tokens = torch.zeros(rows, S, dtype=torch.int64)
+            targets = torch.zeros(rows, S, dtype=torch.int64)
+            pos = torch.arange(S).expand(rows, S).clone()
+            ev_shape = (rows, L, H, S) if per_head else (rows, L, S)
+            evict = torch.full(ev_shape, S, dtype=EVICT_DTYPE)
+            ex = {name: torch.zeros(rows, S, dtype=v.dtype) for name, v in extras.items()}
+            for m, mode in enumerate(modes):
+                for r, i in enumerate(ids):
+                    row = m * n + r
+                    s = int(batch.seq_lens[i])
+                    tokens[row, :s] = batch.tokens[i, :s]
+                    targets[row, : s - 1] = batch.tokens[i, 1:s]
+                    if mode == "shadow":
+                        evict[row, ..., :s] = batch.evict[i, ..., :s]
+                    elif mode == "dense":
+                        evict[row, ..., :s] = s
+                    else:
+                        raise ValueError(f"unknown learner mode {mode!r}")
+                    for name, v in extras.items():
+                        ex[name][row, : s - 1] = v[i, 1:s]
+            mbs.append(MicroBatch(tokens=tokens, position_ids=pos, targets=targets, evict=evict, extras=ex))
+        return mbs
+
+    # ----------------------------------------------------------------------------- forward
+    @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch, mode: Mode, idx: Sequence[int] | None = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+        """``[len(idx), T]`` log-probs of the batch's tokens (rollout alignment; 0 at t = 0)."""
+        idx = list(range(len(batch))) if idx is None else list(idx)
+        mbs = self.microbatches(batch, idx, [mode])
+        self.model.eval()
+        res = run_microbatches(self.ddp, self.layout, mbs, vocab_size=self.arch.vocab_size, forward_only=True,
+                               temperature=temperature)
+        T = batch.tokens.shape[1]
+        out = torch.zeros(len(idx), T)
+        for k, lp in enumerate(res.logprobs):
+            ids = idx[k * self.settings.micro_batch_size:(k + 1) * self.settings.micro_batch_size]
+            for r, i in enumerate(ids):
+                s = int(batch.seq_lens[i])
+                out[k * self.settings.micro_batch_size + r, 1:s] = lp[r, : s - 1]
+        return out
+
+    # ----------------------------------------------------------------------------- update
+    def step(self, microbatches: list[MicroBatch], loss_fn: Callable, temperature: float = 1.0) -> dict:
+        """One optimizer step: forward+backward over the micro-batches, then clip and update."""
+        assert self.optimizer is not None, "learner was built with train=False"
+        self.model.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        res = run_microbatches(self.ddp, self.layout, microbatches, vocab_size=self.arch.vocab_size,
+                               forward_only=False, loss_fn=loss_fn, temperature=temperature)
+        ok, grad_norm, _ = self.optimizer.step()
+        loss = torch.tensor(sum(res.losses), dtype=torch.float64)
+        if self.layout.dp > 1:
+            dist.all_reduce(loss, group=self.layout.dp_group)
+        return {"loss": float(loss), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "update_ok": bool(ok), "logprobs": res.logprobs}
+
+    # ----------------------------------------------------------------------------- weights
+    def local_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.named_parameters()}
+
+    def gather_hf_state(self) -> dict[str, torch.Tensor] | None:
+        """Full HF state dict on global rank 0 (None elsewhere). Collective over the world.
+
+        Simple gather of every (tp, pp) shard to rank 0: fine for the CPU default and tests; the
+        streaming, bucketed resharder for real models is :mod:`megatron_smd.sync`.
+        """
+        from .convert import megatron_to_hf
+
+        lay = self.layout
+        mine = None
+        if lay.dp_rank == 0 and lay.cp_rank == 0:
+            mine = ((lay.tp_rank, lay.pp_rank), self.local_state())
+        if lay.world_size == 1:
+            return megatron_to_hf(dict([mine]), self.arch, lay.tp, lay.pp)
+        got = [None] * lay.world_size if lay.rank == 0 else None
+        dist.gather_object(mine, got, dst=0)
+        if lay.rank != 0:
+            return None
+        return megatron_to_hf(dict(x for x in got if x is not None), self.arch, lay.tp, lay.pp)
