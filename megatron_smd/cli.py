@@ -3,7 +3,10 @@
     smd init-model --out DIR [--arch qwen2|llama] [--hidden-size N ...] [--seed S]
     smd rollout    --config CFG [--out DIR] [key=value ...]
     smd replay     --rollouts DIR [--packed] [--json]
-    smd bench      rollout [--json]
+    smd sft        --config CFG [key=value ...]
+    smd train      --config CFG [--resume auto|none|CKPT] [key=value ...]
+    smd export-hf  CKPT OUT
+    smd bench      rollout|attention [--json]
 
 User errors (bad config, malformed files, invalid masks) print ``error: ...`` and exit 2.
 """
@@ -68,6 +71,60 @@ def _cmd_replay(a) -> int:
     return 0
 
 
+def _cmd_train(a) -> int:
+    from .config import load_config
+    from .trainer import install_signal_handlers, train
+
+    cfg = load_config(a.config, a.overrides)
+    install_signal_handlers()
+    try:
+        res = train(cfg, resume=a.resume)
+    except KeyboardInterrupt as e:
+        from .checkpoint import complete_checkpoints
+        from pathlib import Path
+
+        done = complete_checkpoints(Path(cfg.output_dir) / "checkpoints")
+        last = str(done[-1]) if done else "none yet"
+        print(f"\ninterrupted ({e or 'Ctrl-C'}): steps after the last checkpoint are lost; last checkpoint: {last}. "
+              f"Continue with: smd train --config {a.config} --resume auto", file=sys.stderr)
+        return 130
+    fin = res.get("final") or {}
+    if fin:
+        keys = [k for k in ("reward/train", "reward/eval_dense", "reward/eval_compressed",
+                            "mismatch/max_abs_logprob_diff") if k in fin]
+        print("final: " + "  ".join(f"{k}={fin[k]:.4g}" for k in keys))
+        print(f"TensorBoard logs: {cfg.output_dir}/tensorboard  (view: tensorboard --logdir {cfg.output_dir}/tensorboard)")
+    return 0
+
+
+def _cmd_sft(a) -> int:
+    from pathlib import Path
+
+    from .config import load_config
+    from .model.hf import read_arch
+    from .sft import run_sft
+    from .trainer import ensure_model_once, init_layout
+
+    cfg = load_config(a.config, a.overrides)
+    model_dir = ensure_model_once(cfg)
+    layout = init_layout(cfg, read_arch(model_dir))
+    try:
+        res = run_sft(cfg, layout, Path(model_dir), Path(cfg.sft.out))
+    finally:
+        layout.destroy()
+    if layout.rank == 0:
+        print(f"wrote {cfg.sft.out} (eval reward {res['final_eval_reward']:.3f}, {res['seconds']:.0f}s)")
+    return 0
+
+
+def _cmd_export_hf(a) -> int:
+    from .export import export_hf
+
+    out = export_hf(a.ckpt, a.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_bench(a) -> int:
     from . import bench
 
@@ -119,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--packed", action="store_true", help="pack all trajectories into one row (THD style)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_replay)
+
+    s = sub.add_parser("sft", help="supervised warm start on the task (Megatron learner); writes sft.out")
+    s.add_argument("--config", required=True)
+    s.add_argument("overrides", nargs="*", help="key=value config overrides")
+    s.set_defaults(fn=_cmd_sft)
+
+    s = sub.add_parser("train", help="GRPO with a Megatron learner and a compressed-KV rollout engine")
+    s.add_argument("--config", required=True)
+    s.add_argument("--resume", default="auto", help="auto (newest complete checkpoint, if any), none, or a checkpoint dir")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides")
+    s.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("export-hf", help="write a Hugging Face model directory from a training checkpoint")
+    s.add_argument("ckpt")
+    s.add_argument("out")
+    s.set_defaults(fn=_cmd_export_hf)
 
     s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
     s.add_argument("what", choices=["rollout", "attention"])

@@ -54,7 +54,7 @@ from typing import Literal
 
 import torch
 
-Aggregation = Literal["token_mean", "seq_mean"]
+Aggregation = Literal["token_mean", "seq_mean", "sum"]
 Direction = Literal["sparse_to_dense", "dense_to_sparse", "both"]
 Estimator = Literal["k1", "k3", "full"]
 
@@ -69,8 +69,12 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "t
 
     ``token_mean``: every action token weighs the same (long answers dominate).
     ``seq_mean``: mean over each sequence's tokens, then over sequences with at least one token.
+    ``sum``: plain masked sum, for callers that pre-normalise with per-token coefficients (the
+    learner normalises over a whole mini-batch spread across micro-batches and DP ranks).
     """
     m = mask.to(per_token.dtype)
+    if how == "sum":
+        return (per_token * m).sum()
     if how == "token_mean":
         return (per_token * m).sum() / m.sum().clamp(min=1.0)
     if how == "seq_mean":
@@ -177,13 +181,14 @@ def sparse_rl_filter(logp_dense_old: torch.Tensor, logp_sampler: torch.Tensor, m
 def distill_kl(lp_shadow: torch.Tensor, lp_dense: torch.Tensor, mask: torch.Tensor, *,
                direction: Direction = "sparse_to_dense", estimator: Estimator = "k3",
                logits_shadow: torch.Tensor | None = None, logits_dense: torch.Tensor | None = None,
-               aggregation: Aggregation = "token_mean") -> torch.Tensor:
+               aggregation: Aggregation = "token_mean", weights: torch.Tensor | None = None) -> torch.Tensor:
     """SMD's distillation term between the shadow-masked and the dense policy (module docstring).
 
     lp_* ``[N, T]`` log-probs of the sampled tokens; for ``estimator="full"`` pass the logits
     ``[N, T, V]`` whose row ``t`` is the distribution of ``tokens[t]`` (i.e. already shifted, at the
-    model's temperature).
+    model's temperature). ``weights [N, T]`` (detached) multiply the per-token term.
     """
+    w = 1.0 if weights is None else weights.detach()
     if direction == "sparse_to_dense":
         s, d = lp_shadow.detach(), lp_dense
     elif direction == "dense_to_sparse":
@@ -195,7 +200,7 @@ def distill_kl(lp_shadow: torch.Tensor, lp_dense: torch.Tensor, mask: torch.Tens
     if estimator in ("k1", "k3"):
         log_r = d - s  # log pi_dense / pi_shadow on tokens drawn from pi_shadow
         per_tok = -log_r if estimator == "k1" else torch.expm1(log_r) - log_r
-        return aggregate(per_tok, mask, aggregation)
+        return aggregate(per_tok * w, mask, aggregation)
     if estimator != "full":
         raise ValueError(f"unknown distillation estimator {estimator!r}")
     if logits_shadow is None or logits_dense is None:
@@ -208,7 +213,7 @@ def distill_kl(lp_shadow: torch.Tensor, lp_dense: torch.Tensor, mask: torch.Tens
     else:  # symmetric pull: KL(shadow || dense), gradient to both
         t, st = ls, ld
     per_tok = (t.exp() * (t - st)).sum(-1)
-    return aggregate(per_tok, mask, aggregation)
+    return aggregate(per_tok * w, mask, aggregation)
 
 
 # ------------------------------------------------------------------------------------- mismatch metrics

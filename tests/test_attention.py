@@ -399,3 +399,36 @@ def test_gpu_backends_match_sdpa(backend, form, per_head):
     errs = max_errs(got, ref)
     print(f"{backend}/{form} bf16 vs sdpa fp32: {errs}")
     assert max(errs) <= 3e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmark smoke (not timed: checks the report's shape and the mask-size arithmetic)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_attention_bench_smoke():
+    import json
+
+    from megatron_smd.learner.bench_attention import run_attention_bench, synthetic_evict
+
+    report = run_attention_bench(seq_lens=(48,), backends=("sdpa", "flex"), repeats=1, warmup=1,
+                                 num_heads=4, num_kv_heads=2, head_dim=8, bytes_num_layers=2)
+    json.dumps(report)  # JSON-able
+    assert {r["backend"] for r in report["results"]} == {"sdpa", "flex"}
+    for r in report["results"]:
+        assert r["masked_ms"] > 0 and r["causal_ms"] > 0 and r["ratio"] > 0
+        assert r["mode"] == ("forward" if r["backend"] == "flex" and not torch.cuda.is_available() else "fwd+bwd")
+    sizes = report["mask_bytes"][0]
+    assert sizes["evict_bytes_per_layer"] == 4 * 48 and sizes["dense_bool_bytes_per_layer"] == 48 * 48
+    assert sizes["dense_bit_bytes_per_layer"] == 48 * 48 // 8 and sizes["evict_bytes_2_layers"] == 2 * 4 * 48
+    assert 0 < sizes["kept_fraction"] < 1
+    assert any("forward-only" in n for n in report["notes"]) or torch.cuda.is_available()
+    # the synthetic schedules obey the mask invariants: j + 1 <= evict[j] <= T
+    for policy in ("streaming", "h2o_like"):
+        e = synthetic_evict(100, 0.25, policy)
+        j = torch.arange(100)
+        assert bool(((e >= j + 1) & (e <= 100)).all())
+    with pytest.raises(ConfigError, match="backend 'te' is not usable here"):
+        if torch.cuda.is_available():
+            pytest.skip("checks the refusal without CUDA")
+        run_attention_bench(seq_lens=(16,), backends=("te",))

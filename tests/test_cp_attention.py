@@ -70,12 +70,12 @@ def _err(a, b) -> float:
     return float((a - b).abs().max())
 
 
-def _gather_rows(local: torch.Tensor, cp: int) -> torch.Tensor:
+def _gather_rows(local: torch.Tensor, cp: int, group) -> torch.Tensor:
     """Reassemble per-rank local rows (dim 0) into global order, written independently of cp.py."""
     import torch.distributed as dist
 
     parts = [torch.empty_like(local) for _ in range(cp)]
-    dist.all_gather(parts, local.contiguous())
+    dist.all_gather(parts, local.contiguous(), group=group)
     s = local.shape[0] * cp
     c = s // (2 * cp)
     full = torch.empty((s, *local.shape[1:]), dtype=local.dtype)
@@ -85,7 +85,124 @@ def _gather_rows(local: torch.Tensor, cp: int) -> torch.Tensor:
     return full
 
 
+def _config(groups: int = HKV):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=L, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=groups,
+                             kv_channels=D, attention_dropout=0.0, hidden_dropout=0.0)
+
+
+def _attn(pgc, backend: str = "sdpa", layer: int = 2, groups: int = HKV):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_smd.learner.attention import ShadowCoreAttention
+
+    return ShadowCoreAttention(_config(groups), layer, AttnMaskType.causal, "self", pg_collection=pgc, backend=backend)
+
+
+def _cp_checks(group, one, gen) -> dict:
+    """CP over ``group`` (size cp) against one process: out, dq, dk, dv; flex forward; the gather."""
+    import torch.distributed as dist
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from megatron_smd.parallel.cp import all_gather_cp
+
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    pg_single = ProcessGroupCollection(tp=one, cp=one)
+    pg_cp = ProcessGroupCollection(tp=one, cp=group)
+    s, b = 8 * cp, 2
+    res = {}
+    for name, heads in (("per_layer", None), ("per_head", HKV), ("causal", "none")):
+        evict = None if heads == "none" else _evict(gen, b, s, heads, [3 * cp, 5 * cp])  # row 0 packs 2 docs
+        q = torch.randn(s, b, HQ, D, generator=gen)
+        k = torch.randn(s, b, HKV, D, generator=gen)
+        v = torch.randn(s, b, HKV, D, generator=gen)
+        dout = torch.randn(s, b, HQ * D, generator=gen)
+        ref = _run(_attn(pg_single), q, k, v, evict, dout)
+        mine = _run(_attn(pg_cp), *(split_for_cp(t, 0, rank, cp) for t in (q, k, v)), evict,
+                    split_for_cp(dout, 0, rank, cp))
+        res[name] = max(_err(_gather_rows(m, cp, group), r) for m, r in zip(mine, ref))
+        # the local rows alone, against the reference cut by Megatron's own CP batch split
+        ref_local = get_batch_on_this_cp_rank({"x": ref[0].transpose(0, 1)}, cp_group=group)["x"].transpose(0, 1)
+        res[f"{name}_local_rows"] = _err(mine[0], ref_local)
+
+    evict = _evict(gen, b, s, HKV, [s // 2, s // 2])
+    q, k, v = (torch.randn(s, b, h, D, generator=gen) for h in (HQ, HKV, HKV))
+    with torch.no_grad():
+        ref_out = _attn(pg_single)(q, k, v, evict)
+        flex = _attn(pg_cp, "flex")(*(split_for_cp(t, 0, rank, cp) for t in (q, k, v)), evict)
+    res["flex_forward"] = _err(_gather_rows(flex, cp, group), ref_out)
+
+    x_full = torch.randn(s, 3, generator=gen)
+    weights = torch.randn(cp, s, 3, generator=gen)  # rank r's loss is sum(weights[r] * gathered)
+    expected = split_for_cp(weights.sum(0), 0, rank, cp)  # d/dx: the sum over ranks, own rows
+    for mode in ("all_reduce", "reduce_scatter"):
+        x = split_for_cp(x_full, 0, rank, cp).requires_grad_(True)
+        y = all_gather_cp(x, 0, group, grad_reduce=mode)
+        (y * weights[rank]).sum().backward()
+        res[f"gather_value_{mode}"] = _err(y.detach(), x_full)
+        res[f"gather_grad_{mode}"] = _err(x.grad, expected)
+    return res
+
+
+def _tp_checks(group, one, gen) -> dict:
+    """Heads split over ``group`` (tp = 2: ng=2 split; tp = 4: Megatron replicates the 2 KV groups)."""
+    import torch.distributed as dist
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    s, b = 16, 2
+    evict = _evict(gen, b, s, HKV, [4, 12])
+    q, k, v = (torch.randn(s, b, h, D, generator=gen) for h in (HQ, HKV, HKV))
+    dout = torch.randn(s, b, HQ * D, generator=gen)
+    ref = _run(_attn(ProcessGroupCollection(tp=one, cp=one)), q, k, v, evict, dout)
+    if tp <= HKV:  # rank r: q heads [r*HQ/tp, ...), kv heads [r*HKV/tp, ...)
+        qh = slice(rank * HQ // tp, (rank + 1) * HQ // tp)
+        kh = slice(rank * HKV // tp, (rank + 1) * HKV // tp)
+        core_groups = HKV
+    else:  # SelfAttention hands core attention a config copy with num_query_groups = tp
+        qh = slice(rank * HQ // tp, (rank + 1) * HQ // tp)
+        kh = slice(rank // (tp // HKV), rank // (tp // HKV) + 1)
+        core_groups = tp
+    mine = _run(_attn(ProcessGroupCollection(tp=group, cp=one), groups=core_groups),
+                q[:, :, qh], k[:, :, kh], v[:, :, kh], evict, dout.view(s, b, HQ, D)[:, :, qh].reshape(s, b, -1))
+    res = {"out": _err(mine[0], ref[0].view(s, b, HQ, D)[:, :, qh].reshape(s, b, -1)),
+           "dq": _err(mine[1], ref[1][:, :, qh])}
+    dk, dv = mine[2].clone(), mine[3].clone()
+    if tp > HKV:  # ranks sharing a replicated kv head each hold part of its gradient
+        for t in (dk, dv):
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(parts, t, group=group)
+            t.copy_(sum(parts[r] for r in range(tp) if r // (tp // HKV) == rank // (tp // HKV)))
+    res["dk"], res["dv"] = _err(dk, ref[2][:, :, kh]), _err(dv, ref[3][:, :, kh])
+    return res
+
+
+def _parallel_state_checks(one, gen) -> dict:
+    """No pg_collection: the CP group comes from megatron.core.parallel_state (cp=2, dp=2 here)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    parallel_state.initialize_model_parallel(context_parallel_size=2)
+    group = parallel_state.get_context_parallel_group()
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    s, b = 16, 2
+    evict = _evict(gen, b, s, None, [s // 2, s // 2])
+    q, k, v = (torch.randn(s, b, h, D, generator=gen) for h in (HQ, HKV, HKV))
+    dout = torch.randn(s, b, HQ * D, generator=gen)
+    ref = _run(_attn(ProcessGroupCollection(tp=one, cp=one)), q, k, v, evict, dout)
+    implicit = _attn(None)
+    mine = _run(implicit, *(split_for_cp(t, 0, rank, cp) for t in (q, k, v)), evict, split_for_cp(dout, 0, rank, cp))
+    res = {"cp_size": float(implicit.cp_size),
+           "err": max(_err(_gather_rows(m, cp, group), r) for m, r in zip(mine, ref))}
+    parallel_state.destroy_model_parallel()
+    return res
+
+
 def _worker(rank: int, world: int) -> dict:
+    """4 ranks: CP=2 on {0,1} and {2,3}, CP=4 on all, TP=2 / TP=4 likewise, parallel_state cp=2."""
     import warnings
 
     import torch.distributed as dist
@@ -93,114 +210,28 @@ def _worker(rank: int, world: int) -> dict:
     warnings.filterwarnings("ignore")
     from megatron_smd.parallel import cpu_shim
 
-    cpu_shim.apply()
+    cpu_shim.apply()  # SelfAttention's linear layers ask torch.cuda for the current device
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from megatron_smd.learner.attention import ShadowCoreAttention
-    from megatron_smd.parallel.cp import all_gather_cp
-
     singles = [dist.new_group([r]) for r in range(world)]
-    one, everyone = singles[rank], dist.group.WORLD
-    cp = world
+    pairs = [dist.new_group([2 * p, 2 * p + 1]) for p in range(world // 2)]
+    one, pair, everyone = singles[rank], pairs[rank // 2], dist.group.WORLD
+    gen = torch.Generator().manual_seed(1234)  # same stream on every rank
     res: dict = {}
-
-    def cfg(groups=HKV):
-        return TransformerConfig(num_layers=L, hidden_size=HQ * D, num_attention_heads=HQ, num_query_groups=groups,
-                                 kv_channels=D, attention_dropout=0.0, hidden_dropout=0.0)
-
-    def attn(pgc, backend="sdpa", layer=2, groups=HKV):
-        return ShadowCoreAttention(cfg(groups), layer, AttnMaskType.causal, "self", pg_collection=pgc, backend=backend)
-
-    pg_single = ProcessGroupCollection(tp=one, cp=one)
-    pg_cp = ProcessGroupCollection(tp=one, cp=everyone)
-    gen = torch.Generator().manual_seed(1234)  # same on every rank
-    s, b = 8 * cp, 2
-
-    # ---- CP: per-layer / per-head / causal, packed rows; out and dq, dk, dv --------------------
-    for name, heads in (("per_layer", None), ("per_head", HKV), ("causal", "none")):
-        evict = None if heads == "none" else _evict(gen, b, s, heads, [3 * cp, 5 * cp])
-        q = torch.randn(s, b, HQ, D, generator=gen)
-        k = torch.randn(s, b, HKV, D, generator=gen)
-        v = torch.randn(s, b, HKV, D, generator=gen)
-        dout = torch.randn(s, b, HQ * D, generator=gen)
-        ref = _run(attn(pg_single), q, k, v, evict, dout)
-        mine = _run(attn(pg_cp), *(split_for_cp(t, 0, rank, cp) for t in (q, k, v)), evict,
-                    split_for_cp(dout, 0, rank, cp))
-        res[f"cp_{name}"] = max(_err(_gather_rows(m, cp), r) for m, r in zip(mine, ref))
-        # the local rows alone, against the reference sliced by Megatron's own CP batch split
-        from megatron.core.utils import get_batch_on_this_cp_rank
-
-        ref_local = get_batch_on_this_cp_rank({"x": ref[0].transpose(0, 1)}, cp_group=everyone)["x"].transpose(0, 1)
-        res[f"cp_{name}_local_rows"] = _err(mine[0], ref_local)
-
-    # ---- flex forward under CP (no grad on CPU) ------------------------------------------------
-    evict = _evict(gen, b, s, HKV, [s // 2, s // 2])
-    q, k, v = (torch.randn(s, b, h, D, generator=gen) for h in (HQ, HKV, HKV))
-    with torch.no_grad():
-        ref = attn(pg_single)(q, k, v, evict)
-        flex = attn(pg_cp, "flex")(*(split_for_cp(t, 0, rank, cp) for t in (q, k, v)), evict)
-    res["cp_flex_forward"] = _err(_gather_rows(flex, cp), ref)
-
-    # ---- all_gather_cp gradient: both reductions equal the analytic sum ------------------------
-    x_full = torch.randn(s, 3, generator=gen)
-    weights = torch.randn(cp, s, 3, generator=gen)  # rank r's loss is sum(weights[r] * gathered)
-    expected = split_for_cp(weights.sum(0), 0, rank, cp)
-    for mode in ("all_reduce", "reduce_scatter"):
-        x = split_for_cp(x_full, 0, rank, cp).requires_grad_(True)
-        y = all_gather_cp(x, 0, everyone, grad_reduce=mode)
-        (y * weights[rank]).sum().backward()
-        res[f"gather_value_{mode}"] = _err(y.detach(), x_full)
-        res[f"gather_grad_{mode}"] = _err(x.grad, expected)
-
-    # ---- TP: heads split over all ranks (cp = 1) -------------------------------------------------
-    pg_tp = ProcessGroupCollection(tp=everyone, cp=one)
-    evict = _evict(gen, b, s, HKV, [s // 4, s - s // 4])
-    q, k, v = (torch.randn(s, b, h, D, generator=gen) for h in (HQ, HKV, HKV))
-    dout = torch.randn(s, b, HQ * D, generator=gen)
-    ref = _run(attn(pg_single), q, k, v, evict, dout)
-    if world == 2:  # np=4, ng=2 over tp=2: rank r has q heads [2r, 2r+2) and kv head r
-        qh, kh, tp_groups = slice(2 * rank, 2 * rank + 2), slice(rank, rank + 1), HKV
-    else:  # tp=4 > ng=2: Megatron replicates kv groups and passes num_query_groups=tp to core attention
-        qh, kh, tp_groups = slice(rank, rank + 1), slice(rank // 2, rank // 2 + 1), world
-    mine = _run(attn(pg_tp, groups=tp_groups), q[:, :, qh], k[:, :, kh], v[:, :, kh], evict,
-                dout.view(s, b, HQ, D)[:, :, qh].reshape(s, b, -1))
-    ref_out = ref[0].view(s, b, HQ, D)[:, :, qh].reshape(s, b, -1)
-    res["tp_out"] = _err(mine[0], ref_out)
-    res["tp_dq"] = _err(mine[1], ref[1][:, :, qh])
-    # kv-head grads: the ranks sharing a kv head each hold part of its gradient
-    dk_total, dv_total = mine[2].clone(), mine[3].clone()
-    if world > HKV:
-        for t in (dk_total, dv_total):
-            parts = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(parts, t)
-            t.copy_(sum(parts[r] for r in range(world) if r // 2 == rank // 2))
-    res["tp_dk"] = _err(dk_total, ref[2][:, :, kh])
-    res["tp_dv"] = _err(dv_total, ref[3][:, :, kh])
-
-    # ---- groups from megatron.core.parallel_state when no pg_collection is given ---------------
-    parallel_state.initialize_model_parallel(context_parallel_size=cp)
-    evict = _evict(gen, b, s, None, [s // 2, s // 2])
-    q, k, v = (torch.randn(s, b, h, D, generator=gen) for h in (HQ, HKV, HKV))
-    dout = torch.randn(s, b, HQ * D, generator=gen)
-    ref = _run(attn(pg_single), q, k, v, evict, dout)
-    implicit = attn(None)
-    res["parallel_state_cp_size"] = implicit.cp_size
-    mine = _run(implicit, *(split_for_cp(t, 0, rank, cp) for t in (q, k, v)), evict, split_for_cp(dout, 0, rank, cp))
-    res["cp_parallel_state"] = max(_err(_gather_rows(m, cp), r) for m, r in zip(mine, ref))
-    parallel_state.destroy_model_parallel()
-
-    if world == 2:
-        res.update(_self_attention_checks(rank, world, one, everyone, gen))
+    for tag, group in (("cp2", pair), ("cp4", everyone)):
+        res.update({f"{tag}_{k}": v for k, v in _cp_checks(group, one, gen).items()})
+    for tag, group in (("tp2", pair), ("tp4_replicated_kv", everyone)):
+        res.update({f"{tag}_{k}": v for k, v in _tp_checks(group, one, gen).items()})
+    res.update({f"parallel_state_{k}": v for k, v in _parallel_state_checks(one, gen).items()})
+    res.update(_self_attention_checks(pair, one, gen))
     return res
 
 
-def _self_attention_checks(rank, world, one, everyone, gen) -> dict:
-    """A whole Megatron SelfAttention (QKV projection, RoPE, output projection)."""
+def _self_attention_checks(group, one, gen) -> dict:
+    """A whole Megatron SelfAttention (QKV projection, RoPE, output projection): ours vs Megatron's
+    local DotProductAttention, and CP over ``group`` vs one process (with RoPE's CP slicing)."""
     import copy
+
+    import torch.distributed as dist
 
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -224,6 +255,7 @@ def _self_attention_checks(rank, world, one, everyone, gen) -> dict:
     megatron_local = build_module(spec, config=cfg, layer_number=2, pg_collection=pg1)
     ours = build_module(ours_spec, config=cfg, layer_number=2, pg_collection=pg1)
     ours.load_state_dict(megatron_local.state_dict())
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     s, b = 8 * world, 2
     x = torch.randn(s, b, HQ * D, generator=gen)
     emb = RotaryEmbedding(kv_channels=D, rotary_percent=1.0, cp_group=one)(s)
@@ -241,31 +273,29 @@ def _self_attention_checks(rank, world, one, everyone, gen) -> dict:
     cp_cfg = copy.deepcopy(cfg)
     cp_cfg.context_parallel_size = world
     ours_cp = build_module(ours_spec, config=cp_cfg, layer_number=2,
-                           pg_collection=ProcessGroupCollection(tp=one, cp=everyone, pp=one))
+                           pg_collection=ProcessGroupCollection(tp=one, cp=group, pp=one))
     ours_cp.load_state_dict(ours.state_dict())
-    emb_cp = RotaryEmbedding(kv_channels=D, rotary_percent=1.0, cp_group=everyone)(s)  # this rank's positions
+    emb_cp = RotaryEmbedding(kv_channels=D, rotary_percent=1.0, cp_group=group)(s)  # this rank's positions
     from megatron_smd.parallel.cp import split_for_cp
 
     xl = split_for_cp(x, 0, rank, world).requires_grad_(True)
     cp_out, _ = ours_cp(xl, attention_mask=evict, rotary_pos_emb=emb_cp)
     cp_out.backward(torch.ones_like(cp_out))
-    res["selfattn_cp_out"] = _err(cp_out, split_for_cp(full_out.detach(), 0, rank, world))
-    res["selfattn_cp_dx"] = _err(xl.grad, split_for_cp(xg.grad, 0, rank, world))
+    res["selfattn_cp2_out"] = _err(cp_out, split_for_cp(full_out.detach(), 0, rank, world))
+    res["selfattn_cp2_dx"] = _err(xl.grad, split_for_cp(xg.grad, 0, rank, world))
     # parameter gradients: the CP ranks' contributions sum to the single-process gradient
-    import torch.distributed as dist
-
     w_cp = ours_cp.linear_qkv.weight.grad.clone()
-    dist.all_reduce(w_cp)
-    res["selfattn_cp_dW_qkv"] = _err(w_cp, ours.linear_qkv.weight.grad)
+    dist.all_reduce(w_cp, group=group)
+    res["selfattn_cp2_dW_qkv"] = _err(w_cp, ours.linear_qkv.weight.grad)
     return res
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
-def test_cp_and_tp_match_single_process(world):
-    results = run_distributed(_worker, world_size=world)
+def test_cp_and_tp_match_single_process():
+    """One spawn of 4 gloo ranks (process start-up dominates the cost): CP=2, CP=4, TP=2, TP=4."""
+    results = run_distributed(_worker, world_size=4)
     for rank, res in enumerate(results):
-        print(f"cp/tp={world} rank {rank}: " + ", ".join(f"{k}={v:.1e}" for k, v in res.items()))
-        assert res.pop("parallel_state_cp_size") == world
+        print(f"rank {rank}: " + ", ".join(f"{k}={v:.1e}" for k, v in res.items()))
+        assert res.pop("parallel_state_cp_size") == 2
         bad = {k: v for k, v in res.items() if not v <= TOL}
         assert not bad, f"rank {rank}: errors above {TOL}: {bad}"

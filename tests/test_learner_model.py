@@ -1,24 +1,33 @@
-"""The Megatron learner: dense logits vs transformers, exact HF<->Megatron conversion, TP/PP equivalence.
+"""The Megatron learner: dense logits vs transformers, exact HF<->Megatron conversion, TP/PP/CP equivalence,
+and shadow-mask replay against an independent pure-torch reference.
 
-Every Megatron run happens in spawned gloo processes (tests/_dist.py), so Megatron's global state
-and the CPU shim never enter the pytest process. Tiny models: hidden 64, 4 layers, 4 heads, 2 KV
-heads (plus a 1-KV-head Llama, where TP=2 exceeds the KV heads), vocabulary 250 (padded to 256, so
-the padded-vocabulary path is exercised), weights N(0, 0.1) so attention is far from uniform.
+All Megatron work happens in one spawn of 2 gloo processes (tests/_dist.py), so Megatron's global
+state and the CPU shim never enter the pytest process. The two processes run four layouts one
+after the other (the process group is kept, Megatron's groups rebuilt):
 
-Tolerances (fp32, CPU): logits and log-probs vs transformers <= 1e-4 absolute; TP=2 / PP=2 logits
-and log-probs vs the single-process Megatron run <= 1e-5 absolute; gradients (of a weighted sum of
-token log-probs) <= 1e-4 / 1e-5 relative to each tensor's largest gradient entry (see
-``_grad_rel_diff``); conversion round trips bit-exact.
+* ``ref``: TP=1, PP=1 (world 2 = DP 2; each rank is a complete unsharded replica, rank 0 is used),
+* ``tp2``: TP=2, ``pp2``: PP=2 (1F1B over 3 micro-batches), ``cp2``: CP=2 (shadow-mask runs only).
+
+Tiny models: hidden 64, 4 layers, 4 heads, 2 KV heads (plus a 1-KV-head Llama, where TP=2 exceeds
+the KV heads), vocabulary 250 (padded to 256, so the padded-vocabulary path is exercised), weights
+N(0, 0.1) so attention is far from uniform, 2 x 64 tokens per micro-batch.
+
+Tolerances (fp32, CPU): logits and log-probs vs transformers <= 1e-4 absolute; TP/PP/CP logits and
+log-probs vs the unsharded run, and shadow-mask log-probs vs the pure-torch reference, <= 1e-5
+absolute; gradients (of a weighted sum of token log-probs) <= 1e-4 / 1e-5 relative to each
+tensor's largest entry (see ``_grad_rel_diff``); conversion round trips bit-exact.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megatron_smd.errors import ConfigError
 from megatron_smd.learner import convert
 from megatron_smd.learner.logprobs import token_logprobs
+from megatron_smd.mask import pack, to_dense, validate_evict
 from megatron_smd.model.hf import expected_shapes, save_model_dir
 from megatron_smd.model.tiny import init_weights, tiny_arch
 from megatron_smd.parallel.layout import ParallelLayout
@@ -32,7 +41,6 @@ SEQ = 64
 BATCH = 2
 N_MB = 3
 WEIGHT_STD = 0.1
-BACKEND = "megatron"
 
 # pad_token_id=None: transformers builds nn.Embedding(padding_idx=pad_token_id), which zeroes that
 # row's gradient; Megatron's embedding has no such exception, so the reference must not have one.
@@ -41,6 +49,7 @@ CASES = {
     "llama": dict(arch="llama", vocab_size=VOCAB, pad_token_id=None),  # untied
     "llama_kv1": dict(arch="llama", vocab_size=VOCAB, pad_token_id=None, num_kv_heads=1),  # TP=2 > KV heads
 }
+LAYOUTS = [("ref", 1, 1, 1), ("tp2", 2, 1, 1), ("pp2", 1, 2, 1), ("cp2", 1, 1, 2)]
 
 
 def _arch(case: str):
@@ -52,28 +61,61 @@ def _weights(case: str) -> dict[str, torch.Tensor]:
     return init_weights(_arch(case), seed=sorted(CASES).index(case), std=WEIGHT_STD)
 
 
-def _batches(arch, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Three micro-batches: plain positions, a packed-style row (positions restart), an offset start.
+# ------------------------------------------------------------------------------------------------
+# data (plain dicts: the pytest process never imports Megatron; workers wrap them in MicroBatch)
+# ------------------------------------------------------------------------------------------------
 
-    Plain dicts (the pytest process never imports Megatron); workers wrap them in ``MicroBatch``.
-    """
+
+def _dense_batches(arch, seed: int = 0) -> list[dict]:
+    """Three causal micro-batches: plain positions, a packed-style row (positions restart), an offset."""
     g = torch.Generator().manual_seed(seed)
     half = torch.arange(SEQ // 2)
     positions = [torch.arange(SEQ), torch.cat([half, half]), torch.arange(SEQ) + 3]
     out = []
     for k in range(N_MB):
-        tokens = torch.randint(0, arch.vocab_size, (BATCH, SEQ), generator=g)
-        targets = torch.randint(0, arch.vocab_size, (BATCH, SEQ), generator=g)
-        w = torch.rand((BATCH, SEQ), generator=g)
-        out.append(dict(tokens=tokens, position_ids=positions[k].expand(BATCH, SEQ).clone(), targets=targets, w=w))
+        out.append(dict(tokens=torch.randint(0, arch.vocab_size, (BATCH, SEQ), generator=g),
+                        targets=torch.randint(0, arch.vocab_size, (BATCH, SEQ), generator=g),
+                        w=torch.rand((BATCH, SEQ), generator=g),
+                        position_ids=positions[k].expand(BATCH, SEQ).clone(), evict=None))
     return out
 
 
-def _microbatches(arch, seed: int = 0):
+def _random_evict(g: torch.Generator, lead: tuple[int, ...], lens: list[int]) -> torch.Tensor:
+    """A random valid packed mask: per document, evict[j] uniform in [j+1, doc_end], half never evicted."""
+    parts = []
+    for n in lens:
+        j = torch.arange(n)
+        e = j + 1 + (torch.rand((*lead, n), generator=g) * (n - j)).long()  # in [j+1, n]
+        keep = torch.rand((*lead, n), generator=g) < 0.5
+        parts.append(torch.where(keep, torch.full_like(e, n), e).to(torch.int32))
+    packed, cu = pack(parts)
+    validate_evict(packed, seq_end=torch.repeat_interleave(cu[1:].long(), torch.tensor(lens)))
+    return packed
+
+
+def _mask_batches(arch, seed: int = 1) -> list[dict]:
+    """Shadow-mask micro-batches. Row 0 packs two 32-token trajectories (positions restart, document
+    boundary in evict), row 1 is one 64-token trajectory. Micro-batch 0: per-layer evict [b, L, S];
+    1: per-KV-head [b, L, H_kv, S]; 2: per-layer again with other draws."""
+    g = torch.Generator().manual_seed(seed)
+    L, H = arch.num_layers, arch.num_kv_heads
+    rows = [[SEQ // 2, SEQ // 2], [SEQ]]
+    pos = torch.stack([torch.cat([torch.arange(n) for n in r]) for r in rows])
+    out = []
+    for k in range(N_MB):
+        lead = (L, H) if k == 1 else (L,)
+        evict = torch.stack([_random_evict(g, lead, r) for r in rows])
+        out.append(dict(tokens=torch.randint(0, arch.vocab_size, (BATCH, SEQ), generator=g),
+                        targets=torch.randint(0, arch.vocab_size, (BATCH, SEQ), generator=g),
+                        w=torch.rand((BATCH, SEQ), generator=g), position_ids=pos.clone(), evict=evict))
+    return out
+
+
+def _microbatches(batches: list[dict]):
     from megatron_smd.learner.runner import MicroBatch
 
     return [MicroBatch(tokens=b["tokens"], position_ids=b["position_ids"], targets=b["targets"],
-                       extras={"w": b["w"]}) for b in _batches(arch, seed)]
+                       evict=b["evict"], extras={"w": b["w"]}) for b in batches]
 
 
 def _weighted_logprob_sum(logp: torch.Tensor, mb) -> tuple[torch.Tensor, int]:
@@ -85,79 +127,88 @@ def _weighted_logprob_sum(logp: torch.Tensor, mb) -> tuple[torch.Tensor, int]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _learner_worker(rank: int, world: int, tp: int, pp: int, cases: list[str], model_dirs: dict[str, str]):
+def _train(model, layout, arch, mbs) -> dict:
+    from megatron_smd.learner.runner import run_microbatches
+
+    model.zero_grad(set_to_none=True)
+    r = run_microbatches(model, layout, mbs, vocab_size=arch.vocab_size, forward_only=False,
+                         loss_fn=_weighted_logprob_sum)
+    return {"logprobs": torch.stack(r.logprobs), "losses": r.losses,
+            "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}}
+
+
+def _vocab_parallel_check(layout, arch, logits_shard: torch.Tensor, mb) -> tuple[float, float]:
+    """Vocab-parallel log-probs (value, gradient) vs token_logprobs on the all-gathered logits."""
+    from megatron_smd.parallel.vocab_parallel import vocab_parallel_token_logprobs
+
+    shard = logits_shard.clone().requires_grad_(True)
+    parts = [torch.empty_like(shard) for _ in range(layout.tp)]
+    torch.distributed.all_gather(parts, shard.detach(), group=layout.tp_group)
+    full = torch.cat(parts, -1).requires_grad_(True)
+    par = vocab_parallel_token_logprobs(shard, mb.targets, vocab_size=arch.vocab_size, temperature=0.7)
+    ref = token_logprobs(full, mb.targets, vocab_size=arch.vocab_size, temperature=0.7)
+    (par * mb.extras["w"]).sum().backward()
+    (ref * mb.extras["w"]).sum().backward()
+    v = shard.shape[-1]
+    own = full.grad[..., layout.tp_rank * v:(layout.tp_rank + 1) * v]
+    return (par - ref).abs().max().item(), (shard.grad - own).abs().max().item()
+
+
+def _learner_worker(rank: int, world: int, model_dirs: dict[str, str]) -> dict:
     from megatron_smd.learner.convert import load_hf_into_model
     from megatron_smd.learner.model import build_gpt_model
     from megatron_smd.learner.runner import run_microbatches
-    from megatron_smd.parallel.vocab_parallel import vocab_parallel_token_logprobs
 
-    layout = ParallelLayout.from_env(tp=tp, pp=pp)
-    layout.initialize(seed=0)
     out: dict[str, dict] = {}
-    for case in cases:
-        arch = _arch(case)
-        layout.validate(arch, SEQ)
-        model = build_gpt_model(arch, attention_backend=BACKEND)
-        load_hf_into_model(model, model_dirs.get(case) or _weights(case), layout)
-        mbs = _microbatches(arch)
-        res: dict = {"tp_rank": layout.tp_rank, "pp_rank": layout.pp_rank,
-                     "layer_numbers": [int(layer.layer_number) for layer in model.decoder.layers]}
-        if pp == 1:  # direct forward: this rank's vocabulary shard of the logits
-            with torch.no_grad():
-                res["logits"] = [model(mb.tokens, mb.position_ids, None) for mb in mbs]
-            if tp > 1:  # vocab-parallel log-probs (values and gradient) vs the gathered-logits math
-                shard = res["logits"][0].clone().requires_grad_(True)
-                full = [torch.empty_like(shard) for _ in range(tp)]
-                torch.distributed.all_gather(full, shard.detach(), group=layout.tp_group)
-                full = torch.cat(full, -1).requires_grad_(True)
-                t = mbs[0].targets
-                par = vocab_parallel_token_logprobs(shard, t, vocab_size=arch.vocab_size, temperature=0.7)
-                ref = token_logprobs(full, t, vocab_size=arch.vocab_size, temperature=0.7)
-                (par * mbs[0].extras["w"]).sum().backward()
-                (ref * mbs[0].extras["w"]).sum().backward()
-                v = shard.shape[-1]
-                res["vp_value_diff"] = (par - ref).abs().max().item()
-                res["vp_grad_diff"] = (shard.grad - full.grad[..., layout.tp_rank * v:(layout.tp_rank + 1) * v]).abs().max().item()
-        fwd = run_microbatches(model, layout, mbs, vocab_size=arch.vocab_size, forward_only=True)
-        model.zero_grad(set_to_none=True)
-        trained = run_microbatches(model, layout, mbs, vocab_size=arch.vocab_size, forward_only=False,
-                                   loss_fn=_weighted_logprob_sum)
-        res["logprobs_fwd_only"] = torch.stack(fwd.logprobs)
-        res["logprobs"] = torch.stack(trained.logprobs)
-        res["losses"] = trained.losses
-        res["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        out[case] = res
-    layout.destroy()
+    for name, tp, pp, cp in LAYOUTS:
+        layout = ParallelLayout.from_env(tp=tp, pp=pp, cp=cp)
+        layout.initialize(seed=0)
+        out[name] = {}
+        for case in CASES:
+            arch = _arch(case)
+            layout.validate(arch, SEQ)
+            if name == "pp2" and case == "llama_kv1":
+                continue
+            model = build_gpt_model(arch, attention_backend="sdpa")
+            load_hf_into_model(model, model_dirs.get(case) or _weights(case), layout)
+            res: dict = {"tp_rank": layout.tp_rank, "pp_rank": layout.pp_rank,
+                         "layer_numbers": [int(layer.layer_number) for layer in model.decoder.layers]}
+            dense = _microbatches(_dense_batches(arch))
+            if cp == 1:
+                if pp == 1:  # direct forward: this rank's vocabulary shard of the logits
+                    with torch.no_grad():
+                        res["logits"] = [model(mb.tokens, mb.position_ids, None) for mb in dense]
+                    if tp > 1:
+                        res["vp_diffs"] = _vocab_parallel_check(layout, arch, res["logits"][0], dense[0])
+                fwd = run_microbatches(model, layout, dense, vocab_size=arch.vocab_size, forward_only=True)
+                res["dense_fwd_only"] = torch.stack(fwd.logprobs)
+                res["dense"] = _train(model, layout, arch, dense)
+            res["mask"] = _train(model, layout, arch, _microbatches(_mask_batches(arch)))
+            if name == "ref":  # Megatron's own DotProductAttention: an independent dense reference
+                meg = build_gpt_model(arch, attention_backend="megatron")
+                load_hf_into_model(meg, _weights(case), layout)
+                with torch.no_grad():
+                    res["logits_megatron_attn"] = [meg(mb.tokens, mb.position_ids, None) for mb in dense]
+            out[name][case] = res
+        layout.destroy(process_group=False)
     return out
 
 
-def _grad_rel_diff(ours: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    """max over tensors of max|ours - want| / max|want|: the gradient error relative to its scale.
-
-    Gradients of a token *sum* over 384 tokens reach |g| ~ 25, where fp32 summation order alone
-    moves them by ~1e-5 absolute (~1e-6 relative); a mis-sharded tensor is off by O(1) relative.
-    """
-    assert set(ours) == set(want), set(ours) ^ set(want)
-    return max(((ours[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want)
-
-
-def _hf_grads(results: list[dict], case: str, tp: int, pp: int) -> dict[str, torch.Tensor]:
-    per_rank = {(r[case]["tp_rank"], r[case]["pp_rank"]): r[case]["grads"] for r in results}
-    return convert.megatron_to_hf(per_rank, _arch(case), tp, pp)
-
-
 # ------------------------------------------------------------------------------------------------
-# the single-process reference run (shared by the tests below)
+# references (pytest process)
 # ------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """TP=1, PP=1 Megatron run of every case; qwen2 is loaded from a model directory on disk."""
+def runs(tmp_path_factory):
+    """Per rank: {layout: {case: results}}; qwen2 is loaded from a model directory on disk."""
     d = tmp_path_factory.mktemp("learner") / "qwen2"
     save_model_dir(d, _arch("qwen2"), _weights("qwen2"))
-    (res,) = run_distributed(_learner_worker, 1, args=(1, 1, list(CASES), {"qwen2": str(d)}))
-    return res
+    return run_distributed(_learner_worker, 2, args=({"qwen2": str(d)},), timeout=300)
+
+
+def _ranks(runs, layout: str, case: str) -> list[dict]:
+    return [r[layout][case] for r in runs]
 
 
 def _hf_model(case: str):
@@ -172,107 +223,190 @@ def _hf_model(case: str):
     return model.eval()
 
 
+def _masked_reference_logits(case: str, tokens: torch.Tensor, position_ids: torch.Tensor,
+                             evict: torch.Tensor) -> torch.Tensor:
+    """Independent pure-torch Qwen2/Llama forward under a shadow mask (HF weights, HF math).
+
+    Per layer, the dense mask ``to_dense(evict[:, l])`` (``[b, S, S]`` or ``[b, H_kv, S, S]``) goes
+    into ``F.scaled_dot_product_attention``; RoPE at ``position_ids``. Returns ``[b, S, V]``.
+    """
+    a, w = _arch(case), _weights(case)
+    b, S = tokens.shape
+    H, Hkv, hd, eps = a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps
+
+    def rms(x, g):
+        return g * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    ang = position_ids.float()[..., None] * inv_freq  # [b, S, hd/2]
+    cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
+
+    def rope(x):  # [b, h, S, hd]
+        return x * cos + torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin
+
+    def proj(x, name, heads):
+        y = x @ w[name + ".weight"].T
+        if a.qkv_bias:
+            y = y + w[name + ".bias"]
+        return y.view(b, S, heads, hd).transpose(1, 2)
+
+    h = w["model.embed_tokens.weight"][tokens]
+    for i in range(a.num_layers):
+        p = f"model.layers.{i}."
+        x = rms(h, w[p + "input_layernorm.weight"])
+        q = rope(proj(x, p + "self_attn.q_proj", H))
+        k = rope(proj(x, p + "self_attn.k_proj", Hkv)).repeat_interleave(H // Hkv, 1)
+        v = proj(x, p + "self_attn.v_proj", Hkv).repeat_interleave(H // Hkv, 1)
+        dense = to_dense(evict[:, i])
+        mask = dense[:, None] if dense.dim() == 3 else dense.repeat_interleave(H // dense.shape[1], 1)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h + att.transpose(1, 2).reshape(b, S, H * hd) @ w[p + "self_attn.o_proj.weight"].T
+        x = rms(h, w[p + "post_attention_layernorm.weight"])
+        mlp = F.silu(x @ w[p + "mlp.gate_proj.weight"].T) * (x @ w[p + "mlp.up_proj.weight"].T)
+        h = h + mlp @ w[p + "mlp.down_proj.weight"].T
+    h = rms(h, w["model.norm.weight"])
+    head = w["model.embed_tokens.weight"] if a.tie_word_embeddings else w["lm_head.weight"]
+    return h @ head.T
+
+
+def _grad_rel_diff(ours: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """max over tensors of max|ours - want| / max|want|: the gradient error relative to its scale.
+
+    Gradients of a token *sum* over 256 tokens reach |g| ~ 25, where fp32 summation order alone
+    moves them by ~1e-5 absolute (~1e-6 relative); a mis-sharded tensor is off by O(1) relative.
+    """
+    assert set(ours) == set(want), set(ours) ^ set(want)
+    return max(((ours[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want)
+
+
+def _hf_grads(ranks: list[dict], case: str, key: str, tp: int, pp: int) -> dict[str, torch.Tensor]:
+    """Gather the ranks' local gradients back to HF names (the conversion table run on gradients)."""
+    per_rank = {(r["tp_rank"], r["pp_rank"]): r[key]["grads"] for r in ranks}
+    return convert.megatron_to_hf(per_rank, _arch(case), tp, pp)
+
+
 # ------------------------------------------------------------------------------------------------
-# tests
+# dense path vs transformers
 # ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_dense_logits_match_transformers(single, case):
-    """Megatron (TP=1) logits == transformers' Qwen2/LlamaForCausalLM, incl. RoPE at given positions."""
+def test_dense_logits_match_transformers(runs, case):
+    """Megatron (TP=1) logits == transformers' Qwen2/LlamaForCausalLM, incl. RoPE at given positions,
+    with ShadowCoreAttention (sdpa, no mask) and with Megatron's own DotProductAttention."""
     arch, hf = _arch(case), _hf_model(case)
-    res = single[case]
+    res = _ranks(runs, "ref", case)[0]
     assert res["layer_numbers"] == [1, 2, 3, 4]
-    for k, mb in enumerate(_batches(arch)):
+    for k, mb in enumerate(_dense_batches(arch)):
         with torch.no_grad():
             ref = hf(input_ids=mb["tokens"], position_ids=mb["position_ids"]).logits
-        ours = res["logits"][k]
-        assert ours.shape == (BATCH, SEQ, 256)
-        diff = (ours[..., :VOCAB] - ref).abs().max().item()
-        print(f"{case} mb{k}: max |logits - transformers| = {diff:.2e}")
-        assert diff <= HF_TOL
-        assert ours[..., VOCAB:].abs().max().item() == 0.0  # padded vocabulary rows are zero
+        for key in ("logits", "logits_megatron_attn"):
+            ours = res[key][k]
+            assert ours.shape == (BATCH, SEQ, 256)
+            diff = (ours[..., :VOCAB] - ref).abs().max().item()
+            print(f"{case} mb{k} {key}: max |logits - transformers| = {diff:.2e}")
+            assert diff <= HF_TOL
+            assert ours[..., VOCAB:].abs().max().item() == 0.0  # padded vocabulary rows are zero
     # position_ids matter: the packed-style row (positions restart at S/2) differs from the same
     # tokens at positions 0..S-1 (a constant offset, micro-batch 2, would not: RoPE is relative)
-    mb = _batches(arch)[1]
+    mb = _dense_batches(arch)[1]
     with torch.no_grad():
         plain = hf(input_ids=mb["tokens"]).logits
     assert (res["logits"][1][..., :VOCAB] - plain).abs().max().item() > 1e-2
 
 
 @pytest.mark.parametrize("case", ["qwen2", "llama"])
-def test_single_process_logprobs_and_grads_match_transformers(single, case):
+def test_logprobs_and_grads_match_transformers(runs, case):
     """Runner log-probs and the gradient of sum(w * logp), against autograd through transformers."""
     arch, hf = _arch(case), _hf_model(case)
-    res = single[case]
+    res = _ranks(runs, "ref", case)[0]
     hf.zero_grad()
-    total = 0.0
-    ref_lp = []
-    for mb in _batches(arch):
+    total, ref_lp = 0.0, []
+    for mb in _dense_batches(arch):
         logits = hf(input_ids=mb["tokens"], position_ids=mb["position_ids"]).logits
         lp = token_logprobs(logits, mb["targets"], vocab_size=VOCAB)
         loss = (lp * mb["w"]).sum()
         loss.backward()
         total += loss.item()
         ref_lp.append(lp.detach())
-    lp_diff = (res["logprobs"] - torch.stack(ref_lp)).abs().max().item()
-    assert (res["logprobs_fwd_only"] == res["logprobs"]).all()
-    ours = _hf_grads([single], case, 1, 1)
+    assert torch.equal(res["dense_fwd_only"], res["dense"]["logprobs"])
+    lp_diff = (res["dense"]["logprobs"] - torch.stack(ref_lp)).abs().max().item()
     ref = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
-    if arch.tie_word_embeddings:
-        ref.pop("lm_head.weight", None)
-    assert set(ours) == set(ref)
-    gdiff = _grad_rel_diff(ours, ref)
-    print(f"{case}: logprobs diff {lp_diff:.2e}, grad diff {gdiff:.2e}, loss {sum(res['losses']):.4f} vs {total:.4f}")
+    gdiff = _grad_rel_diff(_hf_grads([res], case, "dense", 1, 1), ref)
+    print(f"{case}: logprobs diff {lp_diff:.2e}, grad rel diff {gdiff:.2e}")
     assert lp_diff <= HF_TOL
     assert gdiff <= HF_TOL
-    assert abs(sum(res["losses"]) - total) <= HF_TOL * abs(total)
+    assert abs(sum(res["dense"]["losses"]) - total) <= HF_TOL * abs(total)
 
 
-@pytest.fixture(scope="module")
-def tp2():
-    return run_distributed(_learner_worker, 2, args=(2, 1, list(CASES), {}))
-
-
-@pytest.fixture(scope="module")
-def pp2():
-    return run_distributed(_learner_worker, 2, args=(1, 2, ["qwen2", "llama"], {}))
+# ------------------------------------------------------------------------------------------------
+# TP / PP vs the unsharded run
+# ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_tp2_matches_single_process(single, tp2, case):
-    ref = single[case]
-    assert [r[case]["tp_rank"] for r in tp2] == [0, 1]
+def test_tp2_matches_unsharded(runs, case):
+    ref, ranks = _ranks(runs, "ref", case)[0], _ranks(runs, "tp2", case)
+    assert [r["tp_rank"] for r in ranks] == [0, 1]
     for k in range(N_MB):
-        full = torch.cat([r[case]["logits"][k] for r in tp2], dim=-1)  # vocab shards, rank order
-        d = (full - ref["logits"][k]).abs().max().item()
-        assert d <= PAR_TOL, (k, d)
-    for r in tp2:
-        lp_diff = (r[case]["logprobs"] - ref["logprobs"]).abs().max().item()
+        full = torch.cat([r["logits"][k] for r in ranks], dim=-1)  # vocabulary shards in rank order
+        assert (full - ref["logits"][k]).abs().max().item() <= PAR_TOL
+    for r in ranks:
+        lp_diff = (r["dense"]["logprobs"] - ref["dense"]["logprobs"]).abs().max().item()
         assert lp_diff <= PAR_TOL, lp_diff
-        assert r[case]["vp_value_diff"] <= 1e-6 and r[case]["vp_grad_diff"] <= 1e-6
-    ours, want = _hf_grads(tp2, case, 2, 1), _hf_grads([single], case, 1, 1)
-    gdiff = _grad_rel_diff(ours, want)
-    print(f"{case} TP=2: logprobs diff {lp_diff:.2e}, grad diff {gdiff:.2e}")
+        vp_value, vp_grad = r["vp_diffs"]
+        assert vp_value <= 1e-6 and vp_grad <= 1e-6, r["vp_diffs"]
+    gdiff = _grad_rel_diff(_hf_grads(ranks, case, "dense", 2, 1), _hf_grads([ref], case, "dense", 1, 1))
+    print(f"{case} TP=2: logprobs diff {lp_diff:.2e}, grad rel diff {gdiff:.2e}")
     assert gdiff <= PAR_TOL
 
 
 @pytest.mark.parametrize("case", ["qwen2", "llama"])
-def test_pp2_matches_single_process(single, pp2, case):
-    """PP=2 with 1F1B over 3 micro-batches; tied qwen2 embedding gradients summed over both copies."""
-    ref = single[case]
-    assert [(r[case]["pp_rank"], r[case]["layer_numbers"]) for r in pp2] == [(0, [1, 2]), (1, [3, 4])]
-    for r in pp2:  # log-probs are broadcast from the last stage to every rank
-        lp_diff = (r[case]["logprobs"] - ref["logprobs"]).abs().max().item()
+def test_pp2_matches_unsharded(runs, case):
+    """PP=2, 1F1B over 3 micro-batches; the tied qwen2 embedding's two copies get the summed gradient."""
+    ref, ranks = _ranks(runs, "ref", case)[0], _ranks(runs, "pp2", case)
+    assert [(r["pp_rank"], r["layer_numbers"]) for r in ranks] == [(0, [1, 2]), (1, [3, 4])]
+    for r in ranks:  # log-probs are broadcast from the last stage to every rank
+        lp_diff = (r["dense"]["logprobs"] - ref["dense"]["logprobs"]).abs().max().item()
         assert lp_diff <= PAR_TOL, lp_diff
-        assert abs(sum(r[case]["losses"]) - sum(ref["losses"])) <= PAR_TOL * abs(sum(ref["losses"]))
-    if _arch(case).tie_word_embeddings:  # both stages hold the full (summed) embedding gradient
-        first = pp2[0][case]["grads"]["embedding.word_embeddings.weight"]
-        last = pp2[1][case]["grads"]["output_layer.weight"]
-        assert torch.equal(first, last)
-    ours, want = _hf_grads(pp2, case, 1, 2), _hf_grads([single], case, 1, 1)
-    gdiff = _grad_rel_diff(ours, want)
-    print(f"{case} PP=2: logprobs diff {lp_diff:.2e}, grad diff {gdiff:.2e}")
+        assert abs(sum(r["dense"]["losses"]) - sum(ref["dense"]["losses"])) <= PAR_TOL * abs(sum(ref["dense"]["losses"]))
+    if _arch(case).tie_word_embeddings:
+        first = ranks[0]["dense"]["grads"]["embedding.word_embeddings.weight"]
+        assert torch.equal(first, ranks[1]["dense"]["grads"]["output_layer.weight"])
+    gdiff = _grad_rel_diff(_hf_grads(ranks, case, "dense", 1, 2), _hf_grads([ref], case, "dense", 1, 1))
+    print(f"{case} PP=2: logprobs diff {lp_diff:.2e}, grad rel diff {gdiff:.2e}")
+    assert gdiff <= PAR_TOL
+
+
+# ------------------------------------------------------------------------------------------------
+# shadow-mask replay: every layout vs the pure-torch masked reference
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout,tp,pp", [("ref", 1, 1), ("tp2", 2, 1), ("pp2", 1, 2), ("cp2", 1, 1)])
+def test_shadow_mask_logprobs_match_torch_reference(runs, case, layout, tp, pp):
+    """Packed rows, per-layer and per-KV-head evict, RoPE restarting per trajectory: learner log-probs
+    == an SDPA forward with the dense mask of every layer; gradients == the unsharded learner's."""
+    if layout == "pp2" and case == "llama_kv1":
+        pytest.skip("PP does not interact with KV-head replication; covered by tp2")
+    arch = _arch(case)
+    ranks = _ranks(runs, layout, case)
+    want = []
+    for mb in _mask_batches(arch):
+        logits = _masked_reference_logits(case, mb["tokens"], mb["position_ids"], mb["evict"])
+        want.append(token_logprobs(logits, mb["targets"], vocab_size=VOCAB))
+    want = torch.stack(want)
+    # the mask matters: the same micro-batches without it give different log-probs
+    ref_nomask = _masked_reference_logits(case, *(_mask_batches(arch)[0][k] for k in ("tokens", "position_ids")),
+                                          evict=torch.full((BATCH, arch.num_layers, SEQ), SEQ, dtype=torch.int32))
+    assert (token_logprobs(ref_nomask, _mask_batches(arch)[0]["targets"], vocab_size=VOCAB) - want[0]).abs().max() > 1e-2
+    for r in ranks:
+        diff = (r["mask"]["logprobs"] - want).abs().max().item()
+        assert diff <= PAR_TOL, diff
+    unsharded = _ranks(runs, "ref", case)[0]
+    gdiff = _grad_rel_diff(_hf_grads(ranks, case, "mask", tp, pp), _hf_grads([unsharded], case, "mask", 1, 1))
+    print(f"{case} {layout}: masked logprobs vs torch reference {diff:.2e}, grad rel diff vs unsharded {gdiff:.2e}")
     assert gdiff <= PAR_TOL
 
 
@@ -285,13 +419,11 @@ def test_pp2_matches_single_process(single, pp2, case):
 @pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1)])
 def test_conversion_round_trip_is_bit_exact(case, tp, pp):
     arch = _arch(case)
-    if arch.num_kv_heads < tp and tp % arch.num_kv_heads:
-        pytest.skip("layout not allowed")
     hf_sd = _weights(case)
     ranks = {(t, p): convert.hf_to_megatron(hf_sd, arch, t, tp, p, pp) for t in range(tp) for p in range(pp)}
+    vp = convert.padded_vocab_size(arch.vocab_size, tp)
     for (t, p), local in ranks.items():
         assert sorted(local) == sorted(convert.local_param_names(arch, p, pp))
-        vp = convert.padded_vocab_size(arch.vocab_size, tp)
         for name, tensor in local.items():
             if name.endswith("word_embeddings.weight") or name == "output_layer.weight":
                 assert tensor.shape == (vp // tp, arch.hidden_size)
@@ -305,31 +437,26 @@ def test_conversion_layout_details():
     """Spot-check the layouts against their definitions (independent of the round trip)."""
     arch = _arch("qwen2")  # 4 heads, 2 KV groups, head_dim 16, F = 256, tied
     hf_sd = _weights("qwen2")
-    hd, qpg = arch.head_dim, arch.num_heads // arch.num_kv_heads
+    hd, qpg, F_, D = arch.head_dim, arch.num_heads // arch.num_kv_heads, arch.intermediate_size, arch.hidden_size
     q, k, v = (hf_sd[f"model.layers.3.self_attn.{x}_proj.weight"] for x in "qkv")
+    qb, kb, vb = (hf_sd[f"model.layers.3.self_attn.{x}_proj.bias"] for x in "qkv")
+    gate, up = hf_sd["model.layers.3.mlp.gate_proj.weight"], hf_sd["model.layers.3.mlp.up_proj.weight"]
+    o, emb = hf_sd["model.layers.3.self_attn.o_proj.weight"], hf_sd["model.embed_tokens.weight"]
     for t in range(2):
         local = convert.hf_to_megatron(hf_sd, arch, t, 2, 1, 2)  # stage 1 holds layers 2, 3 as 0, 1
-        qkv = local["decoder.layers.1.self_attention.linear_qkv.weight"]
-        # TP rank t owns KV group t: [q heads of group t; k_t; v_t]
-        want = torch.cat([q[t * qpg * hd:(t + 1) * qpg * hd], k[t * hd:(t + 1) * hd], v[t * hd:(t + 1) * hd]])
-        assert torch.equal(qkv, want)
-        bias = local["decoder.layers.1.self_attention.linear_qkv.bias"]
-        qb, kb, vb = (hf_sd[f"model.layers.3.self_attn.{x}_proj.bias"] for x in "qkv")
-        assert torch.equal(bias, torch.cat([qb[t * qpg * hd:(t + 1) * qpg * hd], kb[t * hd:(t + 1) * hd],
-                                            vb[t * hd:(t + 1) * hd]]))
-        fc1 = local["decoder.layers.1.mlp.linear_fc1.weight"]
-        F = arch.intermediate_size
-        gate, up = hf_sd["model.layers.3.mlp.gate_proj.weight"], hf_sd["model.layers.3.mlp.up_proj.weight"]
-        assert torch.equal(fc1, torch.cat([gate[t * F // 2:(t + 1) * F // 2], up[t * F // 2:(t + 1) * F // 2]]))
-        o = hf_sd["model.layers.3.self_attn.o_proj.weight"]
-        D = arch.hidden_size
+        # TP rank t owns KV group t: [q heads of group t; k_t; v_t], bias alike
+        qs, ks = slice(t * qpg * hd, (t + 1) * qpg * hd), slice(t * hd, (t + 1) * hd)
+        assert torch.equal(local["decoder.layers.1.self_attention.linear_qkv.weight"], torch.cat([q[qs], k[ks], v[ks]]))
+        assert torch.equal(local["decoder.layers.1.self_attention.linear_qkv.bias"], torch.cat([qb[qs], kb[ks], vb[ks]]))
+        fs = slice(t * F_ // 2, (t + 1) * F_ // 2)
+        assert torch.equal(local["decoder.layers.1.mlp.linear_fc1.weight"], torch.cat([gate[fs], up[fs]]))
         assert torch.equal(local["decoder.layers.1.self_attention.linear_proj.weight"], o[:, t * D // 2:(t + 1) * D // 2])
         out = local["output_layer.weight"]  # tied: the last stage's copy of the embedding
-        emb = hf_sd["model.embed_tokens.weight"]
         rows = emb[t * 128:min((t + 1) * 128, VOCAB)]
         assert torch.equal(out[: rows.shape[0]], rows) and not out[rows.shape[0]:].any()
     # the tied copy on the last stage maps to no HF tensor; the first stage's embedding does
     assert list(convert.iter_hf_from_local("output_layer.weight", [out, out], arch, pp_rank=1, pp_size=2)) == []
+    fc1 = local["decoder.layers.1.mlp.linear_fc1.weight"]
     names = [n for n, _ in convert.iter_hf_from_local("decoder.layers.1.mlp.linear_fc1.weight", [fc1, fc1],
                                                       arch, pp_rank=1, pp_size=2)]
     assert names == ["model.layers.3.mlp.gate_proj.weight", "model.layers.3.mlp.up_proj.weight"]
@@ -383,5 +510,5 @@ def test_layout_model_and_sequence_errors():
         ParallelLayout(world_size=4, cp=4).validate(seq_len=60)
     lay = ParallelLayout(world_size=8, tp=2, pp=2)
     assert lay.dp == 2
-    lay.validate(_arch("qwen2"), seq_len=SEQ)  # ok: 4 heads / 2 KV heads over TP=2, 4 layers over PP=2
+    lay.validate(_arch("qwen2"), seq_len=SEQ)  # 4 heads / 2 KV heads over TP=2, 4 layers over PP=2
     ParallelLayout(world_size=2, tp=2).validate(_arch("llama_kv1"))  # KV head replicated over TP=2

@@ -106,3 +106,20 @@ def test_kl_penalty_and_mismatch_metrics():
     assert torch.allclose(Lo.kl_penalty(lp, ref, "k3"), torch.tensor([[0.5 - 1 + math.log(2), 0.0]]), atol=1e-6)
     mm = Lo.mismatch_metrics(lp, ref, torch.tensor([[True, False]]))
     assert mm["max_abs_logprob_diff"] == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_sum_aggregation_with_coefficients_equals_token_mean_split_across_microbatches():
+    """The learner splits a mini-batch over micro-batches and ranks with pre-normalised coefficients."""
+    torch.manual_seed(0)
+    lp, lp_old = torch.randn(4, 6) * 0.1, torch.randn(4, 6) * 0.1
+    adv = torch.randn(4)
+    m = torch.rand(4, 6) > 0.3
+    full, _ = Lo.ppo_clip_loss(lp, lp_old, adv, m, aggregation="token_mean")
+    coef = m.float() / m.sum()
+    parts = sum(Lo.ppo_clip_loss(lp[i:i + 2], lp_old[i:i + 2], adv[i:i + 2], m[i:i + 2], weights=coef[i:i + 2],
+                                 aggregation="sum")[0] for i in (0, 2))
+    assert parts.item() == pytest.approx(full.item(), rel=1e-6)
+    d_full = Lo.distill_kl(lp, lp_old, m)
+    d_parts = sum(Lo.distill_kl(lp[i:i + 2], lp_old[i:i + 2], m[i:i + 2], weights=coef[i:i + 2], aggregation="sum")
+                  for i in (0, 2))
+    assert d_parts.item() == pytest.approx(d_full.item(), rel=1e-6)

@@ -184,9 +184,7 @@ def shard_hf(rule: Rule, tensors: Sequence[torch.Tensor], arch: ModelArch, tp_si
     if rule.kind in ("qkv", "qkv_bias"):
         return _chunk(_interleave_qkv(*tensors, arch), tp_size, 0, what)
     if rule.kind == "gate_up":
-        gates = _chunk(tensors[0], tp_size, 0, what)
-        ups = _chunk(tensors[1], tp_size, 0, what)
-        return [torch.cat([g, u], dim=0) for g, u in zip(gates, ups)]
+        return _chunk(torch.cat([tensors[0], tensors[1]]), tp_size, 0, what)
     raise AssertionError(rule.kind)
 
 
@@ -201,8 +199,7 @@ def unshard_to_hf(rule: Rule, shards: Sequence[torch.Tensor], arch: ModelArch) -
     if rule.kind in ("qkv", "qkv_bias"):
         return list(_split_qkv(torch.cat(list(shards), dim=0), arch))
     if rule.kind == "gate_up":
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]
+        return list(torch.cat(list(shards)).chunk(2))
     raise AssertionError(rule.kind)
 
 

@@ -19,6 +19,9 @@ Data contract (why it looks like this):
   built with ``calculate_per_token_loss=True``, so Megatron does not divide by the micro-batch
   count; the gradient left in ``param.grad`` is ``d(sum over micro-batches of loss_sum)/d theta``.
   (Megatron DDP's ``finalize_model_grads`` divides by the global token count when used.)
+* Under CP each rank's backward covers its own tokens only; for a model not wrapped in Megatron
+  DDP the runner sums the gradients over the CP group (DDP does it in its DP x CP reduction), and
+  the reported losses are summed over CP too.
 * Tied embeddings under PP>1 exist twice (first stage's embedding, last stage's output layer). For
   a model that is not wrapped in Megatron DDP the runner all-reduces their gradients over the
   embedding group afterwards, as ``finalize_model_grads`` would, so both copies hold the full
@@ -125,6 +128,20 @@ def allreduce_tied_embedding_grads(model: torch.nn.Module) -> None:
     w.grad = grad
 
 
+def allreduce_context_parallel_grads(model: torch.nn.Module, layout: ParallelLayout) -> None:
+    """Sum ``param.grad`` over the CP group: each CP rank's backward only saw its own tokens' loss.
+
+    Megatron DDP does this as part of its data-parallel reduction (over DP x CP); for a bare model
+    the runner does it so every CP rank holds the full gradient. No-op for CP=1.
+    """
+    if layout.cp == 1:
+        return
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=layout.cp_group)
+
+
 def run_microbatches(model: torch.nn.Module, layout: ParallelLayout, microbatches: Sequence[MicroBatch], *,
                      vocab_size: int, forward_only: bool = True, loss_fn: LossFn | None = None,
                      temperature: float = 1.0) -> RunResult:
@@ -162,6 +179,7 @@ def run_microbatches(model: torch.nn.Module, layout: ParallelLayout, microbatche
 
     if not forward_only and not hasattr(model, "finish_grad_sync"):
         allreduce_tied_embedding_grads(model)
+        allreduce_context_parallel_grads(model, layout)
 
     n = len(microbatches)
     device = next(model.parameters()).device
@@ -170,6 +188,8 @@ def run_microbatches(model: torch.nn.Module, layout: ParallelLayout, microbatche
     if layout.is_last_stage:
         local = torch.stack([o["logprobs"] for o in outputs])  # [n, b, s_local]
         losses = torch.stack([o["loss"].double() for o in outputs])
+        if cp_pos is not None:  # each CP rank summed the loss over its own tokens
+            dist.all_reduce(losses, group=layout.cp_group)
         if cp_pos is None:
             logp = local
         else:

@@ -1,0 +1,143 @@
+"""``smd sft``: supervised warm start on the synthetic task, with the Megatron learner.
+
+RL on a random model has no signal: every reward is 0 and every group advantage is 0. SFT teaches
+the tiny model the task format and enough of the task that GRPO has something to improve. The
+result is a Hugging Face directory (``sft.out``), written atomically and reused by later runs
+(``smd train`` calls :func:`ensure_sft`, so the main job works on a fresh machine).
+
+Loss: token-mean cross-entropy on the answer and the final ``<eos>`` (the prompt is context only),
+Adam with linear warm-up, greedy eval on held-out prompts every ``eval_every`` steps; stops early
+once eval reward reaches ``target_reward``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import ExperimentConfig
+from .errors import SMDError
+from .mask import never_evicted
+from .rollout.io import RolloutBatch
+
+
+def sft_batch(examples, tok, num_layers: int) -> RolloutBatch:
+    """prompt + answer + <eos> as a (dense-mask) batch; the answer part counts as the target."""
+    seqs, plens = [], []
+    for e in examples:
+        p = tok.encode(e.prompt)
+        a = tok.encode(e.answer, add_bos=False) + [tok.eos_id]
+        seqs.append(p + a)
+        plens.append(len(p))
+    T = max(len(s) for s in seqs)
+    N = len(seqs)
+    tokens = torch.zeros(N, T, dtype=torch.int64)
+    evict = torch.zeros(N, num_layers, T, dtype=torch.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+        evict[i, :, : len(s)] = never_evicted(num_layers, len(s))
+    return RolloutBatch(tokens=tokens, prompt_lens=torch.tensor(plens), seq_lens=torch.tensor([len(s) for s in seqs]),
+                        sampler_logprobs=torch.zeros(N, T), evict=evict,
+                        prompt_index=torch.arange(N), sample_index=torch.zeros(N, dtype=torch.int64), meta={})
+
+
+def _target_mask(batch: RolloutBatch) -> torch.Tensor:
+    T = batch.tokens.shape[1]
+    t = torch.arange(T).view(1, T)
+    return ((t >= batch.prompt_lens.view(-1, 1)) & (t < batch.seq_lens.view(-1, 1))).float()
+
+
+def greedy_eval(model, task, tok, n: int, seed: int, max_new_tokens: int, policy=None) -> float:
+    from .rollout.engine import ReferenceEngine, SamplingParams
+
+    ex = task.sample(n, seed=seed)
+    eng = ReferenceEngine(model, policy)
+    trajs, _ = eng.generate([tok.encode(e.prompt) for e in ex], n=1,
+                            sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                    stop_token_ids=(tok.eos_id,)))
+    return sum(task.reward(ex[t.prompt_index], tok.decode(t.tokens[t.prompt_len:])) for t in trajs) / len(trajs)
+
+
+def run_sft(cfg: ExperimentConfig, layout, model_dir: Path, out: Path, *, log=print) -> dict:
+    """Train from ``model_dir`` and write the HF directory ``out``. Collective over the layout."""
+    from .learner.learner import Learner
+    from .model.hf import read_arch, save_model_dir
+    from .model.transformer import RefTransformer
+    from .rollout.run import load_tokenizer
+    from .tasks import make_task
+    from .trainer import coefficients, learner_settings
+
+    sc = cfg.sft
+    arch = read_arch(model_dir)
+    tok = load_tokenizer(model_dir)
+    task = make_task(cfg.task)
+    learner = Learner(arch, layout, learner_settings(cfg, lr=sc.lr, grad_clip=1.0), weights=str(model_dir))
+    rank0 = layout.rank == 0
+    history = []
+    t0 = time.perf_counter()
+    max_new = task.max_answer_tokens() + 2
+    reward = 0.0
+    for step in range(sc.steps):
+        lr = sc.lr * min(1.0, (step + 1) / max(1, sc.warmup_steps))
+        for g in learner.optimizer.param_groups:
+            g["lr"] = lr
+        batch = sft_batch(task.sample(sc.batch_size, seed=7_000_003 + step), tok, arch.num_layers)
+        mask = _target_mask(batch)
+        ids = list(range(len(batch)))
+        coef = coefficients(mask.bool(), ids, "token_mean")
+        mine = ids[layout.dp_rank::layout.dp]
+        mbs = learner.microbatches(batch, mine, ["dense"], {"coef": coef})
+        st = learner.step(mbs, lambda logp, mb: (-(logp * mb.extras["coef"]).sum(), int((mb.extras["coef"] > 0).sum())))
+        if not torch.isfinite(torch.tensor(st["loss"])):
+            raise SMDError(f"sft: non-finite loss at step {step}")
+        last = step + 1 == sc.steps
+        if (step + 1) % sc.eval_every == 0 or last:
+            sd = learner.gather_hf_state()
+            if rank0:
+                model = RefTransformer.from_state_dict(arch, sd)
+                reward = greedy_eval(model, task, tok, 32, 9_000_011, max_new)
+            reward = _bcast(reward, layout)
+            history.append({"step": step + 1, "loss": st["loss"], "eval_reward": reward})
+            if rank0:
+                log(f"sft step {step + 1}/{sc.steps}: loss {st['loss']:.4f}  eval reward {reward:.3f}  "
+                    f"({time.perf_counter() - t0:.0f}s)")
+            if reward >= sc.target_reward:
+                break
+    sd = learner.gather_hf_state()
+    if rank0:
+        extra = {f.name: f.read_text() for f in Path(model_dir).iterdir()
+                 if f.name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")}
+        save_model_dir(out, arch, sd, extra_files=extra)
+    if dist.is_initialized():
+        dist.barrier()
+    return {"history": history, "final_eval_reward": reward, "seconds": time.perf_counter() - t0}
+
+
+def _bcast(x, layout):
+    if layout.world_size == 1:
+        return x
+    box = [x]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def ensure_sft(cfg: ExperimentConfig, layout, model_dir: Path) -> Path:
+    """The starting weights of RL: the cached SFT model (trained now if missing), or the base model."""
+    if not cfg.sft.enabled:
+        return Path(model_dir)
+    out = Path(cfg.sft.out)
+    if not (out / "config.json").is_file():
+        if layout.rank == 0:
+            print(f"[smd] no SFT warm start at {out}: training one ({cfg.sft.steps} steps)", flush=True)
+        run_sft(cfg, layout, Path(model_dir), out)
+    return out
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)

@@ -1,0 +1,446 @@
+"""``smd train``: GRPO with a Megatron-Core learner and a compressed-KV rollout engine.
+
+Run it (CPU, the embedded default: tiny Qwen2, SFT warm start included)::
+
+    smd train --config configs/tiny-cpu.yaml
+    torchrun --nproc_per_node 2 -m megatron_smd.cli train --config configs/tiny-cpu.yaml resources.tp=2
+
+The loop (:func:`train`) reads like the algorithm: rollout (with eviction) -> reward -> group-relative
+advantages -> learner update (PPO-clip epochs x mini-batches, micro-batches, gradient accumulation,
+clipping, Megatron Adam) -> weight sync (learner shards -> engine) -> periodic eval (greedy, dense and
+compressed) -> periodic checkpoint. How the learner treats the sparse rollout is the correction mode
+(``algorithm.correction``, see :mod:`megatron_smd.losses`).
+
+Departures from the textbook: the PPO ratio's denominator is the *sampler's* log-prob for ``dense``,
+``naive`` and ``smd`` (the rollout engine's numbers, as verl/slime do with rollout log-probs), and the
+learner's own dense log-prob before the update for ``tis`` and ``sparse_rl`` (whose correction
+weights then bridge dense-old to sampler). In ``smd`` the learner forward replays the rollout's
+shadow mask, so that ratio starts at exactly 1.
+
+The reference rollout engine lives on global rank 0; every rank receives the rollout batch and each
+data-parallel rank trains on its share of it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from .config import ExperimentConfig
+from .errors import SMDError
+from .losses import (distill_kl, group_advantages, kl_penalty, mismatch_metrics, ppo_clip_loss, sparse_rl_filter,
+                     truncated_is_weights)
+from .mask import kept_fraction
+from .metrics import NullLogger, make_logger, mask_image
+from .rollout.io import RolloutBatch
+
+
+# ============================================================================================ loop
+def train(cfg: ExperimentConfig, *, resume: str | None = "auto") -> dict:
+    """Run (or continue) the RL loop; returns the final eval metrics and history on rank 0."""
+    ctx = setup(cfg, resume=resume)
+    try:
+        for step in range(ctx.start_step, cfg.train.steps):
+            t = {}
+            t0 = time.perf_counter()
+            batch = rollout(ctx, step)                                   # sample with eviction
+            t["rollout"] = time.perf_counter() - t0
+            adv = advantages(ctx, batch)                                 # reward -> group-relative advantages
+            t1 = time.perf_counter()
+            stats = learn(ctx, batch, adv, step)                         # PPO/GRPO update on the learner
+            t["learn"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            sync_weights(ctx)                                            # learner shards -> rollout engine
+            t["sync"] = time.perf_counter() - t2
+            last = step + 1 == cfg.train.steps
+            if last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0):
+                stats.update(evaluate(ctx, step + 1))                    # greedy, dense and compressed
+            log_step(ctx, step + 1, batch, stats, t)
+            if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+                save(ctx, step + 1)                                      # model + optimizer + loop state
+        return {"history": ctx.history, "final": ctx.history[-1] if ctx.history else {}}
+    finally:
+        ctx.close()
+
+
+# ============================================================================================ setup
+@dataclass
+class Context:
+    cfg: ExperimentConfig
+    layout: object
+    learner: object
+    ref_learner: object | None
+    engine: object | None  # rank 0 only
+    eval_engines: dict = field(default_factory=dict)
+    task: object = None
+    tok: object = None
+    logger: object = field(default_factory=NullLogger)
+    start_step: int = 0
+    history: list = field(default_factory=list)
+    ckpt_root: Path = Path(".")
+    run_dir: Path = Path(".")
+    bar: object = None
+    last_ckpt: str | None = None
+
+    @property
+    def rank0(self) -> bool:
+        return self.layout.rank == 0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.logger.close()
+        self.layout.destroy()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_layout(cfg: ExperimentConfig, arch):
+    from .parallel.layout import ParallelLayout
+
+    r = cfg.resources
+    if "WORLD_SIZE" not in os.environ:  # single process, not under torchrun
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    layout = ParallelLayout.from_env(tp=r.tp, pp=r.pp, cp=r.cp)
+    layout.validate(arch, seq_len=None)
+    layout.initialize(seed=cfg.learner.seed)
+    return layout
+
+
+def learner_settings(cfg: ExperimentConfig, **over):
+    from .learner.learner import LearnerSettings
+
+    lc = cfg.learner
+    kw = dict(lr=lc.lr, weight_decay=lc.weight_decay, adam_beta1=lc.adam_beta1, adam_beta2=lc.adam_beta2,
+              adam_eps=lc.adam_eps, grad_clip=lc.grad_clip, micro_batch_size=lc.micro_batch_size,
+              attention_backend=lc.attention_backend, megatron=lc.megatron)
+    kw.update(over)
+    return LearnerSettings(**kw)
+
+
+def rollout_policy(cfg: ExperimentConfig):
+    from .policies import PolicyConfig
+
+    return PolicyConfig() if cfg.algorithm.correction == "dense" else cfg.rollout.policy
+
+
+def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
+    from .checkpoint import find_checkpoint, load_checkpoint
+    from .config import dump_config
+    from .learner.learner import Learner
+    from .model.hf import read_arch
+    from .model.transformer import RefTransformer
+    from .rollout.engine import ReferenceEngine
+    from .rollout.run import ensure_model, load_tokenizer
+    from .sft import ensure_sft
+    from .tasks import make_task
+
+    run_dir = Path(cfg.output_dir)
+    model_dir = ensure_model_once(cfg)
+    arch = read_arch(model_dir)
+    if cfg.algorithm.distill.estimator == "full" and cfg.resources.tp > 1:
+        raise SMDError("algorithm.distill.estimator=full needs the full vocabulary on one rank: use resources.tp=1, or k1/k3")
+    layout = init_layout(cfg, arch)
+    start = ensure_sft(cfg, layout, model_dir)
+    learner = Learner(arch, layout, learner_settings(cfg), weights=str(start))
+    ref = None
+    if cfg.algorithm.kl_coef > 0:
+        ref = Learner(arch, layout, learner_settings(cfg), weights=str(start), train=False)
+    ctx = Context(cfg=cfg, layout=layout, learner=learner, ref_learner=ref, engine=None, run_dir=run_dir,
+                  ckpt_root=run_dir / "checkpoints")
+    ctx.task = make_task(cfg.task)
+    ctx.tok = load_tokenizer(Path(model_dir))
+    ckpt = find_checkpoint(ctx.ckpt_root, resume)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, learner.model, learner.optimizer)
+        ctx.start_step, ctx.history, ctx.last_ckpt = int(state["step"]), list(state.get("history", [])), str(ckpt)
+    if ctx.rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        model = RefTransformer.from_pretrained(start)
+        ctx.engine = ReferenceEngine(model, rollout_policy(cfg), kv_growth=cfg.rollout.kv_growth)
+        ctx.eval_engines = {"dense": ReferenceEngine(model, None), "compressed": ReferenceEngine(model, cfg.rollout.policy)}
+        ctx.logger = make_logger("tensorboard" if cfg.logging.tensorboard else "none", run_dir / "tensorboard")
+        if cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            ctx.bar = tqdm(total=cfg.train.steps, initial=ctx.start_step, desc=f"train[{cfg.algorithm.correction}]",
+                           dynamic_ncols=True)
+    if ckpt is not None:
+        sync_weights(ctx)  # the engine must sample from the restored policy
+    elif ctx.start_step == 0 and ctx.rank0 and ctx.history == []:
+        pass
+    return ctx
+
+
+def ensure_model_once(cfg: ExperimentConfig):
+    """Create the tiny model on rank 0 only (other ranks wait for the directory)."""
+    from .rollout.run import ensure_model
+
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        return ensure_model(cfg.model)
+    path = Path(cfg.model.path)
+    for _ in range(600):
+        if (path / "config.json").is_file():
+            return path
+        time.sleep(0.5)
+    raise SMDError(f"{path}: rank 0 did not create the model directory within 5 minutes")
+
+
+# ============================================================================================ phases
+def _broadcast(obj, ctx: Context):
+    if ctx.layout.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rollout(ctx: Context, step: int) -> RolloutBatch:
+    """Rank 0 samples ``num_prompts x group_size`` trajectories; every rank gets the batch."""
+    from .rollout.run import sampling_params
+
+    cfg = ctx.cfg
+    batch = None
+    if ctx.rank0:
+        examples = ctx.task.sample(cfg.rollout.num_prompts, seed=cfg.task.seed * 1_000_003 + step)
+        prompts = [ctx.tok.encode(e.prompt) for e in examples]
+        sp = sampling_params(cfg, ctx.tok.eos_id)
+        sp.seed = cfg.rollout.seed * 7919 + step
+        trajs, st = ctx.engine.generate(prompts, n=cfg.rollout.group_size, sampling=sp)
+        rewards = [ctx.task.reward(examples[t.prompt_index], ctx.tok.decode(t.tokens[t.prompt_len:])) for t in trajs]
+        meta = {"sampling": {"temperature": sp.temperature}, "rewards": rewards,
+                "stats": {"peak_kv_bytes": st.peak_kv_bytes, "peak_kv_bytes_used": st.peak_kv_bytes_used,
+                          "tokens_per_s": st.tokens_per_s, "generated_tokens": st.generated_tokens},
+                "texts": [ctx.tok.decode(t.tokens[t.prompt_len:]) for t in trajs[: cfg.logging.sample_text]],
+                "prompts": [e.prompt for e in examples[: cfg.logging.sample_text]]}
+        batch = RolloutBatch.from_trajectories(trajs, meta)
+    return _broadcast(batch, ctx)
+
+
+def advantages(ctx: Context, batch: RolloutBatch) -> torch.Tensor:
+    r = torch.tensor(batch.meta["rewards"], dtype=torch.float32)
+    return group_advantages(r, batch.prompt_index, normalize_std=ctx.cfg.algorithm.normalize_adv_std)
+
+
+def action_mask(batch: RolloutBatch) -> torch.Tensor:
+    T = batch.tokens.shape[1]
+    t = torch.arange(T).view(1, T)
+    return (t >= batch.prompt_lens.view(-1, 1)) & (t < batch.seq_lens.view(-1, 1))
+
+
+def coefficients(mask: torch.Tensor, ids: list[int], how: str) -> torch.Tensor:
+    """Per-token loss coefficients over the mini-batch ``ids`` so that their plain sum is the mean."""
+    c = torch.zeros(mask.shape)
+    m = mask[ids].float()
+    if how == "token_mean":
+        c[ids] = m / m.sum().clamp(min=1.0)
+    else:  # seq_mean
+        n_tok = m.sum(-1, keepdim=True)
+        n_seq = (n_tok > 0).sum().clamp(min=1)
+        c[ids] = m / n_tok.clamp(min=1.0) / n_seq
+    return c
+
+
+def learn(ctx: Context, batch: RolloutBatch, adv: torch.Tensor, step: int) -> dict:
+    """PPO-clip epochs x mini-batches over the rollout with the configured correction mode."""
+    cfg, alg, learner, lay = ctx.cfg, ctx.cfg.algorithm, ctx.learner, ctx.layout
+    temp = float(batch.meta["sampling"]["temperature"]) or 1.0
+    mode = alg.correction
+    lmode = "shadow" if mode == "smd" else "dense"
+    mask = action_mask(batch)
+    lp_s = batch.sampler_logprobs
+    # The learner's own view of the rollout at the parameters that sampled it (first micro-step).
+    lp_mode_old = learner.logprobs(batch, lmode, temperature=temp)
+    stats = {f"mismatch/{k}": v for k, v in mismatch_metrics(lp_mode_old, lp_s, mask).items()}
+    lp_dense_old = lp_mode_old
+    if lmode == "shadow":
+        lp_dense_old = learner.logprobs(batch, "dense", temperature=temp)
+        stats.update({f"mismatch_dense/{k}": v for k, v in mismatch_metrics(lp_dense_old, lp_s, mask).items()})
+    weights = torch.ones_like(lp_s)
+    lp_old = lp_s
+    if mode == "tis":
+        lp_old, weights = lp_dense_old, truncated_is_weights(lp_dense_old, lp_s, alg.tis_cap)
+    elif mode == "sparse_rl":
+        sr = alg.sparse_rl
+        keep, weights = sparse_rl_filter(lp_dense_old, lp_s, mask, reject_min=sr.reject_min, reject_mean=sr.reject_mean,
+                                         weight_min=sr.weight_min, weight_max=sr.weight_max)
+        lp_old, mask = lp_dense_old, mask & keep.view(-1, 1)
+        stats["correction/rejection_rate"] = 1.0 - float(keep.float().mean())
+    if mode in ("tis", "sparse_rl"):
+        w = weights[mask]
+        stats["correction/weight_mean"] = float(w.mean()) if w.numel() else 0.0
+    extras = {"adv": adv.view(-1, 1).expand_as(lp_s).contiguous(), "lp_old": lp_old, "w": weights, "lp_s": lp_s}
+    if ctx.ref_learner is not None:
+        extras["lp_ref"] = ctx.ref_learner.logprobs(batch, lmode, temperature=temp)
+    distill = mode == "smd" and alg.distill.coef > 0
+    modes = [lmode, "dense"] if distill else [lmode]
+    acc = {"clip_frac": [], "grad_norm": [], "loss": [], "distill_kl": [], "kl_ref": []}
+    N = len(batch)
+    first = True
+    for epoch in range(alg.epochs):
+        g = torch.Generator().manual_seed(cfg.learner.seed * 1_000_003 + step * 101 + epoch)
+        perm = torch.randperm(N, generator=g).tolist()
+        size = math.ceil(N / alg.minibatches)
+        for k in range(0, N, size):
+            ids = perm[k:k + size]
+            ex = dict(extras, coef=coefficients(mask, ids, alg.aggregation))
+            mine = ids[lay.dp_rank::lay.dp]
+            mbs = learner.microbatches(batch, mine, modes, ex)
+            parts: dict = {}
+            st = learner.step(mbs, _loss_fn(alg, len(modes), parts, ctx.ref_learner is not None), temperature=temp)
+            if not (math.isfinite(st["loss"]) and math.isfinite(st["grad_norm"])):
+                raise SMDError(f"non-finite loss ({st['loss']}) or grad norm ({st['grad_norm']}) at step {step + 1}, "
+                               f"epoch {epoch}; nothing was saved for this step (last checkpoint: {ctx.last_ckpt})")
+            if first:
+                stats.update(_first_step_ratio(st["logprobs"][0], mbs[0], len(modes)))
+                first = False
+            acc["grad_norm"].append(st["grad_norm"])
+            acc["loss"].append(st["loss"])
+            for name in ("clip_frac", "distill_kl", "kl_ref"):
+                if name in parts:
+                    acc[name].append(parts[name])
+    for name, vals in acc.items():
+        if vals:
+            stats[f"train/{name}"] = sum(vals) / len(vals)
+    stats["train/grad_norm_max"] = max(acc["grad_norm"])
+    r = torch.tensor(batch.meta["rewards"])
+    resp = (batch.seq_lens - batch.prompt_lens).float()
+    stats.update({"reward/train": float(r.mean()), "accuracy/train": float((r >= 1.0).float().mean()),
+                  "train/response_length": float(resp.mean()),
+                  "policy/entropy_mc": float(-(lp_s[action_mask(batch)]).mean())})
+    return stats
+
+
+def _loss_fn(alg, n_modes: int, parts: dict, with_ref: bool):
+    """The per-micro-batch loss (Megatron calls it on the last stage with ``logp [rows, s_local]``)."""
+
+    def loss_fn(logp: torch.Tensor, mb):
+        ex = mb.extras
+        n = logp.shape[0] // n_modes
+        lp = logp[:n]
+        c, m = ex["coef"][:n], ex["coef"][:n] > 0
+        loss, st = ppo_clip_loss(lp, ex["lp_old"][:n], ex["adv"][:n], m, clip_low=alg.clip_low,
+                                 clip_high=alg.clip_high, weights=c * ex["w"][:n], aggregation="sum")
+        parts["clip_frac"] = st["clip_frac"]
+        if with_ref and alg.kl_coef > 0:
+            kl = ((kl_penalty(lp, ex["lp_ref"][:n], alg.kl_estimator)) * c).sum()
+            parts["kl_ref"] = float(kl.detach()) / max(float(c.sum()), 1e-12)
+            loss = loss + alg.kl_coef * kl
+        if n_modes == 2:
+            d = alg.distill
+            dk = distill_kl(lp, logp[n:], m, direction=d.direction, estimator=d.estimator if d.estimator != "full" else "k3",
+                            weights=c, aggregation="sum")
+            parts["distill_kl"] = float(dk.detach()) / max(float(c.sum()), 1e-12)
+            loss = loss + d.coef * dk
+        return loss, int(m.sum())
+
+    return loss_fn
+
+
+def _first_step_ratio(lp_rows: torch.Tensor, mb, n_modes: int) -> dict:
+    """PPO ratio pi_learner / pi_sampler on the first micro-batch of the update (before any step)."""
+    n = lp_rows.shape[0] // n_modes
+    m = mb.extras["coef"][:n] > 0
+    d = (lp_rows[:n] - mb.extras["lp_s"][:n])[m]
+    if d.numel() == 0:
+        return {}
+    r = d.exp()
+    return {"ratio_first/mean": float(r.mean()), "ratio_first/max_abs_dev": float((r - 1).abs().max())}
+
+
+def sync_weights(ctx: Context) -> None:
+    """In-process transport: gather full HF tensors on rank 0 and load them into the engine."""
+    sd = ctx.learner.gather_hf_state()
+    if ctx.rank0:
+        ctx.engine.load_weights(sd)
+
+
+def evaluate(ctx: Context, step: int) -> dict:
+    """Greedy decoding on a fixed held-out prompt set, dense and with the configured compression."""
+    from .rollout.engine import SamplingParams
+
+    out = {}
+    if ctx.rank0:
+        cfg = ctx.cfg
+        examples = ctx.task.sample(cfg.train.eval_prompts, seed=10_000_019 + cfg.task.seed)
+        prompts = [ctx.tok.encode(e.prompt) for e in examples]
+        sp = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0, stop_token_ids=(ctx.tok.eos_id,))
+        for name, eng in ctx.eval_engines.items():
+            trajs, st = eng.generate(prompts, n=1, sampling=sp)
+            rs = [ctx.task.reward(examples[t.prompt_index], ctx.tok.decode(t.tokens[t.prompt_len:])) for t in trajs]
+            out[f"reward/eval_{name}"] = sum(rs) / len(rs)
+            out[f"accuracy/eval_{name}"] = sum(r >= 1.0 for r in rs) / len(rs)
+            out[f"kv/eval_{name}_peak_bytes"] = st.peak_kv_bytes
+    return _broadcast(out, ctx)
+
+
+def log_step(ctx: Context, step: int, batch: RolloutBatch, stats: dict, t: dict) -> None:
+    if not ctx.rank0:
+        return
+    cfg = ctx.cfg
+    kv = batch.meta["stats"]
+    stats = dict(stats)
+    stats.update({"kv/peak_bytes": kv["peak_kv_bytes"], "kv/peak_bytes_used": kv["peak_kv_bytes_used"],
+                  "perf/rollout_tokens_per_s": kv["tokens_per_s"]})
+    stats.update({f"time/{k}_s": v for k, v in t.items()})
+    kf = torch.stack([kept_fraction(batch.evict_of(n), int(batch.prompt_lens[n])) for n in range(len(batch))]).mean(0)
+    if kf.dim() > 1:
+        kf = kf.mean(-1)
+    for li, v in enumerate(kf.tolist()):
+        stats[f"kv/kept_fraction_layer{li}"] = v
+    ctx.logger.log(stats, step)
+    ctx.logger.histogram("kv/kept_fraction", kf, step)
+    L = batch.evict.shape[1]
+    for n in range(min(cfg.logging.mask_images, len(batch))):
+        ev = batch.evict_of(n)
+        for li in sorted({0, L - 1}):
+            e = ev[li] if ev.dim() == 2 else ev[li, 0]
+            ctx.logger.image(f"mask/traj{n}_layer{li}", mask_image(e), step)
+    for i, (p, c) in enumerate(zip(batch.meta.get("prompts", []), batch.meta.get("texts", []))):
+        ctx.logger.text(f"samples/{i}", f"**prompt** `{p[-80:]}`  \n**completion** `{c}`", step)
+    ctx.logger.flush()
+    rec = {"step": step, **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}
+    ctx.history.append(rec)
+    if ctx.bar is not None:
+        post = {"reward": f"{stats['reward/train']:.2f}", "gap": f"{stats['mismatch/max_abs_logprob_diff']:.1e}",
+                "gnorm": f"{stats['train/grad_norm']:.2f}"}
+        if "reward/eval_dense" in stats:
+            post["eval_d"] = f"{stats['reward/eval_dense']:.2f}"
+            post["eval_c"] = f"{stats['reward/eval_compressed']:.2f}"
+        ctx.bar.set_postfix(post)
+        ctx.bar.update(1)
+
+
+def save(ctx: Context, step: int) -> None:
+    from .checkpoint import save_checkpoint
+
+    cfg_yaml = yaml.safe_dump(ctx.cfg.model_dump(mode="json"), sort_keys=False)
+    # history only travels on rank 0; the loop state written by rank 0 is the one that counts
+    path = save_checkpoint(ctx.ckpt_root, step, ctx.learner.model, ctx.learner.optimizer,
+                           {"history": ctx.history}, cfg_yaml, keep=ctx.cfg.train.keep_checkpoints)
+    ctx.last_ckpt = str(path)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM (Slurm preemption, ``kill``) is handled like Ctrl-C: a clear message, exit code 130.
+    Checkpoints are atomic, so nothing already written is lost."""
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise)
