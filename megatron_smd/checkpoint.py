@@ -137,8 +137,10 @@ def load_checkpoint(ckpt: str | os.PathLike, model, optimizer=None) -> dict:
     state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt / "model"))
     model.load_state_dict(state)
     if optimizer is not None:
-        opt_state = dist_checkpointing.load(optimizer.sharded_state_dict(model.sharded_state_dict()),
-                                            str(ckpt / "optim"))
+        # is_loading=True makes Megatron create the (still empty) Adam moments first, so that the
+        # loaded ones have somewhere to go; without it a fresh optimizer silently keeps no state.
+        opt_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+        opt_state = dist_checkpointing.load(opt_sd, str(ckpt / "optim"))
         with torch.no_grad():  # fp32 params: the optimizer copies into leaf views in place
             optimizer.load_state_dict(opt_state)
     return read_loop_state(ckpt)

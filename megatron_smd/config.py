@@ -16,6 +16,7 @@ window, ...) are checked here too, at config time.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -279,11 +280,31 @@ class ExperimentConfig(_Strict):
 
 
 # ---------------------------------------------------------------------------------------- loading
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` / ``3E4`` as floats (YAML 1.1 wants ``1.0e-5``, and a
+    learning rate silently parsed as a string is a classic config trap)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if data is None:
@@ -331,7 +352,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"command line: override {item!r} has an empty key")
     try:
-        val = yaml.safe_load(raw) if raw.strip() != "" else ""
+        val = _yaml_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"command line: override {key}: value {raw!r} is not valid YAML ({e})") from None
     return key, val

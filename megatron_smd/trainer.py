@@ -367,6 +367,10 @@ def sync_weights(ctx: Context) -> None:
     """In-process transport: gather full HF tensors on rank 0 and load them into the engine."""
     sd = ctx.learner.gather_hf_state()
     if ctx.rank0:
+        bad = [k for k, v in sd.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise SMDError(f"non-finite learner weights after the update ({bad[0]} and {len(bad) - 1} more): "
+                           f"the run diverged; the engine keeps its previous weights (last checkpoint: {ctx.last_ckpt})")
         ctx.engine.load_weights(sd)
 
 

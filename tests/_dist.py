@@ -5,7 +5,8 @@
 ``worker(rank, world_size, *args)`` runs in a *spawned* process (a clean interpreter: Megatron's
 global state and the CPU shim never leak into the pytest process) with ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set for ``torch.distributed`` on a free local
-port, and one intra-op thread (the tests run on 2 cores). The worker sets up its own process group
+port, CUDA hidden (``CUDA_VISIBLE_DEVICES=""``: CPU + gloo even on a GPU machine) and one intra-op
+thread (the tests run on 2 cores). The worker sets up its own process group
 (usually through ``ParallelLayout.initialize``). Its return value comes back through
 ``torch.save`` (tensors included) as ``results[rank]``. An exception in any rank fails the call
 with that rank's traceback; a rank that hangs or dies is reported after ``timeout`` seconds.
@@ -35,7 +36,10 @@ def free_port() -> int:
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, args: Sequence[Any], q) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      # CPU ranks even on a GPU machine: N ranks must not contend for one device,
+                      # and the gloo/CPU-shim path is what these tests exercise.
+                      CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
     try:
         out = fn(rank, world_size, *args)

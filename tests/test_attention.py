@@ -303,7 +303,9 @@ def test_block_mask_cache_follows_the_mask_tensor():
     attn(q, k, v, evict)
     first = attn._block_mask_cache[2]
     attn(q, k, v, evict)
-    assert attn._block_mask_cache[2] is first  # same micro-batch (e.g. activation recompute): reused
+    assert attn._block_mask_cache[2] is first  # same micro-batch: reused
+    attn(q, k, v, evict.detach())
+    assert attn._block_mask_cache[2] is first  # activation recompute passes a detached copy back in
     evict[0, 1, -1] = s  # an in-place write bumps the tensor version: rebuilt
     attn(q, k, v, evict)
     assert attn._block_mask_cache[2] is not first

@@ -154,3 +154,11 @@ def test_init_model_cli_and_console_script(tmp_path):
     a = read_arch(out)
     assert (a.arch, a.hidden_size, a.num_layers, a.tie_word_embeddings) == ("llama", 32, 2, False)
     assert (out / "tokenizer.json").is_file()
+
+
+def test_scientific_notation_is_a_float(tmp_path):
+    cfg = load_config(TINY, ["learner.lr=1e-5", "sft.lr=3E-3"])
+    assert cfg.learner.lr == 1e-5 and cfg.sft.lr == 3e-3
+    f = tmp_path / "e.yaml"
+    f.write_text(f"preset: {REPO}/configs/models/tiny-qwen2.yaml\nlearner:\n  lr: 2e-4\n")
+    assert load_config(f).learner.lr == 2e-4

@@ -1,10 +1,13 @@
 """Context and tensor parallelism of ShadowCoreAttention on gloo processes (CPU).
 
-Every rank builds the same inputs from one seed, runs the parallel module on its share (Megatron's
-CP chunks / its TP heads) and, in the same process, the single-process module on everything; the
-parallel outputs and gradients must equal the matching rows/heads of the single-process ones to
-1e-5. The CP=2 run also checks a whole Megatron ``SelfAttention`` (RoPE, QKV projection): with the
-local DotProductAttention vs ShadowCoreAttention, and CP=2 vs one process.
+One spawn of 4 gloo ranks runs everything (process start-up and the Megatron import dominate the
+cost): CP=2 on rank pairs {0,1} and {2,3}, CP=4 on all ranks, TP=2 and TP=4 (KV groups replicated
+by Megatron), and CP=2 taken from ``megatron.core.parallel_state``. Every rank builds the same
+inputs from one seed, runs the parallel module on its share (Megatron's CP chunks / its TP heads)
+and, in the same process, the single-process module on everything; parallel outputs and gradients
+(reassembled across ranks) must equal the single-process ones to 1e-5. The pairs also check a
+whole Megatron ``SelfAttention`` (QKV projection, RoPE, output projection): Megatron's local
+DotProductAttention vs ShadowCoreAttention, and CP=2 vs one process.
 """
 
 from __future__ import annotations
@@ -276,8 +279,6 @@ def _self_attention_checks(group, one, gen) -> dict:
                            pg_collection=ProcessGroupCollection(tp=one, cp=group, pp=one))
     ours_cp.load_state_dict(ours.state_dict())
     emb_cp = RotaryEmbedding(kv_channels=D, rotary_percent=1.0, cp_group=group)(s)  # this rank's positions
-    from megatron_smd.parallel.cp import split_for_cp
-
     xl = split_for_cp(x, 0, rank, world).requires_grad_(True)
     cp_out, _ = ours_cp(xl, attention_mask=evict, rotary_pos_emb=emb_cp)
     cp_out.backward(torch.ones_like(cp_out))

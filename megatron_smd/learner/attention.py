@@ -26,8 +26,8 @@ packed_seq_params=...)`` with RoPE already applied and GQA heads not expanded.
 Rows with no visible key at all (padding positions, where ``evict = 0``) are given their own
 diagonal, i.e. every backend uses ``max(evict[j], j + 1)``: real rows are unchanged (a real key
 already has ``evict[j] >= j + 1``, and no real query sees a padding key), but no softmax is
-taken over an empty row, so padded rows stay finite on every kernel (TE's fused kernels would
-return NaN there).
+taken over an empty row, so padded rows stay finite on every kernel (an empty row is NaN for a
+plain softmax and kernel-defined elsewhere).
 
 **Backends** (``backend=``), with their memory per layer and micro-batch (``sq`` local query
 rows, ``s`` keys, ``hq`` local query heads):
@@ -40,10 +40,11 @@ rows, ``s`` keys, ``hq`` local query heads):
   with no mask tensor.
 * ``"flex"`` - the GPU path. ``torch.nn.attention.flex_attention`` with a ``mask_mod`` that
   reads ``evict`` (``kv <= q < evict[b, (h,) kv]``) and a ``BlockMask`` built once per layer and
-  micro-batch (cached on the ``evict`` tensor's identity). The BlockMask is built directly from
-  the per-block min/max of the column intervals (:func:`block_mask_from_intervals`,
-  ``O(b * h * (s + (sq/B) * (s/B)))`` time and memory, ``B`` = block size), not by evaluating
-  ``mask_mod`` on all ``sq * s`` pairs as ``create_block_mask`` does. Kernel memory is
+  micro-batch (cached on the ``evict`` tensor's memory and version, so activation recompute
+  reuses it). The BlockMask is built directly from the per-block min/max of the column intervals
+  (:func:`block_mask_from_intervals`, ``O(b * h * (s + (sq/B) * (s/B)))`` time and memory,
+  ``B`` = block size), not by evaluating ``mask_mod`` on all ``sq * s`` pairs as
+  ``create_block_mask`` does. Kernel memory is
   ``O(sq * hq * hn)``: no score or mask matrix. Compiled with ``torch.compile`` on CUDA. On CPU
   torch runs FlexAttention forward only (eager, unfused math: it materialises the scores) and
   refuses backward; under autograd on CPU this backend raises unless ``flex_cpu_grad_fallback=
@@ -76,7 +77,10 @@ exactly the group Megatron gave it.
 ``megatron.core.parallel_state``), K and V are all-gathered in global order
 (:func:`megatron_smd.parallel.cp.all_gather_cp`) and each rank computes exact attention for its
 ``s / cp`` local query rows (global positions :func:`megatron_smd.parallel.cp.local_positions`)
-against all ``s`` keys with the global ``evict``. See that module for why all-gather. The
+against all ``s`` keys with the global ``evict``. All-gather rather than a ring or Ulysses a2a
+(details in :mod:`megatron_smd.parallel.cp`): one exact masked softmax per rank for any
+column-interval mask, the ``O(s)`` mask is never sliced or sent, any KV-head count works; the
+cost is the gathered K/V, ``2 * s * b * ng_local * hn`` elements per rank per layer. The
 ``cp_comm_type`` argument is accepted for interface compatibility; the exchange is always this
 all-gather. THD with CP is refused (Megatron's THD CP layout partitions each document separately).
 
@@ -94,7 +98,6 @@ inside its fused softmax, so the product is the same.
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 from typing import Any, Callable, Literal, Optional
 
@@ -115,8 +118,6 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from ..errors import ConfigError, MaskError, SMDError
 from ..mask import EVICT_DTYPE, layer_dense, seq_end_from_cu
 from ..parallel import cp as cp_utils
-
-logger = logging.getLogger(__name__)
 
 Backend = Literal["sdpa", "flex", "te"]
 TEMaskForm = Literal["auto", "score_mod", "bias", "arbitrary"]
@@ -498,7 +499,8 @@ def te_shadow_attention(
         return te_attention(q, k, v, qkv_format="sbhd", attn_mask_type="causal")
     form = mask_form
     if form == "auto":
-        form = "score_mod" if (q.dtype in (torch.float16, torch.bfloat16) and te_supports_score_mod(te_attention)) else "bias"
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        form = "score_mod" if half and te_supports_score_mod(te_attention) else "bias"
     if form == "score_mod":
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise ConfigError(f"te_mask_form='score_mod' needs fp16/bf16 tensors, got {q.dtype}")
@@ -590,7 +592,9 @@ class ShadowCoreAttention(MegatronModule):
         if backend not in BACKENDS:
             raise ConfigError(f"ShadowCoreAttention: backend must be one of {list(BACKENDS)}, got {backend!r}")
         if te_mask_form not in ("auto", "score_mod", "bias", "arbitrary"):
-            raise ConfigError(f"ShadowCoreAttention: te_mask_form must be auto/score_mod/bias/arbitrary, got {te_mask_form!r}")
+            raise ConfigError(
+                f"ShadowCoreAttention: te_mask_form must be auto/score_mod/bias/arbitrary, got {te_mask_form!r}"
+            )
         self.config: TransformerConfig = config
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -603,10 +607,14 @@ class ShadowCoreAttention(MegatronModule):
         self.cp_comm_type = cp_comm_type  # accepted for interface compatibility; CP is always all-gather
 
         if attention_type != "self":
-            raise ConfigError(f"ShadowCoreAttention: attention_type must be 'self' (a shadow mask is causal self-attention), got {attention_type!r}")
+            raise ConfigError(
+                "ShadowCoreAttention: attention_type must be 'self' (a shadow mask is causal self-attention), "
+                f"got {attention_type!r}"
+            )
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ConfigError(
-                f"ShadowCoreAttention: attn_mask_type must be causal (the shadow mask is causal by construction), got {attn_mask_type}"
+                "ShadowCoreAttention: attn_mask_type must be causal (the shadow mask is causal by construction), "
+                f"got {attn_mask_type}"
             )
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
@@ -615,7 +623,9 @@ class ShadowCoreAttention(MegatronModule):
                 "attention, set TransformerConfig.attention_dropout=0.0"
             )
         if config.softmax_type != "vanilla":
-            raise ConfigError(f"ShadowCoreAttention: softmax_type={config.softmax_type!r} is not supported (only 'vanilla')")
+            raise ConfigError(
+                f"ShadowCoreAttention: softmax_type={config.softmax_type!r} is not supported (only 'vanilla')"
+            )
         if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
             raise ConfigError(
                 f"ShadowCoreAttention: window_size={config.window_size} on layer {layer_number}; encode sliding "
@@ -683,10 +693,11 @@ class ShadowCoreAttention(MegatronModule):
             return self.tp_rank // (self.tp_size // h_mask), 1
         raise MaskError(
             f"attention_mask (evict) has {h_mask} KV heads; layer {self.layer_number} has {self.num_groups_global} "
-            f"KV heads (num_query_groups) over tensor-parallel size {self.tp_size}; expected 1 or {self.num_groups_global}"
+            f"KV heads (num_query_groups) over tensor-parallel size {self.tp_size}; "
+            f"expected 1 or {self.num_groups_global}"
         )
 
-    def _layer_evict(self, evict: Tensor, batch: int, seq_len: int) -> Tensor:
+    def _layer_evict(self, evict: Tensor, batch: int, seq_len: int, device: torch.device) -> Tensor:
         """Validate the micro-batch mask and return this layer's effective rows.
 
         Returns ``[b, s]`` (per-layer, or per-head with one head) or ``[b, ng_local, s]``.
@@ -706,7 +717,9 @@ class ShadowCoreAttention(MegatronModule):
         if self.layer_number > L:
             raise MaskError(f"attention_mask (evict) has {L} layers, cannot index layer_number={self.layer_number}")
         if s != seq_len:
-            cp_note = f" (= {seq_len // self.cp_size} local rows x cp {self.cp_size}; evict must stay global)" if self.cp_size > 1 else ""
+            cp_note = ""
+            if self.cp_size > 1:
+                cp_note = f" (= {seq_len // self.cp_size} local rows x cp {self.cp_size}; evict must stay global)"
             raise MaskError(f"attention_mask (evict) has length {s}, the sequence has length {seq_len}{cp_note}")
         row = evict[:, self.layer_number - 1]
         if row.dim() == 3:
@@ -716,7 +729,7 @@ class ShadowCoreAttention(MegatronModule):
             else:
                 first, count = self._kv_head_slice(h)
                 row = row[:, first : first + count]
-        return effective_evict(row)
+        return effective_evict(row.to(device, non_blocking=True))
 
     def _local_q_pos(self, seq_len: int, device: torch.device) -> Optional[Tensor]:
         if self.cp_size == 1:
@@ -730,26 +743,36 @@ class ShadowCoreAttention(MegatronModule):
     def _block_mask(
         self, mask_source: Optional[Tensor], evict_eff: Optional[Tensor], q_pos: Optional[Tensor], seq_len: int, hq: int
     ) -> BlockMask:
-        """BlockMask of this layer and micro-batch, cached on the identity of ``mask_source``.
+        """BlockMask of this layer and micro-batch, cached on the memory of ``mask_source``.
 
         ``mask_source`` is the tensor the mask came from (the micro-batch ``evict``, or THD
-        ``cu_seqlens``; ``None`` for plain causal), so every layer's module builds its BlockMask
-        once per micro-batch and reuses it in activation recompute.
+        ``cu_seqlens``; ``None`` for plain causal). The key is its storage address, offset, shape,
+        strides and version counter, not its Python identity, so the detached copy that
+        activation recompute (``tensor_parallel.checkpoint``) passes back in still hits; the cache
+        holds a reference to the tensor, so its memory cannot be reused by another tensor while
+        cached, and an in-place write bumps the (shared) version counter. Inference-mode tensors
+        have no version counter and are never cached.
         """
-        key = (
-            id(mask_source),
-            mask_source._version if mask_source is not None else None,
-            seq_len,
-            q_pos.numel() if q_pos is not None else None,
-            hq,
-            evict_eff.device if evict_eff is not None else None,
-        )
+        if mask_source is not None and mask_source.is_inference():
+            return block_mask_from_intervals(evict_eff, q_pos, seq_len, num_q_heads=hq, block=self.flex_block_size)
+        src = None
+        if mask_source is not None:
+            src = (
+                mask_source.untyped_storage().data_ptr(),
+                mask_source.storage_offset(),
+                tuple(mask_source.shape),
+                mask_source.stride(),
+                mask_source.dtype,
+                mask_source.device,
+                mask_source._version,
+            )
+        key = (src, seq_len, q_pos.numel() if q_pos is not None else None, hq,
+               evict_eff.device if evict_eff is not None else None)
         cached = self._block_mask_cache
-        if cached is not None and cached[0] == key and cached[1] is mask_source:
+        if cached is not None and cached[0] == key:
             return cached[2]
         bm = block_mask_from_intervals(evict_eff, q_pos, seq_len, num_q_heads=hq, block=self.flex_block_size)
-        # Hold the mask tensor itself so its id cannot be reused by another tensor while cached.
-        self._block_mask_cache = (key, mask_source, bm)
+        self._block_mask_cache = (key, mask_source, bm)  # the reference pins mask_source's memory
         return bm
 
     # ---- forward -------------------------------------------------------------------------------
@@ -802,16 +825,19 @@ class ShadowCoreAttention(MegatronModule):
         sq, b, hq, hn = query.shape
         if hq != self.num_heads_local or key.shape[2] != self.num_groups_local or hn != self.head_dim:
             raise SMDError(
-                f"ShadowCoreAttention (layer {self.layer_number}): got {hq} query heads, {key.shape[2]} KV heads, head dim "
-                f"{hn}; expected {self.num_heads_local}, {self.num_groups_local}, {self.head_dim} per tensor-parallel rank"
+                f"ShadowCoreAttention (layer {self.layer_number}): got {hq} query heads, {key.shape[2]} KV heads, "
+                f"head dim {hn}; expected {self.num_heads_local}, {self.num_groups_local}, {self.head_dim} "
+                "per tensor-parallel rank"
             )
         seq_len = key.shape[0] * self.cp_size
         if sq * self.cp_size != seq_len:
-            raise SMDError(f"ShadowCoreAttention: {sq} query rows but {key.shape[0]} key rows; self-attention needs equal lengths")
+            raise SMDError(
+                f"ShadowCoreAttention: {sq} query rows but {key.shape[0]} key rows; self-attention needs equal lengths"
+            )
 
         mask_source = attention_mask  # the tensor the flex BlockMask cache is keyed on
         if attention_mask is not None:
-            evict_eff = self._layer_evict(attention_mask, b, seq_len)
+            evict_eff = self._layer_evict(attention_mask, b, seq_len, query.device)
         elif thd:
             cu = packed_seq_params.cu_seqlens_q_padded
             cu = cu if cu is not None else packed_seq_params.cu_seqlens_q
@@ -843,16 +869,17 @@ class ShadowCoreAttention(MegatronModule):
         if self.backend == "sdpa":
             return sdpa_shadow_attention(q, k, v, evict_eff, q_pos, self.softmax_scale)
         if self.backend == "te":
-            return te_shadow_attention(self._te_attention, q, k, v, evict_eff, q_pos, self.te_mask_form)  # type: ignore[arg-type]
+            form = self.te_mask_form
+            return te_shadow_attention(self._te_attention, q, k, v, evict_eff, q_pos, form)  # type: ignore[arg-type]
         # flex
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if q.device.type == "cpu":
             if needs_grad:
                 if not self.flex_cpu_grad_fallback:
                     raise ConfigError(
-                        f"backend='flex' cannot run backward on CPU (torch {torch.__version__} FlexAttention has no CPU "
-                        "backward); use backend='sdpa' for CPU training, run forward under torch.no_grad(), or pass "
-                        "flex_cpu_grad_fallback=True to compute the same mask with SDPA"
+                        f"backend='flex' cannot run backward on CPU (torch {torch.__version__} FlexAttention has "
+                        "no CPU backward); use backend='sdpa' for CPU training, run forward under torch.no_grad(), "
+                        "or pass flex_cpu_grad_fallback=True to compute the same mask with SDPA"
                     )
                 return sdpa_shadow_attention(q, k, v, evict_eff, q_pos, self.softmax_scale)
             # torch refuses CPU inputs that require grad even under no_grad; nothing needs grad here.

@@ -184,7 +184,9 @@ def shard_hf(rule: Rule, tensors: Sequence[torch.Tensor], arch: ModelArch, tp_si
     if rule.kind in ("qkv", "qkv_bias"):
         return _chunk(_interleave_qkv(*tensors, arch), tp_size, 0, what)
     if rule.kind == "gate_up":
-        return _chunk(torch.cat([tensors[0], tensors[1]]), tp_size, 0, what)
+        gates = _chunk(tensors[0], tp_size, 0, what)
+        ups = _chunk(tensors[1], tp_size, 0, what)
+        return [torch.cat([g, u], dim=0) for g, u in zip(gates, ups)]
     raise AssertionError(rule.kind)
 
 
@@ -199,7 +201,8 @@ def unshard_to_hf(rule: Rule, shards: Sequence[torch.Tensor], arch: ModelArch) -
     if rule.kind in ("qkv", "qkv_bias"):
         return list(_split_qkv(torch.cat(list(shards), dim=0), arch))
     if rule.kind == "gate_up":
-        return list(torch.cat(list(shards)).chunk(2))
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]
     raise AssertionError(rule.kind)
 
 
@@ -209,7 +212,12 @@ def unshard_to_hf(rule: Rule, shards: Sequence[torch.Tensor], arch: ModelArch) -
 
 
 def _resolve(name: str, arch: ModelArch, pp_rank: int, pp_size: int) -> tuple[Rule, int | None]:
-    """Local Megatron name -> (rule, global layer index or None)."""
+    """Local Megatron name -> (rule, global layer index or None).
+
+    A leading ``module.`` (Megatron DDP / Float16Module wrappers) is ignored.
+    """
+    while name.startswith("module."):
+        name = name[len("module."):]
     m = _LAYER_RE.match(name)
     if m:
         local, suffix = int(m.group(1)), m.group(2)
@@ -263,7 +271,8 @@ def iter_hf_from_local(name: str, tp_shards: Sequence[torch.Tensor] | torch.Tens
     """One Megatron parameter, gathered over TP -> its HF tensor(s) ``(hf_name, full tensor)``.
 
     Args:
-        name: the stage-local Megatron parameter name (``decoder.layers.{l}....``).
+        name: the stage-local Megatron parameter name (``decoder.layers.{l}....``; a DDP
+            ``module.`` prefix is accepted).
         tp_shards: the parameter on every TP rank, in TP-rank order (a bare tensor means tp=1).
             Replicated parameters may be given as a single shard.
         pp_rank / pp_size: which stage ``name`` belongs to (maps the local layer index to HF's).

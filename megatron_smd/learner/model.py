@@ -12,7 +12,8 @@ stage (``pre_process`` / ``post_process``) come from there.
 Calling convention (sbhd inside, ``[b, s]`` at the boundary)::
 
     logits = model(input_ids [b, s], position_ids [b, s], attention_mask=evict)   # last stage
-    # -> [b, s, Vp / tp] (vocab-parallel; padded columns beyond the HF vocabulary are zeros' logits)
+    # -> [b, s, Vp / tp] vocab-parallel logits; columns past the HF vocabulary come from zero
+    #    rows (logit 0) and are excluded by the log-prob functions
 
 ``evict`` is the shadow mask, an int32 tensor ``[b, L, S]`` or ``[b, L, H_kv, S]`` with global layer,
 KV-head and (never CP-sliced) sequence axes (see :mod:`megatron_smd.mask`); ``None`` is plain causal.
@@ -22,16 +23,22 @@ rank's two chunks (``s = S / cp``) while ``evict`` stays global.
 
 RoPE from ``position_ids`` (departure from Megatron)
 ----------------------------------------------------
-Megatron's GPTModel computes RoPE for positions ``0..S-1`` from the sequence length and ignores
-``position_ids``. Exact replay needs each token's *original* position inside its own sequence: packed
-rows restart at 0 for every trajectory, and under CP a rank's tokens are two non-adjacent chunks.
-:class:`SMDGPTModel` therefore overrides ``_preprocess`` and replaces the rotary tensor with one
-computed from ``position_ids``: ``freqs[s, b, 1, hn] = cat(pos * inv_freq, pos * inv_freq)``, which
-Megatron's unfused ``apply_rotary_pos_emb`` (sbhd) broadcasts per batch row. We chose this over THD
+Megatron's GPTModel computes RoPE for positions ``0..S-1`` of the row from the sequence length and
+ignores ``position_ids``. Replay needs each token's *original* position inside its own sequence:
+packed rows restart at 0 for every trajectory, rows may start at a non-zero position, and under CP a
+rank's tokens are two non-adjacent chunks. (Within one document RoPE scores depend only on position
+differences, so a constant per-document shift changes the result only by fp32 rounding of the
+cos/sin tables; that rounding is still what the 1e-5 replay budget is spent on, and any attention
+that spans a position discontinuity changes outright.) :class:`SMDGPTModel` therefore overrides
+``_preprocess`` and replaces the rotary tensor with one computed from ``position_ids``:
+``freqs[s, b, 1, hn] = cat(pos * inv_freq, pos * inv_freq)``, which Megatron's unfused
+``apply_rotary_pos_emb`` (sbhd) broadcasts per batch row. We chose this over THD
 ``packed_seq_params`` because the project's packing is sbhd with ``b = 1`` packed rows plus an
 absolute ``evict`` (which already encodes the document boundaries, so attention needs no
-``cu_seqlens``), and because position ids already arrive CP-sliced with the tokens, so no separate
-CP slicing of the rotary table is needed. ``position_ids=None`` falls back to Megatron's own RoPE.
+``cu_seqlens``), and because position ids arrive CP-sliced with the tokens, so no separate CP
+slicing of the rotary table is needed. ``position_ids=None`` falls back to Megatron's own RoPE.
+(Megatron still computes its own table in ``super()._preprocess``; it is cached per length and
+discarded, which costs nothing measurable and keeps the override to a few lines.)
 """
 
 from __future__ import annotations
@@ -226,9 +233,3 @@ def build_gpt_model(arch: ModelArch, *, attention_backend: str = "sdpa",
         model.cuda(torch.cuda.current_device())
     return model
 
-
-def load_hf_weights(model: SMDGPTModel, model_dir_or_sd, layout) -> None:
-    """Load HF weights into this rank's model (see :func:`~megatron_smd.learner.convert.load_hf_into_model`)."""
-    from .convert import load_hf_into_model
-
-    load_hf_into_model(model, model_dir_or_sd, layout)

@@ -33,6 +33,7 @@ broadcast along the pipeline, so every rank, rank 0 included, can report them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -174,8 +175,10 @@ def run_microbatches(model: torch.nn.Module, layout: ParallelLayout, microbatche
 
     step = partial(_forward_step, vocab_size=vocab_size, temperature=temperature, loss_fn=loss_fn, cp_pos=cp_pos)
     fb = get_forward_backward_func()
-    outputs = fb(forward_step_func=step, data_iterator=iter(microbatches), model=[model],
-                 num_microbatches=len(microbatches), seq_length=S, micro_batch_size=b, forward_only=forward_only)
+    with torch.no_grad() if forward_only else contextlib.nullcontext():  # no graph kept for scoring
+        outputs = fb(forward_step_func=step, data_iterator=iter(microbatches), model=[model],
+                     num_microbatches=len(microbatches), seq_length=S, micro_batch_size=b,
+                     forward_only=forward_only)
 
     if not forward_only and not hasattr(model, "finish_grad_sync"):
         allreduce_tied_embedding_grads(model)
@@ -188,11 +191,10 @@ def run_microbatches(model: torch.nn.Module, layout: ParallelLayout, microbatche
     if layout.is_last_stage:
         local = torch.stack([o["logprobs"] for o in outputs])  # [n, b, s_local]
         losses = torch.stack([o["loss"].double() for o in outputs])
-        if cp_pos is not None:  # each CP rank summed the loss over its own tokens
-            dist.all_reduce(losses, group=layout.cp_group)
         if cp_pos is None:
             logp = local
-        else:
+        else:  # each CP rank holds its two chunks and summed the loss over its own tokens only
+            dist.all_reduce(losses, group=layout.cp_group)
             parts = [torch.empty_like(local) for _ in range(layout.cp)]
             dist.all_gather(parts, local.contiguous(), group=layout.cp_group)
             for r, part in enumerate(parts):

@@ -127,7 +127,9 @@ class _AllGatherCP(torch.autograd.Function):
     """Forward: all-gather + un-permute to global order. Backward: sum over ranks, keep own chunks."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, seq_dim: int, group: dist.ProcessGroup, grad_reduce: str) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, seq_dim: int, group: dist.ProcessGroup, grad_reduce: str
+    ) -> torch.Tensor:
         cp = dist.get_world_size(group)
         ctx.seq_dim, ctx.group, ctx.grad_reduce = seq_dim, group, grad_reduce
         x = x.contiguous()

@@ -30,7 +30,8 @@ Global ``torch.cuda`` entries (harmless on a CPU-only build, where the originals
   ``tensor_parallel/random.py:_get_cuda_rng_state / _set_cuda_rng_state`` -> the CPU default
   generator: ``tensor_parallel/random.py:CudaRNGStatesTracker.add / fork`` and
   ``model_parallel_cuda_manual_seed`` (the dropout RNG tracker; ``fork`` swaps the CPU generator's
-  state in and out exactly as it would the GPU's).
+  state in and out exactly as it would the GPU's). Side effect: ``model_parallel_cuda_manual_seed
+  (seed)`` (called by ``ParallelLayout.initialize``) seeds the CPU generator, as it would the GPU's.
 * ``torch.Tensor.cuda`` -> returns the tensor unchanged:
   ``models/common/language_module/language_module.py:LanguageModule.setup_embeddings_and_output_layer``
   (``weight.data.cuda()`` before the tied-embedding all-reduce under PP > 1),
@@ -46,16 +47,18 @@ Module-scoped stand-ins (only the named module sees them):
   ``distributed/param_and_grad_buffer.py`` (``_ParamAndGradBuffer.__init__``),
   ``tensor_parallel/data.py`` (``broadcast_data``), ``transformer/utils.py``
   (``get_default_causal_mask`` / ``get_sliding_window_causal_mask``, used by the local
-  ``DotProductAttention``'s softmax) ``optimizer/grad_scaler.py`` (loss scalers) and ``utils.py`` (``local_multi_tensor_l2_norm``:
-  the grad-norm result on ``device="cuda"`` when apex/TE are absent) is a proxy of ``torch`` whose tensor factories
-  map ``device="cuda"`` to CPU. ``torch.zeros`` everywhere else is untouched.
+  ``DotProductAttention``'s softmax), ``optimizer/grad_scaler.py`` (loss scalers) and ``utils.py``
+  (``local_multi_tensor_l2_norm``: the grad-norm result on ``device="cuda"`` when apex/TE are
+  absent) is a proxy of ``torch`` whose tensor factories map ``device="cuda"`` to CPU.
+  ``torch.zeros`` everywhere else is untouched.
 * ``models/common/embeddings/rope_utils.py:get_pos_emb_on_this_cp_rank`` (and the copies imported
   by name into ``rotary_pos_embedding.py`` and ``yarn_rotary_pos_embedding.py``): the original
   builds its index with ``pin_memory=True`` and ``.cuda(non_blocking=True)``. The replacement
   selects the same two of the ``2 * cp`` sequence chunks (``cp_rank`` and ``2 * cp - 1 - cp_rank``,
   Megatron's causal load balance) on the tensor's own device.
 * ``Tensor.type()`` with no argument reports ``torch.cuda.*Tensor`` names, but only *while* one of
-  these runs: ``optimizer/optimizer.py:Float16OptimizerWithFloat16Params.__init__``,
+  these runs (tests/test_learner_model.py runs a DDP + DistributedOptimizer step through them):
+  ``optimizer/optimizer.py:Float16OptimizerWithFloat16Params.__init__``,
   ``optimizer/distrib_optimizer.py:DistributedOptimizer._build_model_and_main_param_groups``,
   ``optimizer/clip_grads.py:clip_grad_by_total_norm_fp32``. They reject any parameter whose
   ``type()`` is not a CUDA type name; outside those calls ``Tensor.type()`` is the original.
@@ -195,11 +198,11 @@ _CUDA_TYPE_NAMES = {
 }
 
 
-def _cuda_named_type(self: torch.Tensor, dtype=None, non_blocking: bool = False, **kwargs):
-    if dtype is None and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+def _cuda_named_type(self: torch.Tensor, *args, **kwargs):
+    """``Tensor.type()`` that names CPU float tensors as CUDA types; any call with arguments is the original."""
+    if not args and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
         return _CUDA_TYPE_NAMES[self.dtype]
-    return _ORIG_TENSOR_TYPE(self, dtype, non_blocking, **kwargs) if dtype is not None else \
-        _ORIG_TENSOR_TYPE(self, **kwargs)
+    return _ORIG_TENSOR_TYPE(self, *args, **kwargs)
 
 
 def _with_cuda_type_names(fn: Callable) -> Callable:

@@ -206,6 +206,10 @@ class ReferenceEngine:
     @staticmethod
     def _sample(logits: torch.Tensor, gens: list[torch.Generator], sp: SamplingParams):
         logits = logits.float()
+        if not bool(torch.isfinite(logits).all()):
+            from ..errors import SMDError
+
+            raise SMDError("rollout engine: the model produced non-finite logits (are its weights finite?)")
         if sp.temperature == 0:
             lp_full = torch.log_softmax(logits, -1)
             tok = logits.argmax(-1)

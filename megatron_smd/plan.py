@@ -1,0 +1,643 @@
+"""``smd plan``: size a job (per-GPU memory of the learner and of the rollout) before it burns GPU hours.
+
+Run it on any machine, no GPU needed; the model directory need not exist (real-model presets carry
+their architecture under ``model.arch``)::
+
+    smd plan --config configs/qwen2.5-7b-grpo.yaml                 # table
+    smd plan --config configs/qwen2.5-7b-grpo.yaml resources.tp=8  # try another layout
+    smd plan --config configs/models/qwen2.5-32b.yaml --json       # machine-readable
+    python -m megatron_smd.plan --config CFG --shell               # what the launch scripts eval
+
+Layouts that cannot work raise :class:`~megatron_smd.errors.ConfigError` naming the numbers (heads
+not divisible by TP, layers not divisible by PP, ``model.max_seq_len`` not divisible by ``2*cp``, a
+learner world that does not fill the declared nodes, a rollout TP that does not divide the heads or
+the node). Layouts that work but do not fit the declared GPU (``resources.gpu_memory_gb``, 80 GB
+H100 by default) are *flagged* (``status: does not fit``), not rejected: the number is the answer.
+
+What is modelled, and where the formulas come from
+--------------------------------------------------
+
+Notation: ``D`` hidden size, ``F`` MLP intermediate size, ``H`` / ``H_kv`` query / KV heads, ``d``
+head dim, ``L`` layers, ``V_p`` vocabulary padded to a multiple of ``128 * tp`` (Megatron's
+``make_vocab_size_divisible_by``), ``t, p, c, n_dp`` = TP, PP, CP, DP, ``S`` the padded row length
+(``model.max_seq_len`` rounded up to a multiple of ``lcm(2c, 8)``, :meth:`Learner.row_length`),
+``b`` rows per micro-batch (``learner.micro_batch_size``, doubled when SMD's distillation puts the
+shadow and the dense forward of each trajectory in the same micro-batch), ``a`` bytes per
+activation element (the parameter dtype).
+
+**Parameters per GPU** (exact, counted the way Megatron-Core's local GPT layer spec allocates them;
+the test compares with a built model): per layer ``2D`` (two RMSNorm weights) ``+ (H + 2H_kv) d D / t``
+(fused QKV; ``+ (H + 2H_kv) d / t`` bias for Qwen2) ``+ D H d / t`` (output projection) ``+ 3 F D / t``
+(SwiGLU: fused gate/up ``[2F/t, D]`` and down ``[D, F/t]``); ``L / p`` layers per stage; the first
+stage adds the embedding ``V_p D / t``; the last stage adds the final norm ``D`` and the output
+layer ``V_p D / t`` (untied, or tied with ``p > 1``, where Megatron keeps a synchronized copy).
+
+**Weights, gradients, optimizer** (bytes per parameter; Rajbhandari et al. 2020, *ZeRO*, arXiv
+1910.02054, sec. 3.1; Megatron-LM ``docs/source/api-guide/dist_optimizer.md``): the learner today
+trains in fp32 (the replay-exactness setting): 4 (weights) + 4 (gradients) + 8 (Adam's two fp32
+moments; the fp32 weights are the master copy) = 16. With Megatron bf16 mixed precision
+(``learner.megatron.bf16: true``): 2 + 4 (fp32 gradient buffer, ``grad_reduce_in_fp32``) + 12 (fp32
+master + two moments) = 18. A distributed optimizer (ZeRO-1) divides the optimizer term by ``n_dp``;
+the learner uses Megatron's non-distributed optimizer, so the plan counts it unsharded and also
+reports the sharded figure. A reference model (``algorithm.kl_coef > 0``) adds one more copy of the
+weights.
+
+**Activations** (Korthikanti et al. 2022, *Reducing Activation Recomputation in Large Transformer
+Models*, arXiv 2205.05198, sec. 4): count the tensors each layer saves for backward. Their GPT
+count, ``s b D (34 + 5 H s / D)`` bytes in 16-bit (``10 + 24/t + 5Hs/(Dt)`` under TP without
+sequence parallelism), is redone for this architecture (RMSNorm, GQA, SwiGLU, no dropout, a
+flash-style kernel that keeps no ``s x s`` scores). Per token and layer, in elements::
+
+    replicated over TP (divided by t with sequence parallelism):
+        4 D            two RMSNorm inputs + their outputs (the QKV and fc1 inputs)
+    split over TP:
+        (H + 2 H_kv) d / t   fused QKV output (its V slice is what attention keeps)
+        (H + H_kv) d / t     Q and K after RoPE
+        H d / t              attention output (kept by the kernel and by the output projection)
+        4 F / t              fc1 output [gate | up] (2F), silu(gate) (F), silu(gate)*up = fc2 input (F)
+
+plus, per token, the kernel's fp32 log-sum-exp ``4 H / t`` bytes; with ``cp > 1`` the all-gathered
+K and V of the whole row, ``2 S H_kv d / t`` elements per row and layer (see
+:mod:`megatron_smd.parallel.cp`); with ``attention_backend: sdpa`` the dense boolean mask,
+``s S`` bytes per row and layer (``H/t`` times that for per-head eviction). Local tokens per rank
+are ``s = S / c``. Full recomputation (``learner.megatron.recompute_granularity: full``) keeps only
+each layer's input, ``D`` elements per token (Korthikanti sec. 4.1's ``2sbh`` per layer), and
+re-creates one layer's activations during its backward (counted as transient). Selective
+recomputation drops the attention-internal terms (log-sum-exp, mask, gathered K/V).
+
+**Pipeline**: with 1F1B, stage ``k`` holds the activations of ``min(p - k, m)`` micro-batches,
+``m`` the number of micro-batches per optimizer step on one DP rank (Narayanan et al. 2021,
+*Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM*, arXiv 2104.04473,
+sec. 2.2.1; Korthikanti sec. 4.2.3): the first stage holds ``p`` micro-batches of ``L / p`` layers,
+i.e. as much as one micro-batch of the whole model.
+
+**Output layer** (last stage): the vocab-parallel log-prob keeps ``exp(x - max)`` in fp32,
+``4 V_p / t`` bytes per token (saved), and transiently the logits (``a V_p / t``) and their fp32 copy.
+
+**Rollout KV cache** (Kwon et al. 2023, *PagedAttention*, arXiv 2309.06180): ``2 L H_kv d`` elements
+per cached token; per GPU of an engine with TP ``t_r``, ``ceil(H_kv / t_r)`` KV heads (SGLang
+replicates KV heads when ``t_r > H_kv``). Tokens a request holds per layer at its peak, for prompt
+length ``P``, ``N`` new tokens, budget ``B`` (exactly what the reference engine holds: the
+sampled last token is never written to the cache, eviction runs right after the step that
+overflows)::
+
+    r0 = min(P, B) if the policy compresses after prefill (P > B) else P
+    none, snapkv:    r0 + N - 1              (snapkv compresses the prompt once)
+    streaming, h2o:  min(r0 + N - 1, B + 1)  (evict every step once full)
+    rkv:             min(r0 + N - 1, B + buffer)
+    and at least P: the prompt is prefilled densely before it is compressed.
+
+The engine's pool is ``mem_fraction_static * gpu_memory - weights`` (SGLang's static reservation;
+``sglang.mem_fraction_static``, default 0.85 here); colocated (``resources.rollout_nodes: 0``) the
+learner's resident state (weights, gradients, optimizer) also stays on the GPU during rollout.
+Concurrent requests that fit = pool // bytes per request, dense vs the configured policy. The
+rollout is "queued", not failed, when the batch per engine exceeds that.
+
+Status thresholds: ``fits`` below 90% of the GPU, ``tight`` up to 100% (allocator fragmentation,
+the CUDA context and NCCL buffers live in the last 10%), ``does not fit`` above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, SMDError
+from .model.hf import ModelArch, expected_shapes, read_arch
+from .policies import PolicyConfig
+
+GIB = 2**30
+GB = 10**9
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+VOCAB_DIVISOR = 128  # Megatron's make_vocab_size_divisible_by (megatron_smd.learner.convert)
+DEFAULT_MEM_FRACTION_STATIC = 0.85
+TIGHT = 0.90  # above this fraction of the GPU a plan is "tight"
+SERVER_PORT = 30000  # first SGLang server port on a node; engine k uses SERVER_PORT + 10 * k
+# SGLang flags the launcher derives from resources / model; the passthrough may not set them.
+_OWNED_SGLANG = {"model_path": "model.path", "tp_size": "resources.rollout_tp", "tp": "resources.rollout_tp",
+                 "host": "the launcher", "port": "the launcher", "base_gpu_id": "the launcher"}
+
+
+# ------------------------------------------------------------------------------------ architecture
+def resolve_arch(cfg) -> tuple[ModelArch, str]:
+    """The model's architecture and where it came from.
+
+    ``model.arch`` (real-model presets) wins when the directory is absent; when both exist they must
+    agree on every size field (a preset describing a different model than the directory is a bug).
+    A tiny preset whose directory does not exist yet is sized from its ``model.init`` section.
+    """
+    m = cfg.model
+    path = Path(m.path)
+    disk = read_arch(path) if (path / "config.json").is_file() else None
+    declared = m.arch.to_model_arch() if m.arch is not None else None
+    if disk is not None and declared is not None:
+        fields = ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                  "num_kv_heads", "head_dim", "tie_word_embeddings")
+        bad = [f"{f}: model.arch={getattr(declared, f)!r}, config.json={getattr(disk, f)!r}"
+               for f in fields if getattr(declared, f) != getattr(disk, f)]
+        if bad:
+            raise ConfigError(f"model.arch disagrees with {path / 'config.json'}: " + "; ".join(bad))
+        return disk, str(path / "config.json")
+    if disk is not None:
+        return disk, str(path / "config.json")
+    if declared is not None:
+        return declared, "model.arch"
+    if m.init is not None:
+        from .model.tiny import CharTokenizer, tiny_arch
+
+        kw = m.init.model_dump()
+        name = kw.pop("arch")
+        kw.pop("seed")
+        tok = CharTokenizer.build()
+        return tiny_arch(name, vocab_size=tok.vocab_size, **kw), "model.init"
+    raise ConfigError(f"model.path={m.path!r} does not exist and the config has no model.arch: "
+                      f"`smd plan` needs the architecture (copy it from the model's config.json)")
+
+
+def hf_param_count(arch: ModelArch) -> int:
+    """Parameters of the Hugging Face model (unpadded vocabulary, lm_head only when untied)."""
+    return sum(math.prod(s) for s in expected_shapes(arch).values())
+
+
+def padded_vocab(arch: ModelArch, tp: int, divisor: int = VOCAB_DIVISOR) -> int:
+    m = divisor * tp
+    return -(-arch.vocab_size // m) * m
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """Parameters held by one GPU (one TP rank) of pipeline stage ``stage``."""
+
+    stage: int
+    layers: int
+    per_layer: int
+    embedding: int
+    final_norm: int
+    output_layer: int
+
+    @property
+    def total(self) -> int:
+        return self.layers * self.per_layer + self.embedding + self.final_norm + self.output_layer
+
+
+def layer_params(arch: ModelArch, tp: int) -> int:
+    """One transformer layer's parameters on one TP rank (Megatron-Core local spec)."""
+    D, F, d, H, Hkv = arch.hidden_size, arch.intermediate_size, arch.head_dim, arch.num_heads, arch.num_kv_heads
+    qkv_rows = (H + 2 * Hkv) * d // tp
+    n = 2 * D  # input_layernorm, pre_mlp_layernorm (replicated)
+    n += qkv_rows * D + (qkv_rows if arch.qkv_bias else 0)
+    n += D * (H * d // tp)  # linear_proj
+    n += (2 * F // tp) * D + D * (F // tp)  # linear_fc1 (gate|up), linear_fc2
+    if arch.arch == "qwen3":  # per-head RMSNorm on q and k (replicated)
+        n += 2 * d
+    return n
+
+
+def stage_params(arch: ModelArch, tp: int, pp: int, vocab_divisor: int = VOCAB_DIVISOR) -> list[StageParams]:
+    """Per-GPU parameter counts of every pipeline stage (TP ranks of a stage hold equal counts)."""
+    per_layer = layer_params(arch, tp)
+    emb = padded_vocab(arch, tp, vocab_divisor) // tp * arch.hidden_size
+    out = []
+    for k in range(pp):
+        last = k == pp - 1
+        has_output = last and (not arch.tie_word_embeddings or pp > 1)
+        out.append(StageParams(stage=k, layers=arch.num_layers // pp, per_layer=per_layer,
+                               embedding=emb if k == 0 else 0, final_norm=arch.hidden_size if last else 0,
+                               output_layer=emb if has_output else 0))
+    return out
+
+
+# ------------------------------------------------------------------------------------ validation
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+
+
+def padded_seq_len(max_seq_len: int, cp: int) -> int:
+    """The learner's row length for a ``max_seq_len`` row: a multiple of ``lcm(2*cp, 8)``."""
+    m = _lcm(2 * cp, 8)
+    return -(-max_seq_len // m) * m
+
+
+def validate_layout(cfg, arch: ModelArch) -> None:
+    """Reject layouts that cannot work, naming the numbers (ConfigError)."""
+    from .parallel.layout import ParallelLayout
+
+    r = cfg.resources
+    try:
+        layout = ParallelLayout(world_size=r.learner_world_size, tp=r.tp, pp=r.pp, cp=r.cp)
+        layout.validate_model(arch)
+        if r.cp > 1 and cfg.model.max_seq_len % (2 * r.cp):
+            raise ConfigError(
+                f"parallel layout: model.max_seq_len={cfg.model.max_seq_len} is not divisible by "
+                f"2*cp = {2 * r.cp} (context parallelism cuts each row into 2*cp equal chunks)")
+    except ConfigError as e:
+        raise ConfigError(f"layout cannot work (resources.tp={r.tp}, pp={r.pp}, cp={r.cp}): {e}") from None
+    world = r.learner_world_size
+    cap = r.nodes * r.gpus_per_node
+    if r.nodes > 1 and world != cap:
+        raise ConfigError(
+            f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks, but "
+            f"resources.nodes*gpus_per_node = {r.nodes}*{r.gpus_per_node} = {cap} GPUs: a multi-node "
+            f"learner fills its nodes (set resources.dp={cap // (r.tp * r.pp * r.cp)} if that divides)")
+    if world > cap:
+        raise ConfigError(
+            f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks do not fit "
+            f"on resources.nodes*gpus_per_node = {r.nodes}*{r.gpus_per_node} = {cap} GPUs")
+    rt = r.rollout_tp
+    if arch.num_heads % rt:
+        raise ConfigError(f"layout cannot work: num_attention_heads={arch.num_heads} is not divisible by "
+                          f"resources.rollout_tp={rt} (SGLang shards attention heads over its TP ranks)")
+    if rt > arch.num_kv_heads and rt % arch.num_kv_heads:
+        raise ConfigError(f"layout cannot work: resources.rollout_tp={rt} > num_key_value_heads="
+                          f"{arch.num_kv_heads} needs rollout_tp to be a multiple of it (replicated KV heads)")
+    if r.rollout_nodes > 0 and (rt > r.gpus_per_node or r.gpus_per_node % rt):
+        raise ConfigError(f"layout cannot work: resources.rollout_tp={rt} must divide "
+                          f"resources.gpus_per_node={r.gpus_per_node} (one engine never spans nodes)")
+    if cfg.model.max_seq_len <= cfg.rollout.max_new_tokens:
+        raise ConfigError(f"model.max_seq_len={cfg.model.max_seq_len} must exceed rollout.max_new_tokens="
+                          f"{cfg.rollout.max_new_tokens} (it covers prompt + completion)")
+    for key, owner in _OWNED_SGLANG.items():
+        if key in cfg.sglang or key.replace("_", "-") in cfg.sglang:
+            raise ConfigError(f"sglang.{key} is set by {owner}; remove it from the sglang passthrough")
+
+
+# ------------------------------------------------------------------------------------ learner
+def learner_precision(cfg) -> str:
+    """``fp32`` (what the Learner does today) or ``bf16`` (``learner.megatron.bf16: true``)."""
+    return "bf16" if cfg.learner.megatron.get("bf16") else "fp32"
+
+
+def recompute_mode(cfg) -> str | None:
+    g = cfg.learner.megatron.get("recompute_granularity")
+    if g not in (None, "full", "selective"):
+        raise ConfigError(f"learner.megatron.recompute_granularity={g!r}: expected full, selective or unset")
+    return g
+
+
+def microbatches_per_step(cfg, dp: int) -> int:
+    """Micro-batches one DP rank runs per optimizer step (the trainer's mini-batch split)."""
+    n = cfg.rollout.num_prompts * cfg.rollout.group_size
+    per_minibatch = math.ceil(n / cfg.algorithm.minibatches)
+    mine = math.ceil(per_minibatch / dp)
+    return max(1, math.ceil(mine / cfg.learner.micro_batch_size))
+
+
+def rows_per_microbatch(cfg) -> int:
+    """SMD with distillation puts the shadow and the dense copy of each trajectory in one micro-batch."""
+    a = cfg.algorithm
+    modes = 2 if a.correction == "smd" and a.distill.coef > 0 else 1
+    return cfg.learner.micro_batch_size * modes
+
+
+def layer_activation_bytes(arch: ModelArch, *, tp: int, cp: int, seq: int, rows: int, act_bytes: int,
+                           backend: str, per_head_mask: bool = False, recompute: str | None = None,
+                           sequence_parallel: bool = False) -> tuple[int, int]:
+    """(saved, full) bytes one layer keeps for backward for one micro-batch on one GPU.
+
+    ``saved`` is what stays alive between forward and backward under ``recompute``; ``full`` is the
+    same without recomputation (what a recomputed layer re-creates during its backward).
+    See the module docstring for the terms.
+    """
+    D, F, d, H = arch.hidden_size, arch.intermediate_size, arch.head_dim, arch.num_heads
+    Hkv_t = max(1, arch.num_kv_heads // tp)
+    H_t = H // tp
+    s = seq // cp  # local tokens per row
+    tokens = rows * s
+    replicated = 4 * D // (tp if sequence_parallel else 1)
+    split = ((H + 2 * arch.num_kv_heads) * d // tp) + (H_t + Hkv_t) * d + H_t * d + 4 * F // tp
+    dense = tokens * (replicated + split) * act_bytes
+    internal = tokens * 4 * H_t  # fp32 log-sum-exp per query row and head
+    if cp > 1:
+        internal += rows * seq * 2 * Hkv_t * d * act_bytes  # all-gathered K and V of the whole row
+    if backend == "sdpa":
+        internal += rows * s * seq * (H_t if per_head_mask else 1)  # dense boolean mask
+    full = dense + internal
+    if recompute == "full":
+        return tokens * D * act_bytes // (tp if sequence_parallel else 1), full
+    if recompute == "selective":
+        return dense, full
+    return full, full
+
+
+def learner_memory(cfg, arch: ModelArch) -> dict[str, Any]:
+    r = cfg.resources
+    tp, pp, cp, dp = r.tp, r.pp, r.cp, r.dp
+    prec = learner_precision(cfg)
+    pbytes = 4 if prec == "fp32" else 2
+    opt_bytes = 8 if prec == "fp32" else 12
+    recompute = recompute_mode(cfg)
+    seq = padded_seq_len(cfg.model.max_seq_len, cp)
+    rows = rows_per_microbatch(cfg)
+    n_micro = microbatches_per_step(cfg, dp)
+    sp = bool(cfg.learner.megatron.get("sequence_parallel", False))
+    per_head = cfg.rollout.policy.granularity == "head" and cfg.algorithm.correction == "smd"
+    saved, full = layer_activation_bytes(arch, tp=tp, cp=cp, seq=seq, rows=rows, act_bytes=pbytes,
+                                         backend=cfg.learner.attention_backend, per_head_mask=per_head,
+                                         recompute=recompute, sequence_parallel=sp)
+    Vp_t = padded_vocab(arch, tp) // tp
+    tokens = rows * seq // cp
+    with_ref = cfg.algorithm.kl_coef > 0
+    stages = []
+    for sp_ in stage_params(arch, tp, pp):
+        k = sp_.stage
+        in_flight = min(pp - k, n_micro)
+        P = sp_.total
+        weights, grads, optim = P * pbytes, P * 4, P * opt_bytes
+        acts = in_flight * sp_.layers * saved
+        transient = full - saved if recompute else 0  # one layer re-created during its backward
+        logits = 0
+        if k == pp - 1:
+            acts += in_flight * tokens * 4 * Vp_t  # exp(x - max) kept by the vocab-parallel log-prob
+            logits = tokens * Vp_t * (pbytes + 4)  # the logits and their fp32 copy (transient)
+        total = weights + grads + optim + (weights if with_ref else 0) + acts + max(transient, logits)
+        stages.append(dict(stage=k, layers=sp_.layers, params=P, weights_bytes=weights, grads_bytes=grads,
+                           optimizer_bytes=optim, optimizer_bytes_distributed=math.ceil(optim / dp),
+                           ref_weights_bytes=weights if with_ref else 0, microbatches_in_flight=in_flight,
+                           activations_bytes=acts, transient_bytes=max(transient, logits), total_bytes=total))
+    peak = max(stages, key=lambda st: st["total_bytes"])
+    return dict(precision=prec, bytes_per_param=pbytes + 4 + opt_bytes, distributed_optimizer=False,
+                recompute=recompute, attention_backend=cfg.learner.attention_backend, sequence_parallel=sp,
+                seq_len=seq, rows_per_microbatch=rows, microbatches_per_step=n_micro,
+                layer_activation_bytes=saved, stages=stages, peak_stage=peak["stage"],
+                per_gpu_bytes=peak["total_bytes"])
+
+
+# ------------------------------------------------------------------------------------ rollout
+def kv_dtype_bytes(cfg) -> int:
+    kv = str(cfg.sglang.get("kv_cache_dtype", "auto"))
+    if kv.startswith("fp8"):
+        return 1
+    return DTYPE_BYTES[cfg.model.dtype]
+
+
+def _compresses_prefill(policy: PolicyConfig, prompt_len: int) -> bool:
+    return policy.name != "none" and prompt_len > policy.budget
+
+
+def prefill_kept_tokens(policy: PolicyConfig, prompt_len: int) -> int:
+    """Slots a request holds per layer right after its prompt (``r0``)."""
+    return policy.budget if _compresses_prefill(policy, prompt_len) else prompt_len
+
+
+def decode_peak_tokens(policy: PolicyConfig, prompt_len: int, new_tokens: int) -> int:
+    """Most slots a request holds per layer during decoding (the last sampled token is never cached)."""
+    r0 = prefill_kept_tokens(policy, prompt_len)
+    grown = r0 + new_tokens - 1
+    if policy.name in ("streaming", "h2o"):
+        return min(grown, policy.budget + 1)
+    if policy.name == "rkv":
+        return min(grown, policy.budget + policy.buffer)
+    return grown  # none, snapkv (compresses the prompt only)
+
+
+def request_peak_tokens(policy: PolicyConfig, prompt_len: int, new_tokens: int) -> int:
+    """Peak slots per layer of one request, prefill included (the prompt is prefilled densely)."""
+    return max(prompt_len, decode_peak_tokens(policy, prompt_len, new_tokens))
+
+
+def batch_peak_tokens(policy: PolicyConfig, prompt_len: int, new_tokens: int, num_prompts: int,
+                      group_size: int) -> int:
+    """Peak live slots per layer of a reference-engine batch (every row the same length, no EOS).
+
+    The engine prefills prompts one after another (the dense prompt cache sits on top of the rows
+    already admitted), replicates each into ``group_size`` rows, then decodes all rows in lock step.
+    """
+    r0 = prefill_kept_tokens(policy, prompt_len)
+    B = num_prompts * group_size
+    return max((num_prompts - 1) * group_size * r0 + prompt_len, B * r0,
+               B * decode_peak_tokens(policy, prompt_len, new_tokens))
+
+
+def kv_bytes_per_token(arch: ModelArch, dtype_bytes: int, tp: int = 1) -> int:
+    """K and V bytes of one token over all layers on one GPU of a TP-``tp`` engine."""
+    return 2 * arch.num_layers * math.ceil(arch.num_kv_heads / tp) * arch.head_dim * dtype_bytes
+
+
+def rollout_memory(cfg, arch: ModelArch, learner_resident: int) -> dict[str, Any]:
+    r = cfg.resources
+    rt = r.rollout_tp
+    gpu = int(r.gpu_memory_gb * GB)
+    kvb = kv_dtype_bytes(cfg)
+    per_tok = kv_bytes_per_token(arch, kvb, rt)
+    weights = math.ceil(hf_param_count(arch) * DTYPE_BYTES[cfg.model.dtype] / rt)
+    frac = float(cfg.sglang.get("mem_fraction_static", DEFAULT_MEM_FRACTION_STATIC))
+    colocated = r.rollout_nodes == 0
+    pool = int(frac * gpu) - weights - (learner_resident if colocated else 0)
+    N = cfg.rollout.max_new_tokens
+    P = cfg.model.max_seq_len - N
+    pol = cfg.rollout.policy if cfg.algorithm.correction != "dense" else PolicyConfig()
+    dense_tok = request_peak_tokens(PolicyConfig(), P, N)
+    tok = request_peak_tokens(pol, P, N)
+    engines = (r.rollout_nodes * r.gpus_per_node // rt) if not colocated else max(1, r.learner_world_size // rt)
+    batch = cfg.rollout.num_prompts * cfg.rollout.group_size
+    per_engine = math.ceil(batch / engines)
+    conc_dense = max(0, pool) // (dense_tok * per_tok)
+    conc = max(0, pool) // (tok * per_tok)
+    used = weights + min(conc, per_engine) * tok * per_tok + (learner_resident if colocated else 0)
+    if pool <= 0 or conc == 0:
+        status = "does not fit"
+    elif conc < per_engine:
+        status = "queued"
+    else:
+        status = "fits"
+    return dict(mode="colocated" if colocated else "disaggregated", engines=engines, engine_tp=rt,
+                weights_bytes=weights, kv_dtype_bytes=kvb, kv_bytes_per_token=per_tok,
+                mem_fraction_static=frac, kv_pool_bytes=pool, prompt_len=P, new_tokens=N,
+                policy=pol.name, budget=pol.budget, tokens_per_request_dense=dense_tok,
+                tokens_per_request=tok, bytes_per_request_dense=dense_tok * per_tok,
+                bytes_per_request=tok * per_tok, concurrent_requests_dense=conc_dense,
+                concurrent_requests=conc, batch_requests=batch, requests_per_engine=per_engine,
+                per_gpu_bytes=used, status=status)
+
+
+# ------------------------------------------------------------------------------------ the plan
+def _status(used: int, gpu: int) -> str:
+    if used > gpu:
+        return "does not fit"
+    return "tight" if used > TIGHT * gpu else "fits"
+
+
+def plan(cfg) -> dict[str, Any]:
+    """Memory plan of a resolved :class:`~megatron_smd.config.ExperimentConfig` (JSON-serializable).
+
+    Raises ConfigError when the layout cannot work; a layout that does not fit is reported in
+    ``learner.status`` / ``rollout.status`` and ``ok: false``.
+    """
+    arch, source = resolve_arch(cfg)
+    validate_layout(cfg, arch)
+    r = cfg.resources
+    gpu = int(r.gpu_memory_gb * GB)
+    learner = learner_memory(cfg, arch)
+    learner["status"] = _status(learner["per_gpu_bytes"], gpu)
+    peak = learner["stages"][learner["peak_stage"]]
+    resident = peak["weights_bytes"] + peak["grads_bytes"] + peak["optimizer_bytes"] + peak["ref_weights_bytes"]
+    rollout = rollout_memory(cfg, arch, resident)
+    warnings = []
+    if learner["status"] == "does not fit":
+        warnings.append(f"learner needs {learner['per_gpu_bytes'] / GIB:.1f} GiB per GPU on stage "
+                        f"{peak['stage']}, the GPU has {gpu / GIB:.1f} GiB: raise tp/pp/cp, enable "
+                        f"learner.megatron.recompute_granularity=full, or lower learner.micro_batch_size")
+    if rollout["status"] == "does not fit":
+        warnings.append(f"rollout: not one request of {rollout['prompt_len']}+{rollout['new_tokens']} tokens fits "
+                        f"in the KV pool ({rollout['kv_pool_bytes'] / GIB:.1f} GiB): raise rollout_tp, "
+                        f"lower the policy budget or model.max_seq_len")
+    elif rollout["status"] == "queued":
+        warnings.append(f"rollout: {rollout['requests_per_engine']} requests per engine but "
+                        f"{rollout['concurrent_requests']} fit at once; the rest queue")
+    return dict(
+        model=dict(source=source, path=cfg.model.path, arch=asdict(arch), hf_params=hf_param_count(arch)),
+        layout=dict(tp=r.tp, pp=r.pp, cp=r.cp, dp=r.dp, learner_gpus=r.learner_world_size, nodes=r.nodes,
+                    gpus_per_node=r.gpus_per_node, rollout_nodes=r.rollout_nodes, rollout_tp=r.rollout_tp,
+                    gpu_memory_bytes=gpu, max_seq_len=cfg.model.max_seq_len),
+        learner=learner, rollout=rollout, warnings=warnings,
+        ok=learner["status"] != "does not fit" and rollout["status"] != "does not fit",
+    )
+
+
+def _gib(x: int) -> str:
+    return f"{x / GIB:8.2f} GiB"
+
+
+def format_plan(d: dict[str, Any]) -> str:
+    """A human-readable table of :func:`plan`'s result."""
+    a, lay, ln, ro = d["model"]["arch"], d["layout"], d["learner"], d["rollout"]
+    out = [
+        f"model   {d['model']['path']}  ({a['arch']}, {d['model']['hf_params'] / 1e9:.2f} B params, "
+        f"L={a['num_layers']} D={a['hidden_size']} H={a['num_heads']}/{a['num_kv_heads']} d={a['head_dim']}; "
+        f"from {d['model']['source']})",
+        f"layout  tp={lay['tp']} pp={lay['pp']} cp={lay['cp']} dp={lay['dp']} = {lay['learner_gpus']} learner GPUs "
+        f"on {lay['nodes']} node(s); rollout: {ro['engines']} engine(s) x tp={ro['engine_tp']} ({ro['mode']}); "
+        f"GPU {lay['gpu_memory_bytes'] / GIB:.1f} GiB",
+        "",
+        f"learner ({ln['precision']}, {ln['bytes_per_param']} B/param, recompute={ln['recompute'] or 'off'}, "
+        f"attention={ln['attention_backend']}, seq {ln['seq_len']}, {ln['rows_per_microbatch']} rows x "
+        f"{ln['microbatches_per_step']} micro-batches per step)",
+    ]
+    for st in ln["stages"]:
+        out.append(f"  stage {st['stage']} ({st['layers']} layers, {st['params'] / 1e6:.1f} M params/GPU, "
+                   f"{st['microbatches_in_flight']} micro-batch(es) in flight)")
+        out.append(f"    weights {_gib(st['weights_bytes'])}   grads {_gib(st['grads_bytes'])}   "
+                   f"optimizer {_gib(st['optimizer_bytes'])} (distributed: {st['optimizer_bytes_distributed'] / GIB:.2f})")
+        extra = f"   reference model {_gib(st['ref_weights_bytes'])}" if st["ref_weights_bytes"] else ""
+        out.append(f"    activations {_gib(st['activations_bytes'])}   transient {_gib(st['transient_bytes'])}{extra}")
+        out.append(f"    total {_gib(st['total_bytes'])}")
+    out.append(f"  per GPU {_gib(ln['per_gpu_bytes'])}  -> {ln['status']}")
+    out += [
+        "",
+        f"rollout (policy {ro['policy']}" + (f", budget {ro['budget']}" if ro["budget"] else "")
+        + f"; prompt {ro['prompt_len']} + {ro['new_tokens']} new tokens; KV {ro['kv_dtype_bytes']} B/elem)",
+        f"  weights {_gib(ro['weights_bytes'])} per GPU; KV {ro['kv_bytes_per_token'] / 2**10:.1f} KiB per token; "
+        f"pool {_gib(max(0, ro['kv_pool_bytes']))} (mem_fraction_static {ro['mem_fraction_static']})",
+        f"  per request: dense {ro['tokens_per_request_dense']} tokens = {ro['bytes_per_request_dense'] / 2**20:.1f} MiB;"
+        f" {ro['policy']} {ro['tokens_per_request']} tokens = {ro['bytes_per_request'] / 2**20:.1f} MiB",
+        f"  concurrent requests per engine: dense {ro['concurrent_requests_dense']}, {ro['policy']} "
+        f"{ro['concurrent_requests']} (batch needs {ro['requests_per_engine']})  -> {ro['status']}",
+    ]
+    for w in d["warnings"]:
+        out.append(f"warning: {w}")
+    out.append("ok" if d["ok"] else "NOT OK: does not fit on the declared GPU")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------ launch variables
+def _sglang_flags(extra: dict[str, Any]) -> list[str]:
+    """``{key: value}`` -> SGLang flags: ``--key value``; True -> ``--key``; False / None -> omitted."""
+    out: list[str] = []
+    for k, v in extra.items():
+        flag = "--" + str(k).replace("_", "-")
+        if v is True:
+            out.append(flag)
+        elif v is False or v is None:
+            continue
+        elif isinstance(v, (list, tuple)):
+            out += [flag, *(str(x) for x in v)]
+        elif isinstance(v, dict):
+            out += [flag, json.dumps(v)]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def launch_vars(cfg) -> dict[str, Any]:
+    """What the launch scripts need, validated (the layout is checked before any GPU is touched).
+
+    Scalars are strings; ``SMD_SGLANG_ARGS`` is a list (the server's arguments after the module,
+    without ``--host`` / ``--port``, which the launcher sets per engine).
+    """
+    arch, _ = resolve_arch(cfg)
+    validate_layout(cfg, arch)
+    r = cfg.resources
+    pol = cfg.rollout.policy if cfg.algorithm.correction != "dense" else PolicyConfig()
+    sgl = ["--model-path", cfg.model.path, "--tp-size", str(r.rollout_tp), *_sglang_flags(cfg.sglang),
+           "--smd-policy", pol.name]
+    if pol.budget is not None:
+        sgl += ["--smd-budget", str(pol.budget)]
+    return dict(
+        SMD_TP=r.tp, SMD_PP=r.pp, SMD_CP=r.cp, SMD_DP=r.dp, SMD_LEARNER_WORLD=r.learner_world_size,
+        SMD_NODES=r.nodes, SMD_GPUS_PER_NODE=r.gpus_per_node,
+        SMD_NPROC_PER_NODE=r.learner_world_size if r.nodes == 1 else r.gpus_per_node,
+        SMD_ROLLOUT_NODES=r.rollout_nodes, SMD_ROLLOUT_TP=r.rollout_tp,
+        SMD_ENGINES_PER_NODE=r.gpus_per_node // r.rollout_tp if r.rollout_nodes else 0,
+        SMD_MODEL_PATH=cfg.model.path, SMD_OUTPUT_DIR=cfg.output_dir, SMD_SGLANG_ARGS=sgl,
+    )
+
+
+def format_shell(v: dict[str, Any]) -> str:
+    """Bash assignments (``eval``-safe: every value is quoted with :func:`shlex.quote`)."""
+    lines = []
+    for k, val in v.items():
+        if isinstance(val, list):
+            lines.append(f"{k}=(" + " ".join(shlex.quote(str(x)) for x in val) + ")")
+        else:
+            lines.append(f"{k}={shlex.quote(str(val))}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ command line
+def _run(a: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(a.config, a.overrides)
+    if getattr(a, "shell", False):
+        print(format_shell(launch_vars(cfg)))
+        return 0
+    d = plan(cfg)
+    print(json.dumps(d, indent=2) if a.json else format_plan(d))
+    return 0
+
+
+def _add_arguments(s: argparse.ArgumentParser, shell: bool = False) -> None:
+    s.add_argument("--config", required=True)
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    if shell:
+        s.add_argument("--shell", action="store_true", help="print the launch variables as bash assignments")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register ``smd plan`` on the ``smd`` command's subparsers."""
+    s = subparsers.add_parser("plan", help="per-GPU memory of the learner and the rollout for a config")
+    _add_arguments(s)
+    s.set_defaults(fn=_run)
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megatron_smd.plan", description=__doc__.split("\n")[0])
+    _add_arguments(p, shell=True)
+    a = p.parse_args(argv)
+    try:
+        return _run(a)
+    except SMDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The main job: every correction mode runs, SMD is on-policy at the first micro-step, resume is exact,
+and failures (bad config, NaN, a killed run) end with clear messages and intact checkpoints.
+
+Small sizes: 2 prompts x 2 samples, 4 new tokens, H2O at a 12-token budget on ~45-token prompts.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_smd.config import load_config
+from megatron_smd.errors import ConfigError, SMDError
+from megatron_smd.trainer import train
+
+REPO = Path(__file__).resolve().parent.parent
+TOL = 1e-5
+
+
+def _cfg(tmp, model_dir, **over):
+    base = [f"model.path={model_dir}", f"output_dir={tmp}", "sft.enabled=false",
+            "task.num_pairs=6", "task.num_queries=1", "task.key_digits=2", "task.value_digits=1",
+            "rollout.num_prompts=2", "rollout.group_size=2", "rollout.max_new_tokens=4",
+            "rollout.policy.name=h2o", "rollout.policy.budget=12", "rollout.policy.window=4",
+            "train.steps=2", "train.eval_every=2", "train.eval_prompts=2", "train.save_every=0",
+            "learner.micro_batch_size=4", "logging.progress_bar=false", "logging.mask_images=1"]
+    base += [f"{k}={v}" for k, v in over.items()]
+    return load_config(REPO / "configs" / "tiny-cpu.yaml", base)
+
+
+@pytest.mark.parametrize("mode", ["dense", "naive", "tis", "sparse_rl", "smd"])
+def test_every_mode_runs_and_logs(mode, tmp_path, tiny_qwen2_dir):
+    res = train(_cfg(tmp_path, tiny_qwen2_dir, **{"algorithm.correction": mode}), resume="none")
+    h = res["history"]
+    assert [r["step"] for r in h] == [1, 2]
+    assert "reward/eval_dense" in h[-1] and "reward/eval_compressed" in h[-1]
+    assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tensorboard").iterdir())
+    assert (tmp_path / "checkpoints" / "latest").is_file()
+    if mode == "sparse_rl":
+        assert "correction/rejection_rate" in h[0]
+
+
+def test_smd_is_on_policy_and_naive_is_not(tmp_path, tiny_qwen2_dir):
+    """First micro-step of every update: SMD's gap sits at the fp32 floor and its ratio is 1; naive's does not."""
+    smd = train(_cfg(tmp_path / "smd", tiny_qwen2_dir, **{"algorithm.correction": "smd"}), resume="none")["history"]
+    naive = train(_cfg(tmp_path / "naive", tiny_qwen2_dir, **{"algorithm.correction": "naive"}), resume="none")["history"]
+    for rec in smd:
+        assert rec["mismatch/max_abs_logprob_diff"] <= TOL, rec
+        assert rec["ratio_first/max_abs_dev"] <= 10 * TOL, rec
+        # the dense view of the same compressed rollout is off-policy
+        assert rec["mismatch_dense/max_abs_logprob_diff"] > 100 * TOL
+    for rec in naive:
+        assert rec["mismatch/max_abs_logprob_diff"] > 100 * TOL, rec
+    print(f"\nfirst-micro-step gap: smd {max(r['mismatch/max_abs_logprob_diff'] for r in smd):.2e}, "
+          f"naive {min(r['mismatch/max_abs_logprob_diff'] for r in naive):.2e}")
+
+
+def _params(ckpt_root):
+    from megatron_smd.export import export_hf
+    from megatron_smd.model.hf import load_state_dict
+
+    out = ckpt_root.parent / f"export-{time.monotonic_ns()}"
+    export_hf(ckpt_root, out)
+    return load_state_dict(out)
+
+
+def test_resume_is_exact(tmp_path, tiny_qwen2_dir):
+    """4 steps straight == 2 steps + resume + 2 steps (SMD's distillation term moves the weights even
+    when all rewards tie, and Adam's moments must be restored for this to hold)."""
+    over = {"algorithm.correction": "smd", "train.steps": 4, "train.save_every": 2, "train.eval_every": 0}
+    train(_cfg(tmp_path / "a", tiny_qwen2_dir, **over), resume="none")
+    over2 = dict(over, **{"train.steps": 2})
+    train(_cfg(tmp_path / "b", tiny_qwen2_dir, **over2), resume="none")
+    train(_cfg(tmp_path / "b", tiny_qwen2_dir, **over), resume="auto")
+    a, b = _params(tmp_path / "a" / "checkpoints"), _params(tmp_path / "b" / "checkpoints")
+    start = __import__("megatron_smd.model.hf", fromlist=["x"]).load_state_dict(tiny_qwen2_dir)
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved > 1e-4, "training did not change the weights; the resume test would prove nothing"
+    assert diff <= 1e-6, diff
+
+
+def test_bad_layout_and_missing_model_are_clear(tmp_path, tiny_qwen2_dir):
+    with pytest.raises(ConfigError, match=r"tp.*3|3.*tp"):
+        train(_cfg(tmp_path, tiny_qwen2_dir, **{"resources.tp": 3}), resume="none")
+    cfg = _cfg(tmp_path, tmp_path / "no-such-model")
+    cfg.model.init = None
+    with pytest.raises(SMDError, match="no-such-model"):
+        train(cfg, resume="none")
+
+
+def test_divergence_stops_with_clear_message_and_no_checkpoint(tmp_path, tiny_qwen2_dir):
+    # an absurd learning rate blows the weights up after one Adam step; whichever phase meets the
+    # non-finite numbers first (engine logits, synced weights, learner loss) must stop with a message
+    cfg = _cfg(tmp_path, tiny_qwen2_dir, **{"algorithm.correction": "smd", "learner.lr": "1e30", "train.steps": 3})
+    with pytest.raises(SMDError, match=r"non-finite (loss|learner weights|logits)"):
+        train(cfg, resume="none")
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").glob("step_*"))
+
+
+def test_killed_run_keeps_complete_checkpoints_and_resumes(tmp_path, tiny_qwen2_dir):
+    args = [sys.executable, "-m", "megatron_smd.cli", "train", "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
+            f"model.path={tiny_qwen2_dir}", f"output_dir={tmp_path}", "sft.enabled=false", "task.num_pairs=6",
+            "task.num_queries=1", "task.key_digits=2", "task.value_digits=1", "rollout.num_prompts=2",
+            "rollout.group_size=2", "rollout.max_new_tokens=4", "rollout.policy.budget=12", "rollout.policy.window=4",
+            "train.steps=40", "train.save_every=1", "train.eval_every=0", "logging.progress_bar=false",
+            "learner.micro_batch_size=4"]
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ck = tmp_path / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(ck.glob("step_*[0-9]"))) < 1:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "--resume auto" in err
+    from megatron_smd.checkpoint import LOOP_STATE, complete_checkpoints
+
+    final_named = [d for d in ck.glob("step_*") if ".tmp-" not in d.name]
+    assert final_named and all((d / LOOP_STATE).is_file() for d in final_named), "a half-written checkpoint"
+    done = complete_checkpoints(ck)
+    reached = int(done[-1].name.split("_")[1])
+    assert 1 <= reached < 40
+    res = train(_cfg(tmp_path, tiny_qwen2_dir, **{"algorithm.correction": "smd", "train.steps": reached + 1,
+                                                  "train.eval_every": 0}), resume="auto")
+    assert res["history"][-1]["step"] == reached + 1
