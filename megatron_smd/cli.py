@@ -56,9 +56,10 @@ def _cmd_replay(a) -> int:
     from .rollout.io import load_rollouts
 
     if a.learner != "torch":
-        from .learner.replay import replay_megatron  # noqa: F401  (issue: learner side)
+        from .learner.replay import replay_megatron
 
-        res = replay_megatron(a.rollouts, tp=a.tp, pp=a.pp, cp=a.cp, packed=a.packed, backend=a.backend)
+        res = replay_megatron(a.rollouts, tp=a.tp, pp=a.pp, cp=a.cp, packed=a.packed, backend=a.backend,
+                              model_dir=a.model)
     else:
         batch = load_rollouts(a.rollouts)
         res = replay_torch(batch, a.model, packed=a.packed)

@@ -298,31 +298,66 @@ def rows_per_microbatch(cfg) -> int:
 def layer_activation_bytes(arch: ModelArch, *, tp: int, cp: int, seq: int, rows: int, act_bytes: int,
                            backend: str, per_head_mask: bool = False, recompute: str | None = None,
                            sequence_parallel: bool = False) -> tuple[int, int]:
-    """(saved, full) bytes one layer keeps for backward for one micro-batch on one GPU.
+    """``(saved, full)`` bytes one layer keeps for backward for one micro-batch on one GPU.
 
     ``saved`` is what stays alive between forward and backward under ``recompute``; ``full`` is the
-    same without recomputation (what a recomputed layer re-creates during its backward).
-    See the module docstring for the terms.
+    same without recomputation (what a recomputed layer re-creates during its backward). The terms
+    are listed in the module docstring.
     """
     D, F, d, H = arch.hidden_size, arch.intermediate_size, arch.head_dim, arch.num_heads
     Hkv_t = max(1, arch.num_kv_heads // tp)
     H_t = H // tp
     s = seq // cp  # local tokens per row
     tokens = rows * s
-    replicated = 4 * D // (tp if sequence_parallel else 1)
-    split = ((H + 2 * arch.num_kv_heads) * d // tp) + (H_t + Hkv_t) * d + H_t * d + 4 * F // tp
-    dense = tokens * (replicated + split) * act_bytes
-    internal = tokens * 4 * H_t  # fp32 log-sum-exp per query row and head
+    sp = tp if sequence_parallel else 1
+    replicated = 6 * D // sp
+    if cp == 1:  # V is a view of the fused QKV output, so attention keeps all of it, plus Q and K after RoPE
+        attn = ((H + 2 * arch.num_kv_heads) * d // tp) + (H_t + Hkv_t) * d
+    else:  # attention keeps local Q and the all-gathered K, V (counted below); the fused output is freed
+        attn = H_t * d
+    split = attn + H_t * d + 5 * F // tp  # + attention output, + SwiGLU
+    small = 2 * 4 + 4 * d * 4 + 4 * H_t  # two fp32 rstd, fp32 RoPE cos/sin for q and k, fp32 log-sum-exp
+    dense = tokens * ((replicated + split) * act_bytes + small)
+    internal = 0
     if cp > 1:
         internal += rows * seq * 2 * Hkv_t * d * act_bytes  # all-gathered K and V of the whole row
     if backend == "sdpa":
-        internal += rows * s * seq * (H_t if per_head_mask else 1)  # dense boolean mask
+        internal += rows * s * seq * (H_t if per_head_mask else 1) * act_bytes  # dense mask, as SDPA keeps it
     full = dense + internal
     if recompute == "full":
-        return tokens * D * act_bytes // (tp if sequence_parallel else 1), full
+        return tokens * D * act_bytes // sp, full  # the checkpointed layer input
     if recompute == "selective":
         return dense, full
     return full, full
+
+
+def microbatch_activation_bytes(arch: ModelArch, *, stage: int, pp: int, tp: int, cp: int, seq: int, rows: int,
+                                act_bytes: int, backend: str, per_head_mask: bool = False,
+                                recompute: str | None = None, sequence_parallel: bool = False) -> tuple[int, int]:
+    """``(saved, transient)`` bytes of one micro-batch on one GPU of pipeline stage ``stage``.
+
+    ``saved``: ``L / pp`` layers (:func:`layer_activation_bytes`), the micro-batch's inputs (the
+    int32 ``evict`` mask ``[b, L, (H_kv,) S]``, the token ids on the first stage), and on the last
+    stage the final RMSNorm with the output layer's input (``3D`` per token) and the fp32
+    ``exp(x - max)`` the vocab-parallel log-prob keeps (``4 V_p / t`` bytes per token).
+    ``transient``: what exists only for a moment: one recomputed layer during its backward, or on
+    the last stage the logits and their fp32 copy (``(a + 4) V_p / t`` per token), whichever is larger.
+    """
+    layers = arch.num_layers // pp
+    saved, full = layer_activation_bytes(arch, tp=tp, cp=cp, seq=seq, rows=rows, act_bytes=act_bytes,
+                                         backend=backend, per_head_mask=per_head_mask, recompute=recompute,
+                                         sequence_parallel=sequence_parallel)
+    tokens = rows * seq // cp
+    total = layers * saved + rows * arch.num_layers * seq * 4 * (arch.num_kv_heads if per_head_mask else 1)
+    transient = full - saved if recompute else 0
+    if stage == 0:
+        total += tokens * 8  # int64 token ids kept by the embedding
+    if stage == pp - 1:
+        Vp_t = padded_vocab(arch, tp) // tp
+        total += tokens * (3 * arch.hidden_size * act_bytes // (tp if sequence_parallel else 1) + 4)
+        total += tokens * 4 * Vp_t
+        transient = max(transient, tokens * Vp_t * (act_bytes + 4))
+    return total, transient
 
 
 def learner_memory(cfg, arch: ModelArch) -> dict[str, Any]:
@@ -337,34 +372,28 @@ def learner_memory(cfg, arch: ModelArch) -> dict[str, Any]:
     n_micro = microbatches_per_step(cfg, dp)
     sp = bool(cfg.learner.megatron.get("sequence_parallel", False))
     per_head = cfg.rollout.policy.granularity == "head" and cfg.algorithm.correction == "smd"
-    saved, full = layer_activation_bytes(arch, tp=tp, cp=cp, seq=seq, rows=rows, act_bytes=pbytes,
-                                         backend=cfg.learner.attention_backend, per_head_mask=per_head,
-                                         recompute=recompute, sequence_parallel=sp)
-    Vp_t = padded_vocab(arch, tp) // tp
-    tokens = rows * seq // cp
+    kw = dict(tp=tp, cp=cp, seq=seq, rows=rows, act_bytes=pbytes, backend=cfg.learner.attention_backend,
+              per_head_mask=per_head, recompute=recompute, sequence_parallel=sp)
+    layer_saved, _ = layer_activation_bytes(arch, **kw)
     with_ref = cfg.algorithm.kl_coef > 0
     stages = []
     for sp_ in stage_params(arch, tp, pp):
         k = sp_.stage
         in_flight = min(pp - k, n_micro)
+        mb_saved, transient = microbatch_activation_bytes(arch, stage=k, pp=pp, **kw)
         P = sp_.total
         weights, grads, optim = P * pbytes, P * 4, P * opt_bytes
-        acts = in_flight * sp_.layers * saved
-        transient = full - saved if recompute else 0  # one layer re-created during its backward
-        logits = 0
-        if k == pp - 1:
-            acts += in_flight * tokens * 4 * Vp_t  # exp(x - max) kept by the vocab-parallel log-prob
-            logits = tokens * Vp_t * (pbytes + 4)  # the logits and their fp32 copy (transient)
-        total = weights + grads + optim + (weights if with_ref else 0) + acts + max(transient, logits)
+        acts = in_flight * mb_saved
+        total = weights + grads + optim + (weights if with_ref else 0) + acts + transient
         stages.append(dict(stage=k, layers=sp_.layers, params=P, weights_bytes=weights, grads_bytes=grads,
                            optimizer_bytes=optim, optimizer_bytes_distributed=math.ceil(optim / dp),
                            ref_weights_bytes=weights if with_ref else 0, microbatches_in_flight=in_flight,
-                           activations_bytes=acts, transient_bytes=max(transient, logits), total_bytes=total))
+                           activations_bytes=acts, transient_bytes=transient, total_bytes=total))
     peak = max(stages, key=lambda st: st["total_bytes"])
     return dict(precision=prec, bytes_per_param=pbytes + 4 + opt_bytes, distributed_optimizer=False,
                 recompute=recompute, attention_backend=cfg.learner.attention_backend, sequence_parallel=sp,
                 seq_len=seq, rows_per_microbatch=rows, microbatches_per_step=n_micro,
-                layer_activation_bytes=saved, stages=stages, peak_stage=peak["stage"],
+                layer_activation_bytes=layer_saved, stages=stages, peak_stage=peak["stage"],
                 per_gpu_bytes=peak["total_bytes"])
 
 

@@ -144,23 +144,64 @@ class Learner:
             mbs.append(MicroBatch(tokens=tokens, position_ids=pos, targets=targets, evict=evict, extras=ex))
         return mbs
 
+    def packed_microbatches(self, batch: RolloutBatch, idx: Sequence[int], mode: Mode
+                            ) -> tuple[list[MicroBatch], list[list[tuple[int, int, int]]]]:
+        """THD-style packing: ``micro_batch_size`` trajectories end to end in one row of length ``S``.
+
+        ``evict`` becomes absolute in the row ("never evicted" = the end of the key's own sequence),
+        so causal + document + eviction masking is the one vector; RoPE positions restart at 0 for
+        every sequence. Returns the micro-batches and, per micro-batch, ``(trajectory, start, len)``.
+        """
+        b = self.settings.micro_batch_size
+        groups = [list(idx[k:k + b]) for k in range(0, len(idx), b)]
+        S = self.row_length(max(int(batch.seq_lens[g].sum()) for g in groups))
+        L = self.arch.num_layers
+        lead = (L, batch.evict.shape[2]) if batch.per_head else (L,)
+        mbs, where = [], []
+        for g in groups:
+            tokens = torch.zeros(1, S, dtype=torch.int64)
+            targets = torch.zeros(1, S, dtype=torch.int64)
+            pos = torch.zeros(1, S, dtype=torch.int64)
+            evict = torch.full((1, *lead, S), S, dtype=EVICT_DTYPE)
+            off, spans = 0, []
+            for i in g:
+                s = int(batch.seq_lens[i])
+                tokens[0, off:off + s] = batch.tokens[i, :s]
+                targets[0, off:off + s - 1] = batch.tokens[i, 1:s]
+                pos[0, off:off + s] = torch.arange(s)
+                ev = batch.evict[i, ..., :s] if mode == "shadow" else torch.full((*lead, s), s, dtype=EVICT_DTYPE)
+                evict[0, ..., off:off + s] = ev + off
+                spans.append((i, off, s))
+                off += s
+            # the padded tail is its own document (see module docstring)
+            pos[0, off:] = torch.arange(S - off)
+            mbs.append(MicroBatch(tokens=tokens, position_ids=pos, targets=targets, evict=evict))
+            where.append(spans)
+        return mbs, where
+
     # ----------------------------------------------------------------------------- forward
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, mode: Mode, idx: Sequence[int] | None = None,
-                 temperature: float = 1.0) -> torch.Tensor:
+                 temperature: float = 1.0, packed: bool = False) -> torch.Tensor:
         """``[len(idx), T]`` log-probs of the batch's tokens (rollout alignment; 0 at t = 0)."""
         idx = list(range(len(batch))) if idx is None else list(idx)
-        mbs = self.microbatches(batch, idx, [mode])
+        b = self.settings.micro_batch_size
+        if packed:
+            mbs, where = self.packed_microbatches(batch, idx, mode)
+        else:
+            mbs = self.microbatches(batch, idx, [mode])
+            where = [[(i, r * 0, int(batch.seq_lens[i])) for r, i in enumerate(idx[k:k + b])]
+                     for k in range(0, len(idx), b)]
         self.model.eval()
         res = run_microbatches(self.ddp, self.layout, mbs, vocab_size=self.arch.vocab_size, forward_only=True,
                                temperature=temperature)
         T = batch.tokens.shape[1]
         out = torch.zeros(len(idx), T)
-        for k, lp in enumerate(res.logprobs):
-            ids = idx[k * self.settings.micro_batch_size:(k + 1) * self.settings.micro_batch_size]
-            for r, i in enumerate(ids):
-                s = int(batch.seq_lens[i])
-                out[k * self.settings.micro_batch_size + r, 1:s] = lp[r, : s - 1]
+        row_of = {i: n for n, i in enumerate(idx)}
+        for lp, spans in zip(res.logprobs, where):
+            for r, (i, off, s) in enumerate(spans):
+                row = 0 if packed else r
+                out[row_of[i], 1:s] = lp[row, off:off + s - 1]
         return out
 
     # ----------------------------------------------------------------------------- update

@@ -1,0 +1,95 @@
+"""``smd replay --learner megatron``: the Megatron learner replays a rollout under TP x PP x CP.
+
+The command launches ``torchrun --nproc_per_node tp*pp*cp`` (gloo on CPU) running :func:`worker`,
+which builds the learner from the rollout's model directory, computes the log-probs of every
+trajectory in the ``dense`` and ``shadow`` modes (optionally THD-packed), and has rank 0 write the
+metrics (:func:`megatron_smd.replay.gap_metrics`) as JSON.
+
+    smd replay --rollouts runs/tiny-cpu/rollout --learner megatron --tp 2 --json
+    torchrun --nproc_per_node 4 -m megatron_smd.learner.replay --rollouts DIR --tp 2 --cp 2 --out res.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import SMDError
+
+
+def replay_megatron(rollouts, *, tp: int = 1, pp: int = 1, cp: int = 1, packed: bool = False,
+                    backend: str = "sdpa", model_dir=None, timeout_s: int = 1800) -> dict:
+    """Launch the distributed replay and return ``{mode: metrics}``."""
+    from ..model.hf import read_arch
+    from ..parallel.layout import ParallelLayout
+    from ..rollout.io import load_rollouts
+
+    batch = load_rollouts(rollouts)  # validate here: errors surface in this process, not in a worker
+    model_dir = model_dir or batch.meta["model_path"]
+    arch = read_arch(model_dir)
+    world = tp * pp * cp
+    lay = ParallelLayout(world_size=world, tp=tp, pp=pp, cp=cp)
+    lay.validate(arch)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="smd-replay-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
+               f"--master_port={port}", "-m", "megatron_smd.learner.replay", "--rollouts", str(rollouts),
+               "--model", str(model_dir), "--tp", str(tp), "--pp", str(pp), "--cp", str(cp), "--backend", backend,
+               "--out", str(out)] + (["--packed"] if packed else [])
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        if proc.returncode != 0 or not out.is_file():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise SMDError(f"megatron replay (tp={tp}, pp={pp}, cp={cp}) failed with exit code {proc.returncode}:\n{tail}")
+        return json.loads(out.read_text())
+
+
+def worker(argv=None) -> None:
+    import torch
+
+    from ..learner.learner import Learner, LearnerSettings
+    from ..model.hf import read_arch
+    from ..parallel.layout import ParallelLayout
+    from ..replay import MODES, gap_metrics, learner_temperature
+    from ..rollout.io import atomic_write_json, load_rollouts
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--rollouts", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--backend", default="sdpa")
+    p.add_argument("--packed", action="store_true")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    batch = load_rollouts(a.rollouts)
+    arch = read_arch(a.model)
+    lay = ParallelLayout.from_env(tp=a.tp, pp=a.pp, cp=a.cp)
+    lay.initialize()
+    try:
+        learner = Learner(arch, lay, LearnerSettings(micro_batch_size=a.micro_batch_size, attention_backend=a.backend),
+                          weights=a.model, train=False)
+        temp = learner_temperature(batch)
+        res = {m: gap_metrics(learner.logprobs(batch, m, temperature=temp, packed=a.packed), batch) for m in MODES}
+        if lay.rank == 0:
+            res["layout"] = {"tp": a.tp, "pp": a.pp, "cp": a.cp, "packed": a.packed, "backend": a.backend}
+            atomic_write_json(a.out, res)
+        torch.distributed.barrier()
+    finally:
+        lay.destroy()
+
+
+if __name__ == "__main__":
+    worker()

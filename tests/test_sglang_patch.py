@@ -1,0 +1,419 @@
+"""CPU tests of the SGLang eviction patch on SGLang's real memory classes.
+
+What runs for real: SGLang 0.5.23's ``ReqToTokenPool``, ``MHATokenToKVPool`` (``device="cpu"``),
+``TokenToKVPoolAllocator`` (page size 1), ``RadixCache`` with its ``checkpoint`` (prefix insert +
+de-duplication of each sample's prompt), ``Req`` objects, and our hooks on the tree
+(:mod:`sglang_patch.memory_hooks`) and bookkeeping (:mod:`sglang_patch.eviction`).
+
+What the test itself does in place of SGLang's GPU parts: the model forward. K/V and queries
+come from megatron_smd's reference model run teacher-forced under the reference engine's exported
+mask (the replay, exact by construction), and are written into the pool buffers at the slots the
+allocator handed out (on GPU, ``set_kv_buffer`` does this with a Triton kernel). The scheduler
+steps are called in SGLang's order: match (``Req.init_next_round_input``), row + slot allocation,
+prefill ``checkpoint``, then per decode step slot allocation, per-layer attention, our synced
+``end_decode_step``; release follows ``mem_cache/common.py::release_kv_cache`` step by step (that
+function itself reads the server's published runtime config, which a CPU test does not have).
+
+The reference: ``ReferenceEngine`` (megatron_smd) samples a GRPO group with each policy; the
+SGLang-side bookkeeping, fed the same keys and queries, must export the identical ``evict`` mask
+(exact integer equality), while the allocator / tree invariants hold after every step.
+
+Install (CPU, torch untouched): see ``sglang_patch/version.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+# ``import sglang`` itself pulls triton (see sglang_patch/cpu_import.py), so look for the package
+# without importing it; the fixture imports the memory modules through the import shim.
+if importlib.util.find_spec("sglang") is None:
+    pytest.skip("SGLang is not installed: pip install --no-deps sglang==0.5.23 plus the small deps "
+                "listed in sglang_patch/version.py (CPU; torch untouched)", allow_module_level=True)
+
+from megatron_smd.model.transformer import RefTransformer, dense_allowed, masked_attention  # noqa: E402
+from megatron_smd.policies import PolicyConfig  # noqa: E402
+from megatron_smd.rollout.engine import ReferenceEngine, SamplingParams  # noqa: E402
+from sglang_patch import memory_hooks  # noqa: E402
+from sglang_patch.eviction import (  # noqa: E402
+    DUMMY_SLOT, EvictionConfigError, EvictionManager, decode_mask, encode_mask,
+)
+
+
+@pytest.fixture(scope="module")
+def sg():
+    from sglang_patch.cpu_import import import_sglang_memory_modules
+    from sglang_patch.version import check_sglang_version
+
+    check_sglang_version()
+    return import_sglang_memory_modules()
+
+
+@pytest.fixture(scope="module")
+def model64(tiny_qwen2_dir):
+    return RefTransformer.from_pretrained(tiny_qwen2_dir, dtype=torch.float64)
+
+
+@pytest.fixture()
+def hooks(sg):
+    rc = sg["sglang.srt.mem_cache.radix_cache"].RadixCache
+    bpc = sg["sglang.srt.mem_cache.base_prefix_cache"].BasePrefixCache
+    memory_hooks.install_memory_hooks(rc, bpc)
+    yield
+    memory_hooks.uninstall_memory_hooks()
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def replay_qkv(model: RefTransformer, tokens: list[int], evict: torch.Tensor):
+    """Per layer q ``[T, H, d]``, k/v ``[T, H_kv, d]`` of the teacher-forced forward under ``evict``."""
+    T = len(tokens)
+    pos = torch.arange(T)
+    cos, sin = model.rope(pos.view(1, T))
+    h = model.model.embed_tokens(torch.tensor([tokens]))
+    out = []
+    for li, layer in enumerate(model.model.layers):
+        allowed = dense_allowed(evict[None, li], pos, T)
+        x = layer.input_layernorm(h)
+        q, k, v = layer.self_attn.qkv(x, cos, sin)
+        o = masked_attention(q, k, v, allowed)
+        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(1, T, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        out.append((q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)))
+    return out
+
+
+class Server:
+    """SGLang's memory objects on CPU plus the scheduler steps, in SGLang's order."""
+
+    def __init__(self, sg, arch, policy: PolicyConfig, size: int = 400):
+        MP = sg["sglang.srt.mem_cache.memory_pool"]
+        AL = sg["sglang.srt.mem_cache.allocator"]
+        RC = sg["sglang.srt.mem_cache.radix_cache"]
+        CI = sg["sglang.srt.mem_cache.cache_init_params"]
+        self.sg = sg
+        self.size = size
+        self.L = arch.num_layers
+        self.kv = MP.MHATokenToKVPool(size, 1, torch.float64, arch.num_kv_heads, arch.head_dim, self.L,
+                                      "cpu", False, enable_alt_stream=False)
+        self.alloc = AL.TokenToKVPoolAllocator(size, torch.float64, "cpu", self.kv, False)
+        self.rtp = MP.ReqToTokenPool(16, 256, "cpu", False)
+        self.tree = RC.RadixCache(CI.CacheInitParams(disable=False, req_to_token_pool=self.rtp,
+                                                     token_to_kv_pool_allocator=self.alloc, page_size=1))
+        self.mgr = EvictionManager(policy, num_layers=self.L, num_q_heads=arch.num_heads,
+                                   num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+                                   req_to_token_pool=self.rtp, allocator=self.alloc, kv_pool=self.kv,
+                                   tree_cache=self.tree)
+        memory_hooks.register_manager(self.tree, self.mgr)
+        # instrumentation: catch a double free at the moment it happens (ids already free or
+        # already queued in the open free group), then hand the call to the real allocator.
+        self.n_freed = 0
+        real_free = self.alloc.free
+
+        def free(idx):
+            ids = [int(x) for x in idx.tolist()]
+            cur = set(self.alloc.free_pages.tolist())
+            for pending in self.alloc.free_group or []:
+                cur |= set(pending.tolist())
+            assert len(set(ids)) == len(ids), f"slots freed twice in one call: {ids}"
+            assert not (set(ids) & cur), f"double free of slots {sorted(set(ids) & cur)}"
+            assert DUMMY_SLOT not in ids, "the dummy slot was freed"
+            self.n_freed += len(ids)
+            return real_free(idx)
+
+        self.alloc.free = free
+
+    def close(self):
+        memory_hooks.unregister_manager(self.tree)
+
+    def write_kv(self, slots: torch.Tensor, qkv, positions: range) -> None:
+        for li, (_, k, v) in enumerate(qkv):
+            kb, vb = self.kv.get_kv_buffer(li)
+            kb[slots] = k[list(positions)]
+            vb[slots] = v[list(positions)]
+
+    def new_req(self, rid: str, prompt: list[int], max_new: int):
+        from array import array
+
+        SB = self.sg["sglang.srt.managers.schedule_batch"]
+        SP = self.sg["sglang.srt.sampling.sampling_params"]
+        return SB.Req(rid, "", array("q", prompt), SP.SamplingParams(max_new_tokens=max_new))
+
+    def prefill(self, req, qkv) -> int:
+        """Match, allocate, write K/V of the new prompt tokens, checkpoint, register. Returns n new."""
+        req.init_next_round_input(self.tree)
+        P = len(req.origin_input_ids)
+        pre = req.prefix_len
+        assert self.rtp.alloc([req]) is not None
+        prefix = self.tree.prefix_device_indices(req) if pre else torch.empty(0, dtype=torch.int64)
+        new = self.alloc.alloc(P - pre)
+        self.rtp.write((req.kv.req_pool_idx, slice(0, P)), torch.cat([prefix, new]).to(torch.int32))
+        self.write_kv(new, qkv, range(pre, P))
+        req.kv.kv_allocated_len = req.kv.kv_committed_len = P
+        self.tree.checkpoint(req, up_to=P)
+        self.mgr.start_request(req, [q[pre:P] for q, _, _ in qkv])
+        return P - pre
+
+    def decode(self, reqs, qkvs, tokens_next) -> None:
+        """One decode step: each req feeds the token at its next position through every layer."""
+        for req, qkv in zip(reqs, qkvs):
+            i = req.kv.kv_allocated_len
+            slot = self.alloc.alloc(1)
+            self.rtp.write((req.kv.req_pool_idx, slice(i, i + 1)), slot.to(torch.int32))
+            self.write_kv(slot, qkv, range(i, i + 1))
+            req.kv.kv_allocated_len = req.kv.kv_committed_len = i + 1
+            for li, (q, _, _) in enumerate(qkv):
+                slots = self.mgr.decode_layer(req.rid, li, q[i])
+                assert int(slots[-1]) == int(slot[0])  # the new token attends itself
+        self.mgr.end_decode_step([r.rid for r in reqs])
+        for req, t in zip(reqs, tokens_next):
+            req.output_ids.append(t)
+
+    def release(self, req) -> dict:
+        """``release_kv_cache(req, tree, checkpoint=True)``, step by step (see module docstring)."""
+        owned = req.kv.kv_committed_len
+        self.tree.checkpoint(req, up_to=owned)
+        self.tree.free_kv_row(req.kv, [(req.kv.cache_protected_len, owned)])
+        self.tree.unlock(req.lock)
+        req.lock = None
+        self.tree.on_release(req, checkpointed=True)
+        self.rtp.free(req)
+        req.kv.mark_kv_released()
+        return self.mgr.pop_export(req.rid)
+
+    # -------------------------------------------------------------- invariants
+    def check(self, live_reqs) -> None:
+        free = self.alloc.free_pages
+        assert torch.unique(free).numel() == free.numel(), "a slot is in the free list twice"
+        assert DUMMY_SLOT not in set(free.tolist())
+        fset = set(free.tolist())
+        tree_slots = set(self.tree.all_values_flatten().tolist()) if self.tree.total_size() else set()
+        assert not (fset & tree_slots), "a tree-owned slot was freed"
+        held = set()
+        for req in live_reqs:
+            st = self.mgr.state(req.rid)
+            for li in range(self.L):
+                s = set(self.mgr.kv_indices(req.rid, li).tolist())
+                assert not (s & fset), f"{req.rid} layer {li} attends a freed slot"
+            n = req.kv.kv_allocated_len
+            P = st.prompt_len
+            row = self.rtp.req_to_token[st.row, :n].to(torch.int64)
+            priv = row[P:][~st.freed[P:n]]
+            held |= set(priv.tolist())
+            assert bool((row[P:][st.freed[P:n]] == DUMMY_SLOT).all())
+        owned = set()
+        for g in {id(s.group): s.group for s in (self.mgr.state(r.rid) for r in live_reqs)}.values():
+            if g.owned_slots is not None:
+                owned |= set(g.owned_slots[~g.owned_freed].tolist())
+        assert not (held & fset) and not (owned & fset) and not (held & tree_slots) and not (owned & tree_slots)
+        # conservation: every slot is exactly one of free / tree / private / group-owned
+        assert len(fset) + len(tree_slots) + len(held) + len(owned) == self.size
+
+
+def run_reference(model, policy: PolicyConfig, prompt, n, max_new, seed=0):
+    eng = ReferenceEngine(model, policy)
+    trajs, _ = eng.generate([prompt], n=n, sampling=SamplingParams(max_new_tokens=max_new, temperature=1.0,
+                                                                   seed=seed))
+    return trajs
+
+
+def run_group(sg, model, policy: PolicyConfig, prompt, trajs, *, check_every_step=True):
+    """Drive one GRPO group through the patched bookkeeping; returns (server, exports, reqs)."""
+    srv = Server(sg, model.arch, policy)
+    P = len(prompt)
+    qkvs = [replay_qkv(model, t.tokens, t.evict) for t in trajs]
+    reqs = [srv.new_req(f"s{k}", prompt, len(t.tokens) - P) for k, t in enumerate(trajs)]
+    news = [srv.prefill(r, qkv) for r, qkv in zip(reqs, qkvs)]
+    assert news[0] == P and all(x == 1 for x in news[1:])  # later samples re-extend one token
+    slots0 = srv.rtp.req_to_token[reqs[0].kv.req_pool_idx, :P]
+    for r in reqs[1:]:  # the prompt is one set of tree-owned slots
+        assert torch.equal(srv.rtp.req_to_token[r.kv.req_pool_idx, :P], slots0)
+    for r, t in zip(reqs, trajs):
+        r.output_ids.append(t.tokens[P])
+    srv.check(reqs)
+    exports = {}
+    live = list(zip(reqs, qkvs, trajs))
+    while live:
+        step = [(r, q, t) for r, q, t in live if r.kv.kv_allocated_len < len(t.tokens) - 1]
+        for r, q, t in live:
+            if (r, q, t) not in step:  # its last sampled token is never fed: finished
+                exports[r.rid] = srv.release(r)
+        live = step
+        if not live:
+            break
+        srv.decode([r for r, _, _ in live], [q for _, q, _ in live],
+                   [t.tokens[r.kv.kv_allocated_len + 1] for r, _, t in live])
+        if check_every_step:
+            srv.check([r for r, _, _ in live])
+    return srv, exports, reqs
+
+
+POLICIES = {
+    "streaming": PolicyConfig(name="streaming", budget=16, sinks=4),
+    "h2o": PolicyConfig(name="h2o", budget=16, window=4),
+    "snapkv": PolicyConfig(name="snapkv", budget=14, window=4, pool_kernel=3),
+    "rkv": PolicyConfig(name="rkv", budget=12, window=4, buffer=4, pool_kernel=3),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# tests
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_group_masks_equal_reference_and_memory_is_returned(sg, model64, hooks, name):
+    policy = POLICIES[name]
+    prompt = [5 + (7 * i) % 40 for i in range(24)]
+    n, max_new = 3, 22
+    trajs = run_reference(model64, policy, prompt, n, max_new, seed=3)
+    srv, exports, reqs = run_group(sg, model64, policy, prompt, trajs)
+    try:
+        # 1. masks: exact equality with the reference engine's
+        for k, t in enumerate(trajs):
+            ex = exports[f"s{k}"]
+            got = decode_mask(ex["evict"])
+            assert got.shape == t.evict.shape
+            assert torch.equal(got, t.evict), f"{name} sample {k}: mask differs at " \
+                f"{(got != t.evict).nonzero()[:5].tolist()}"
+            assert ex["prompt_state"] == "shared" and ex["replayable"]
+        assert len(srv.mgr._prompt_cache) == 1  # prefill state computed once for the group
+        # 2. memory: the tree still holds the (possibly detached-to-p) prompt prefix, intact
+        st = srv.mgr.stats
+        print(f"{name}: {st}, freed {srv.n_freed} slots")
+        _check_prefix_intact(srv, prompt, replay_qkv(model64, trajs[0].tokens, trajs[0].evict),
+                             expect_len=None)
+        # 3. everything the group held is back: free + tree == pool, then the tree empties fully
+        assert srv.alloc.available_size() + srv.tree.total_size() == srv.size
+        assert srv.tree.protected_size() == 0
+        EP = sg["sglang.srt.mem_cache.base_prefix_cache"].EvictParams
+        srv.tree.evict(EP(num_tokens=srv.size))
+        assert srv.alloc.available_size() == srv.size
+        assert torch.unique(srv.alloc.free_pages).numel() == srv.size
+        if name == "streaming":  # same positions in every layer and sample: real frees
+            assert st["private_slots_freed"] > 0 and st["detaches"] >= 1 and st["prompt_slots_freed"] > 0
+    finally:
+        srv.close()
+
+
+def _check_prefix_intact(srv, prompt, qkv, expect_len=None) -> int:
+    """The tree matches the prompt's prefix and its slots still hold the prompt's keys."""
+    from array import array
+
+    RC = srv.sg["sglang.srt.mem_cache.radix_cache"]
+    BP = srv.sg["sglang.srt.mem_cache.base_prefix_cache"]
+    m = srv.tree.match_prefix(BP.MatchPrefixParams(key=RC.RadixKey(array("q", prompt))))
+    n = m.device_prefix_len
+    if expect_len is not None:
+        assert n == expect_len
+    assert n >= 1
+    slots = srv.tree.path_device_indices(m.last_device_node)[:n]
+    for li, (_, k, v) in enumerate(qkv):
+        kb, vb = srv.kv.get_kv_buffer(li)
+        assert torch.equal(kb[slots], k[:n]) and torch.equal(vb[slots], v[:n])
+    return n
+
+
+def test_streaming_group_detaches_prompt_and_latecomers_match_the_prefix(sg, model64, hooks):
+    """Streaming drops prompt positions [4, 12) in every layer of every sample at prefill and 12 at
+    the first step: the group detaches [4, P) from the tree and frees [4, 13); a later request
+    matches [0, 4) only."""
+    policy = POLICIES["streaming"]
+    prompt = [5 + (7 * i) % 40 for i in range(24)]
+    trajs = run_reference(model64, policy, prompt, 2, 6, seed=1)
+    srv = Server(sg, model64.arch, policy)
+    try:
+        qkvs = [replay_qkv(model64, t.tokens, t.evict) for t in trajs]
+        reqs = [srv.new_req(f"s{k}", prompt, 6) for k in range(2)]
+        for r, q in zip(reqs, qkvs):
+            srv.prefill(r, q)
+        before = srv.alloc.available_size()
+        srv.decode(reqs, qkvs, [t.tokens[25] for t in trajs])
+        srv.check(reqs)
+        g = srv.mgr.state("s0").group
+        assert g.protected == 4 and all(r.kv.cache_protected_len == 4 for r in reqs)
+        # prefill dropped [4, 12) (budget 16 of 24), the first decode step (17 > 16 live) dropped 12,
+        # in both samples and every layer: 9 prompt slots back, no private slot yet
+        assert srv.mgr.stats["prompt_slots_freed"] == 9 and srv.mgr.stats["private_slots_freed"] == 0
+        assert srv.alloc.available_size() == before - 2 + 9  # 2 decode slots taken, 9 prompt freed
+        _check_prefix_intact(srv, prompt, qkvs[0], expect_len=4)
+        late = srv.new_req("late", prompt, 2)
+        late.init_next_round_input(srv.tree)
+        assert late.prefix_len == 4
+    finally:
+        srv.close()
+
+
+def test_foreign_sharer_keeps_prompt_in_tree(sg, model64, hooks):
+    """A request outside the group that holds the prompt's tree lock (here: an unmanaged one)
+    forbids the detach: prompt eviction stays a mask, the tree keeps the whole prompt."""
+    policy = POLICIES["streaming"]
+    prompt = [3 + (5 * i) % 31 for i in range(24)]
+    trajs = run_reference(model64, policy, prompt, 2, 5, seed=2)
+    srv = Server(sg, model64.arch, policy)
+    try:
+        qkvs = [replay_qkv(model64, t.tokens, t.evict) for t in trajs]
+        reqs = [srv.new_req(f"s{k}", prompt, 5) for k in range(2)]
+        for r, q in zip(reqs, qkvs):
+            srv.prefill(r, q)
+        foreign = srv.new_req("foreign", prompt, 1)
+        foreign.init_next_round_input(srv.tree)
+        srv.rtp.alloc([foreign])
+        pre = srv.tree.prefix_device_indices(foreign)
+        new = srv.alloc.alloc(1)
+        srv.rtp.write((foreign.kv.req_pool_idx, slice(0, 24)), torch.cat([pre, new]).to(torch.int32))
+        srv.write_kv(new, qkvs[0], range(23, 24))
+        foreign.kv.kv_allocated_len = foreign.kv.kv_committed_len = 24
+        srv.tree.checkpoint(foreign, up_to=24)  # holds the prompt node's lock; not managed
+        for step in range(3):
+            srv.decode(reqs, qkvs, [t.tokens[25 + step] for t in trajs])
+        assert srv.mgr.stats["detaches"] == 0 and srv.mgr.stats["prompt_slots_freed"] == 0
+        assert srv.mgr.stats["private_slots_freed"] > 0  # private decode slots are still freed
+        _check_prefix_intact(srv, prompt, qkvs[0], expect_len=24)
+        ev = srv.mgr.evict_tensor("s0", 27)
+        assert bool((ev[:, 4:12] == 24).all())  # the mask still records the prompt eviction
+        # the foreign request releases through the unhooked path (it is not managed)
+        srv.tree.checkpoint(foreign, up_to=24)
+        srv.tree.free_kv_row(foreign.kv, [(foreign.kv.cache_protected_len, 24)])
+        srv.tree.unlock(foreign.lock)
+        srv.rtp.free(foreign)
+    finally:
+        srv.close()
+
+
+def test_mask_codec_roundtrip_and_errors():
+    from megatron_smd.errors import FormatError
+
+    ev = torch.tensor([[3, 3, 2], [1, 3, 3]], dtype=torch.int32)
+    obj = encode_mask(ev)
+    assert obj["shape"] == [2, 3] and torch.equal(decode_mask(obj), ev)
+    with pytest.raises(FormatError, match="smd_evict"):
+        decode_mask({"b64": obj["b64"], "shape": [2, 4], "dtype": "int32"})
+    with pytest.raises(FormatError, match="smd_evict"):
+        decode_mask({"b64": "!!", "shape": [2, 3]})
+
+
+def test_refuses_paged_allocator_and_per_head_policy(sg):
+    MP = sg["sglang.srt.mem_cache.memory_pool"]
+    AL = sg["sglang.srt.mem_cache.allocator"]
+    RC = sg["sglang.srt.mem_cache.radix_cache"]
+    CI = sg["sglang.srt.mem_cache.cache_init_params"]
+    kv = MP.MHATokenToKVPool(64, 4, torch.float32, 2, 8, 2, "cpu", False, enable_alt_stream=False)
+    paged = AL.PagedTokenToKVPoolAllocator(64, 4, torch.float32, "cpu", kv, False)
+    rtp = MP.ReqToTokenPool(4, 64, "cpu", False)
+    tree = RC.RadixCache(CI.CacheInitParams(disable=False, req_to_token_pool=rtp,
+                                            token_to_kv_pool_allocator=paged, page_size=4))
+    kw = dict(num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8, req_to_token_pool=rtp,
+              kv_pool=kv, tree_cache=tree)
+    with pytest.raises(EvictionConfigError, match="--page-size 1"):
+        EvictionManager(POLICIES["h2o"], allocator=paged, **kw)
+    alloc = AL.TokenToKVPoolAllocator(64, torch.float32, "cpu", kv, False)
+    with pytest.raises(EvictionConfigError, match="granularity"):
+        EvictionManager(PolicyConfig(name="h2o", budget=16, window=4, granularity="head"), allocator=alloc, **kw)
