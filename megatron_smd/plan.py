@@ -45,25 +45,33 @@ weights.
 **Activations** (Korthikanti et al. 2022, *Reducing Activation Recomputation in Large Transformer
 Models*, arXiv 2205.05198, sec. 4): count the tensors each layer saves for backward. Their GPT
 count, ``s b D (34 + 5 H s / D)`` bytes in 16-bit (``10 + 24/t + 5Hs/(Dt)`` under TP without
-sequence parallelism), is redone for this architecture (RMSNorm, GQA, SwiGLU, no dropout, a
-flash-style kernel that keeps no ``s x s`` scores). Per token and layer, in elements::
+sequence parallelism), is redone for the layer this project builds (Megatron-Core local spec,
+torch RMSNorm, GQA, SwiGLU, no dropout). Per token and layer, in elements of ``a`` bytes::
 
     replicated over TP (divided by t with sequence parallelism):
-        4 D            two RMSNorm inputs + their outputs (the QKV and fc1 inputs)
-    split over TP:
-        (H + 2 H_kv) d / t   fused QKV output (its V slice is what attention keeps)
+        6 D            per RMSNorm: its input and the normalized x; then the weighted output,
+                       which the next linear (QKV, fc1) keeps as its input
+    split over TP (cp = 1):
+        (H + 2 H_kv) d / t   fused QKV output (V is a view of it, so attention keeps all of it)
         (H + H_kv) d / t     Q and K after RoPE
         H d / t              attention output (kept by the kernel and by the output projection)
-        4 F / t              fc1 output [gate | up] (2F), silu(gate) (F), silu(gate)*up = fc2 input (F)
+        5 F / t              SwiGLU: fc1 output [gate | up] (2F), silu(gate), up + offset, and
+                             their product (the fc2 input), F each
+    plus fp32: two RMSNorm rstd (8 bytes), RoPE cos/sin for Q and K (16 d bytes),
+    the attention log-sum-exp (4 H / t bytes).
 
-plus, per token, the kernel's fp32 log-sum-exp ``4 H / t`` bytes; with ``cp > 1`` the all-gathered
-K and V of the whole row, ``2 S H_kv d / t`` elements per row and layer (see
-:mod:`megatron_smd.parallel.cp`); with ``attention_backend: sdpa`` the dense boolean mask,
-``s S`` bytes per row and layer (``H/t`` times that for per-head eviction). Local tokens per rank
-are ``s = S / c``. Full recomputation (``learner.megatron.recompute_granularity: full``) keeps only
-each layer's input, ``D`` elements per token (Korthikanti sec. 4.1's ``2sbh`` per layer), and
+With ``cp > 1`` attention keeps the local Q and the all-gathered K and V of the whole row
+(``2 S H_kv d / t`` elements per row and layer, :mod:`megatron_smd.parallel.cp`) instead of the
+fused QKV output and the local K. With ``attention_backend: sdpa`` the dense mask as SDPA keeps it,
+``s S`` elements per row and layer (``H/t`` times that for per-head eviction); flex and TE keep no
+``s x S`` tensor. Local tokens per rank are ``s = S / c``. Per micro-batch: the int32 ``evict`` mask
+``[b, L, S]``, the int64 token ids (first stage), the final RMSNorm and output-layer input (``3 D``
+per token, last stage). Full recomputation (``learner.megatron.recompute_granularity: full``) keeps
+only each layer's input, ``D`` elements per token (Korthikanti sec. 4.1's ``2sbh`` per layer), and
 re-creates one layer's activations during its backward (counted as transient). Selective
-recomputation drops the attention-internal terms (log-sum-exp, mask, gathered K/V).
+recomputation drops the attention-internal terms (mask, gathered K/V). The test checks these counts
+against the bytes autograd actually saves (``torch.autograd.graph.saved_tensors_hooks``) on the tiny
+model for TP=1, TP=2, CP=2 and full recomputation.
 
 **Pipeline**: with 1F1B, stage ``k`` holds the activations of ``min(p - k, m)`` micro-batches,
 ``m`` the number of micro-batches per optimizer step on one DP rank (Narayanan et al. 2021,
