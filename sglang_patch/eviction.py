@@ -230,6 +230,8 @@ class RequestEviction:
     replayable: bool = True
     not_replayable_reason: str = ""
     evictions: int = 0
+    private_held: int = 0  # private (decode) slots currently allocated to this request
+    peak_private_held: int = 0  # their peak over the run: the request's own token-pool usage
     step_open: list[bool] = field(default_factory=list)
 
     def ensure_capacity(self, n: int) -> None:
@@ -323,6 +325,33 @@ class EvictionManager:
         return kb[slots.to(kb.device)].transpose(0, 1).cpu()
 
     # ------------------------------------------------------------------ prefill
+    def prepare_prompt(self, req, queries: list[torch.Tensor]) -> PromptState:
+        """The shared :class:`PromptState` of ``req``'s prompt: cached, or built now from the pool.
+
+        Needs the prompt's K/V in the pool (``req_to_token[row, :P]``) and this prefill's queries
+        (per layer ``[n, H_q, d]`` for positions ``[P - n, P)``). Called for every request whose
+        prefill completed, including SGLang's ``max_new_tokens=0`` prefix-caching request of a
+        parallel-sampling group, so the group's samples (which re-extend one token) find it.
+        """
+        prompt = tuple(int(t) for t in req.origin_input_ids)
+        P = len(prompt)
+        if len(queries) != self.L:
+            raise ValueError(f"prepare_prompt: {len(queries)} layers of queries, the model has {self.L}")
+        n = queries[0].shape[0]
+        ps = self._prompt_cache.get(prompt)
+        if ps is None or (ps.partial and n == P):
+            slots = self._row_slots(int(req.kv.req_pool_idx), torch.arange(P))
+            keys = [self._keys(li, slots) for li in range(self.L)]
+            dt = keys[0].dtype if keys[0].dtype == torch.float64 else torch.float32
+            qs = [q.reshape(n, self.H_q, self.d).transpose(0, 1).to(dt) for q in queries]  # [H_q, n, d]
+            ps = build_prompt_state(self.policy, keys, qs, P - n)
+            self._prompt_cache[prompt] = ps
+            while len(self._prompt_cache) > self.prompt_cache_size:
+                self._prompt_cache.pop(next(iter(self._prompt_cache)))
+        else:  # LRU touch
+            self._prompt_cache[prompt] = self._prompt_cache.pop(prompt)
+        return ps
+
     def start_request(self, req, queries: list[torch.Tensor]) -> RequestEviction:
         """Register a request whose prompt has just been prefilled and checkpointed into the tree.
 
@@ -344,22 +373,7 @@ class EvictionManager:
         if int(req.kv.cache_protected_len) != P:
             raise ValueError(f"request {rid}: the tree owns {req.kv.cache_protected_len} of {P} prompt "
                              f"tokens after prefill (expected the whole prompt: page size 1, radix on)")
-        if len(queries) != self.L:
-            raise ValueError(f"start_request: {len(queries)} layers of queries, the model has {self.L}")
-        n = queries[0].shape[0]
-        ps = self._prompt_cache.get(prompt)
-        if ps is None or (ps.partial and n == P):
-            slots = self._row_slots(row, torch.arange(P))
-            keys = [self._keys(li, slots) for li in range(self.L)]
-            qs = [q.transpose(0, 1).to(keys[0].dtype if keys[0].is_floating_point() else torch.float32)
-                  for q in queries]  # [H_q, n, d]
-            ps = build_prompt_state(self.policy, keys, qs, P - n)
-            self._prompt_cache[prompt] = ps
-            while len(self._prompt_cache) > self.prompt_cache_size:
-                self._prompt_cache.pop(next(iter(self._prompt_cache)))
-        else:  # LRU touch
-            self._prompt_cache[prompt] = self._prompt_cache.pop(prompt)
-
+        ps = self.prepare_prompt(req, queries)
         gkey = (prompt, getattr(req, "extra_key", None), getattr(req, "cache_salt", None), id(req.last_node))
         group = self._groups.get(gkey)
         if group is None:
@@ -402,6 +416,9 @@ class EvictionManager:
         if st.step_open[layer]:
             raise RuntimeError(f"request {rid}: layer {layer} already ran position {i} this step")
         st.ensure_capacity(i + 1)
+        if layer == 0:
+            st.private_held += 1
+            st.peak_private_held = max(st.peak_private_held, st.private_held)
         pos_i = torch.tensor([i], dtype=torch.int64)
         st.live[layer] = torch.cat([st.live[layer], pos_i])
         slots = self._row_slots(st.row, st.live[layer])
@@ -419,6 +436,14 @@ class EvictionManager:
                 st.obs_pos = torch.cat([st.obs_pos, pos_i])[-w:]
         st.step_open[layer] = True
         return slots
+
+    def next_kv_indices(self, row: int, layer: int) -> torch.Tensor:
+        """Slots ``layer`` of the request in ``row`` attends in the decode step about to run:
+        its live positions plus the new token at ``next_pos`` (whose slot SGLang wrote into
+        ``req_to_token`` before the forward). Read-only; :meth:`decode_layer` commits the step."""
+        st = self._by_row[int(row)]
+        pos = torch.cat([st.live[layer], torch.tensor([st.next_pos], dtype=torch.int64)])
+        return self._row_slots(st.row, pos)
 
     def kv_indices(self, rid: str, layer: int) -> torch.Tensor:
         """The slots ``layer`` of ``rid`` currently attends (``req_to_token[row, live[layer]]``)."""
@@ -491,6 +516,7 @@ class EvictionManager:
             raise RuntimeError(f"request {st.rid}: private positions {positions.tolist()} map to the dummy slot")
         self.allocator.free(slots.to(self.allocator.device))
         st.freed[positions] = True
+        st.private_held -= int(positions.numel())
         self.rtp.req_to_token[st.row, positions.to(self.rtp.req_to_token.device)] = DUMMY_SLOT
         self.stats["private_slots_freed"] += int(positions.numel())
 
@@ -637,6 +663,7 @@ class EvictionManager:
         ev = st.evict[:, :seq_len].clamp(max=seq_len).to(EVICT_DTYPE)
         return {"evict": encode_mask(ev), "prompt_state": st.prompt_state, "replayable": st.replayable,
                 "not_replayable_reason": st.not_replayable_reason, "evictions": st.evictions,
+                "peak_private_slots": st.peak_private_held, "prompt_len": st.prompt_len,
                 "policy": self.cfg.model_dump(mode="json")}
 
     def evict_tensor(self, rid: str, seq_len: int) -> torch.Tensor:

@@ -417,3 +417,154 @@ def test_refuses_paged_allocator_and_per_head_policy(sg):
     alloc = AL.TokenToKVPoolAllocator(64, torch.float32, "cpu", kv, False)
     with pytest.raises(EvictionConfigError, match="granularity"):
         EvictionManager(PolicyConfig(name="h2o", budget=16, window=4, granularity="head"), allocator=alloc, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher, version pin, patch targets, client (no SGLang process needed)
+# ----------------------------------------------------------------------------------------------
+
+GOOD = ["--model-path", "m", "--attention-backend", "triton", "--page-size", "1",
+        "--disable-overlap-schedule", "--disable-decode-cuda-graph", "--smd-policy", "h2o",
+        "--smd-budget", "64", "--smd-window", "8"]
+
+
+def test_launcher_accepts_supported_settings_and_passes_the_rest_through():
+    from sglang_patch.launch_server import parse_args
+
+    policy, rest = parse_args(GOOD + ["--port", "30001"], env={})
+    assert (policy.name, policy.budget, policy.window) == ("h2o", 64, 8)
+    assert "--smd-policy" not in rest and rest[:2] == ["--model-path", "m"] and rest[-2:] == ["--port", "30001"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--attention-backend": "fa3"}, "--attention-backend fa3 is not supported"),
+    ({"--attention-backend": "flashinfer"}, "--attention-backend flashinfer is not supported"),
+    ({"--attention-backend": None}, "--attention-backend must be given explicitly"),
+    ({"--page-size": "16"}, "--page-size must be 1"),
+    ({"--disable-overlap-schedule": None}, "--disable-overlap-schedule is required"),
+    ({"--disable-decode-cuda-graph": None}, "CUDA graph decode is not supported"),
+    ({"--smd-budget": "8"}, "window must be < budget"),
+    ({"--smd-granularity": "head"}, "granularity='head' is not supported"),
+    ({"--tp-size": "2"}, "--tp-size 2 is not supported"),
+    ({"--disable-radix-cache": ""}, "--disable-radix-cache is not supported"),
+])
+def test_launcher_refuses_unsupported_settings(change, message):
+    from sglang_patch.launch_server import parse_args
+
+    argv = list(GOOD)
+    for flag, val in change.items():
+        if flag in argv:
+            i = argv.index(flag)
+            takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            del argv[i: i + (2 if takes_value else 1)]
+        if val is not None:
+            argv += [flag] + ([val] if val else [])
+    with pytest.raises(EvictionConfigError, match=__import__("re").escape(message)):
+        parse_args(argv, env={})
+
+
+def test_launcher_refuses_original_logprob_env_and_reports_every_problem():
+    from sglang_patch.launch_server import parse_args
+
+    with pytest.raises(EvictionConfigError) as e:
+        parse_args(["--smd-policy", "streaming", "--smd-budget", "32", "--page-size", "4"],
+                   env={"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"})
+    msg = str(e.value)
+    for part in ("--page-size must be 1", "--disable-overlap-schedule", "CUDA graph",
+                 "--attention-backend must be given", "SGLANG_RETURN_ORIGINAL_LOGPROB"):
+        assert part in msg
+
+
+def test_launcher_main_exits_2_with_the_reason(capsys):
+    from sglang_patch.launch_server import main
+
+    assert main(GOOD[:-6] + ["--smd-policy", "h2o"]) == 2  # budget missing
+    assert "budget is required" in capsys.readouterr().err
+
+
+def test_version_pin_is_loud():
+    from sglang_patch.version import SGLANG_VERSION, SGLangVersionError, check_sglang_version
+
+    assert check_sglang_version(SGLANG_VERSION) == SGLANG_VERSION
+    with pytest.raises(SGLangVersionError, match="0.5.5.*targets sglang==0.5.23"):
+        check_sglang_version("0.5.5")
+    assert check_sglang_version() == "0.5.23"  # the installed one
+
+
+def test_patch_targets_exist_in_installed_sglang():
+    from sglang_patch.patch import TARGETS, verify_targets
+
+    assert len(TARGETS) >= 10 and verify_targets() == []
+
+
+def test_client_converts_server_output_to_reference_trajectories(model64):
+    """A loopback HTTP server answers /generate in SGLang's format with a reference engine's group;
+    the client must return the very same trajectories (tokens, log-probs, masks)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from megatron_smd.rollout.io import RolloutBatch
+    from sglang_patch.client import SGLangClient
+
+    policy = POLICIES["h2o"]
+    prompts = [[5 + (3 * i) % 20 for i in range(20)], [7 + (5 * i) % 30 for i in range(18)]]
+    ref = {tuple(p): run_reference(model64, policy, p, 2, 10, seed=k) for k, p in enumerate(prompts)}
+    seen = []
+
+    class H(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            out = []
+            for t in ref[tuple(body["input_ids"])]:
+                P = t.prompt_len
+                out.append({"output_ids": t.tokens[P:], "meta_info": {
+                    "finish_reason": {"type": "length", "length": len(t.tokens) - P},
+                    "output_token_logprobs": [[float(t.sampler_logprobs[j]), t.tokens[j], None]
+                                              for j in range(P, len(t.tokens))],
+                    "smd_evict": [{"evict": encode_mask(t.evict), "replayable": True}]}})
+            data = json.dumps(out).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        client = SGLangClient([url, url], num_layers=model64.arch.num_layers, timeout_s=30)
+        trajs, stats = client.generate(prompts, n=2, sampling=SamplingParams(max_new_tokens=10, seed=4))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert all(b["return_logprob"] and b["sampling_params"]["n"] == 2 for b in seen)
+    expected = [t for p in prompts for t in ref[tuple(p)]]
+    assert len(trajs) == 4 and stats.generated_tokens == 40
+    for k, (got, exp) in enumerate(zip(trajs, expected)):
+        assert got.tokens == exp.tokens and got.prompt_len == exp.prompt_len
+        assert (got.prompt_index, got.sample_index) == (k // 2, k % 2)
+        assert torch.equal(got.evict, exp.evict)
+        assert torch.allclose(got.sampler_logprobs, exp.sampler_logprobs, atol=1e-6, rtol=0)
+    batch = RolloutBatch.from_trajectories(trajs, {"num_layers": model64.arch.num_layers})
+    assert batch.evict.shape == (4, model64.arch.num_layers, 30)
+
+
+def test_client_rejects_unpatched_server_output():
+    from megatron_smd.errors import FormatError
+    from sglang_patch.client import SGLangClient
+
+    c = SGLangClient(["http://127.0.0.1:9"], num_layers=2)
+    item = {"output_ids": [4], "meta_info": {"output_token_logprobs": [[-1.0, 4, None]],
+                                             "finish_reason": {"type": "length"}}}
+    with pytest.raises(FormatError, match="sglang_patch.launch_server"):
+        c.to_trajectory([1, 2], item, 0, 0)
+    item["meta_info"]["smd_evict"] = [{"evict": encode_mask(torch.full((2, 3), 4, dtype=torch.int32)),
+                                       "replayable": True}]
+    with pytest.raises(Exception, match="past the end"):
+        c.to_trajectory([1, 2], item, 0, 0)

@@ -1,0 +1,149 @@
+"""Trainer-side client: sample GRPO groups from patched SGLang servers, return megatron_smd trajectories.
+
+``rollout.backend: sglang`` uses this in place of :class:`megatron_smd.rollout.engine.ReferenceEngine`;
+:meth:`SGLangClient.generate` has the same signature and returns the same
+:class:`~megatron_smd.rollout.engine.Trajectory` objects, so :class:`RolloutBatch` and everything
+after it are unchanged.
+
+Protocol (SGLang's native ``POST /generate``; sglang-router exposes the same route, so a router
+URL is just one more base URL)::
+
+    {"input_ids": prompt, "return_logprob": true,
+     "sampling_params": {"n": group_size, "max_new_tokens", "temperature", "top_p", "top_k",
+                         "stop_token_ids", "sampling_seed", "no_stop_trim": true}}
+    -> [{"output_ids": [...], "meta_info": {"finish_reason": {"type": "stop" | "length"},
+          "output_token_logprobs": [[logprob, token_id, null], ...],
+          "smd_evict": [{"evict": {"b64", "shape": [L, T], "dtype": "int32"}, "replayable", ...}]}},
+        ... n entries]
+
+One request per prompt (SGLang then prefills the prompt once and shares it through the radix
+cache); prompts are spread round-robin over the base URLs and sent concurrently.
+``sampler_logprobs[t]`` is SGLang's ``output_token_logprobs`` (the temperature-scaled
+full-vocabulary log-softmax unless ``SGLANG_RETURN_ORIGINAL_LOGPROB`` is set, which the launcher
+refuses), 0 on prompt positions, as in the reference engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_smd.errors import FormatError, SMDError
+from megatron_smd.mask import validate_evict
+from megatron_smd.rollout.engine import RolloutStats, SamplingParams, Trajectory
+
+from .eviction import decode_mask
+from .patch import META_KEY
+
+
+@dataclass
+class SGLangClient:
+    """Client of one or more patched SGLang servers (or sglang-router URLs).
+
+    Attributes:
+        urls: base URLs, e.g. ``["http://10.0.0.5:30000"]``.
+        num_layers: the model's layer count (checked against every returned mask).
+        timeout_s: per-request HTTP timeout.
+        require_replayable: raise if a server reports a trajectory whose K/V were recomputed
+            (retraction); otherwise such trajectories are listed in ``last_not_replayable``.
+    """
+
+    urls: list[str]
+    num_layers: int
+    timeout_s: float = 600.0
+    require_replayable: bool = True
+    last_not_replayable: list[int] = field(default_factory=list)
+    #: per trajectory of the last ``generate``: the export's extra fields (``peak_private_slots``,
+    #: ``evictions``, ``prompt_state``, ...), the mask itself removed.
+    last_export_info: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.urls:
+            raise SMDError("SGLangClient: no server URL given (rollout.sglang.urls)")
+        self.urls = [u.rstrip("/") for u in self.urls]
+
+    # ------------------------------------------------------------------ HTTP
+    def _post(self, url: str, payload: dict):
+        req = urllib.request.Request(url + "/generate", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise SMDError(f"{url}/generate: HTTP {e.code}: {e.read()[:500]!r}") from None
+        except urllib.error.URLError as e:
+            raise SMDError(f"{url}/generate: cannot reach the server ({e.reason})") from None
+
+    @staticmethod
+    def request_payload(prompt: list[int], n: int, sp: SamplingParams, prompt_index: int) -> dict:
+        params = {"n": n, "max_new_tokens": sp.max_new_tokens, "temperature": sp.temperature,
+                  "top_p": sp.top_p, "top_k": sp.top_k if sp.top_k > 0 else -1,
+                  "stop_token_ids": list(sp.stop_token_ids), "no_stop_trim": True,
+                  "sampling_seed": (sp.seed * 1_000_003 + prompt_index * 7919) % (2**31 - 1)}
+        return {"input_ids": list(prompt), "sampling_params": params, "return_logprob": True}
+
+    # ------------------------------------------------------------------ public
+    def generate(self, prompts: list[list[int]], n: int = 1, sampling: SamplingParams | None = None
+                 ) -> tuple[list[Trajectory], RolloutStats]:
+        """Sample ``n`` completions per prompt. Returns trajectories ordered prompt-major."""
+        sp = sampling or SamplingParams()
+        if n < 1 or not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("need n >= 1 and non-empty prompts")
+        t0 = time.perf_counter()
+        jobs = [(self.urls[i % len(self.urls)], self.request_payload(p, n, sp, i)) for i, p in enumerate(prompts)]
+        with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as ex:
+            outs = list(ex.map(lambda j: self._post(*j), jobs))
+        trajs: list[Trajectory] = []
+        self.last_not_replayable = []
+        self.last_export_info = []
+        for pi, (prompt, out) in enumerate(zip(prompts, outs)):
+            items = out if isinstance(out, list) else [out]
+            if len(items) != n:
+                raise FormatError(f"{jobs[pi][0]}/generate: {len(items)} outputs for prompt {pi}, asked n={n}")
+            for si, item in enumerate(items):
+                trajs.append(self.to_trajectory(prompt, item, pi, si, where=f"{jobs[pi][0]} prompt {pi} sample {si}"))
+        stats = RolloutStats(generated_tokens=sum(t.seq_len - t.prompt_len for t in trajs),
+                             seconds=time.perf_counter() - t0)
+        return trajs, stats
+
+    def to_trajectory(self, prompt: list[int], item: dict, prompt_index: int, sample_index: int,
+                      *, where: str = "response") -> Trajectory:
+        """Convert one SGLang output object into a :class:`Trajectory` (validated)."""
+        try:
+            out_ids = [int(t) for t in item["output_ids"]]
+            meta = item["meta_info"]
+            lps = meta["output_token_logprobs"]
+            fin = meta.get("finish_reason") or {}
+        except (KeyError, TypeError) as e:
+            raise FormatError(f"{where}: malformed SGLang output ({e!r} missing)") from None
+        if len(lps) != len(out_ids):
+            raise FormatError(f"{where}: {len(lps)} log-probs for {len(out_ids)} output tokens")
+        if any(int(lp[1]) != t for lp, t in zip(lps, out_ids)):
+            raise FormatError(f"{where}: output_token_logprobs token ids disagree with output_ids")
+        ex_list = meta.get(META_KEY)
+        if not ex_list:
+            raise FormatError(f"{where}: no meta_info['{META_KEY}']: is the server running "
+                              f"python -m sglang_patch.launch_server?")
+        ex = ex_list[-1]
+        tokens = list(prompt) + out_ids
+        T, P = len(tokens), len(prompt)
+        if not ex.get("replayable", False):
+            if self.require_replayable:
+                raise SMDError(f"{where}: not replayable ({ex.get('not_replayable_reason') or 'unknown'}): "
+                               f"its K/V were recomputed (retraction); enlarge the KV pool")
+            self.last_not_replayable.append(len(self.last_not_replayable))
+        self.last_export_info.append({k: v for k, v in ex.items() if k != "evict"})
+        evict = decode_mask(ex["evict"], name=f"{where}: meta_info['{META_KEY}']")
+        validate_evict(evict, seq_end=T, num_layers=self.num_layers, name=f"{where}: {META_KEY}")
+        lp = torch.zeros(T, dtype=torch.float32)
+        lp[P:] = torch.tensor([float(x[0]) for x in lps], dtype=torch.float32)
+        ftype = fin.get("type") if isinstance(fin, dict) else None
+        return Trajectory(tokens=tokens, prompt_len=P, sampler_logprobs=lp, evict=evict,
+                          prompt_index=prompt_index, sample_index=sample_index,
+                          finish_reason="stop" if ftype in ("stop", "matched") else "length")

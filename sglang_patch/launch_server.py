@@ -1,0 +1,179 @@
+"""Launch an SGLang server with per-layer KV eviction and shadow-mask export.
+
+Run::
+
+    python -m sglang_patch.launch_server --model-path MODEL --attention-backend triton \\
+        --page-size 1 --disable-overlap-schedule --disable-decode-cuda-graph \\
+        --smd-policy h2o --smd-budget 1024 [--smd-window 32 --smd-sinks 4 ...] [other SGLang args]
+
+Our flags (``--smd-*``, the fields of :class:`megatron_smd.policies.PolicyConfig`) are consumed
+here; everything else is passed to SGLang's own ``launch_server`` unchanged. Before SGLang starts,
+the settings are checked and anything the patch cannot honour is refused with the reason — never
+silently run dense:
+
+* ``--attention-backend`` (and ``--decode-attention-backend`` if given) must be ``triton``;
+* ``--page-size 1`` (a paged allocator frees whole pages);
+* ``--disable-overlap-schedule`` (frees happen after the forward, at a synced point);
+* ``--disable-decode-cuda-graph`` (or ``--cuda-graph-backend-decode disabled``): captured graphs
+  bake the KV index buffers' shapes;
+* no ``--disable-radix-cache`` (the shared prompt is tree-owned), ``--tp-size 1``, no speculative
+  decoding, no hierarchical cache, ``--smd-granularity layer``;
+* a budget the policy accepts (e.g. H2O/SnapKV/R-KV need ``budget > window``);
+* ``SGLANG_RETURN_ORIGINAL_LOGPROB`` unset (the returned log-probs must be the temperature-scaled
+  distribution the learner uses).
+
+The policy reaches every SGLang process through the environment (:data:`patch.ENV_CONFIG`) and is
+applied there by SGLang's plugin loader (``sglang.srt.plugins`` entry point
+``sglang_patch.patch:plugin_entry``); the launcher refuses to start if that entry point is not
+installed. It also sets ``SGLANG_DISABLE_LEAN_ATTENTION=1`` (Lean decode reads ``seq_lens``, not
+the index lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from megatron_smd.errors import ConfigError
+from megatron_smd.policies import PolicyConfig
+
+from .eviction import EvictionConfigError, check_policy_supported
+
+SUPPORTED_BACKENDS = ("triton",)
+PLUGIN_NAME = "smd_eviction"
+
+
+def _smd_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--smd-policy", required=True, choices=["none", "streaming", "h2o", "snapkv", "rkv"])
+    p.add_argument("--smd-budget", type=int)
+    p.add_argument("--smd-window", type=int)
+    p.add_argument("--smd-sinks", type=int)
+    p.add_argument("--smd-pool-kernel", type=int)
+    p.add_argument("--smd-pooling", choices=["max", "avg"])
+    p.add_argument("--smd-buffer", type=int)
+    p.add_argument("--smd-rkv-lambda", type=float)
+    p.add_argument("--smd-granularity", choices=["layer", "head"])
+    return p
+
+
+def _sglang_view_parser() -> argparse.ArgumentParser:
+    """The few SGLang flags we must see (SGLang parses them again itself)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--attention-backend")
+    p.add_argument("--decode-attention-backend")
+    p.add_argument("--prefill-attention-backend")
+    p.add_argument("--page-size", type=int)
+    p.add_argument("--disable-overlap-schedule", action="store_true")
+    p.add_argument("--disable-decode-cuda-graph", action="store_true")
+    p.add_argument("--disable-cuda-graph", action="store_true")  # deprecated spelling SGLang still maps
+    p.add_argument("--cuda-graph-backend-decode")
+    p.add_argument("--disable-radix-cache", action="store_true")
+    p.add_argument("--tp-size", "--tp", type=int, default=1)
+    p.add_argument("--speculative-algorithm")
+    p.add_argument("--enable-hierarchical-cache", action="store_true")
+    return p
+
+
+def parse_args(argv: Sequence[str], env: dict | None = None) -> tuple[PolicyConfig, list[str]]:
+    """Split ``argv`` into our policy and SGLang's arguments, refusing unsupported settings.
+
+    Returns ``(policy, sglang_argv)``. Raises :class:`EvictionConfigError` (a ``ConfigError``)
+    listing every problem, each naming the flag.
+    """
+    env = os.environ if env is None else env
+    ours, rest = _smd_parser().parse_known_args(list(argv))
+    fields = {k[len("smd_"):]: v for k, v in vars(ours).items() if v is not None}
+    fields["name"] = fields.pop("policy")
+    try:
+        policy = PolicyConfig(**fields)
+    except ValidationError as e:
+        msgs = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        raise EvictionConfigError(f"--smd-* flags: {msgs}") from None
+    errs: list[str] = []
+    try:
+        check_policy_supported(policy)
+    except EvictionConfigError as e:
+        errs.append(str(e))
+    sg, _ = _sglang_view_parser().parse_known_args(rest)
+    for flag, val in (("--attention-backend", sg.attention_backend),
+                      ("--decode-attention-backend", sg.decode_attention_backend)):
+        if flag == "--attention-backend" and val is None and sg.decode_attention_backend is None:
+            errs.append("--attention-backend must be given explicitly (supported: triton); SGLang's "
+                        "automatic choice is FA3/FlashInfer, which this patch does not support")
+        elif val is not None and val not in SUPPORTED_BACKENDS:
+            errs.append(f"{flag} {val} is not supported by smd eviction (supported: "
+                        f"{', '.join(SUPPORTED_BACKENDS)}): the patch rewrites the Triton decode "
+                        f"backend's per-layer kv_indptr/kv_indices; FA3 and FlashInfer are not built")
+    if sg.page_size != 1:
+        errs.append(f"--page-size must be 1 (got {sg.page_size}): a paged allocator frees whole pages, "
+                    f"so a single evicted token could not return its slot")
+    if not sg.disable_overlap_schedule:
+        errs.append("--disable-overlap-schedule is required: evicted slots are freed after the decode "
+                    "forward finished; the overlap scheduler runs the next forward meanwhile")
+    graph_off = sg.disable_decode_cuda_graph or sg.disable_cuda_graph or sg.cuda_graph_backend_decode == "disabled"
+    if not graph_off:
+        errs.append("--disable-decode-cuda-graph is required: CUDA graph decode is not supported "
+                    "(captured graphs bake the KV index buffers' shapes; per-layer lists change every step)")
+    if sg.disable_radix_cache:
+        errs.append("--disable-radix-cache is not supported: GRPO samples share their prompt through "
+                    "the radix cache, which the patch keeps tree-owned")
+    if sg.tp_size != 1:
+        errs.append(f"--tp-size {sg.tp_size} is not supported (need 1): each TP rank scores only its "
+                    f"heads, and a cross-rank reduction of the scores is not built")
+    if sg.speculative_algorithm:
+        errs.append(f"--speculative-algorithm {sg.speculative_algorithm} is not supported")
+    if sg.enable_hierarchical_cache:
+        errs.append("--enable-hierarchical-cache is not supported (host copies would outlive freed slots)")
+    if env.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes"):
+        errs.append("SGLANG_RETURN_ORIGINAL_LOGPROB must be unset: the trajectory's log-probs are the "
+                    "temperature-scaled distribution the learner uses")
+    if errs:
+        raise EvictionConfigError("refusing to start SGLang with smd eviction:\n  - " + "\n  - ".join(errs))
+    return policy, rest
+
+
+def plugin_installed() -> bool:
+    """Whether SGLang's plugin loader will find :func:`sglang_patch.patch.plugin_entry`."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == PLUGIN_NAME and ep.value == "sglang_patch.patch:plugin_entry"
+               for ep in entry_points(group="sglang.srt.plugins"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        policy, rest = parse_args(argv)
+        from .version import check_sglang_version
+
+        check_sglang_version()
+        if not plugin_installed():
+            raise EvictionConfigError(
+                "the sglang_patch plugin entry point is not installed (pyproject.toml: "
+                '[project.entry-points."sglang.srt.plugins"] smd_eviction = '
+                '"sglang_patch.patch:plugin_entry"; then pip install -e .): without it SGLang\'s '
+                "scheduler process would run dense")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from . import patch
+
+    os.environ[patch.ENV_CONFIG] = json.dumps(policy.model_dump(mode="json"))
+    os.environ.setdefault("SGLANG_DISABLE_LEAN_ATTENTION", "1")
+    patch.apply()  # this process too (the engine), before SGLang reads anything
+    from sglang.srt.server_args import prepare_server_args
+
+    from sglang.launch_server import run_server  # SGLang's own entry point
+
+    run_server(prepare_server_args(rest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
