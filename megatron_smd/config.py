@@ -94,8 +94,11 @@ class ModelConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
-    backend: Literal["reference"] = "reference"
-    """Rollout engine. ``reference``: the pure-torch engine in this package (CPU default)."""
+    backend: Literal["reference", "sglang"] = "reference"
+    """Rollout engine. ``reference``: the pure-torch engine in this package (CPU default);
+    ``sglang``: patched SGLang servers (``python -m sglang_patch.launch_server``) at ``sglang_urls``."""
+    sglang_urls: list[str] = Field(default_factory=list)
+    """Base URLs of the SGLang servers (or one sglang-router) for ``backend: sglang``."""
     num_prompts: int = Field(8, ge=1)
     """Prompts per rollout batch."""
     group_size: int = Field(4, ge=1)

@@ -115,6 +115,12 @@ def init_layout(cfg: ExperimentConfig, arch):
     if "WORLD_SIZE" not in os.environ:  # single process, not under torchrun
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     layout = ParallelLayout.from_env(tp=r.tp, pp=r.pp, cp=r.cp)
+    if layout.dp != r.dp:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"resources: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {r.learner_world_size} learner ranks, but this job "
+            f"has {layout.world_size} process(es) (launch with torchrun --nproc_per_node {r.learner_world_size})")
     layout.validate(arch, seq_len=None)
     layout.initialize(seed=cfg.learner.seed)
     return layout
@@ -171,7 +177,10 @@ def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         model = RefTransformer.from_pretrained(start)
-        ctx.engine = ReferenceEngine(model, rollout_policy(cfg), kv_growth=cfg.rollout.kv_growth)
+        if cfg.rollout.backend == "sglang":
+            ctx.engine = sglang_engine(cfg, arch)
+        else:
+            ctx.engine = ReferenceEngine(model, rollout_policy(cfg), kv_growth=cfg.rollout.kv_growth)
         ctx.eval_engines = {"dense": ReferenceEngine(model, None), "compressed": ReferenceEngine(model, cfg.rollout.policy)}
         ctx.logger = make_logger("tensorboard" if cfg.logging.tensorboard else "none", run_dir / "tensorboard")
         if cfg.logging.progress_bar:
@@ -184,6 +193,20 @@ def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
     elif ctx.start_step == 0 and ctx.rank0 and ctx.history == []:
         pass
     return ctx
+
+
+def sglang_engine(cfg: ExperimentConfig, arch):
+    """Rollouts from patched SGLang servers: same trajectory format as the reference engine.
+
+    The servers own the eviction policy (``--smd-policy`` at launch, see sglang_patch); weights
+    reach them through the ``sglang`` sync transport."""
+    from sglang_patch.client import SGLangClient
+
+    if not cfg.rollout.sglang_urls:
+        raise SMDError("rollout.backend=sglang needs rollout.sglang_urls (the servers' or the router's base URLs)")
+    if cfg.sync.transport != "sglang":
+        raise SMDError(f"rollout.backend=sglang needs sync.transport=sglang, got {cfg.sync.transport!r}")
+    return SGLangClient(cfg.rollout.sglang_urls, arch.num_layers)
 
 
 def ensure_model_once(cfg: ExperimentConfig):

@@ -116,7 +116,7 @@ def _replay_gap(model_dir, trajs) -> float:
     from megatron_smd.rollout.io import RolloutBatch
 
     batch = RolloutBatch.from_trajectories(trajs, {"sampling": {"temperature": 1.0}})
-    model = RefTransformer.from_pretrained(model_dir, dtype=torch.float32).cuda().cpu()
+    model = RefTransformer.from_pretrained(model_dir, dtype=torch.float32)  # the learner reference, fp32
     return gap_metrics(torch_replay_logprobs(model, batch, "shadow"), batch)["max_abs_logprob_diff"]
 
 

@@ -132,3 +132,29 @@ def test_killed_run_keeps_complete_checkpoints_and_resumes(tmp_path, tiny_qwen2_
     res = train(_cfg(tmp_path, tiny_qwen2_dir, **{"algorithm.correction": "smd", "train.steps": reached + 1,
                                                   "train.eval_every": 0}), resume="auto")
     assert res["history"][-1]["step"] == reached + 1
+
+
+@pytest.mark.parametrize("layout", [["resources.tp=2"], ["resources.dp=2"]], ids=["tp2", "dp2"])
+def test_two_rank_training_matches_single_process(layout, tmp_path, tiny_qwen2_dir):
+    """torchrun with 2 gloo ranks (TP=2, or DP=2 splitting each mini-batch) trains the same weights as one
+    process: the loss is normalised over the whole mini-batch before DDP's sum-reduction."""
+    common = [f"model.path={tiny_qwen2_dir}", "sft.enabled=false", "task.num_pairs=6", "task.num_queries=1",
+              "task.key_digits=2", "task.value_digits=1", "rollout.num_prompts=2", "rollout.group_size=2",
+              "rollout.max_new_tokens=4", "rollout.policy.budget=12", "rollout.policy.window=4", "train.steps=2",
+              "train.eval_every=0", "logging.progress_bar=false", "learner.micro_batch_size=2",
+              "algorithm.correction=smd"]
+    single = _cfg(tmp_path / "one", tiny_qwen2_dir, **{"algorithm.correction": "smd", "train.steps": 2,
+                                                       "train.eval_every": 0, "learner.micro_batch_size": 2})
+    train(single, resume="none")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    from _dist import free_port
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", "-m", "megatron_smd.cli", "train", "--config",
+                           str(REPO / "configs" / "tiny-cpu.yaml"), f"output_dir={tmp_path / 'two'}", *common, *layout],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _params(tmp_path / "one" / "checkpoints"), _params(tmp_path / "two" / "checkpoints")
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= 1e-5, diff
