@@ -1,0 +1,234 @@
+"""Buckets of HF-named tensors, their wire layout, checksums and safetensors shards (pure torch).
+
+A :class:`Bucket` is what the resharder yields and every transport moves: an ordered list of
+``(hf_name, tensor)`` whose bytes add up to at most the bucket size (a single tensor larger than
+the bucket travels alone). Its *wire layout* (:meth:`Bucket.flatten`) is SGLang's
+``FlattenedTensorBucket`` (``sglang/srt/weight_sync/tensor_bucket.py``, the ``flattened_bucket``
+load format): one ``uint8`` tensor holding every tensor's bytes back to back, in bucket order, no
+padding, each tensor starting at a byte offset that is a multiple of its element size. The same
+bytes, preceded by a JSON header, are a valid safetensors file (:func:`write_safetensors`), so the
+``disk`` transport writes a bucket without re-packing it.
+
+Checksums (:func:`tensor_checksum`) are exact integer functions of a tensor's bytes, computed with
+torch integer ops so they give the same value on CPU and GPU and for any reduction order; they are
+what ``sync.verify`` compares between the sender and the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# ------------------------------------------------------------------------------------------ dtypes
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16 -> "bfloat16"``: the spelling SGLang's weight-update API expects
+    (it resolves it with ``getattr(torch, name)``)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype name {name!r}")
+    return dt
+
+
+# --------------------------------------------------------------------------------------- checksums
+_CHUNK_WORDS = 1 << 20  # int16 words per reduction: sum of 2^20 products < 2^20 * 2^15 * 2^24 = 2^59
+_MOD = (1 << 61) - 1  # Mersenne prime for combining chunk sums
+_W_MULT = 0x9E3779B1  # odd 32-bit multiplier (golden ratio), spreads weights over 24 bits
+
+
+def tensor_checksum(t: torch.Tensor) -> int:
+    """A 61-bit checksum of the tensor's bytes (dtype- and device-independent arithmetic).
+
+    The bytes are read as little-endian int16 words ``x_i`` (a trailing odd byte is zero-padded) and
+    combined as ``sum_c M_c * (sum_{i in chunk c} w_i x_i) mod (2^61 - 1)``, with odd per-word
+    weights ``w_i < 2^24`` and per-chunk multipliers ``M_c``. Every partial sum is an exact int64
+    (``|w_i x_i| < 2^39``, 2^20 terms per chunk), so the value does not depend on the reduction
+    order or the device. Any change of a single word changes the sum within its chunk (``w_i`` is
+    odd and nonzero), so single-word corruption is always detected; a swap of two tensors is
+    detected through the per-position weights. It is a corruption check, not a cryptographic hash.
+    """
+    b = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    n = b.numel()
+    if n % 2:
+        b = torch.cat([b, b.new_zeros(1)])
+    words = b.view(torch.int16)
+    total = n  # the byte length is part of the checksum
+    dev = words.device
+    for c, s in enumerate(range(0, words.numel(), _CHUNK_WORDS)):
+        x = words[s:s + _CHUNK_WORDS].to(torch.int64)
+        i = torch.arange(s, s + x.numel(), device=dev, dtype=torch.int64)
+        w = (((i & 0xFFFFFF) * _W_MULT) & 0xFFFFFF) | 1
+        part = int((x * w).sum())
+        mult = (c * 0x2545F4914F6CDD1D + 0x632BE59BD9B4E019) % _MOD or 1
+        total = (total + (part % _MOD) * mult) % _MOD
+    return total
+
+
+# ----------------------------------------------------------------------------------------- bucket
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one tensor lives in a flattened bucket: bytes ``[offset, offset + nbytes)``."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class Bucket:
+    """One bucket of HF tensors from one pipeline stage.
+
+    Attributes:
+        stage: the pipeline stage (``pp_rank``) whose layers these are.
+        index: the bucket's sequence number within its stage (0, 1, ...).
+        names / tensors: the HF names and full tensors, in send order. Tensors are contiguous; they
+            may alias learner parameters (a replicated tensor at TP=1 is the parameter itself), so
+            a transport must be done with a bucket before the learner's next optimizer step.
+        checksums: :func:`tensor_checksum` per tensor, when verification is on.
+    """
+
+    stage: int
+    index: int
+    names: list[str] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    checksums: list[int] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def aligned_for(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` can be appended at the current byte offset (offset % itemsize == 0)."""
+        return self.nbytes % t.element_size() == 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if not t.is_contiguous():
+            raise ValueError(f"bucket: tensor {name} is not contiguous")
+        if not self.aligned_for(t):
+            raise ValueError(f"bucket: {name} ({t.dtype}) would start at byte {self.nbytes}, "
+                             f"not a multiple of its element size")
+        self.names.append(name)
+        self.tensors.append(t)
+
+    def metas(self) -> list[TensorMeta]:
+        out, off = [], 0
+        for name, t in zip(self.names, self.tensors):
+            nb = t.numel() * t.element_size()
+            out.append(TensorMeta(name, t.dtype, tuple(t.shape), off, nb))
+            off += nb
+        return out
+
+    def header(self) -> dict:
+        """Names, dtypes (SGLang spelling), shapes and checksums: the announcement before the bytes."""
+        return {"stage": self.stage, "index": self.index, "names": list(self.names),
+                "dtypes": [dtype_name(t.dtype) for t in self.tensors],
+                "shapes": [list(t.shape) for t in self.tensors],
+                "checksums": None if self.checksums is None else list(self.checksums),
+                "nbytes": self.nbytes}
+
+    def compute_checksums(self) -> None:
+        self.checksums = [tensor_checksum(t) for t in self.tensors]
+
+    def flatten(self, device: torch.device | None = None) -> torch.Tensor:
+        """The wire layout: ``uint8 [nbytes]``, tensors back to back (SGLang ``flattened_bucket``)."""
+        dev = device or (self.tensors[0].device if self.tensors else torch.device("cpu"))
+        flat = torch.empty(self.nbytes, dtype=torch.uint8, device=dev)
+        for m, t in zip(self.metas(), self.tensors):
+            flat[m.offset:m.offset + m.nbytes].copy_(t.reshape(-1).view(torch.uint8))
+        return flat
+
+
+def unflatten(flat: torch.Tensor, names, dtypes, shapes) -> list[tuple[str, torch.Tensor]]:
+    """Views of the tensors in a flattened bucket (the inverse of :meth:`Bucket.flatten`).
+
+    Raises ``ValueError`` when the announced sizes do not add up to ``flat``'s length or a tensor is
+    misaligned (the same checks as SGLang's ``FlattenedTensorBucket.empty``).
+    """
+    out, off = [], 0
+    for name, dt, shape in zip(names, dtypes, shapes, strict=True):
+        dt = dt if isinstance(dt, torch.dtype) else dtype_from_name(dt)
+        n = 1
+        for s in shape:
+            n *= int(s)
+        nb = n * dt.itemsize
+        if off % dt.itemsize:
+            raise ValueError(f"flattened bucket: {name} starts at byte {off}, misaligned for {dt}")
+        if off + nb > flat.numel():
+            raise ValueError(f"flattened bucket: {name} needs bytes [{off}, {off + nb}) of {flat.numel()}")
+        out.append((name, flat[off:off + nb].view(dt).view(tuple(int(s) for s in shape))))
+        off += nb
+    if off != flat.numel():
+        raise ValueError(f"flattened bucket: tensors cover {off} bytes of {flat.numel()}")
+    return out
+
+
+def flat_size(dtypes, shapes) -> int:
+    total = 0
+    for dt, shape in zip(dtypes, shapes, strict=True):
+        dt = dt if isinstance(dt, torch.dtype) else dtype_from_name(dt)
+        n = 1
+        for s in shape:
+            n *= int(s)
+        total += n * dt.itemsize
+    return total
+
+
+# ------------------------------------------------------------------------------------ safetensors
+def write_safetensors(path: str | os.PathLike, bucket: Bucket, metadata: dict[str, str] | None = None) -> int:
+    """Write ``bucket`` as one safetensors file and fsync it; returns the bytes written.
+
+    The format (https://github.com/huggingface/safetensors, "Format"): an 8-byte little-endian
+    header length, a JSON header ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__":
+    {...}}`` padded with spaces to a multiple of 8 bytes, then the data buffer, which must be covered
+    exactly by the offsets. That buffer is :meth:`Bucket.flatten`'s layout, so each tensor's bytes
+    are written straight from the tensor, with no flat copy. Tensors must be on the CPU.
+    """
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    for m in bucket.metas():
+        if m.dtype not in _ST_DTYPES:
+            raise ValueError(f"safetensors: dtype {m.dtype} of {m.name} is not supported")
+        header[m.name] = {"dtype": _ST_DTYPES[m.dtype], "shape": list(m.shape),
+                          "data_offsets": [m.offset, m.offset + m.nbytes]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    written = 0
+    with open(path, "wb") as f:
+        written += f.write(struct.pack("<Q", len(raw)))
+        written += f.write(raw)
+        for t in bucket.tensors:
+            if t.device.type != "cpu":
+                t = t.cpu()
+            if t.numel():
+                written += f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+    return written
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename / file creation inside ``path`` durable."""
+    fd = os.open(str(Path(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,318 @@
+"""The streaming resharder: Megatron TP x PP shards -> buckets of full, HF-named tensors.
+
+Who does what (ranks in Megatron's ``tp-cp-ep-dp-pp`` order, one :class:`ParallelLayout`):
+
+* **Participants** are the ranks of one model replica: ``dp_rank == 0 and cp_rank == 0``. Other
+  DP / CP ranks hold identical weights and take no part (their :class:`Resharder` yields nothing).
+* In each pipeline stage the participants are one TP group. They walk this stage's parameters in
+  one fixed order (:func:`param_order`: embedding, then layer by layer in :data:`convert.RULES`
+  order, then the final norm and the output layer; identical on every TP rank, so the collectives
+  line up) and **gather** each parameter's TP shards onto ``tp_rank 0`` (``dist.gather``: only the
+  sender needs the full tensor, so the other TP ranks allocate nothing).
+* ``tp_rank 0`` of the replica's stage ``p`` is that stage's **sender**: it converts the gathered
+  shards with :func:`megatron_smd.learner.convert.iter_hf_from_local` (QKV de-interleaved per
+  query group, ``[gate_r; up_r]`` rechunked, vocabulary padding trimmed, the tied last-stage copy of
+  the embedding skipped) and packs the HF tensors into :class:`~megatron_smd.sync.bucket.Bucket` s.
+  Every stage sends its own layers; the senders of all stages form exactly one pipeline group
+  (``layout.pp_group`` of a sender), which the transports use to coordinate.
+
+Memory bound (the point of streaming). Let ``B`` be the bucket size and ``P`` the HF bytes of the
+parameter being converted. A bucket is flushed *before* gathering a parameter that would overflow
+it, so while ``P`` is gathered and converted the open bucket holds at most ``B - P`` bytes. On top
+of it the sender holds the gathered shards (``P``, nothing at TP=1 where the "shard" is the
+parameter itself) and the converted tensors (``P``); the QKV split goes through one more
+concatenated temporary inside ``iter_hf_from_local``. The gathered shards are dropped as soon as
+the converted tensors exist. Peak extra memory on a sender is therefore about ``B + P_max``
+(``<= B + 2 P_max`` counting the QKV temporary, ``2 P_max`` for a parameter larger than a bucket):
+within two buckets whenever the largest parameter is at most half a bucket, whatever the model
+size. A wire transport that flattens a bucket holds it twice for a moment (``2 B``).
+:class:`LiveBytes` counts the tensors the resharder and the transports hold (by storage, learner
+parameters excluded; not the temporaries inside ``iter_hf_from_local``) and reports their peak; the
+tests measure the real peak with the allocator's own record (``torch.profiler`` memory events).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..learner.convert import iter_hf_from_local, local_param_names
+from ..model.hf import ModelArch
+from ..parallel.layout import ParallelLayout
+from .bucket import Bucket
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside Megatron's DDP / Float16Module wrappers (``.module`` chains)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def param_order(arch: ModelArch, pp_rank: int, pp_size: int) -> list[str]:
+    """This stage's Megatron parameter names in send order: first-stage tensors, then layer by layer
+    (each layer in :data:`~megatron_smd.learner.convert.RULES` order), then last-stage tensors."""
+    names = local_param_names(arch, pp_rank, pp_size)
+
+    def key(item: tuple[int, str]) -> tuple[int, int, int]:
+        pos, name = item
+        m = _LAYER.match(name)
+        if m:
+            return (1, int(m.group(1)), pos)
+        return (0 if name.startswith("embedding.") else 2, 0, pos)
+
+    return [n for _, n in sorted(enumerate(names), key=key)]
+
+
+class LiveBytes:
+    """Bytes of the tensors the sync holds that are not learner parameters, and their peak.
+
+    Tensors are counted per storage (views and aliases of one allocation count once; a tensor that
+    *is* a learner parameter counts zero), with a reference count so that a storage is released
+    when its last holder releases it.
+    """
+
+    def __init__(self, exclude: list[torch.Tensor] = ()):  # type: ignore[assignment]
+        self._excluded = {p.untyped_storage().data_ptr() for p in exclude}
+        self._live: dict[int, list[int]] = {}  # storage ptr -> [nbytes, refs]
+        self.current = 0
+        self.peak = 0
+
+    def hold(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            s = t.untyped_storage()
+            ptr = s.data_ptr()
+            if ptr in self._excluded or s.nbytes() == 0:
+                continue
+            if ptr in self._live:
+                self._live[ptr][1] += 1
+            else:
+                self._live[ptr] = [s.nbytes(), 1]
+                self.current += s.nbytes()
+                self.peak = max(self.peak, self.current)
+
+    def release(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            ptr = t.untyped_storage().data_ptr()
+            entry = self._live.get(ptr)
+            if entry is None:
+                continue
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.current -= entry[0]
+                del self._live[ptr]
+
+
+@dataclass
+class ReshardStats:
+    """What one pass of the resharder did on this rank."""
+
+    buckets: int = 0
+    tensors: int = 0
+    bytes: int = 0  # HF bytes yielded (sender only)
+    peak_live_bytes: int = 0  # LiveBytes.peak on the sender
+    largest_tensor_bytes: int = 0  # largest single Megatron parameter, converted (P_max)
+
+
+class Resharder:
+    """Iterate over this stage's weights as HF-named buckets (see the module docstring).
+
+    Every participant of the stage (its TP group, in the ``dp_rank 0 / cp_rank 0`` replica) must
+    iterate the resharder to the end: the TP gathers are collective. Only the sender gets buckets;
+    on other ranks the iteration yields nothing. Non-participants may iterate too (it is empty).
+
+    Args:
+        model: this rank's GPTModel (DDP / Float16Module wrappers are unwrapped).
+        layout: the initialized layout.
+        arch: the HF architecture (names, QKV layout, vocabulary trim).
+        bucket_bytes: bucket size ``B``. A parameter whose HF tensors exceed ``B`` gets a bucket of
+            its own.
+        dtype: cast the HF tensors to this dtype (e.g. bf16 for a bf16 engine); None keeps the
+            learner's dtype.
+        checksums: compute :func:`~megatron_smd.sync.bucket.tensor_checksum` per tensor.
+        meter: a :class:`LiveBytes` to account into (one is created otherwise).
+
+    Raises ``ValueError`` at construction when the model's parameters are not exactly the ones the
+    conversion table expects for this stage (same names and TP-local shapes on every rank).
+    """
+
+    def __init__(self, model: torch.nn.Module, layout: ParallelLayout, arch: ModelArch, *, bucket_bytes: int,
+                 dtype: torch.dtype | None = None, checksums: bool = False, meter: LiveBytes | None = None):
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        self.layout, self.arch = layout, arch
+        self.bucket_bytes, self.dtype, self.checksums = int(bucket_bytes), dtype, checksums
+        self.stage, self.num_stages = layout.pp_rank, layout.pp
+        self.participant = layout.dp_rank == 0 and layout.cp_rank == 0
+        self.is_sender = self.participant and layout.tp_rank == 0
+        model = unwrap_model(model)
+        params = dict(model.named_parameters())
+        order = param_order(arch, self.stage, self.num_stages)
+        extra, missing = sorted(set(params) - set(order)), sorted(set(order) - set(params))
+        if extra or missing:
+            raise ValueError(f"weight sync: stage {self.stage} model parameters {extra[:3]} are not in the "
+                             f"conversion table; table entries {missing[:3]} are not model parameters")
+        self.params = [(n, params[n]) for n in order]
+        self.meter = meter or LiveBytes([p for _, p in self.params])
+        self.stats = ReshardStats()
+        self.errors: list[str] = []  # recorded, not raised: the TP gathers must run to the end
+        self._draining = False
+        self._tp_dst = dist.get_global_rank(layout.tp_group, 0) if layout.tp > 1 else None
+
+    # --------------------------------------------------------------------------------------
+    def _hf_bytes_estimate(self, p: torch.Tensor) -> int:
+        """Upper bound of the HF bytes one parameter converts to (vocabulary padding included)."""
+        itemsize = (self.dtype or p.dtype).itemsize
+        tp = self.layout.tp if getattr(p, "tensor_model_parallel", False) else 1
+        return p.numel() * tp * itemsize
+
+    def _gather(self, name: str, p: torch.Tensor) -> list[torch.Tensor] | None:
+        """All TP shards of ``p`` (rank order) on the sender, None elsewhere."""
+        local = p.detach()
+        if self.layout.tp == 1:
+            return [local]
+        if self.is_sender:
+            shards = [local] + [torch.empty_like(local) for _ in range(self.layout.tp - 1)]
+            self.meter.hold(*shards)
+            dist.gather(local, shards, dst=self._tp_dst, group=self.layout.tp_group)
+            if not getattr(p, "tensor_model_parallel", False):
+                # A replicated parameter (the norms) must be identical on every TP rank: the forward
+                # uses each rank's own copy, while only tp_rank 0's is sent.
+                bad = [r for r in range(1, len(shards)) if not torch.equal(shards[r], local)]
+                if bad:
+                    self.errors.append(f"replicated parameter {name} of stage {self.stage} differs between "
+                                       f"TP rank 0 and TP ranks {bad}")
+            return shards
+        dist.gather(local, None, dst=self._tp_dst, group=self.layout.tp_group)
+        return None
+
+    def drain(self) -> None:
+        """Stop converting: the remaining parameters are still gathered (the TP group must stay in
+        step) but produce no buckets. The sync calls this once a transport has failed."""
+        self._draining = True
+
+    def _convert(self, name: str, shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        outs = []
+        for hf_name, t in iter_hf_from_local(name, shards, self.arch, pp_rank=self.stage, pp_size=self.num_stages):
+            self.meter.hold(t)
+            if (self.dtype is not None and t.dtype != self.dtype) or not t.is_contiguous():
+                c = t.to(dtype=self.dtype or t.dtype, memory_format=torch.contiguous_format)
+                self.meter.hold(c)
+                self.meter.release(t)
+                t = c
+            outs.append((hf_name, t))
+        return outs
+
+    def _flush(self, bucket: Bucket) -> Bucket:
+        if self.checksums:
+            bucket.compute_checksums()
+        self.stats.buckets += 1
+        self.stats.tensors += len(bucket)
+        self.stats.bytes += bucket.nbytes
+        return bucket
+
+    def _next(self, bucket: Bucket) -> Bucket:
+        self.meter.release(*bucket.tensors)
+        return Bucket(self.stage, bucket.index + 1)
+
+    def __iter__(self) -> Iterator[Bucket]:
+        if not self.participant:
+            return
+        bucket = Bucket(self.stage, 0)
+        for name, p in self.params:
+            if self._draining:
+                self._gather(name, p)
+                continue
+            if self.is_sender and len(bucket) and bucket.nbytes + self._hf_bytes_estimate(p) > self.bucket_bytes:
+                yield self._flush(bucket)
+                bucket = self._next(bucket)
+            shards = self._gather(name, p)
+            if shards is None:
+                continue
+            try:
+                outs = self._convert(name, shards)
+            except Exception as e:  # a conversion bug must not leave the TP group out of step
+                self.errors.append(f"converting {name} of stage {self.stage}: {type(e).__name__}: {e}")
+                outs = []
+            self.meter.release(*shards[1:])  # shard 0 is the local parameter itself
+            del shards
+            if not outs:
+                continue  # the tied output layer of the last stage (or a recorded error)
+            self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes,
+                                                  sum(t.numel() * t.element_size() for _, t in outs))
+            for hf_name, t in outs:
+                if len(bucket) and not bucket.aligned_for(t):  # mixed dtypes: SGLang's alignment rule
+                    yield self._flush(bucket)
+                    bucket = self._next(bucket)
+                bucket.add(hf_name, t)
+            del outs
+        if self.is_sender and len(bucket) and not self._draining:
+            yield self._flush(bucket)
+            self._next(bucket)
+        self.stats.peak_live_bytes = self.meter.peak
+
+
+# ------------------------------------------------------------------------------------------- probe
+@torch.no_grad()
+def learner_logits(model: torch.nn.Module, layout: ParallelLayout, arch: ModelArch,
+                   tokens: torch.Tensor) -> torch.Tensor | None:
+    """The learner's full-vocabulary logits ``[B, T, V]`` (fp32) on global rank 0; None elsewhere.
+
+    A plain pipelined forward of the ``dp_rank 0 / cp_rank 0`` replica (causal attention,
+    positions ``0..T-1``): stage ``p`` receives the hidden states ``[T, B, D]`` from stage ``p-1``
+    over the pipeline group, the last stage all-gathers its vocabulary shards ``[B, T, Vp/tp]``
+    over TP and trims the padding, and its ``tp_rank 0`` sends the result to global rank 0. Every
+    rank of the world may call it (non-participants return at once); every participant must.
+    Needs ``cp == 1`` and no sequence parallelism (a probe is a few short rows).
+    """
+    if layout.cp != 1:
+        raise ValueError("learner_logits: context parallelism splits the sequence; run the probe with cp=1 "
+                         "(or verify by checksums)")
+    if not (layout.dp_rank == 0 and layout.cp_rank == 0):
+        return None
+    m = unwrap_model(model)
+    if getattr(m.config, "sequence_parallel", False):
+        raise ValueError("learner_logits: sequence parallelism is not supported by the probe forward")
+    was_training = m.training
+    m.eval()
+    try:
+        B, T = tokens.shape
+        p = next(m.parameters())
+        dev = p.device
+        tok = tokens.to(dev)
+        pos = torch.arange(T, device=dev).expand(B, T).contiguous()
+        pp, stage = layout.pp, layout.pp_rank
+        if stage > 0:
+            h = torch.empty(T, B, arch.hidden_size, dtype=m.config.params_dtype, device=dev)
+            dist.recv(h, group=layout.pp_group, group_src=stage - 1)
+            m.set_input_tensor(h)
+        out = m(tok, pos, None)
+        if stage < pp - 1:
+            dist.send(out.contiguous(), group=layout.pp_group, group_dst=stage + 1)
+            if stage > 0 or layout.tp_rank != 0:
+                return None
+            full = torch.empty(B, T, arch.vocab_size, dtype=torch.float32, device=dev)
+            dist.recv(full, group=layout.pp_group, group_src=pp - 1)
+            return full.cpu()
+        shard = out.float().contiguous()  # [B, T, Vp/tp]
+        if layout.tp > 1:
+            parts = [torch.empty_like(shard) for _ in range(layout.tp)]
+            dist.all_gather(parts, shard, group=layout.tp_group)
+            shard = torch.cat(parts, dim=-1)
+        full = shard[..., :arch.vocab_size].contiguous()
+        if layout.tp_rank != 0:
+            return None
+        if pp > 1:
+            dist.send(full, group=layout.pp_group, group_dst=0)
+            return None
+        return full.cpu()
+    finally:
+        if layout.pp > 1 and layout.pp_rank > 0:
+            m.set_input_tensor(None)
+        m.train(was_training)

@@ -1,0 +1,222 @@
+"""Engine side of a sync: stage every tensor in a shadow copy, verify, then commit all at once.
+
+The rollout engine must never run on a mixture of two policies. So a receiver does not write into
+the engine as tensors arrive: :class:`StagedUpdate` keeps them in a shadow dict (its own copy, in the
+engine's dtype and device) and records every problem instead of raising mid-stream (a receiver that
+stops reading would stall the senders). :meth:`StagedUpdate.commit` then checks, in order:
+
+1. nothing went wrong while staging (unknown name, duplicate, wrong shape, checksum mismatch,
+   an abort from a sender);
+2. the sync is complete: exactly the engine's HF tensors (``expected_shapes(arch)``), each once;
+3. optionally, a probe batch: the engine's model run *on the staged tensors*
+   (``torch.func.functional_call``; nothing is written) must reproduce the learner's logits within
+   a tolerance;
+
+and only then copies the shadow into the engine with ``ReferenceEngine.load_weights``. Every name
+and shape was validated before that copy starts, so it cannot stop half-way. Any failure raises
+:class:`WeightSyncError` with ``engine_state == "previous"``: the engine still holds exactly the
+weights it had before the sync.
+
+Cost: the shadow is one extra copy of the model on the engine side during a sync (the price of
+atomicity; SGLang, which loads in place, cannot offer it, and its transport says so on failure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..errors import SMDError
+from ..model.hf import expected_shapes
+from .bucket import tensor_checksum
+
+EngineState = Literal["previous", "partial", "unknown", "updated"]
+
+
+class WeightSyncError(SMDError):
+    """A weight sync failed.
+
+    Attributes:
+        engine_state: what the rollout engine holds now: ``"previous"`` (untouched: the sync was
+            staged and never committed), ``"partial"`` (an engine that loads in place, e.g. SGLang,
+            received part of the new weights: re-sync before sampling), ``"updated"`` (the new
+            weights are in, a check after the commit failed) or ``"unknown"``.
+    """
+
+    def __init__(self, message: str, engine_state: EngineState = "unknown"):
+        super().__init__(message)
+        self.engine_state = engine_state
+
+
+@dataclass
+class Probe:
+    """A probe batch and the learner's logits on it: ``tokens [B, T]`` int64, ``logits [B, T, V]``
+    fp32 (positions ``0..T-1``, causal). The engine's logits must be within ``atol``."""
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    atol: float = 1e-5
+
+
+@dataclass
+class CommitResult:
+    """What a receiver did with one sync (sent back to the learner by wire transports)."""
+
+    ok: bool
+    version: int
+    message: str = ""
+    tensors: int = 0
+    bytes: int = 0
+    checksums_verified: int = 0
+    probe_max_abs_diff: float | None = None
+    receiver: str = "engine"
+
+
+@dataclass
+class StagedUpdate:
+    """A shadow copy of one sync's tensors for ``engine`` (a ``ReferenceEngine``).
+
+    Args:
+        engine: the engine to update at commit (``.model``, ``.arch``, ``.load_weights``).
+        version: the sync's version (every message of the sync carries it).
+        verify_checksums: compare each tensor's checksum with the sender's, when the sender sent one.
+    """
+
+    engine: object
+    version: int
+    verify_checksums: bool = True
+    problems: list[str] = field(default_factory=list)
+    _staged: dict[str, torch.Tensor] = field(default_factory=dict)
+    checksums_verified: int = 0
+    nbytes: int = 0
+
+    def __post_init__(self):
+        self.expected = expected_shapes(self.engine.arch)
+        self._params = dict(self.engine.model.named_parameters())
+
+    # ------------------------------------------------------------------------------------------
+    def problem(self, message: str) -> None:
+        """Record a failure; the staging is poisoned and :meth:`commit` will refuse."""
+        self.problems.append(message)
+
+    def add(self, name: str, t: torch.Tensor, checksum: int | None = None, *, copy: bool = True) -> None:
+        """Stage one HF tensor. Problems are recorded, not raised (see the module docstring).
+
+        ``copy=False`` keeps ``t`` itself when it already has the engine's dtype and device (a
+        receive buffer that nobody else holds); otherwise it is copied / cast.
+        """
+        if name == "lm_head.weight" and self.engine.arch.tie_word_embeddings:
+            return  # tied: model.embed_tokens.weight is the tensor
+        if name not in self.expected:
+            return self.problem(f"unknown tensor {name} (not a parameter of the engine's {self.engine.arch.arch})")
+        if name in self._staged:
+            return self.problem(f"tensor {name} received twice")
+        if tuple(t.shape) != tuple(self.expected[name]):
+            return self.problem(f"tensor {name} has shape {list(t.shape)}, the engine expects {list(self.expected[name])}")
+        if checksum is not None and self.verify_checksums:
+            got = tensor_checksum(t)
+            if got != checksum:
+                return self.problem(f"checksum mismatch for {name}: sender {checksum:#x}, received {got:#x}")
+            self.checksums_verified += 1
+        p = self._params[name]
+        if copy or t.dtype != p.dtype or t.device != p.device:
+            t = t.to(dtype=p.dtype, device=p.device, copy=True)
+        self._staged[name] = t
+        self.nbytes += t.numel() * t.element_size()
+
+    def __len__(self) -> int:
+        return len(self._staged)
+
+    def discard(self) -> None:
+        self._staged.clear()
+
+    # ------------------------------------------------------------------------------------------
+    def _fail(self, message: str) -> WeightSyncError:
+        self.discard()
+        return WeightSyncError(f"weight sync v{self.version}: {message}; the engine keeps its previous weights",
+                               engine_state="previous")
+
+    @torch.no_grad()
+    def probe_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The engine model's logits on ``tokens`` with the *staged* weights (nothing is written)."""
+        from torch.func import functional_call
+
+        model = self.engine.model
+        dev = next(model.parameters()).device
+        return functional_call(model, dict(self._staged), (tokens.to(dev),)).float().cpu()
+
+    def commit(self, probe: Probe | None = None) -> CommitResult:
+        """Verify and apply the staged weights (see the module docstring). Raises
+        :class:`WeightSyncError` (engine untouched) on any problem."""
+        if self.problems:
+            more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+            raise self._fail(self.problems[0] + more)
+        missing = [n for n in self.expected if n not in self._staged]
+        if missing:
+            raise self._fail(f"incomplete: {len(missing)} of {len(self.expected)} tensors never arrived "
+                             f"(first: {missing[0]})")
+        diff = None
+        if probe is not None:
+            got = self.probe_logits(probe.tokens)
+            if got.shape != probe.logits.shape:
+                raise self._fail(f"probe logits have shape {list(got.shape)}, the learner's {list(probe.logits.shape)}")
+            diff = float((got - probe.logits.float()).abs().max())
+            if not diff <= probe.atol:  # also catches NaN
+                raise self._fail(f"probe batch: engine logits differ from the learner's by {diff:.3g} "
+                                 f"(tolerance {probe.atol:g})")
+        self.engine.load_weights(self._staged)  # names and shapes validated: cannot stop half-way
+        res = CommitResult(ok=True, version=self.version, message="committed", tensors=len(self._staged),
+                           bytes=self.nbytes, checksums_verified=self.checksums_verified, probe_max_abs_diff=diff)
+        self.discard()
+        return res
+
+
+# -------------------------------------------------------------------------------------- disk reload
+def stage_from_disk(engine, snapshot: str | Path, *, version: int | None = None,
+                    verify_checksums: bool = True) -> StagedUpdate:
+    """Read a snapshot written by the ``disk`` transport into a :class:`StagedUpdate`.
+
+    The snapshot is an HF model directory (``config.json``, ``model.safetensors.index.json``, shards).
+    The index's ``metadata`` carries the sync version and, when the sync was verified, each tensor's
+    checksum, which is compared here. Unreadable files are recorded as problems, not raised.
+    """
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    snap = Path(snapshot)
+    index_path = snap / "model.safetensors.index.json"
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map: dict[str, str] = index["weight_map"]
+        meta = index.get("metadata", {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        st = StagedUpdate(engine, version if version is not None else -1, verify_checksums)
+        st.problem(f"{index_path}: unreadable sync index ({e})")
+        return st
+    v = int(meta.get("smd_sync_version", -1)) if version is None else version
+    st = StagedUpdate(engine, v, verify_checksums)
+    sums = meta.get("smd_checksums") or {}
+    if isinstance(sums, str):
+        sums = json.loads(sums)
+    by_file: dict[str, list[str]] = {}
+    for name, fname in weight_map.items():
+        by_file.setdefault(fname, []).append(name)
+    for fname, names in sorted(by_file.items()):
+        path = snap / fname
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        st.problem(f"{path}: tensor {name} listed in the index is missing")
+                        continue
+                    cs = sums.get(name)
+                    st.add(name, f.get_tensor(name), None if cs is None else int(cs), copy=False)
+        except (SafetensorError, OSError, ValueError) as e:
+            st.problem(f"{path}: cannot read safetensors shard ({e})")
+    return st
