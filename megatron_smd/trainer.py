@@ -150,7 +150,7 @@ def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
     from .model.hf import read_arch
     from .model.transformer import RefTransformer
     from .rollout.engine import ReferenceEngine
-    from .rollout.run import ensure_model, load_tokenizer
+    from .rollout.run import load_tokenizer
     from .sft import ensure_sft
     from .tasks import make_task
 
@@ -190,8 +190,6 @@ def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
                            dynamic_ncols=True)
     if ckpt is not None:
         sync_weights(ctx)  # the engine must sample from the restored policy
-    elif ctx.start_step == 0 and ctx.rank0 and ctx.history == []:
-        pass
     return ctx
 
 

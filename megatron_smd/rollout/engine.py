@@ -280,7 +280,6 @@ class ReferenceEngine:
 
     def _append_rows(self, caches, rows, lc, obs_q, obs_pos, P, n, traj_ids, stats):
         """Replicate a prompt's cache ``n`` times and add the rows to the live batch."""
-        a = self.arch
         rep = [
             _LayerCache(c.k.expand(n, -1, -1, -1), c.v.expand(n, -1, -1, -1), c.pos.expand(n, -1, -1),
                         None if c.acc is None else c.acc.expand(n, -1, -1))
@@ -311,7 +310,7 @@ class ReferenceEngine:
     def _decode(self, tok: torch.Tensor, caches: list[_LayerCache], rows: _Rows, trajs: list[dict],
                 stats: RolloutStats) -> torch.Tensor:
         """Run one token per live row through every layer, then let the policy evict. -> logits [B, V]."""
-        m, a = self.model, self.arch
+        m = self.model
         B = tok.shape[0]
         pos = rows.next_pos  # [B]
         cos, sin = m.rope(pos.view(B, 1))
