@@ -6,6 +6,7 @@
     smd sft        --config CFG [key=value ...]
     smd train      --config CFG [--resume auto|none|CKPT] [key=value ...]
     smd export-hf  CKPT OUT
+    smd plan       --config CFG [--json] [key=value ...]
     smd bench      rollout|attention [--json]
 
 User errors (bad config, malformed files, invalid masks) print ``error: ...`` and exit 2.
@@ -111,9 +112,10 @@ def _cmd_sft(a) -> int:
     layout = init_layout(cfg, read_arch(model_dir))
     try:
         res = run_sft(cfg, layout, Path(model_dir), Path(cfg.sft.out))
+        rank = layout.rank
     finally:
         layout.destroy()
-    if layout.rank == 0:
+    if rank == 0:
         print(f"wrote {cfg.sft.out} (eval reward {res['final_eval_reward']:.3f}, {res['seconds']:.0f}s)")
     return 0
 
@@ -193,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ckpt")
     s.add_argument("out")
     s.set_defaults(fn=_cmd_export_hf)
+
+    from .plan import add_cli as add_plan_cli
+
+    add_plan_cli(sub)
 
     s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
     s.add_argument("what", choices=["rollout", "attention"])

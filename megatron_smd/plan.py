@@ -95,6 +95,11 @@ overflows)::
     rkv:             min(r0 + N - 1, B + buffer)
     and at least P: the prompt is prefilled densely before it is compressed.
 
+The plan takes the worst case the learner is sized for: ``N = rollout.max_new_tokens`` and
+``P = model.max_seq_len - N``. :func:`batch_peak_tokens` is the same count for a whole reference-engine
+batch (prompts prefilled one after another, ``group_size`` rows each, decoded in lock step); the
+test compares both with ``RolloutStats.peak_kv_bytes_used`` for every policy, byte for byte.
+
 The engine's pool is ``mem_fraction_static * gpu_memory - weights`` (SGLang's static reservation;
 ``sglang.mem_fraction_static``, default 0.85 here); colocated (``resources.rollout_nodes: 0``) the
 learner's resident state (weights, gradients, optimizer) also stays on the GPU during rollout.
@@ -126,7 +131,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 VOCAB_DIVISOR = 128  # Megatron's make_vocab_size_divisible_by (megatron_smd.learner.convert)
 DEFAULT_MEM_FRACTION_STATIC = 0.85
 TIGHT = 0.90  # above this fraction of the GPU a plan is "tight"
-SERVER_PORT = 30000  # first SGLang server port on a node; engine k uses SERVER_PORT + 10 * k
 # SGLang flags the launcher derives from resources / model; the passthrough may not set them.
 _OWNED_SGLANG = {"model_path": "model.path", "tp_size": "resources.rollout_tp", "tp": "resources.rollout_tp",
                  "host": "the launcher", "port": "the launcher", "base_gpu_id": "the launcher"}
@@ -560,7 +564,8 @@ def format_plan(d: dict[str, Any]) -> str:
         out.append(f"  stage {st['stage']} ({st['layers']} layers, {st['params'] / 1e6:.1f} M params/GPU, "
                    f"{st['microbatches_in_flight']} micro-batch(es) in flight)")
         out.append(f"    weights {_gib(st['weights_bytes'])}   grads {_gib(st['grads_bytes'])}   "
-                   f"optimizer {_gib(st['optimizer_bytes'])} (distributed: {st['optimizer_bytes_distributed'] / GIB:.2f})")
+                   f"optimizer {_gib(st['optimizer_bytes'])} "
+                   f"(distributed: {st['optimizer_bytes_distributed'] / GIB:.2f})")
         extra = f"   reference model {_gib(st['ref_weights_bytes'])}" if st["ref_weights_bytes"] else ""
         out.append(f"    activations {_gib(st['activations_bytes'])}   transient {_gib(st['transient_bytes'])}{extra}")
         out.append(f"    total {_gib(st['total_bytes'])}")
@@ -571,8 +576,9 @@ def format_plan(d: dict[str, Any]) -> str:
         + f"; prompt {ro['prompt_len']} + {ro['new_tokens']} new tokens; KV {ro['kv_dtype_bytes']} B/elem)",
         f"  weights {_gib(ro['weights_bytes'])} per GPU; KV {ro['kv_bytes_per_token'] / 2**10:.1f} KiB per token; "
         f"pool {_gib(max(0, ro['kv_pool_bytes']))} (mem_fraction_static {ro['mem_fraction_static']})",
-        f"  per request: dense {ro['tokens_per_request_dense']} tokens = {ro['bytes_per_request_dense'] / 2**20:.1f} MiB;"
-        f" {ro['policy']} {ro['tokens_per_request']} tokens = {ro['bytes_per_request'] / 2**20:.1f} MiB",
+        f"  per request: dense {ro['tokens_per_request_dense']} tokens = "
+        f"{ro['bytes_per_request_dense'] / 2**20:.1f} MiB; {ro['policy']} {ro['tokens_per_request']} tokens = "
+        f"{ro['bytes_per_request'] / 2**20:.1f} MiB",
         f"  concurrent requests per engine: dense {ro['concurrent_requests_dense']}, {ro['policy']} "
         f"{ro['concurrent_requests']} (batch needs {ro['requests_per_engine']})  -> {ro['status']}",
     ]

@@ -89,7 +89,7 @@ def fake(tmp_path):
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("curl", FAKE_CURL),
-                       ("torchrun", FAKE_TORCHRUN), ("sbatch", FAKE_SRUN.replace('"srun"', '"sbatch"'))):
+                       ("torchrun", FAKE_TORCHRUN)):
         (bin_ / name).write_text(text.replace("#!/usr/bin/env python3", f"#!{sys.executable}"))
         (bin_ / name).chmod(0o755)
     (bin_ / "python").symlink_to(sys.executable)

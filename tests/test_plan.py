@@ -315,6 +315,8 @@ def test_learner_params_grads_and_adam_state_match_megatron(measured, name, tp, 
     for rank in range(2):
         got = measured[rank][(name, arch_name)]
         want = stages[got["stage"]]
+        print(f"{name}/{arch_name} rank {rank}: measured {got}, planned params {want['params']}, "
+              f"optimizer {want['optimizer_bytes']} B")
         assert got["params"] == want["params"], (rank, got, want)
         for key in ("weights_bytes", "grads_bytes", "optimizer_bytes"):
             if key in got:

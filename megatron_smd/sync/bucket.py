@@ -46,7 +46,9 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------- checksums
-_CHUNK_WORDS = 1 << 20  # int16 words per reduction: sum of 2^20 products < 2^20 * 2^15 * 2^24 = 2^59
+# int16 words per reduction. Exactness needs 2^k * 2^15 * 2^24 < 2^63 (k <= 23); 2^16 also bounds the
+# temporaries (four int64 vectors of 2^16 = 2 MiB) whatever the tensor size.
+_CHUNK_WORDS = 1 << 16
 _MOD = (1 << 61) - 1  # Mersenne prime for combining chunk sums
 _W_MULT = 0x9E3779B1  # odd 32-bit multiplier (golden ratio), spreads weights over 24 bits
 
@@ -57,7 +59,7 @@ def tensor_checksum(t: torch.Tensor) -> int:
     The bytes are read as little-endian int16 words ``x_i`` (a trailing odd byte is zero-padded) and
     combined as ``sum_c M_c * (sum_{i in chunk c} w_i x_i) mod (2^61 - 1)``, with odd per-word
     weights ``w_i < 2^24`` and per-chunk multipliers ``M_c``. Every partial sum is an exact int64
-    (``|w_i x_i| < 2^39``, 2^20 terms per chunk), so the value does not depend on the reduction
+    (``|w_i x_i| < 2^39``, 2^16 terms per chunk), so the value does not depend on the reduction
     order or the device. Any change of a single word changes the sum within its chunk (``w_i`` is
     odd and nonzero), so single-word corruption is always detected; a swap of two tensors is
     detected through the per-position weights. It is a corruption check, not a cryptographic hash.

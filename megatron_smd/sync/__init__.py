@@ -1,0 +1,31 @@
+"""Weight sync: the learner's Megatron shards (TP x PP) -> full HF-named tensors -> rollout engines.
+
+Streaming and bucketed: each pipeline stage's sender gathers one parameter at a time over its TP
+group, converts it with the project's one conversion table (:mod:`megatron_smd.learner.convert`)
+and packs buckets of ``sync.bucket_mb``; no rank ever holds the whole model. The pieces:
+
+=====================  ==========================================================================
+:mod:`.reshard`        :class:`Resharder` (TP gather, conversion, buckets, memory accounting),
+                       :func:`learner_logits` (probe forward through the pipeline)
+:mod:`.bucket`         :class:`Bucket`, SGLang's flattened wire layout, checksums, safetensors shards
+:mod:`.transports`     ``inprocess``, ``broadcast``, ``sglang``, ``disk`` behind :class:`Transport`
+:mod:`.receiver`       :class:`BroadcastReceiver`: a reference engine receiving in another process
+:mod:`.staging`        engine side: stage in a shadow copy, verify, commit atomically
+:mod:`.group`          the learner <-> engine weight-update process group
+:mod:`.weight_sync`    :class:`WeightSync`: the collective ``sync(version)`` the trainer calls
+=====================  ==========================================================================
+"""
+
+from .bucket import Bucket, tensor_checksum
+from .receiver import BroadcastReceiver
+from .reshard import LiveBytes, Resharder, learner_logits, param_order
+from .staging import CommitResult, Probe, StagedUpdate, WeightSyncError, stage_from_disk
+from .transports import (BroadcastTransport, DiskTransport, InProcessTransport, SGLangTransport, Transport,
+                         latest_snapshot)
+from .weight_sync import SyncReport, WeightSync
+
+__all__ = [
+    "Bucket", "BroadcastReceiver", "BroadcastTransport", "CommitResult", "DiskTransport", "InProcessTransport",
+    "LiveBytes", "Probe", "Resharder", "SGLangTransport", "StagedUpdate", "SyncReport", "Transport", "WeightSync",
+    "WeightSyncError", "latest_snapshot", "learner_logits", "param_order", "stage_from_disk", "tensor_checksum",
+]

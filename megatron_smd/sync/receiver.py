@@ -1,0 +1,201 @@
+"""The engine side of the ``broadcast`` transport: a reference engine in its own process.
+
+Run one :class:`BroadcastReceiver` per engine rank (a rollout engine replica, or one rank of a
+tensor-parallel engine that receives every tensor). It joins the weight-update group of every
+pipeline stage (``{group_prefix}-pp{p}``, rank ``rank``, as SGLang joins them on
+``/init_weights_update_group``) and then, per sync, reads stage 0's messages, then stage 1's, ...:
+
+    begin -> (header, flattened bucket) ... -> end | abort        (per stage, from that stage's sender)
+
+Each bucket is received the way SGLang's ``update_weights_from_distributed`` receives a
+``flattened_bucket`` (one ``uint8`` broadcast from group rank 0, unpacked by the announced names,
+dtypes and shapes) and staged in a :class:`~megatron_smd.sync.staging.StagedUpdate`. When every
+stage has ended, the staging is verified and committed, or discarded; the verdict
+(:class:`~megatron_smd.sync.staging.CommitResult`) is broadcast back on stage 0's group (engine ranks
+in turn), which is how the learner learns that the engine did or did not take the weights.
+
+If a sender dies or the group breaks mid-sync, :meth:`BroadcastReceiver.receive` discards the
+staging and raises :class:`~megatron_smd.sync.staging.WeightSyncError` with the engine on its previous
+weights.
+
+Run it as a module (CPU, gloo)::
+
+    python -m megatron_smd.sync.receiver MODEL_DIR --master-address 10.0.0.1 --master-port 29650 \\
+        --num-stages 2 --rank 1 --world-size 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .bucket import unflatten
+from .group import bcast_object, destroy_group, init_weight_update_group
+from .staging import CommitResult, StagedUpdate, WeightSyncError
+
+
+class BroadcastReceiver:
+    """Receive syncs for ``engine`` (a ``ReferenceEngine``) over the per-stage weight-update groups.
+
+    Args:
+        engine: the engine to update.
+        master_address: each stage sender's rendezvous address (one string, or one per stage).
+        master_port: stage ``p``'s group rendezvous is at ``master_port + p``.
+        num_stages: the learner's pipeline size.
+        rank / world_size: this receiver's rank in every group (``1..world_size-1``) and the group
+            size (1 sender + all engine ranks).
+        backend: ``"gloo"`` (CPU) or ``"nccl"``.
+        timeout_s: collective timeout (how long a hung sender is waited for).
+        on_bucket: called with each bucket header after its bytes arrived (progress, logging).
+        name: how this receiver signs its verdicts.
+    """
+
+    def __init__(self, engine, *, master_address: str | Sequence[str], master_port: int, num_stages: int,
+                 rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 300.0,
+                 group_prefix: str = "smd-sync", on_bucket: Callable[[dict], None] | None = None,
+                 name: str | None = None):
+        if not 1 <= rank < world_size:
+            raise ValueError(f"receiver rank {rank} must be in [1, {world_size})")
+        self.engine, self.num_stages, self.rank, self.world_size = engine, num_stages, rank, world_size
+        self.master_address, self.master_port = master_address, int(master_port)
+        self.backend, self.timeout_s, self.group_prefix = backend, timeout_s, group_prefix
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.on_bucket = on_bucket
+        self.name = name or f"receiver{rank}"
+        self.groups: list = []
+        self.last_result: CommitResult | None = None
+
+    def _address(self, stage: int) -> str:
+        a = self.master_address
+        return a if isinstance(a, str) else a[stage]
+
+    def connect(self) -> None:
+        """Join every stage's group (blocks until that stage's sender and all engine ranks joined)."""
+        for p in range(self.num_stages):
+            self.groups.append(init_weight_update_group(self._address(p), self.master_port + p, self.rank,
+                                                        self.world_size, f"{self.group_prefix}-pp{p}",
+                                                        backend=self.backend, timeout_s=self.timeout_s))
+
+    def close(self) -> None:
+        for g in self.groups:
+            destroy_group(g)
+        self.groups = []
+
+    # ------------------------------------------------------------------------------------------
+    def _read_stage(self, p: int, staging: StagedUpdate | None, version: int | None):
+        """Read stage ``p`` up to its end marker. Returns ``(staging, version, probe)``, or None on shutdown."""
+        g, n, probe = self.groups[p], 0, None
+        while True:
+            hdr = bcast_object(None, 0, g, self.device)
+            op = hdr["op"]
+            if op == "shutdown":
+                return None
+            if op == "begin":
+                if p == 0:
+                    version = hdr["version"]
+                    staging = StagedUpdate(self.engine, version, verify_checksums=True)
+                if hdr["version"] != version or hdr["stage"] != p or hdr["num_stages"] != self.num_stages:
+                    staging.problem(f"stage {p} began version {hdr['version']} (stage {hdr['stage']} of "
+                                    f"{hdr['num_stages']}); expected version {version}, stage {p} of {self.num_stages}")
+                continue
+            if staging is None:
+                raise WeightSyncError(f"{self.name}: stage {p} sent {op!r} before 'begin'", "previous")
+            if op == "bucket":
+                flat = torch.empty(hdr["nbytes"], dtype=torch.uint8, device=self.device)
+                dist.broadcast(flat, group=g, group_src=0)
+                n += 1
+                if self.on_bucket is not None:
+                    self.on_bucket(hdr)
+                try:
+                    views = unflatten(flat, hdr["names"], hdr["dtypes"], hdr["shapes"])
+                except ValueError as e:
+                    staging.problem(f"stage {p} bucket {hdr['index']}: {e}")
+                    continue
+                sums = hdr["checksums"] or [None] * len(views)
+                for (name, t), cs in zip(views, sums):
+                    staging.add(name, t, cs, copy=False)
+            elif op == "end":
+                if hdr["buckets"] != n:
+                    staging.problem(f"stage {p} announced {hdr['buckets']} buckets, {n} arrived")
+                probe = hdr.get("probe")
+                return staging, version, probe
+            elif op == "abort":
+                staging.problem(f"stage {p} sender failed: {hdr['reason']}")
+                return staging, version, None
+            else:
+                staging.problem(f"stage {p}: unknown message {op!r}")
+
+    def receive(self) -> CommitResult | None:
+        """Receive, verify and commit (or discard) one sync; None when the learner said shutdown.
+
+        Returns the verdict also when the sync was refused (``ok=False``; the engine keeps its
+        previous weights). Raises :class:`WeightSyncError` when the connection to a sender broke.
+        """
+        if not self.groups:
+            self.connect()
+        staging, version, probe = None, None, None
+        try:
+            for p in range(self.num_stages):
+                got = self._read_stage(p, staging, version)
+                if got is None:
+                    return None
+                staging, version, stage_probe = got
+                probe = probe or stage_probe
+            try:
+                result = staging.commit(probe)
+            except WeightSyncError as e:
+                result = CommitResult(ok=False, version=version, message=str(e))
+            result.receiver = self.name
+            for r in range(1, self.world_size):  # verdicts in turn, on stage 0's group
+                bcast_object(result if r == self.rank else None, r, self.groups[0], self.device)
+        except WeightSyncError:
+            if staging is not None:
+                staging.discard()
+            raise
+        except Exception as e:  # the group broke: a sender died or timed out
+            if staging is not None:
+                staging.discard()
+            raise WeightSyncError(f"{self.name}: lost the learner during sync v{version} "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); the engine keeps "
+                                  f"its previous weights", "previous") from None
+        self.last_result = result
+        return result
+
+    def serve(self) -> int:
+        """Receive syncs until shutdown; returns how many were committed."""
+        n = 0
+        while (res := self.receive()) is not None:
+            n += int(res.ok)
+        return n
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..model.transformer import RefTransformer
+    from ..rollout.engine import ReferenceEngine
+
+    ap = argparse.ArgumentParser(description="Reference-engine receiver of the broadcast weight-sync transport.")
+    ap.add_argument("model_dir")
+    ap.add_argument("--master-address", required=True, nargs="+")
+    ap.add_argument("--master-port", type=int, required=True)
+    ap.add_argument("--num-stages", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=1)
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--backend", default="gloo")
+    a = ap.parse_args(argv)
+    engine = ReferenceEngine(RefTransformer.from_pretrained(a.model_dir))
+    addr = a.master_address[0] if len(a.master_address) == 1 else a.master_address
+    rx = BroadcastReceiver(engine, master_address=addr, master_port=a.master_port, num_stages=a.num_stages,
+                           rank=a.rank, world_size=a.world_size, backend=a.backend,
+                           on_bucket=lambda h: print(f"stage {h['stage']} bucket {h['index']}: {h['nbytes']} bytes",
+                                                     flush=True))
+    try:
+        print(f"committed {rx.serve()} syncs", flush=True)
+    finally:
+        rx.close()
+
+
+if __name__ == "__main__":
+    main()

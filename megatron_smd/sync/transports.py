@@ -1,0 +1,643 @@
+"""Transports: how one stage sender's buckets reach the rollout engine(s).
+
+Every transport implements :class:`Transport` and runs on the stage senders only (``tp_rank 0`` of
+the ``dp_rank 0 / cp_rank 0`` replica of each pipeline stage; stage 0's sender, global rank 0, is
+the *coordinator*). :class:`~megatron_smd.sync.weight_sync.WeightSync` drives them:
+
+    connect (once) -> begin -> send(bucket) ... -> finish(failed) -> CommitResult on the coordinator
+
+``finish`` is always called, also after a failure, so that every party leaves the sync in step;
+it returns the engine's :class:`~megatron_smd.sync.staging.CommitResult` on the coordinator.
+
+=============  =================================================================================
+``inprocess``  the :class:`ReferenceEngine` lives on the coordinator. Its own stage's buckets are
+               staged directly; the other stages' senders send theirs to it over the senders'
+               pipeline group (header + flattened bucket, point to point).
+``broadcast``  one weight-update group per stage (:mod:`megatron_smd.sync.group`): the stage's
+               sender is rank 0, every engine rank joins. Per bucket: a header (names, dtypes,
+               shapes, checksums) then one broadcast of the flattened bucket: SGLang's
+               ``update_weights_from_distributed`` with ``load_format="flattened_bucket"``, with
+               the announcement carried in the group instead of over HTTP. The engine side is
+               :class:`~megatron_smd.sync.receiver.BroadcastReceiver`.
+``sglang``     the same broadcast data plane, announced through SGLang's HTTP API
+               (``/init_weights_update_group``, ``/begin_weight_update``,
+               ``/update_weights_from_distributed``, ``/end_weight_update``), or, colocated,
+               ``/update_weights_from_tensor`` with CUDA-IPC handles.
+``disk``       each sender writes its buckets as safetensors shards into ``.v{N}.partial/``; the
+               coordinator adds ``model.safetensors.index.json`` (with per-tensor checksums) and
+               ``config.json``, renames the directory to ``v{N}`` atomically, points ``LATEST`` at
+               it, and has the engine reload it (staged, verified, committed).
+=============  =================================================================================
+
+Failure semantics: ``inprocess``, ``broadcast`` (to reference receivers) and ``disk`` stage the
+whole sync and commit only when it is complete and verified, so a failure leaves the engine on its
+previous weights (``staged = True``). SGLang loads in place; a failure after the first bucket leaves
+it partially updated, which the error says (``engine_state == "partial"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..model.hf import ModelArch
+from ..parallel.layout import ParallelLayout
+from .bucket import Bucket, fsync_dir, unflatten, write_safetensors
+from .group import bcast_object, destroy_group, init_weight_update_group, recv_object, send_object
+from .reshard import LiveBytes
+from .staging import CommitResult, Probe, StagedUpdate, WeightSyncError, stage_from_disk
+
+
+@dataclass
+class SenderContext:
+    """What a transport knows about the sync in progress on this stage sender."""
+
+    layout: ParallelLayout
+    arch: ModelArch
+    version: int
+    verify: bool
+    meter: LiveBytes
+    probe: Probe | None = None  # the coordinator's only
+
+    @property
+    def stage(self) -> int:
+        return self.layout.pp_rank
+
+    @property
+    def num_stages(self) -> int:
+        return self.layout.pp
+
+    @property
+    def coordinator(self) -> bool:
+        return self.layout.pp_rank == 0
+
+    @property
+    def senders_group(self):
+        """The pipeline group of a sender = the senders of all stages (group rank = stage)."""
+        return self.layout.pp_group
+
+
+def _result_from_error(version: int, e: WeightSyncError, receiver: str) -> CommitResult:
+    return CommitResult(ok=False, version=version, message=str(e), receiver=receiver)
+
+
+class Transport(ABC):
+    """One way of moving buckets to engines. Methods run on stage senders only."""
+
+    name: str = ""
+    #: True when the engine side stages the whole sync and commits atomically.
+    staged: bool = True
+
+    def connect(self, ctx: SenderContext) -> None:
+        """One-time setup (process groups, servers). Called before the first ``begin``."""
+
+    @abstractmethod
+    def begin(self, ctx: SenderContext) -> None: ...
+
+    @abstractmethod
+    def send(self, ctx: SenderContext, bucket: Bucket) -> None: ...
+
+    @abstractmethod
+    def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
+        """End this stage's part; on the coordinator, wait for the engine's verdict and return it."""
+
+    def close(self) -> None:
+        """Release groups / tell receivers to stop."""
+
+
+# ============================================================================================ inprocess
+class InProcessTransport(Transport):
+    """The reference engine in the coordinator's process (the CPU default).
+
+    Args:
+        engine: the :class:`~megatron_smd.rollout.engine.ReferenceEngine`, on global rank 0 (the
+            coordinator); None on every other rank.
+    """
+
+    name = "inprocess"
+
+    def __init__(self, engine=None):
+        self.engine = engine
+        self.staging: StagedUpdate | None = None
+        self._sent = 0
+
+    def begin(self, ctx: SenderContext) -> None:
+        self._sent = 0
+        if ctx.coordinator:
+            if self.engine is None:
+                raise WeightSyncError("inprocess transport: no engine on the coordinator (global rank 0)", "unknown")
+            self.staging = StagedUpdate(self.engine, ctx.version, verify_checksums=ctx.verify)
+
+    def send(self, ctx: SenderContext, bucket: Bucket) -> None:
+        if ctx.coordinator:
+            sums = bucket.checksums or [None] * len(bucket)
+            for name, t, cs in zip(bucket.names, bucket.tensors, sums):
+                self.staging.add(name, t, cs, copy=True)
+            return
+        flat = bucket.flatten()
+        ctx.meter.hold(flat)
+        try:
+            send_object({"op": "bucket", "version": ctx.version, **bucket.header()}, 0, ctx.senders_group)
+            dist.send(flat, group=ctx.senders_group, group_dst=0)
+        finally:
+            ctx.meter.release(flat)
+        self._sent += 1
+
+    def _drain_stage(self, stage: int, ctx: SenderContext) -> None:
+        """Receive stage ``stage``'s messages until its end marker, staging them."""
+        st, g, n = self.staging, ctx.senders_group, 0
+        while True:
+            hdr = recv_object(stage, g)
+            if hdr["op"] == "bucket":
+                flat = torch.empty(hdr["nbytes"], dtype=torch.uint8)
+                dist.recv(flat, group=g, group_src=stage)
+                n += 1
+                if hdr["version"] != ctx.version:
+                    st.problem(f"stage {stage} sent a bucket of version {hdr['version']}")
+                    continue
+                try:
+                    views = unflatten(flat, hdr["names"], hdr["dtypes"], hdr["shapes"])
+                except ValueError as e:
+                    st.problem(f"stage {stage} bucket {hdr['index']}: {e}")
+                    continue
+                sums = hdr["checksums"] or [None] * len(views)
+                for (name, t), cs in zip(views, sums):
+                    st.add(name, t, cs, copy=False)
+            elif hdr["op"] == "end":
+                if hdr["buckets"] != n:
+                    st.problem(f"stage {stage} announced {hdr['buckets']} buckets, {n} arrived")
+                return
+            else:  # abort
+                st.problem(f"stage {stage} sender failed: {hdr['reason']}")
+                return
+
+    def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
+        if not ctx.coordinator:
+            msg = {"op": "abort", "reason": failed} if failed else {"op": "end", "buckets": self._sent}
+            send_object(msg, 0, ctx.senders_group)
+            return None
+        st = self.staging
+        if st is None:  # begin itself failed
+            return CommitResult(ok=False, version=ctx.version, message=failed or "not started", receiver=self.name)
+        if failed:
+            st.problem(f"stage 0 sender failed: {failed}")
+        for stage in range(1, ctx.num_stages):
+            self._drain_stage(stage, ctx)
+        try:
+            return st.commit(ctx.probe)
+        except WeightSyncError as e:
+            return _result_from_error(ctx.version, e, self.name)
+        finally:
+            self.staging = None
+
+
+# ============================================================================================ broadcast
+class BroadcastTransport(Transport):
+    """Senders broadcast buckets into one weight-update group per stage; engines receive them.
+
+    Args:
+        master_address: the address each stage's sender hosts its group's rendezvous on; one string
+            (all senders on that host, e.g. a single node) or one per stage.
+        master_port: stage ``p`` uses ``master_port + p``.
+        num_engine_ranks: engine ranks in every group (ranks ``1..num_engine_ranks``).
+        backend: ``"nccl"`` (GPU tensors) or ``"gloo"`` (CPU); default by CUDA availability.
+        timeout_s: collective timeout of the groups (a hung engine is reported after this).
+        group_prefix: groups are named ``{group_prefix}-pp{stage}``.
+    """
+
+    name = "broadcast"
+
+    def __init__(self, master_address: str | Sequence[str], master_port: int, num_engine_ranks: int, *,
+                 backend: str | None = None, timeout_s: float = 300.0, group_prefix: str = "smd-sync"):
+        self.master_address = master_address
+        self.master_port, self.num_engine_ranks = int(master_port), int(num_engine_ranks)
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        self.timeout_s, self.group_prefix = timeout_s, group_prefix
+        self.pg = None
+        self.broken: str | None = None
+        self._sent = 0
+        self._stage = -1
+
+    def _address(self, stage: int) -> str:
+        a = self.master_address
+        return a if isinstance(a, str) else a[stage]
+
+    def connect(self, ctx: SenderContext) -> None:
+        self._stage = ctx.stage
+        if self.pg is None:
+            self.pg = init_weight_update_group(self._address(ctx.stage), self.master_port + ctx.stage, 0,
+                                               1 + self.num_engine_ranks, f"{self.group_prefix}-pp{ctx.stage}",
+                                               backend=self.backend, timeout_s=self.timeout_s)
+
+    def _guard(self, what: str, fn, *a):
+        if self.broken:
+            raise WeightSyncError(f"broadcast transport: the weight-update group is broken ({self.broken}); "
+                                  f"restart the engines and build a new transport", "unknown")
+        try:
+            return fn(*a)
+        except WeightSyncError:
+            raise
+        except Exception as e:  # gloo: "Connection closed by peer"; nccl / hung peer: timeout
+            self.broken = f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            raise WeightSyncError(f"broadcast transport: an engine receiver failed or died during {what} "
+                                  f"({self.broken})", "previous") from None
+
+    def begin(self, ctx: SenderContext) -> None:
+        self._sent = 0
+        self._guard(f"begin of stage {ctx.stage}", bcast_object,
+                    {"op": "begin", "version": ctx.version, "stage": ctx.stage, "num_stages": ctx.num_stages},
+                    0, self.pg, self.device)
+
+    def _send(self, ctx: SenderContext, bucket: Bucket) -> None:
+        flat = bucket.flatten(self.device)
+        ctx.meter.hold(flat)
+        try:
+            bcast_object({"op": "bucket", "version": ctx.version, **bucket.header()}, 0, self.pg, self.device)
+            dist.broadcast(flat, group=self.pg, group_src=0)
+        finally:
+            ctx.meter.release(flat)
+
+    def send(self, ctx: SenderContext, bucket: Bucket) -> None:
+        self._guard(f"bucket {bucket.index} of stage {ctx.stage}", self._send, ctx, bucket)
+        self._sent += 1
+
+    def _finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
+        if failed:
+            msg = {"op": "abort", "version": ctx.version, "stage": ctx.stage, "reason": failed}
+        else:
+            msg = {"op": "end", "version": ctx.version, "stage": ctx.stage, "buckets": self._sent,
+                   "probe": ctx.probe if ctx.coordinator else None}
+        bcast_object(msg, 0, self.pg, self.device)
+        if not ctx.coordinator:
+            return None
+        # every engine rank reports its verdict in turn, on stage 0's group
+        results = [bcast_object(None, r, self.pg, self.device) for r in range(1, 1 + self.num_engine_ranks)]
+        bad = [r for r in results if not r.ok]
+        if bad:
+            return CommitResult(ok=False, version=ctx.version, receiver=self.name,
+                                message=f"{len(bad)} of {len(results)} engine receivers refused: " +
+                                        " | ".join(f"{r.receiver}: {r.message}" for r in bad))
+        r0 = results[0]
+        return CommitResult(ok=True, version=ctx.version, message=f"committed on {len(results)} engine(s)",
+                            tensors=r0.tensors, bytes=r0.bytes, checksums_verified=r0.checksums_verified,
+                            probe_max_abs_diff=max((r.probe_max_abs_diff or 0.0) for r in results)
+                            if r0.probe_max_abs_diff is not None else None, receiver=self.name)
+
+    def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
+        return self._guard(f"the end of stage {ctx.stage}", self._finish, ctx, failed)
+
+    def close(self) -> None:
+        """Stage 0's sender tells the receivers to stop; every sender destroys its group."""
+        if self.pg is None:
+            return
+        if not self.broken and self._stage == 0:
+            try:
+                bcast_object({"op": "shutdown"}, 0, self.pg, self.device)
+            except Exception:  # receivers already gone: nothing to tell
+                pass
+        destroy_group(self.pg)
+        self.pg = None
+
+
+# ============================================================================================ disk
+def latest_snapshot(root: str | os.PathLike) -> Path | None:
+    """The newest complete snapshot under a ``disk`` transport root (``LATEST``), or None."""
+    p = Path(root) / "LATEST"
+    if not p.is_file():
+        return None
+    snap = Path(root) / p.read_text().strip()
+    return snap if (snap / "model.safetensors.index.json").is_file() else None
+
+
+class DiskTransport(Transport):
+    """Safetensors shards + index, written atomically, then the engine reloads.
+
+    Args:
+        root: the directory (``sync.dir``), visible to every sender and to the engine.
+        engine: a ReferenceEngine on the coordinator to reload into (staged and verified), or None.
+        sglang_urls: SGLang servers to tell ``/update_weights_from_disk`` (they must see ``root``).
+        keep: complete snapshots to keep (older ones are deleted after a successful sync).
+    """
+
+    name = "disk"
+
+    def __init__(self, root: str | os.PathLike, *, engine=None, sglang_urls: Sequence[str] = (), keep: int = 2,
+                 timeout_s: float = 600.0):
+        self.root = Path(root)
+        self.engine, self.sglang_urls, self.keep, self.timeout_s = engine, list(sglang_urls), max(1, keep), timeout_s
+        self._files: list[dict] = []
+
+    @staticmethod
+    def snapshot_name(version: int) -> str:
+        return f"v{version:08d}"
+
+    def _partial(self, version: int) -> Path:
+        return self.root / f".{self.snapshot_name(version)}.partial"
+
+    def begin(self, ctx: SenderContext) -> None:
+        self._files = []
+        part = self._partial(ctx.version)
+        if ctx.coordinator:
+            shutil.rmtree(part, ignore_errors=True)  # a leftover of an earlier failed attempt
+            part.mkdir(parents=True)
+        if ctx.num_stages > 1:
+            dist.barrier(group=ctx.senders_group)  # the directory exists before anyone writes
+
+    def send(self, ctx: SenderContext, bucket: Bucket) -> None:
+        fname = f"model-pp{ctx.stage:02d}-{bucket.index:05d}.safetensors"
+        write_safetensors(self._partial(ctx.version) / fname, bucket,
+                          {"format": "pt", "smd_sync_version": str(ctx.version)})
+        self._files.append({"file": fname, "names": list(bucket.names), "nbytes": bucket.nbytes,
+                            "checksums": bucket.checksums})
+
+    def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
+        mine = {"stage": ctx.stage, "failed": failed, "files": self._files}
+        if ctx.num_stages > 1:
+            got = [None] * ctx.num_stages if ctx.coordinator else None
+            dist.gather_object(mine, got, group=ctx.senders_group, group_dst=0)
+        else:
+            got = [mine]
+        if not ctx.coordinator:
+            return None
+        errs = [f"stage {g['stage']}: {g['failed']}" for g in got if g["failed"]]
+        if errs:
+            return CommitResult(ok=False, version=ctx.version, receiver=self.name,
+                                message="not written: " + "; ".join(errs))
+        snap = self._publish(ctx, got)
+        return self._reload(ctx, snap)
+
+    def _publish(self, ctx: SenderContext, got: list[dict]) -> Path:
+        part = self._partial(ctx.version)
+        weight_map, sums, total = {}, {}, 0
+        for g in got:
+            for f in g["files"]:
+                total += f["nbytes"]
+                for i, name in enumerate(f["names"]):
+                    weight_map[name] = f["file"]
+                    if f["checksums"] is not None:
+                        sums[name] = str(f["checksums"][i])
+        index = {"metadata": {"total_size": total, "smd_sync_version": ctx.version, "smd_checksums": sums},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (part / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+        (part / "config.json").write_text(json.dumps(ctx.arch.to_hf_config(), indent=2) + "\n")
+        for name in ("model.safetensors.index.json", "config.json"):
+            with open(part / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(part)
+        final = self.root / self.snapshot_name(ctx.version)
+        if final.exists():  # re-sync of the same version: replace it
+            old = self.root / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        part.rename(final)
+        tmp = self.root / ".LATEST.tmp"
+        tmp.write_text(final.name + "\n")
+        os.replace(tmp, self.root / "LATEST")
+        fsync_dir(self.root)
+        return final
+
+    def _prune(self, keep_name: str) -> None:
+        snaps = sorted(p for p in self.root.glob("v[0-9]*") if p.is_dir())
+        for p in snaps[:-self.keep]:
+            if p.name != keep_name:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _reload(self, ctx: SenderContext, snap: Path) -> CommitResult:
+        if self.engine is not None:
+            st = stage_from_disk(self.engine, snap, version=ctx.version, verify_checksums=ctx.verify)
+            try:
+                res = st.commit(ctx.probe)
+            except WeightSyncError as e:
+                return _result_from_error(ctx.version, e, self.name)
+        elif self.sglang_urls:
+            msgs = []
+            for url in self.sglang_urls:
+                ok, msg = _post(url, "/update_weights_from_disk",
+                                {"model_path": str(snap.resolve()), "weight_version": str(ctx.version)}, self.timeout_s)
+                if not ok:
+                    return CommitResult(ok=False, version=ctx.version, receiver=self.name,
+                                        message=f"{url}/update_weights_from_disk: {msg} (SGLang rolls back to its "
+                                                f"previous weights when loading fails)")
+                msgs.append(msg)
+            res = CommitResult(ok=True, version=ctx.version, message="; ".join(msgs), receiver="sglang")
+        else:
+            res = CommitResult(ok=True, version=ctx.version, message=f"written to {snap} (no engine attached)",
+                               receiver=self.name)
+        res.message = f"{res.message} [{snap}]"
+        self._prune(snap.name)
+        return res
+
+
+# ============================================================================================ sglang
+def _post(url: str, route: str, payload: dict | None, timeout_s: float, method: str = "POST") -> tuple[bool, str | dict]:
+    """POST JSON to an SGLang server; returns ``(success, message or body)``. Never raises."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url.rstrip("/") + route, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            body = json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            body = json.loads(e.read() or b"{}")
+            return False, str(body.get("message") or body)
+        except ValueError:
+            return False, f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return False, f"cannot reach {url} ({e})"
+    if isinstance(body, dict) and "success" in body:
+        return bool(body["success"]), str(body.get("message", ""))
+    return True, body
+
+
+def _own_address() -> str:
+    """This host's address as other hosts see it (the rendezvous of a stage's weight-update group)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; picks the outgoing interface
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+class SGLangTransport(Transport):
+    """SGLang servers through their weight-update HTTP API (SGLang 0.5.23).
+
+    ``mode="distributed"`` (engines on other GPUs): each stage sender creates group
+    ``{group_prefix}-pp{stage}`` with every engine rank (``/init_weights_update_group``, rank offsets
+    assigned server by server), and per bucket posts ``/update_weights_from_distributed``
+    (``load_format="flattened_bucket"``) while broadcasting the flattened bucket from rank 0.
+    ``mode="tensor"`` (engines colocated on the learner's GPUs): per bucket, posts
+    ``/update_weights_from_tensor`` with the flattened bucket shared by CUDA-IPC handles (SGLang's
+    ``MultiprocessingSerializer``), one payload per engine TP rank.
+
+    A sync is one SGLang weight-update session (``/begin_weight_update`` ... ``/end_weight_update``,
+    opened and closed by the coordinator), then ``/flush_cache`` and ``/update_weight_version``.
+    SGLang loads each bucket in place, so a failure mid-sync leaves the servers partially updated;
+    the error says so (``engine_state="partial"``) and the next successful sync repairs it.
+
+    Args:
+        urls: server base URLs.
+        mode: ``"distributed"`` or ``"tensor"``.
+        master_address: this sender's address for the rendezvous (default: the outgoing interface).
+        master_port: stage ``p`` uses ``master_port + p``.
+        ranks_per_server: engine ranks per server (default: the server's ``tp_size`` from ``/server_info``).
+    """
+
+    name = "sglang"
+    staged = False
+
+    def __init__(self, urls: Sequence[str], *, mode: str = "distributed", master_address: str | None = None,
+                 master_port: int = 29650, backend: str = "nccl", ranks_per_server: int | None = None,
+                 timeout_s: float = 600.0, group_prefix: str = "smd-sync"):
+        if mode not in ("distributed", "tensor"):
+            raise ValueError(f"sglang transport: mode must be 'distributed' or 'tensor', got {mode!r}")
+        if not urls:
+            raise ValueError("sglang transport: no server URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.mode, self.master_address, self.master_port = mode, master_address, int(master_port)
+        self.backend, self.ranks_per_server, self.timeout_s = backend, ranks_per_server, timeout_s
+        self.group_prefix = group_prefix
+        self.pg = None
+        self._ranks: list[int] = []
+        self._sent = 0
+
+    # ------------------------------------------------------------------------------------------
+    def _server_ranks(self) -> list[int]:
+        if self.ranks_per_server is not None:
+            return [self.ranks_per_server] * len(self.urls)
+        out = []
+        for u in self.urls:
+            ok, body = _post(u, "/server_info", None, self.timeout_s, method="GET")
+            if not ok or not isinstance(body, dict):
+                raise WeightSyncError(f"sglang transport: {u}/server_info: {body}", "unknown")
+            tp = body.get("tp_size") or (body.get("server_args") or {}).get("tp_size")
+            if not tp:
+                raise WeightSyncError(f"sglang transport: {u}/server_info has no tp_size; pass ranks_per_server",
+                                      "unknown")
+            out.append(int(tp))
+        return out
+
+    def _all(self, route: str, payloads: list[dict]) -> list[tuple[bool, str]]:
+        """POST one payload per server concurrently; returns their ``(success, message)``."""
+        res: list = [None] * len(self.urls)
+
+        def run(i):
+            res[i] = _post(self.urls[i], route, payloads[i], self.timeout_s)
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(self.urls))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return res
+
+    def _check(self, what: str, results, state: str) -> None:
+        bad = [f"{u}: {m}" for u, (ok, m) in zip(self.urls, results) if not ok]
+        if bad:
+            raise WeightSyncError(f"sglang transport: {what} failed: " + " | ".join(bad), state)  # type: ignore[arg-type]
+
+    def connect(self, ctx: SenderContext) -> None:
+        if not self._ranks:
+            self._ranks = self._server_ranks()
+        if self.mode != "distributed" or self.pg is not None:
+            return
+        world = 1 + sum(self._ranks)
+        addr = self.master_address or _own_address()
+        port = self.master_port + ctx.stage
+        name = f"{self.group_prefix}-pp{ctx.stage}"
+        offsets = [1 + sum(self._ranks[:i]) for i in range(len(self.urls))]
+        payloads = [{"master_address": addr, "master_port": port, "rank_offset": off, "world_size": world,
+                     "group_name": name, "backend": self.backend} for off in offsets]
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.update(r=self._all("/init_weights_update_group", payloads)), daemon=True)
+        t.start()  # the servers join while this sender hosts the rendezvous
+        self.pg = init_weight_update_group(addr, port, 0, world, name, backend=self.backend, timeout_s=self.timeout_s)
+        t.join()
+        self._check("/init_weights_update_group", out["r"], "unknown")
+
+    def begin(self, ctx: SenderContext) -> None:
+        self._sent = 0
+        if ctx.coordinator:
+            self._check("/begin_weight_update", self._all("/begin_weight_update", [{}] * len(self.urls)), "previous")
+        if ctx.num_stages > 1:
+            dist.barrier(group=ctx.senders_group)  # no stage sends before the session is open
+
+    def send(self, ctx: SenderContext, bucket: Bucket) -> None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+        flat = bucket.flatten(dev)
+        ctx.meter.hold(flat)
+        state = "partial"  # from here on, a server may have loaded part of this sync
+        try:
+            if self.mode == "distributed":
+                h = bucket.header()
+                payload = {"names": h["names"], "dtypes": h["dtypes"], "shapes": h["shapes"],
+                           "group_name": f"{self.group_prefix}-pp{ctx.stage}", "flush_cache": False,
+                           "load_format": "flattened_bucket"}
+                out: dict = {}
+                t = threading.Thread(target=lambda: out.update(
+                    r=self._all("/update_weights_from_distributed", [payload] * len(self.urls))), daemon=True)
+                t.start()
+                try:
+                    dist.broadcast(flat, group=self.pg, group_src=0)
+                except Exception as e:
+                    raise WeightSyncError(f"sglang transport: broadcast of bucket {bucket.index} of stage "
+                                          f"{ctx.stage} failed ({e}); the servers hold partially updated "
+                                          f"weights: re-sync before sampling", state) from None
+                t.join()
+                self._check(f"/update_weights_from_distributed (bucket {bucket.index}, stage {ctx.stage})",
+                            out["r"], state)
+            else:
+                from sglang.srt.utils import MultiprocessingSerializer
+                from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+                from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+
+                monkey_patch_torch_reductions()
+                metas = [FlattenedTensorMetadata(name=m.name, shape=torch.Size(m.shape), dtype=m.dtype,
+                                                 start_idx=m.offset, end_idx=m.offset + m.nbytes, numel=m.nbytes)
+                         for m in bucket.metas()]
+                ser = MultiprocessingSerializer.serialize({"flattened_tensor": flat, "metadata": metas},
+                                                          output_str=True)
+                payloads = [{"serialized_named_tensors": [ser] * n, "load_format": "flattened_bucket",
+                             "flush_cache": False} for n in self._ranks]
+                self._check(f"/update_weights_from_tensor (bucket {bucket.index}, stage {ctx.stage})",
+                            self._all("/update_weights_from_tensor", payloads), state)
+                torch.cuda.synchronize()
+        finally:
+            ctx.meter.release(flat)
+        self._sent += 1
+
+    def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
+        if ctx.num_stages > 1:
+            dist.barrier(group=ctx.senders_group)
+        if not ctx.coordinator:
+            return None
+        end = self._all("/end_weight_update", [{}] * len(self.urls))
+        if failed:
+            return CommitResult(ok=False, version=ctx.version, receiver=self.name,
+                                message=f"{failed}; the servers may hold partially updated weights: re-sync")
+        self._check("/end_weight_update", end, "partial")
+        self._all("/flush_cache", [{}] * len(self.urls))
+        self._all("/update_weight_version", [{"new_version": str(ctx.version), "abort_all_requests": False}]
+                  * len(self.urls))
+        return CommitResult(ok=True, version=ctx.version, message=f"updated {len(self.urls)} server(s)",
+                            receiver=self.name)
+
+    def close(self) -> None:
+        if self.pg is not None:
+            destroy_group(self.pg)
+            self.pg = None
