@@ -49,6 +49,8 @@ def train(cfg: ExperimentConfig, *, resume: str | None = "auto") -> dict:
     """Run (or continue) the RL loop; returns the final eval metrics and history on rank 0."""
     ctx = setup(cfg, resume=resume)
     try:
+        if ctx.start_step == 0:
+            log_eval_only(ctx, evaluate(ctx, 0))                         # the warm start's eval: step 0
         for step in range(ctx.start_step, cfg.train.steps):
             t = {}
             t0 = time.perf_counter()
@@ -449,6 +451,13 @@ def log_step(ctx: Context, step: int, batch: RolloutBatch, stats: dict, t: dict)
             post["eval_c"] = f"{stats['reward/eval_compressed']:.2f}"
         ctx.bar.set_postfix(post)
         ctx.bar.update(1)
+
+
+def log_eval_only(ctx: Context, stats: dict) -> None:
+    """Step-0 record: the eval of the starting weights, so curves start at the SFT model."""
+    if ctx.rank0:
+        ctx.logger.log(stats, 0)
+        ctx.history.append({"step": 0, **stats})
 
 
 def save(ctx: Context, step: int) -> None:

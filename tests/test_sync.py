@@ -271,12 +271,25 @@ def _spawn(jobs: list[tuple], *, may_die: set[int], timeout: float) -> dict[int,
 
 
 def _two_free_ports() -> int:
-    """A port ``p`` with ``p`` and ``p + 1`` free (stage 0 and stage 1 of one weight-update group set)."""
-    for _ in range(50):
-        p = free_port()
+    """A port ``p`` with ``p`` and ``p + 1`` free (the rendezvous of stage 0's and stage 1's group).
+
+    Drawn below the kernel's ephemeral range (``ip_local_port_range``, 32768+ by default): a port
+    picked by binding to 0 is an ephemeral one, which gloo's own connections can take meanwhile.
+    """
+    import random
+
+    lo = 20000
+    try:
+        lo_eph = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        lo_eph = 32768
+    rng = random.SystemRandom()
+    for _ in range(200):
+        p = rng.randrange(lo, max(lo + 100, lo_eph - 2))
         try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", p + 1))
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 1))
             return p
         except OSError:
             continue
@@ -304,9 +317,9 @@ def _corrupting(base_cls):
     class Corrupting(base_cls):
         def send(self, ctx, bucket):
             if bucket.stage == ctx.num_stages - 1 and bucket.index == 1:
-                t = bucket.tensors[-1].clone()
-                t.view(-1)[0] += 0.5
-                bucket.tensors[-1] = t
+                # in place: the bucket is packed in the resharder's buffer (never a learner weight)
+                assert bucket.flat is not None
+                bucket.tensors[-1].view(-1)[0] += 0.5
             super().send(ctx, bucket)
 
     return Corrupting
@@ -319,9 +332,19 @@ def _learner_job(rank: int, bcast_ports: list[int], fail_port: int, tmp: str) ->
     from megatron_smd.sync import (BroadcastTransport, DiskTransport, InProcessTransport, WeightSync,
                                    WeightSyncError, latest_snapshot, learner_logits, stage_from_disk)
 
-    out: dict = {"layouts": []}
+    import sys
+    import time
+
+    t_start = time.perf_counter()
+
+    def mark(what):
+        if rank == 0 and os.environ.get("SMD_SYNC_TEST_TRACE"):
+            print(f"[{time.perf_counter() - t_start:6.1f}s] {what}", file=sys.stderr, flush=True)
+
+    out: dict = {"layouts": [], "t_import": None}
     g = torch.Generator().manual_seed(0)
     for li, (name, tp, pp) in enumerate(LAYOUTS):
+        t_layout = time.perf_counter()
         arch = _arch(name)
         layout = ParallelLayout(world_size=WORLD, tp=tp, pp=pp)
         layout.initialize(seed=0)
@@ -330,6 +353,7 @@ def _learner_job(rank: int, bcast_ports: list[int], fail_port: int, tmp: str) ->
         mb = MicroBatch(tokens=tokens, position_ids=torch.arange(32).expand(2, 32).clone(),
                         targets=torch.roll(tokens, -1, 1))
         learner.step([mb], lambda logp, m: (-logp.sum() / logp.numel(), logp.numel()))
+        mark(f"layout {li}: learner built and stepped")
         L = learner_logits(learner.model, layout, arch, PROBE)
         res: dict = {"name": name, "tp": tp, "pp": pp, "reports": {}}
         engine = _engine(name) if rank == 0 else None
@@ -352,19 +376,23 @@ def _learner_job(rank: int, bcast_ports: list[int], fail_port: int, tmp: str) ->
         kw = dict(bucket_bytes=BUCKET, verify=True)
         ws = WeightSync(learner.model, layout, arch, InProcessTransport(engine), **kw)
         check("inprocess", ws.sync(1, probe_tokens=PROBE))
+        mark("inprocess done")
         root = Path(tmp) / f"disk{li}"
         ws = WeightSync(learner.model, layout, arch, DiskTransport(root, engine=engine), **kw)
         check("disk", ws.sync(2, probe_tokens=PROBE))
+        mark("disk done")
         if rank == 0:
             res["disk_snapshot"] = str(latest_snapshot(root))
         tr = BroadcastTransport("127.0.0.1", bcast_ports[li], N_RX, backend="gloo", timeout_s=60)
         ws = WeightSync(learner.model, layout, arch, tr, **kw)
         check("broadcast", ws.sync(3, probe_tokens=PROBE), None)
+        mark("broadcast done")
         ws.verify = False  # memory: checksums add a bounded temporary (2^16-word chunks), measured without
         rep, peak = _profiled_peak(lambda: ws.sync(4))
         res["mem"] = {"peak_profiler": peak, "peak_live": rep.peak_live_bytes, "largest": rep.largest_tensor_bytes,
                       "sender": learner.layout.dp_rank == 0 and layout.tp_rank == 0}
         ws.close()
+        mark("memory done")
 
         if li == len(LAYOUTS) - 1:  # ---- failure semantics, at TP=2 x PP=2
             fails: dict = {}
@@ -378,6 +406,7 @@ def _learner_job(rank: int, bcast_ports: list[int], fail_port: int, tmp: str) ->
                 fails["corrupt"] = "no error"
             except WeightSyncError as e:
                 fails["corrupt"] = (str(e), e.engine_state)
+            mark("corrupt done")
             if rank == 0:
                 fails["corrupt_unchanged"] = _param_sums(engine) == sums0
                 snap = Path(res["disk_snapshot"])
@@ -402,10 +431,13 @@ def _learner_job(rank: int, bcast_ports: list[int], fail_port: int, tmp: str) ->
             except WeightSyncError as e:
                 fails["dead_rx"] = (str(e), e.engine_state)
             fails["dead_rx_seconds"] = time.perf_counter() - t0
+            mark("dead receiver done")
             ws.close()
             res["fails"] = fails
+        res["seconds"] = time.perf_counter() - t_layout
         out["layouts"].append(res)
         layout.destroy(process_group=False)
+    out["seconds"] = time.perf_counter() - t_start
     return out
 
 
@@ -447,8 +479,12 @@ def _receiver_job(rank: int, bcast_ports: list[int], fail_port: int) -> dict:
 def sync_run(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("sync"))
     learner_port = free_port()
-    bcast_ports = [_two_free_ports() for _ in LAYOUTS]
-    fail_port = _two_free_ports()
+    ports = set()
+    while len(ports) < len(LAYOUTS) + 1:  # distinct pairs
+        p = _two_free_ports()
+        if not ({p, p + 1} & {q for x in ports for q in (x, x + 1)}):
+            ports.add(p)
+    *bcast_ports, fail_port = sorted(ports)
     env = dict(WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(learner_port))
     jobs = [(_learner_job, (r, bcast_ports, fail_port, tmp), {**env, "RANK": str(r), "LOCAL_RANK": str(r)})
             for r in range(WORLD)]
@@ -460,6 +496,8 @@ def sync_run(tmp_path_factory):
 @pytest.mark.slow
 def test_engine_logits_equal_learner_after_sync(sync_run):
     rank0 = sync_run["learners"][0]["layouts"]
+    print(f"learner rank 0: {sync_run['learners'][0]['seconds']:.1f}s in the worker, per layout " +
+          ", ".join(f"{lay['seconds']:.1f}s" for lay in rank0))
     for li, lay in enumerate(rank0):
         where = f"{lay['name']} tp={lay['tp']} pp={lay['pp']}"
         print(f"{where}: engine vs learner before sync {lay['before']:.3g}; after: " +

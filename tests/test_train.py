@@ -37,8 +37,10 @@ def _cfg(tmp, model_dir, **over):
 def test_every_mode_runs_and_logs(mode, tmp_path, tiny_qwen2_dir):
     res = train(_cfg(tmp_path, tiny_qwen2_dir, **{"algorithm.correction": mode}), resume="none")
     h = res["history"]
-    assert [r["step"] for r in h] == [1, 2]
+    assert [r["step"] for r in h] == [0, 1, 2]  # step 0: the eval of the starting weights
+    assert "reward/eval_dense" in h[0] and "reward/eval_compressed" in h[0]
     assert "reward/eval_dense" in h[-1] and "reward/eval_compressed" in h[-1]
+    h = h[1:]
     assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tensorboard").iterdir())
     assert (tmp_path / "checkpoints" / "latest").is_file()
     if mode == "sparse_rl":
@@ -47,8 +49,8 @@ def test_every_mode_runs_and_logs(mode, tmp_path, tiny_qwen2_dir):
 
 def test_smd_is_on_policy_and_naive_is_not(tmp_path, tiny_qwen2_dir):
     """First micro-step of every update: SMD's gap sits at the fp32 floor and its ratio is 1; naive's does not."""
-    smd = train(_cfg(tmp_path / "smd", tiny_qwen2_dir, **{"algorithm.correction": "smd"}), resume="none")["history"]
-    naive = train(_cfg(tmp_path / "naive", tiny_qwen2_dir, **{"algorithm.correction": "naive"}), resume="none")["history"]
+    smd = train(_cfg(tmp_path / "smd", tiny_qwen2_dir, **{"algorithm.correction": "smd"}), resume="none")["history"][1:]
+    naive = train(_cfg(tmp_path / "naive", tiny_qwen2_dir, **{"algorithm.correction": "naive"}), resume="none")["history"][1:]
     for rec in smd:
         assert rec["mismatch/max_abs_logprob_diff"] <= TOL, rec
         assert rec["ratio_first/max_abs_dev"] <= 10 * TOL, rec

@@ -104,6 +104,9 @@ class Bucket:
             may alias learner parameters (a replicated tensor at TP=1 is the parameter itself), so
             a transport must be done with a bucket before the learner's next optimizer step.
         checksums: :func:`tensor_checksum` per tensor, when verification is on.
+        flat: when the bucket was packed in place (by :class:`~megatron_smd.sync.reshard.Resharder`),
+            its bytes in wire layout; ``tensors`` are then views of it. The packing buffer is reused
+            for the next bucket, so a consumer must be done with a bucket before asking for the next.
     """
 
     stage: int
@@ -111,6 +114,7 @@ class Bucket:
     names: list[str] = field(default_factory=list)
     tensors: list[torch.Tensor] = field(default_factory=list)
     checksums: list[int] | None = None
+    flat: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -132,6 +136,22 @@ class Bucket:
         self.names.append(name)
         self.tensors.append(t)
 
+    def pack(self, name: str, t: torch.Tensor, buffer: torch.Tensor) -> None:
+        """Copy ``t`` into ``buffer`` (``uint8``) right after this bucket's bytes and add the view.
+
+        All tensors of a bucket must be packed into the same buffer, from offset 0.
+        """
+        off, nb = self.nbytes, t.numel() * t.element_size()
+        if off % t.element_size():
+            raise ValueError(f"bucket: {name} ({t.dtype}) would start at byte {off}, not a multiple of its element size")
+        if off + nb > buffer.numel():
+            raise ValueError(f"bucket: {name} needs bytes [{off}, {off + nb}) of a {buffer.numel()}-byte buffer")
+        view = buffer[off:off + nb].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        self.names.append(name)
+        self.tensors.append(view)
+        self.flat = buffer[:off + nb]
+
     def metas(self) -> list[TensorMeta]:
         out, off = [], 0
         for name, t in zip(self.names, self.tensors):
@@ -152,8 +172,15 @@ class Bucket:
         self.checksums = [tensor_checksum(t) for t in self.tensors]
 
     def flatten(self, device: torch.device | None = None) -> torch.Tensor:
-        """The wire layout: ``uint8 [nbytes]``, tensors back to back (SGLang ``flattened_bucket``)."""
-        dev = device or (self.tensors[0].device if self.tensors else torch.device("cpu"))
+        """The wire layout: ``uint8 [nbytes]``, tensors back to back (SGLang ``flattened_bucket``).
+
+        A bucket packed by the resharder already lives in that layout (:attr:`flat`), which is
+        returned as is (no copy) when it is on ``device``.
+        """
+        dev = torch.device(device) if device is not None else (
+            self.flat.device if self.flat is not None else self.tensors[0].device if self.tensors else torch.device("cpu"))
+        if self.flat is not None and self.flat.device == dev:
+            return self.flat
         flat = torch.empty(self.nbytes, dtype=torch.uint8, device=dev)
         for m, t in zip(self.metas(), self.tensors):
             flat[m.offset:m.offset + m.nbytes].copy_(t.reshape(-1).view(torch.uint8))
@@ -217,7 +244,8 @@ def write_safetensors(path: str | os.PathLike, bucket: Bucket, metadata: dict[st
     with open(path, "wb") as f:
         written += f.write(struct.pack("<Q", len(raw)))
         written += f.write(raw)
-        for t in bucket.tensors:
+        chunks = [bucket.flat] if bucket.flat is not None else bucket.tensors
+        for t in chunks:
             if t.device.type != "cpu":
                 t = t.cpu()
             if t.numel():

@@ -6,29 +6,29 @@ Who does what (ranks in Megatron's ``tp-cp-ep-dp-pp`` order, one :class:`Paralle
   DP / CP ranks hold identical weights and take no part (their :class:`Resharder` yields nothing).
 * In each pipeline stage the participants are one TP group. They walk this stage's parameters in
   one fixed order (:func:`param_order`: embedding, then layer by layer in :data:`convert.RULES`
-  order, then the final norm and the output layer; identical on every TP rank, so the collectives
-  line up) and **gather** each parameter's TP shards onto ``tp_rank 0`` (``dist.gather``: only the
+  order, then the final norm and the output layer; identical on every TP rank, so the messages
+  line up) and **gather** each parameter's TP shards onto ``tp_rank 0`` (point-to-point: only the
   sender needs the full tensor, so the other TP ranks allocate nothing).
 * ``tp_rank 0`` of the replica's stage ``p`` is that stage's **sender**: it converts the gathered
   shards with :func:`megatron_smd.learner.convert.iter_hf_from_local` (QKV de-interleaved per
   query group, ``[gate_r; up_r]`` rechunked, vocabulary padding trimmed, the tied last-stage copy of
-  the embedding skipped) and packs the HF tensors into :class:`~megatron_smd.sync.bucket.Bucket` s.
-  Every stage sends its own layers; the senders of all stages form exactly one pipeline group
-  (``layout.pp_group`` of a sender), which the transports use to coordinate.
+  the embedding skipped) and packs the HF tensors into :class:`~megatron_smd.sync.bucket.Bucket` s,
+  in place, in the wire layout. Every stage sends its own layers; the senders of all stages form
+  exactly one pipeline group (``layout.pp_group`` of a sender), which the transports use.
 
-Memory bound (the point of streaming). Let ``B`` be the bucket size and ``P`` the HF bytes of the
-parameter being converted. A bucket is flushed *before* gathering a parameter that would overflow
-it, so while ``P`` is gathered and converted the open bucket holds at most ``B - P`` bytes. On top
-of it the sender holds the gathered shards (``P``, nothing at TP=1 where the "shard" is the
-parameter itself) and the converted tensors (``P``); the QKV split goes through one more
-concatenated temporary inside ``iter_hf_from_local``. The gathered shards are dropped as soon as
-the converted tensors exist. Peak extra memory on a sender is therefore about ``B + P_max``
-(``<= B + 2 P_max`` counting the QKV temporary, ``2 P_max`` for a parameter larger than a bucket):
-within two buckets whenever the largest parameter is at most half a bucket, whatever the model
-size. A wire transport that flattens a bucket holds it twice for a moment (``2 B``).
-:class:`LiveBytes` counts the tensors the resharder and the transports hold (by storage, learner
-parameters excluded; not the temporaries inside ``iter_hf_from_local``) and reports their peak; the
-tests measure the real peak with the allocator's own record (``torch.profiler`` memory events).
+Memory bound (the point of streaming). Let ``B`` be the bucket size and ``P`` the HF bytes of one
+Megatron parameter. A sender holds, for the whole sync, one packing buffer of ``B`` bytes (the open
+bucket, already in wire layout, so sending it copies nothing) and one gather buffer of
+``(tp - 1)/tp * P_max``; per parameter, the converted tensors (``P``) until they are packed, plus
+the conversion's own temporaries (the QKV split goes through one concatenated copy). A bucket is
+flushed *before* a parameter that would overflow it. Peak extra memory on a sender is therefore
+about ``B + 2 P_max`` (``2 P_max`` more when one parameter alone exceeds a bucket): within two
+buckets whenever the largest parameter is at most half a bucket, whatever the model size (fc1 of
+Qwen2.5-7B in bf16 is 259 MiB against the default 512 MiB). The buffers are reused, not
+reallocated: a backend may drop its reference to a sent tensor late (gloo keeps the last one), and
+fresh buffers would then pile up. :class:`LiveBytes` counts what the resharder holds (by storage,
+learner parameters excluded; not the temporaries inside ``iter_hf_from_local``); the tests measure
+the real peak with the allocator's own record (``torch.profiler`` memory events) and compare.
 """
 
 from __future__ import annotations
@@ -163,7 +163,14 @@ class Resharder:
         self.stats = ReshardStats()
         self.errors: list[str] = []  # recorded, not raised: the TP gathers must run to the end
         self._draining = False
-        self._tp_dst = dist.get_global_rank(layout.tp_group, 0) if layout.tp > 1 else None
+        # Reused buffers (sender only): the bucket is packed in place in wire layout (``_pack_buf``,
+        # one bucket, or the largest parameter if that is bigger), and the TP shards of one parameter
+        # land in ``_gather_buf`` ((tp - 1) x the largest local parameter).
+        est = [self._hf_bytes_estimate(q) for _, q in self.params]
+        self._pack_capacity = max(min(self.bucket_bytes, sum(est)), max(est))
+        self._max_local_bytes = max(q.numel() * q.element_size() for _, q in self.params)
+        self._pack_buf: torch.Tensor | None = None
+        self._gather_buf: torch.Tensor | None = None
 
     # --------------------------------------------------------------------------------------
     def _hf_bytes_estimate(self, p: torch.Tensor) -> int:
@@ -172,25 +179,53 @@ class Resharder:
         tp = self.layout.tp if getattr(p, "tensor_model_parallel", False) else 1
         return p.numel() * tp * itemsize
 
+    def _buffer(self, attr: str, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A reusable ``uint8`` buffer (``attr`` = ``"_pack_buf"`` or ``"_gather_buf"``), grown on demand.
+
+        Reused rather than allocated per bucket / per parameter: collectives may drop their
+        reference to a tensor only later (gloo keeps the last one), so fresh buffers would linger
+        beyond the two-bucket bound; a reused one costs its size once.
+        """
+        buf = getattr(self, attr)
+        if buf is None or buf.numel() < nbytes or buf.device != device:
+            if buf is not None:
+                self.meter.release(buf)
+            setattr(self, attr, None)
+            del buf
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self.meter.hold(buf)
+            setattr(self, attr, buf)
+        return buf
+
     def _gather(self, name: str, p: torch.Tensor) -> list[torch.Tensor] | None:
-        """All TP shards of ``p`` (rank order) on the sender, None elsewhere."""
+        """All TP shards of ``p`` (rank order) on the sender, None elsewhere.
+
+        A gather by point-to-point messages to ``tp_rank 0``, received straight into the reusable
+        gather buffer (shards ``1..tp-1`` are views of it, valid until the next gather). Not
+        ``dist.gather`` / ``all_gather``: gloo stages those through a temporary as large as the whole
+        gathered tensor, which would break the memory bound; point-to-point receives write in place.
+        """
         local = p.detach()
-        if self.layout.tp == 1:
+        tp, g = self.layout.tp, self.layout.tp_group
+        if tp == 1:
             return [local]
-        if self.is_sender:
-            shards = [local] + [torch.empty_like(local) for _ in range(self.layout.tp - 1)]
-            self.meter.hold(*shards)
-            dist.gather(local, shards, dst=self._tp_dst, group=self.layout.tp_group)
-            if not getattr(p, "tensor_model_parallel", False):
-                # A replicated parameter (the norms) must be identical on every TP rank: the forward
-                # uses each rank's own copy, while only tp_rank 0's is sent.
-                bad = [r for r in range(1, len(shards)) if not torch.equal(shards[r], local)]
-                if bad:
-                    self.errors.append(f"replicated parameter {name} of stage {self.stage} differs between "
-                                       f"TP rank 0 and TP ranks {bad}")
-            return shards
-        dist.gather(local, None, dst=self._tp_dst, group=self.layout.tp_group)
-        return None
+        if not self.is_sender:
+            dist.send(local.contiguous(), group=g, group_dst=0)
+            return None
+        nb = local.numel() * local.element_size()
+        buf = self._buffer("_gather_buf", (tp - 1) * self._max_local_bytes, local.device)
+        shards = [local] + [buf[k * nb:(k + 1) * nb].view(local.dtype).view(local.shape) for k in range(tp - 1)]
+        works = [dist.irecv(shards[r], group=g, group_src=r) for r in range(1, tp)]
+        for w in works:
+            w.wait()
+        if not getattr(p, "tensor_model_parallel", False):
+            # A replicated parameter (the norms) must be identical on every TP rank: the forward
+            # uses each rank's own copy, while only tp_rank 0's is sent.
+            bad = [r for r in range(1, tp) if not torch.equal(shards[r], local)]
+            if bad:
+                self.errors.append(f"replicated parameter {name} of stage {self.stage} differs between "
+                                   f"TP rank 0 and TP ranks {bad}")
+        return shards
 
     def drain(self) -> None:
         """Stop converting: the remaining parameters are still gathered (the TP group must stay in
@@ -198,14 +233,16 @@ class Resharder:
         self._draining = True
 
     def _convert(self, name: str, shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        """HF tensors of one parameter: contiguous, in the target dtype, owning their memory (an
+        output that still aliases the gather buffer, which the next gather overwrites, is copied)."""
+        gbuf = self._gather_buf
+        gptr = gbuf.untyped_storage().data_ptr() if gbuf is not None else None
         outs = []
         for hf_name, t in iter_hf_from_local(name, shards, self.arch, pp_rank=self.stage, pp_size=self.num_stages):
+            aliased = gptr is not None and t.untyped_storage().data_ptr() == gptr
+            if aliased or (self.dtype is not None and t.dtype != self.dtype) or not t.is_contiguous():
+                t = t.to(dtype=self.dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
             self.meter.hold(t)
-            if (self.dtype is not None and t.dtype != self.dtype) or not t.is_contiguous():
-                c = t.to(dtype=self.dtype or t.dtype, memory_format=torch.contiguous_format)
-                self.meter.hold(c)
-                self.meter.release(t)
-                t = c
             outs.append((hf_name, t))
         return outs
 
@@ -217,21 +254,28 @@ class Resharder:
         self.stats.bytes += bucket.nbytes
         return bucket
 
-    def _next(self, bucket: Bucket) -> Bucket:
-        self.meter.release(*bucket.tensors)
-        return Bucket(self.stage, bucket.index + 1)
-
     def __iter__(self) -> Iterator[Bucket]:
         if not self.participant:
             return
+        try:
+            yield from self._iter()
+        finally:
+            for attr in ("_pack_buf", "_gather_buf"):
+                if getattr(self, attr) is not None:
+                    self.meter.release(getattr(self, attr))
+                    setattr(self, attr, None)
+            self.stats.peak_live_bytes = self.meter.peak
+
+    def _iter(self) -> Iterator[Bucket]:
+        B = self.bucket_bytes
         bucket = Bucket(self.stage, 0)
         for name, p in self.params:
             if self._draining:
                 self._gather(name, p)
                 continue
-            if self.is_sender and len(bucket) and bucket.nbytes + self._hf_bytes_estimate(p) > self.bucket_bytes:
+            if self.is_sender and len(bucket) and bucket.nbytes + self._hf_bytes_estimate(p) > B:
                 yield self._flush(bucket)
-                bucket = self._next(bucket)
+                bucket = Bucket(self.stage, bucket.index + 1)
             shards = self._gather(name, p)
             if shards is None:
                 continue
@@ -240,22 +284,25 @@ class Resharder:
             except Exception as e:  # a conversion bug must not leave the TP group out of step
                 self.errors.append(f"converting {name} of stage {self.stage}: {type(e).__name__}: {e}")
                 outs = []
-            self.meter.release(*shards[1:])  # shard 0 is the local parameter itself
             del shards
             if not outs:
                 continue  # the tied output layer of the last stage (or a recorded error)
             self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes,
                                                   sum(t.numel() * t.element_size() for _, t in outs))
-            for hf_name, t in outs:
-                if len(bucket) and not bucket.aligned_for(t):  # mixed dtypes: SGLang's alignment rule
-                    yield self._flush(bucket)
-                    bucket = self._next(bucket)
-                bucket.add(hf_name, t)
-            del outs
+            buf = self._buffer("_pack_buf", self._pack_capacity, p.device)
+            while outs:
+                hf_name, t = outs.pop(0)
+                nb = t.numel() * t.element_size()
+                if len(bucket) and (not bucket.aligned_for(t) or bucket.nbytes + nb > buf.numel()):
+                    yield self._flush(bucket)  # mixed dtypes (SGLang's alignment rule) or a low estimate
+                    bucket = Bucket(self.stage, bucket.index + 1)
+                if nb > buf.numel():
+                    buf = self._buffer("_pack_buf", nb, p.device)
+                bucket.pack(hf_name, t, buf)
+                self.meter.release(t)
+                del t
         if self.is_sender and len(bucket) and not self._draining:
             yield self._flush(bucket)
-            self._next(bucket)
-        self.stats.peak_live_bytes = self.meter.peak
 
 
 # ------------------------------------------------------------------------------------------- probe

@@ -147,12 +147,8 @@ class InProcessTransport(Transport):
                 self.staging.add(name, t, cs, copy=True)
             return
         flat = bucket.flatten()
-        ctx.meter.hold(flat)
-        try:
-            send_object({"op": "bucket", "version": ctx.version, **bucket.header()}, 0, ctx.senders_group)
-            dist.send(flat, group=ctx.senders_group, group_dst=0)
-        finally:
-            ctx.meter.release(flat)
+        send_object({"op": "bucket", "version": ctx.version, **bucket.header()}, 0, ctx.senders_group)
+        dist.send(flat, group=ctx.senders_group, group_dst=0)
         self._sent += 1
 
     def _drain_stage(self, stage: int, ctx: SenderContext) -> None:
@@ -263,12 +259,8 @@ class BroadcastTransport(Transport):
 
     def _send(self, ctx: SenderContext, bucket: Bucket) -> None:
         flat = bucket.flatten(self.device)
-        ctx.meter.hold(flat)
-        try:
-            bcast_object({"op": "bucket", "version": ctx.version, **bucket.header()}, 0, self.pg, self.device)
-            dist.broadcast(flat, group=self.pg, group_src=0)
-        finally:
-            ctx.meter.release(flat)
+        bcast_object({"op": "bucket", "version": ctx.version, **bucket.header()}, 0, self.pg, self.device)
+        dist.broadcast(flat, group=self.pg, group_src=0)
 
     def send(self, ctx: SenderContext, bucket: Bucket) -> None:
         self._guard(f"bucket {bucket.index} of stage {ctx.stage}", self._send, ctx, bucket)
@@ -580,7 +572,6 @@ class SGLangTransport(Transport):
     def send(self, ctx: SenderContext, bucket: Bucket) -> None:
         dev = torch.device("cuda", torch.cuda.current_device())
         flat = bucket.flatten(dev)
-        ctx.meter.hold(flat)
         state = "partial"  # from here on, a server may have loaded part of this sync
         try:
             if self.mode == "distributed":
@@ -616,9 +607,9 @@ class SGLangTransport(Transport):
                              "flush_cache": False} for n in self._ranks]
                 self._check(f"/update_weights_from_tensor (bucket {bucket.index}, stage {ctx.stage})",
                             self._all("/update_weights_from_tensor", payloads), state)
-                torch.cuda.synchronize()
+                torch.cuda.synchronize()  # the servers finished reading the shared buffer
         finally:
-            ctx.meter.release(flat)
+            del flat
         self._sent += 1
 
     def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:

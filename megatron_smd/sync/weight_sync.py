@@ -143,6 +143,7 @@ class WeightSync:
                 res.drain()
         for bucket in res:  # every participant iterates: the TP gathers are collective
             if err is not None:
+                del bucket
                 continue
             try:
                 if self.check_finite:
@@ -156,6 +157,7 @@ class WeightSync:
             except Exception as e:
                 err = _describe(e)
                 res.drain()
+            del bucket  # the resharder fills the next bucket now: do not keep this one alive meanwhile
         if res.errors and err is None:
             err = "; ".join(res.errors)
         result = None

@@ -1,0 +1,202 @@
+"""`smd experiment compare` and `smd bench all`: outputs exist, numbers are those of the runs, resume
+does no work, and every benchmark figure carries its baseline.
+
+Small sizes (as tests/test_train.py): 2 prompts x 2 samples, 4 new tokens, H2O at a 12-token budget
+on ~45-token prompts, 2 steps, modes dense and smd.
+"""
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from megatron_smd.errors import ConfigError
+from megatron_smd.experiment import (FLOOR_FACTOR, PLOTS, REPLAY_TOL, add_cli, compare, findings, render_markdown,
+                                     summarize)
+
+REPO = Path(__file__).resolve().parent.parent
+CFG = REPO / "configs" / "tiny-cpu.yaml"
+TOL = 1e-5
+
+
+def _over(model_dir, **extra):
+    base = [f"model.path={model_dir}", "sft.enabled=false", "task.num_pairs=6", "task.num_queries=1",
+            "task.key_digits=2", "task.value_digits=1", "rollout.num_prompts=2", "rollout.group_size=2",
+            "rollout.max_new_tokens=4", "rollout.policy.name=h2o", "rollout.policy.budget=12",
+            "rollout.policy.window=4", "train.steps=2", "train.eval_every=1", "train.eval_prompts=2",
+            "train.save_every=1", "learner.micro_batch_size=4", "logging.progress_bar=false",
+            "logging.tensorboard=false"]
+    return base + [f"{k}={v}" for k, v in extra.items()]
+
+
+def _is_png(p: Path) -> bool:
+    return p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def _ckpt_state(mode_dir: Path) -> dict:
+    ck = mode_dir / "checkpoints"
+    return {p.name: p.stat().st_mtime_ns for p in sorted(ck.iterdir())}
+
+
+def test_compare_writes_results_and_resumes_without_work(tmp_path, tiny_qwen2_dir):
+    out, docs = tmp_path / "cmp", tmp_path / "docs"
+    res = compare(CFG, out, ["smd", "dense"], _over(tiny_qwen2_dir), docs=docs)
+    assert res["status"] == {"dense": "ran", "smd": "ran"}
+    assert list(res["modes"]) == ["dense", "smd"]  # canonical order, dense (the floor) first
+    for d in (out, docs):
+        assert (d / "results.md").is_file()
+        for name in PLOTS:
+            assert _is_png(d / "img" / name), d / "img" / name
+    assert json.loads((out / "results.json").read_text())["modes"] == res["modes"]
+    assert (docs / "results.md").read_text() == (out / "results.md").read_text()
+
+    # the table's numbers are the runs' numbers (recomputed here from run.json's history)
+    for m in ("dense", "smd"):
+        hist = json.loads((out / m / "run.json").read_text())["history"]
+        assert [r["step"] for r in hist] == [1, 2]
+        row = res["modes"][m]
+        gaps = [r["mismatch/max_abs_logprob_diff"] for r in hist]
+        gn = [r["train/grad_norm"] for r in hist]
+        assert row["replay_gap_max"] == max(gaps) and math.isclose(row["replay_gap_mean"], sum(gaps) / 2)
+        assert math.isclose(row["grad_norm_var"], statistics.pvariance(gn), rel_tol=1e-12, abs_tol=1e-15)
+        assert row["peak_kv_bytes"] == max(r["kv/peak_bytes"] for r in hist)
+        assert row["eval_reward_dense_final"] == hist[-1]["reward/eval_dense"]
+        assert row["eval_reward_compressed_best"] == max(r["reward/eval_compressed"] for r in hist)
+        assert row["rejected_fraction"] == 0.0 and row["wall_s"] > 0
+        assert row["replay_gap_max"] <= TOL  # dense: the fp32 floor; smd: on it
+    d, s = res["modes"]["dense"], res["modes"]["smd"]
+    assert s["peak_kv_bytes"] < d["peak_kv_bytes"]  # the 12-token budget really evicted
+    assert math.isclose(s["kv_ratio_vs_dense"], s["peak_kv_bytes"] / d["peak_kv_bytes"])
+    assert s["dense_learner_gap_max"] > 100 * TOL  # the gap smd removes is there
+    fl = res["findings"]["smd_gap_at_dense_floor"]
+    assert fl["holds"] is True and fl["steps_at_floor"] == 2
+    assert fl["tolerance"] == max(FLOOR_FACTOR * d["replay_gap_max"], REPLAY_TOL)
+    md = (out / "results.md").read_text()
+    assert "| `dense` |" in md and "| `smd` |" in md and "](img/replay_gap.png)" in md
+    assert f"{s['replay_gap_max']:.2e}" in md
+    print(f"\nreplay gap max: dense {d['replay_gap_max']:.2e}, smd {s['replay_gap_max']:.2e} "
+          f"(dense learner on smd's rollouts {s['dense_learner_gap_max']:.2e}); KV smd/dense {s['kv_ratio_vs_dense']:.2f}")
+
+    # a finished comparison: nothing trains, nothing is rewritten
+    runs = {m: (out / m / "run.json").stat().st_mtime_ns for m in ("dense", "smd")}
+    ck = {m: _ckpt_state(out / m) for m in ("dense", "smd")}
+    again = compare(CFG, out, ["dense", "smd"], _over(tiny_qwen2_dir))
+    assert again["status"] == {"dense": "cached", "smd": "cached"}
+    assert {m: (out / m / "run.json").stat().st_mtime_ns for m in ("dense", "smd")} == runs
+    assert {m: _ckpt_state(out / m) for m in ("dense", "smd")} == ck
+    assert again["modes"]["smd"]["replay_gap_max"] == s["replay_gap_max"]
+
+    # a mode killed after its last checkpoint but before run.json: it resumes and redoes no step
+    old = json.loads((out / "smd" / "run.json").read_text())["history"]
+    (out / "smd" / "run.json").unlink()
+    res3 = compare(CFG, out, ["dense", "smd"], _over(tiny_qwen2_dir))
+    assert res3["status"] == {"dense": "cached", "smd": "resumed"}
+    assert json.loads((out / "smd" / "run.json").read_text())["history"] == old
+    assert _ckpt_state(out / "smd") == ck["smd"]
+    assert len(json.loads((out / "smd" / "wall.json").read_text())["sessions"]) == 2
+
+    # a different config under the same directory is refused, naming the key
+    with pytest.raises(ConfigError, match=r"train\.steps \(2 -> 3\)"):
+        compare(CFG, out, ["dense", "smd"], _over(tiny_qwen2_dir, **{"train.steps": 3}))
+
+
+def test_bad_modes_and_reserved_overrides(tmp_path, tiny_qwen2_dir):
+    with pytest.raises(ConfigError, match="bogus"):
+        compare(CFG, tmp_path, ["dense", "bogus"], _over(tiny_qwen2_dir))
+    with pytest.raises(ConfigError, match="algorithm.correction"):
+        compare(CFG, tmp_path, ["dense"], _over(tiny_qwen2_dir, **{"algorithm.correction": "smd"}))
+    with pytest.raises(ConfigError, match="twice"):
+        compare(CFG, tmp_path, "smd,smd", _over(tiny_qwen2_dir))
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_wiring():
+    p = argparse.ArgumentParser()
+    add_cli(p.add_subparsers(dest="cmd"))
+    a = p.parse_args(["experiment", "compare", "--config", "c.yaml", "--modes", "dense,smd", "--out", "o",
+                      "train.steps=3", "rollout.policy.budget=32"])
+    assert (a.config, a.modes, a.out, a.overrides) == ("c.yaml", "dense,smd", "o", ["train.steps=3", "rollout.policy.budget=32"])
+    assert callable(a.fn)
+
+
+def _hist(steps, gap, gn, kv, ed, ec, gap_dense=None, rej=None):
+    out = []
+    for i in range(steps):
+        r = {"step": i + 1, "mismatch/max_abs_logprob_diff": gap[i], "train/grad_norm": gn[i], "kv/peak_bytes": kv,
+             "reward/train": 0.5, "perf/rollout_tokens_per_s": 100.0, "reward/eval_dense": ed[i],
+             "reward/eval_compressed": ec[i]}
+        if gap_dense:
+            r["mismatch_dense/max_abs_logprob_diff"] = gap_dense[i]
+        if rej:
+            r["correction/rejection_rate"] = rej[i]
+        out.append(r)
+    return out
+
+
+def _runs(n_eval=16):
+    cfg = {"model": {"path": "m"}, "task": {"name": "kv_recall"}, "train": {"eval_prompts": n_eval, "steps": 3, "eval_every": 1},
+           "rollout": {"policy": {"name": "h2o", "budget": 64, "window": 16, "granularity": "layer"}, "num_prompts": 4,
+                       "group_size": 4, "max_new_tokens": 16, "temperature": 1.0, "seed": 0},
+           "learner": {"lr": 1e-4, "grad_clip": 1.0, "seed": 1, "attention_backend": "sdpa"},
+           "algorithm": {"correction": "x"}, "sft": {"enabled": True, "out": "s"}}
+    mk = lambda m, h: {"config": {**cfg, "algorithm": {"correction": m}}, "history": h, "wall_s": 10.0}
+    return {
+        "dense": mk("dense", _hist(3, [1e-6, 2e-6, 1.5e-6], [1.0, 1.0, 1.0], 4000, [0.5, 0.6, 0.7], [0.4, 0.4, 0.5])),
+        "smd": mk("smd", _hist(3, [3e-6, 1e-6, 19e-6], [1.0, 2.0, 3.0], 1000, [0.5, 0.6, 0.6], [0.5, 0.6, 0.6],
+                               gap_dense=[0.3, 0.4, 0.5])),
+        "naive": mk("naive", _hist(3, [0.3, 0.5, 0.4], [1.0, 5.0, 9.0], 1000, [0.5, 0.5, 0.1], [0.4, 0.4, 0.1])),
+        "sparse_rl": mk("sparse_rl", _hist(3, [0.3, 0.5, 0.4], [1.0, 1.0, 1.0], 1000, [0.5, 0.5, 0.5], [0.4, 0.4, 0.4],
+                                           rej=[0.25, 0.5, 0.0])),
+    }
+
+
+def test_findings_from_hand_computed_numbers():
+    res = summarize(_runs(n_eval=16))
+    f, rows = res["findings"], res["modes"]
+    # floor: dense max 2e-6 -> tolerance max(10 * 2e-6, 1e-5) = 2e-5; smd's 3 gaps are all below it
+    assert f["smd_gap_at_dense_floor"]["tolerance"] == pytest.approx(2e-5)
+    assert f["smd_gap_at_dense_floor"]["steps_at_floor"] == 3 and f["smd_gap_at_dense_floor"]["holds"]
+    assert f["smd_kv_2x_less"]["ratio_dense_over_smd"] == 4.0 and f["smd_kv_2x_less"]["holds"]
+    # reward: threshold 2 * sqrt(0.5 / 16) = 0.35355; smd 0.6 vs dense 0.7 -> similar
+    sim = f["smd_reward_similar_to_dense"]
+    assert sim["threshold"] == pytest.approx(0.353553, abs=1e-6) and sim["diff_final"] == pytest.approx(-0.1)
+    assert sim["holds"]
+    # naive: final 0.1 < 0.7 - 0.354 -> worse; var(1, 5, 9) = 32/3 vs smd's var(1, 2, 3) = 2/3 -> 16x
+    nv = f["naive_worse_or_unstable"]
+    assert nv["worse"] and nv["unstable"] and nv["grad_norm_var_ratio"] == pytest.approx(16.0)
+    assert rows["sparse_rl"]["rejected_fraction"] == pytest.approx(0.25)
+    assert rows["smd"]["dense_learner_gap_max"] == 0.5 and rows["naive"]["rejected_fraction"] == 0.0
+    # one smd step off the floor flips the verdict
+    runs = _runs(n_eval=16)
+    runs["smd"]["history"][1]["mismatch/max_abs_logprob_diff"] = 1e-3
+    f2 = summarize(runs)["findings"]["smd_gap_at_dense_floor"]
+    assert f2["steps_at_floor"] == 2 and f2["holds"] is False
+    md = render_markdown(res)
+    assert "(does NOT hold)" not in md and md.count("(holds)") == 4 and "25.0%" in md
+
+
+def test_bench_all_quick_every_figure_has_its_baseline():
+    from megatron_smd.bench_all import bench_all
+
+    rep = bench_all(quick=True, threads=1)
+    sections = {f["section"] for f in rep["figures"]}
+    assert {"rollout", "attention", "mask_bytes"} <= sections
+    for f in rep["figures"]:
+        assert isinstance(f["ratio"], float) and math.isfinite(f["ratio"]) and f["ratio"] > 0, f
+        assert f["baseline"], f
+        if "value" in f:  # own figures: value / baseline_value measured in this run
+            assert f["baseline_value"] > 0 and f["ratio"] == pytest.approx(f["value"] / f["baseline_value"]), f
+        else:  # taken from bench_sync: the numbers it reported beside its ratio travel with it
+            assert f["section"] == "sync" and f["context"], f
+    backends = {f["backend"] for f in rep["figures"] if f["section"] == "attention"}
+    assert "sdpa" in backends
+    if "sync" not in sections:
+        assert rep["missing"]["sync"], "weight sync neither measured nor reported missing"
+    assert rep["problems"] == [] and rep["seconds"]["total"] > 0
+    assert json.loads(json.dumps(rep)) == rep  # JSON-able as printed by `smd bench all --json`
+    kv = {f["name"]: f["ratio"] for f in rep["figures"] if f["name"].startswith("peak_kv_bytes")}
+    assert kv["peak_kv_bytes[streaming]"] < 1.0  # decode-time eviction holds less than the dense cache
+    print(f"\nbench all --quick: {rep['seconds']['total']:.1f} s; KV ratios vs none {kv}")
