@@ -7,7 +7,8 @@
     smd train      --config CFG [--resume auto|none|CKPT] [key=value ...]
     smd export-hf  CKPT OUT
     smd plan       --config CFG [--json] [key=value ...]
-    smd bench      rollout|attention [--json]
+    smd bench      rollout|attention|sync|all [--json]
+    smd experiment compare --config CFG [--out DIR] [--modes a,b] [key=value ...]
 
 User errors (bad config, malformed files, invalid masks) print ``error: ...`` and exit 2.
 """
@@ -137,12 +138,18 @@ def _cmd_bench(a) -> int:
         from .learner.bench_attention import run_attention_bench
 
         res = run_attention_bench()
-    else:  # pragma: no cover - argparse restricts choices
-        raise SMDError(f"unknown benchmark {a.what}")
-    if a.json:
-        print(json.dumps(res, indent=2))
+    elif a.what == "sync":
+        from .bench_sync import bench_sync
+
+        res = bench_sync()
     else:
-        print(json.dumps(res, indent=2))
+        from .bench_all import bench_all, format_table
+
+        res = bench_all(quick=a.quick)
+        if not a.json:
+            print(format_table(res))
+            return 0
+    print(json.dumps(res, indent=2))
     return 0
 
 
@@ -196,18 +203,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.set_defaults(fn=_cmd_export_hf)
 
+    from .experiment import add_cli as add_experiment_cli
     from .plan import add_cli as add_plan_cli
 
     add_plan_cli(sub)
+    add_experiment_cli(sub)
 
     s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
-    s.add_argument("what", choices=["rollout", "attention"])
+    s.add_argument("what", choices=["rollout", "attention", "sync", "all"])
+    s.add_argument("--quick", action="store_true", help="bench all: smaller sizes (a smoke run)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_bench)
     return p
 
 
+def _quiet_expected_warnings() -> None:
+    """Megatron warns at import that Apex / Transformer Engine are absent; on CPU that is the plan."""
+    import warnings
+
+    for pat in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
+                ".*Transformer Engine is not installed.*"):
+        warnings.filterwarnings("ignore", message=pat)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_expected_warnings()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

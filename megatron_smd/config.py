@@ -142,6 +142,9 @@ class ResourcesConfig(_Strict):
     """Tensor-parallel degree of each rollout engine (SGLang --tp)."""
     gpu_memory_gb: float = Field(80.0, gt=0)
     """Memory of one accelerator, for `smd plan` (80 GB H100 by default)."""
+    cpu_threads: int | None = Field(None, ge=1)
+    """torch intra-op threads per process (None: torch's default). Tiny CPU models run fastest with 1:
+    per-op threading overhead dominates their small matrices. Results depend on it at fp32 rounding."""
 
     @property
     def learner_world_size(self) -> int:

@@ -107,20 +107,27 @@ def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, m
     rank0 = int(os.environ.get("RANK", "0")) == 0
     cfgs = {m: load_config(cfg_path, [*overrides, f"algorithm.correction={m}", f"output_dir={out_dir / m}"])
             for m in modes}
+    # Every mode already under out_dir (requested now or not) must share this config.
+    for m in MODES:
+        if (out_dir / m).is_dir():
+            _check_same_config(cfgs[modes[0]], out_dir / m)
     # Decide everything from the state on disk before any rank trains, so all ranks agree.
     status: dict[str, str] = {}
     for m in modes:
-        _check_same_config(cfgs[m], out_dir / m)
         if (out_dir / m / RUN_FILE).is_file():
             status[m] = "cached"
         elif _has_checkpoint(out_dir / m):
             status[m] = "resumed"
         else:
             status[m] = "ran"
+    # The comparison's modes: those of earlier invocations on this directory plus these (one may run
+    # the modes in separate invocations; the report covers all of them).
+    prev = json.loads((out_dir / MANIFEST).read_text())["modes"] if (out_dir / MANIFEST).is_file() else []
+    all_modes = [m for m in MODES if m in prev or m in modes]
     if rank0:
-        _write_json(out_dir / MANIFEST, {"config": str(cfg_path), "overrides": overrides, "modes": list(modes)})
+        _write_json(out_dir / MANIFEST, {"config": str(cfg_path), "overrides": overrides, "modes": all_modes})
     todo = [m for m in modes if status[m] != "cached"]
-    warm = _warm_start(cfgs[todo[0]]) if todo else {}
+    warm = _warm_start(cfgs[todo[0]]) if todo else None
     for m in modes:
         if status[m] == "cached":
             if rank0:
@@ -137,12 +144,13 @@ def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, m
         if rank0:
             _write_json(out_dir / m / RUN_FILE, {
                 "mode": m, "config": cfgs[m].model_dump(mode="json"), "history": res["history"],
-                "wall_s": _wall(out_dir / m), "finished_utc": _now()})
+                "wall_s": _wall(out_dir / m), "finished_utc": _now(), "environment": _environment()})
     if not rank0:
         return {}
-    results = report(out_dir, docs=docs, modes=modes)
+    results = report(out_dir, docs=docs, modes=[m for m in all_modes if m in modes or (out_dir / m / RUN_FILE).is_file()])
     results["status"] = status
-    results["warm_start"] = warm
+    if warm is not None:
+        results["warm_start"] = warm
     results["out"] = str(out_dir)
     _write_json(out_dir / RESULTS_JSON, results)
     return results
@@ -212,7 +220,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _check_same_config(cfg, mode_dir: Path) -> None:
-    """Refuse to mix runs of different configs under one comparison directory."""
+    """Refuse to mix runs of different configs under one comparison directory (the mode's own
+    ``algorithm.correction`` and ``output_dir`` aside)."""
     prev = None
     if (mode_dir / RUN_FILE).is_file():
         prev = json.loads((mode_dir / RUN_FILE).read_text()).get("config")
@@ -220,8 +229,11 @@ def _check_same_config(cfg, mode_dir: Path) -> None:
         prev = yaml.safe_load((mode_dir / "config.yaml").read_text())
     if prev is None:
         return
-    now = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items() if k.split(".")[0] not in _COSMETIC}
-    old = {k: v for k, v in _flatten(prev).items() if k.split(".")[0] not in _COSMETIC}
+    def keep(k: str) -> bool:
+        return k.split(".")[0] not in _COSMETIC and k not in ("algorithm.correction", "output_dir")
+
+    now = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items() if keep(k)}
+    old = {k: v for k, v in _flatten(prev).items() if keep(k)}
     diff = sorted(k for k in set(now) | set(old) if now.get(k, "<unset>") != old.get(k, "<unset>"))
     if diff:
         shown = ", ".join(f"{k} ({old.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r})" for k in diff[:5])
@@ -275,6 +287,12 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
+def _environment() -> dict:
+    """Where a run ran: fp32 CPU results depend on the intra-op thread count (reduction order)."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"}
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -302,7 +320,8 @@ def summarize_mode(mode: str, history: list[dict], wall_s: float | None) -> dict
     """The per-mode row of the results table, computed from the trainer's per-step history.
 
     - eval rewards: greedy eval on the fixed held-out set at eval steps, decoded with a dense cache
-      (``dense``) and with the configured eviction policy (``compressed``); final = last eval.
+      (``dense``) and with the configured eviction policy (``compressed``); final = last eval, best =
+      best eval including step 0 (the starting weights, when the trainer logged it).
     - replay gap: ``mismatch/max_abs_logprob_diff`` of every step (max |log p_learner - log
       p_sampler| on the rollout's actions, at the parameters that sampled them, in the learner's
       forward for this mode: shadow-masked for ``smd``, dense otherwise); max and mean over steps.
@@ -321,10 +340,11 @@ def summarize_mode(mode: str, history: list[dict], wall_s: float | None) -> dict
     _, kv = _series(history, "kv/peak_bytes")
     _, tps = _series(history, "perf/rollout_tokens_per_s")
     _, rej = _series(history, "correction/rejection_rate")
-    t_steps = [sum(float(r.get(f"time/{k}_s", 0.0)) for k in ("rollout", "learn", "sync")) for r in history]
+    trained = [r for r in history if int(r["step"]) >= 1]  # step 0: the starting weights' eval only
+    t_steps = [sum(float(r.get(f"time/{k}_s", 0.0)) for k in ("rollout", "learn", "sync")) for r in trained]
     return {
         "mode": mode,
-        "steps": len(history),
+        "steps": len(trained),
         "eval_reward_dense_final": ed[-1] if ed else None,
         "eval_reward_dense_best": max(ed) if ed else None,
         "eval_reward_compressed_final": ec[-1] if ec else None,
@@ -369,12 +389,18 @@ def summarize(runs: dict[str, dict]) -> dict:
     return {
         "generated_utc": _now(),
         "setup": _setup(cfg, runs),
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-                        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"},
+        "environment": _run_environment(runs),
         "modes": rows,
         "series": series,
         "findings": findings(rows, series, n_eval=int(cfg["train"]["eval_prompts"])),
     }
+
+
+def _run_environment(runs: dict[str, dict]) -> dict:
+    """The environment the modes trained in (recorded in run.json); ``mixed`` lists any that differ."""
+    envs = {m: r.get("environment") or _environment() for m, r in runs.items()}
+    first = next(iter(envs.values()))
+    return {**first, "mixed": sorted(m for m, e in envs.items() if e != first)}
 
 
 def _setup(cfg: dict, runs: dict[str, dict]) -> dict:
@@ -495,7 +521,7 @@ def findings(rows: dict[str, dict], series: dict[str, dict], *, n_eval: int) -> 
         if r is None:
             continue
         p = f"{m}: gradient-norm variance {_fmt(r['grad_norm_var'])}"
-        if s is not None and s["grad_norm_var"]:
+        if s is not None and s["grad_norm_var"] and r["grad_norm_var"] is not None:
             p += f" ({r['grad_norm_var'] / s['grad_norm_var']:.2f}x smd's)"
         if m == "sparse_rl":
             p += f", {100 * r['rejected_fraction']:.1f}% of samples rejected"
@@ -652,9 +678,11 @@ def render_markdown(results: dict, img_rel: str = IMG) -> str:
     L = []
     L.append("# Correction modes compared: dense, naive, tis, sparse_rl, smd\n")
     L.append("<!-- generated by `smd experiment compare` / `smd experiment report`; do not edit by hand -->\n")
-    L.append(f"Generated {results['generated_utc']} by `smd experiment compare` (torch {env['torch']}, "
-             f"{env['threads']} threads, {env['machine']}). Every number and plot below is computed from the runs' "
-             "histories; to regenerate, run the command again (finished modes are reused, interrupted ones resume):\n")
+    mixed = f"; NOTE: modes {', '.join(env['mixed'])} ran in a different environment" if env.get("mixed") else ""
+    L.append(f"Generated {results['generated_utc']} by `smd experiment compare` (trained with torch {env['torch']}, "
+             f"{env['threads']} threads, {env['machine']}{mixed}). Every number and plot below is computed from the "
+             "runs' histories; to regenerate, run the command again (finished modes are reused, interrupted ones "
+             "resume):\n")
     L.append("```\nsmd experiment compare --config configs/tiny-cpu.yaml --out runs/compare --docs docs\n"
              "smd experiment report --out runs/compare --docs docs   # re-render only\n```\n")
     L.append("## Setup\n")
@@ -703,7 +731,8 @@ def render_markdown(results: dict, img_rel: str = IMG) -> str:
     L.append("")
     L.append("## Columns\n")
     L.append("- *eval reward*: mean task reward of greedy completions on a fixed held-out prompt set, decoded with a "
-             "dense KV cache and with the rollout's eviction policy; final = last eval, best = best eval of the run.")
+             "dense KV cache and with the rollout's eviction policy; final = last eval, best = best eval of the run "
+             "(step 0, the shared starting weights, included).")
     L.append("- *replay gap*: per step, max |log p_learner - log p_sampler| over the rollout's actions, at the "
              "parameters that sampled them, in the learner forward the mode trains with (shadow-masked for `smd`, "
              "dense otherwise); max and mean over steps. `dense`'s value is the fp32 numeric floor of the two code paths.")

@@ -62,7 +62,8 @@ def greedy_eval(model, task, tok, n: int, seed: int, max_new_tokens: int, policy
     return sum(task.reward(ex[t.prompt_index], tok.decode(t.tokens[t.prompt_len:])) for t in trajs) / len(trajs)
 
 
-def run_sft(cfg: ExperimentConfig, layout, model_dir: Path, out: Path, *, log=print) -> dict:
+def run_sft(cfg: ExperimentConfig, layout, model_dir: Path, out: Path, *, log=print,
+            fingerprint: dict | None = None) -> dict:
     """Train from ``model_dir`` and write the HF directory ``out``. Collective over the layout."""
     from .learner.learner import Learner
     from .model.hf import read_arch, save_model_dir
@@ -109,9 +110,12 @@ def run_sft(cfg: ExperimentConfig, layout, model_dir: Path, out: Path, *, log=pr
                 break
     sd = learner.gather_hf_state()
     if rank0:
+        import json
+
         extra = {f.name: f.read_text() for f in Path(model_dir).iterdir()
                  if f.name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")}
-        save_model_dir(out, arch, sd, extra_files=extra)
+        extra[FINGERPRINT] = json.dumps(fingerprint or sft_fingerprint(cfg, model_dir), indent=2, sort_keys=True)
+        save_model_dir(out, arch, sd, extra_files=extra)  # one atomic rename: weights + fingerprint
     if dist.is_initialized():
         dist.barrier()
     return {"history": history, "final_eval_reward": reward, "seconds": time.perf_counter() - t0}
@@ -125,15 +129,41 @@ def _bcast(x, layout):
     return box[0]
 
 
+FINGERPRINT = "smd_sft.json"
+
+
+def sft_fingerprint(cfg: ExperimentConfig, model_dir: Path) -> dict:
+    """What an SFT model was trained from and on; a cached one is reused only if this matches."""
+    sc = cfg.sft.model_dump(mode="json")
+    sc.pop("out", None)
+    sc.pop("enabled", None)
+    return {"base_model": str(Path(model_dir).resolve()), "task": cfg.task.model_dump(mode="json"), "sft": sc}
+
+
 def ensure_sft(cfg: ExperimentConfig, layout, model_dir: Path) -> Path:
-    """The starting weights of RL: the cached SFT model (trained now if missing), or the base model."""
+    """The starting weights of RL: the cached SFT model (trained now if missing), or the base model.
+
+    The cache records what it was trained on (``smd_sft.json``); a cache made for another task,
+    base model or SFT setting is refused rather than silently reused."""
+    import json
+
+    from .errors import ConfigError
+
     if not cfg.sft.enabled:
         return Path(model_dir)
     out = Path(cfg.sft.out)
-    if not (out / "config.json").is_file():
-        if layout.rank == 0:
-            print(f"[smd] no SFT warm start at {out}: training one ({cfg.sft.steps} steps)", flush=True)
-        run_sft(cfg, layout, Path(model_dir), out)
+    want = sft_fingerprint(cfg, model_dir)
+    if (out / "config.json").is_file():
+        fp = out / FINGERPRINT
+        have = json.loads(fp.read_text()) if fp.is_file() else None
+        if have != want:
+            diff = sorted(k for k in want if (have or {}).get(k) != want[k])
+            raise ConfigError(f"sft.out: {out} holds an SFT model trained with a different {', '.join(diff)} "
+                              f"(see {fp}); delete it or point sft.out elsewhere")
+        return out
+    if layout.rank == 0:
+        print(f"[smd] no SFT warm start at {out}: training one ({cfg.sft.steps} steps)", flush=True)
+    run_sft(cfg, layout, Path(model_dir), out, fingerprint=want)
     return out
 
 

@@ -114,6 +114,8 @@ def init_layout(cfg: ExperimentConfig, arch):
     from .parallel.layout import ParallelLayout
 
     r = cfg.resources
+    if r.cpu_threads is not None:
+        torch.set_num_threads(r.cpu_threads)
     if "WORLD_SIZE" not in os.environ:  # single process, not under torchrun
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     layout = ParallelLayout.from_env(tp=r.tp, pp=r.pp, cp=r.cp)

@@ -305,8 +305,14 @@ def _profiled_peak(fn):
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return out, max([0] + totals)
+    mem = [e["args"] for e in events if e.get("name") == "[memory]"]
+    if not mem:
+        return out, 0
+    # "Total Allocated" is the CPU allocator's running count of bytes it saw allocated while some
+    # profiler was on, minus those freed while one was on: a later session starts from what earlier
+    # ones left over. The baseline of this session is the count just before its first event.
+    base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
+    return out, max(0, max(m["Total Allocated"] for m in mem) - base)
 
 
 def _corrupting(base_cls):

@@ -160,3 +160,14 @@ def test_two_rank_training_matches_single_process(layout, tmp_path, tiny_qwen2_d
     a, b = _params(tmp_path / "one" / "checkpoints"), _params(tmp_path / "two" / "checkpoints")
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff <= 1e-5, diff
+
+
+def test_stale_sft_cache_is_refused(tmp_path, tiny_qwen2_dir):
+    """A cached warm start trained on another task must not be reused silently."""
+    over = {"sft.enabled": "true", "sft.out": str(tmp_path / "sft"), "sft.steps": 2, "sft.batch_size": 2,
+            "sft.eval_every": 2, "train.steps": 1, "train.eval_every": 0}
+    train(_cfg(tmp_path / "a", tiny_qwen2_dir, **over), resume="none")
+    assert (tmp_path / "sft" / "smd_sft.json").is_file()
+    train(_cfg(tmp_path / "b", tiny_qwen2_dir, **over), resume="none")  # same settings: reused
+    with pytest.raises(ConfigError, match=r"sft.out: .* different task"):
+        train(_cfg(tmp_path / "c", tiny_qwen2_dir, **dict(over, **{"task.num_pairs": 5})), resume="none")

@@ -158,6 +158,7 @@ class BroadcastReceiver:
         except Exception as e:  # the group broke: a sender died or timed out
             if staging is not None:
                 staging.discard()
+            self.close()  # a broken group is useless; closing it also unblocks the learner side
             raise WeightSyncError(f"{self.name}: lost the learner during sync v{version} "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); the engine keeps "
                                   f"its previous weights", "previous") from None

@@ -248,6 +248,10 @@ class BroadcastTransport(Transport):
             raise
         except Exception as e:  # gloo: "Connection closed by peer"; nccl / hung peer: timeout
             self.broken = f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            # Tear the group down at once: the surviving engines, blocked on this group, then see
+            # the connection close and give up now instead of after the timeout.
+            destroy_group(self.pg)
+            self.pg = None
             raise WeightSyncError(f"broadcast transport: an engine receiver failed or died during {what} "
                                   f"({self.broken})", "previous") from None
 
