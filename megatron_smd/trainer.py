@@ -204,11 +204,15 @@ def sglang_engine(cfg: ExperimentConfig, arch):
     reach them through the ``sglang`` sync transport."""
     from sglang_patch.client import SGLangClient
 
-    if not cfg.rollout.sglang_urls:
-        raise SMDError("rollout.backend=sglang needs rollout.sglang_urls (the servers' or the router's base URLs)")
+    urls = list(cfg.rollout.sglang_urls)
+    if not urls and os.environ.get("SMD_ROLLOUT_URL"):  # set by launch/slurm/smd.sbatch after health checks
+        urls = [os.environ["SMD_ROLLOUT_URL"]]
+    if not urls:
+        raise SMDError("rollout.backend=sglang needs rollout.sglang_urls (the servers' or the router's base URLs), "
+                       "or SMD_ROLLOUT_URL from the Slurm launcher")
     if cfg.sync.transport != "sglang":
         raise SMDError(f"rollout.backend=sglang needs sync.transport=sglang, got {cfg.sync.transport!r}")
-    return SGLangClient(cfg.rollout.sglang_urls, arch.num_layers)
+    return SGLangClient(urls, arch.num_layers)
 
 
 def ensure_model_once(cfg: ExperimentConfig):

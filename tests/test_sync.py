@@ -35,6 +35,7 @@ import os
 import queue
 import socket
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -239,6 +240,12 @@ def _entry(idx: int, fn, args, env: dict, q) -> None:
         q.put((idx, "ok", buf.getvalue()))
     except BaseException:
         q.put((idx, "error", traceback.format_exc()))
+    finally:
+        if torch.distributed.is_initialized():
+            try:
+                torch.distributed.destroy_process_group()
+            except Exception:
+                pass
 
 
 def _spawn(jobs: list[tuple], *, may_die: set[int], timeout: float) -> dict[int, object]:
@@ -251,6 +258,7 @@ def _spawn(jobs: list[tuple], *, may_die: set[int], timeout: float) -> dict[int,
         p.start()
     results: dict[int, object] = {}
     need = set(range(len(jobs))) - may_die
+
     try:
         while not need <= set(results):
             try:
@@ -263,7 +271,7 @@ def _spawn(jobs: list[tuple], *, may_die: set[int], timeout: float) -> dict[int,
             results[i] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:
         for p in procs:
-            p.join(timeout=5)
+            p.join(timeout=10)
             if p.is_alive():
                 p.kill()
                 p.join()
@@ -338,16 +346,8 @@ def _learner_job(rank: int, bcast_ports: list[int], fail_port: int, tmp: str) ->
     from megatron_smd.sync import (BroadcastTransport, DiskTransport, InProcessTransport, WeightSync,
                                    WeightSyncError, latest_snapshot, learner_logits, stage_from_disk)
 
-    import sys
-    import time
-
     t_start = time.perf_counter()
-
-    def mark(what):
-        if rank == 0 and os.environ.get("SMD_SYNC_TEST_TRACE"):
-            print(f"[{time.perf_counter() - t_start:6.1f}s] {what}", file=sys.stderr, flush=True)
-
-    out: dict = {"layouts": [], "t_import": None}
+    out: dict = {"layouts": []}
     g = torch.Generator().manual_seed(0)
     for li, (name, tp, pp) in enumerate(LAYOUTS):
         t_layout = time.perf_counter()
@@ -359,7 +359,6 @@ def _learner_job(rank: int, bcast_ports: list[int], fail_port: int, tmp: str) ->
         mb = MicroBatch(tokens=tokens, position_ids=torch.arange(32).expand(2, 32).clone(),
                         targets=torch.roll(tokens, -1, 1))
         learner.step([mb], lambda logp, m: (-logp.sum() / logp.numel(), logp.numel()))
-        mark(f"layout {li}: learner built and stepped")
         L = learner_logits(learner.model, layout, arch, PROBE)
         res: dict = {"name": name, "tp": tp, "pp": pp, "reports": {}}
         engine = _engine(name) if rank == 0 else None
@@ -382,23 +381,19 @@ def _learner_job(rank: int, bcast_ports: list[int], fail_port: int, tmp: str) ->
         kw = dict(bucket_bytes=BUCKET, verify=True)
         ws = WeightSync(learner.model, layout, arch, InProcessTransport(engine), **kw)
         check("inprocess", ws.sync(1, probe_tokens=PROBE))
-        mark("inprocess done")
         root = Path(tmp) / f"disk{li}"
         ws = WeightSync(learner.model, layout, arch, DiskTransport(root, engine=engine), **kw)
         check("disk", ws.sync(2, probe_tokens=PROBE))
-        mark("disk done")
         if rank == 0:
             res["disk_snapshot"] = str(latest_snapshot(root))
         tr = BroadcastTransport("127.0.0.1", bcast_ports[li], N_RX, backend="gloo", timeout_s=60)
         ws = WeightSync(learner.model, layout, arch, tr, **kw)
         check("broadcast", ws.sync(3, probe_tokens=PROBE), None)
-        mark("broadcast done")
         ws.verify = False  # memory: checksums add a bounded temporary (2^16-word chunks), measured without
         rep, peak = _profiled_peak(lambda: ws.sync(4))
         res["mem"] = {"peak_profiler": peak, "peak_live": rep.peak_live_bytes, "largest": rep.largest_tensor_bytes,
                       "sender": learner.layout.dp_rank == 0 and layout.tp_rank == 0}
         ws.close()
-        mark("memory done")
 
         if li == len(LAYOUTS) - 1:  # ---- failure semantics, at TP=2 x PP=2
             fails: dict = {}
@@ -412,7 +407,6 @@ def _learner_job(rank: int, bcast_ports: list[int], fail_port: int, tmp: str) ->
                 fails["corrupt"] = "no error"
             except WeightSyncError as e:
                 fails["corrupt"] = (str(e), e.engine_state)
-            mark("corrupt done")
             if rank == 0:
                 fails["corrupt_unchanged"] = _param_sums(engine) == sums0
                 snap = Path(res["disk_snapshot"])
@@ -428,8 +422,6 @@ def _learner_job(rank: int, bcast_ports: list[int], fail_port: int, tmp: str) ->
                 fails["disk_unchanged"] = _param_sums(engine) == sums0
             tr = BroadcastTransport("127.0.0.1", fail_port, N_RX, backend="gloo", timeout_s=60)
             ws = WeightSync(learner.model, layout, arch, tr, **kw)
-            import time
-
             t0 = time.perf_counter()
             try:
                 ws.sync(6)
@@ -437,7 +429,6 @@ def _learner_job(rank: int, bcast_ports: list[int], fail_port: int, tmp: str) ->
             except WeightSyncError as e:
                 fails["dead_rx"] = (str(e), e.engine_state)
             fails["dead_rx_seconds"] = time.perf_counter() - t0
-            mark("dead receiver done")
             ws.close()
             res["fails"] = fails
         res["seconds"] = time.perf_counter() - t_layout
@@ -519,6 +510,10 @@ def test_engine_logits_equal_learner_after_sync(sync_run):
             assert rep["tensors"] == n_hf, (where, kind, rep)  # every HF tensor exactly once
             assert rep["verified"] == n_hf and rep["probe"] is not None and rep["probe"] <= EXACT_TOL, (where, kind, rep)
             assert rep["buckets"] >= 2 * lay["pp"]
+        for r, other in enumerate(sync_run["learners"]):  # the same report on every rank, DP replicas included
+            theirs = {k: {f: v for f, v in rep.items() if f != "diff"} for k, rep in other["layouts"][li]["reports"].items()}
+            ours = {k: {f: v for f, v in rep.items() if f != "diff"} for k, rep in lay["reports"].items()}
+            assert theirs == ours, (where, r)
         # broadcast: the verdict came from both receiver engines (probe <= 1e-5 on each, checked above);
         # the surviving receiver's engine, in its own process, is also compared directly
         for rx in sync_run["receivers"]:
@@ -563,4 +558,6 @@ def test_failures_leave_engine_on_previous_weights(sync_run):
     assert sync_run["receivers"][1] is None  # the crashed one never reported
     print("surviving receiver ->", survivor["fail"])
     assert survivor["fail_unchanged"], survivor["fail"]
+    # it had staged all of stage 0 and part of stage 1 when the other receiver died: nothing committed
+    assert (0, 0) in survivor["fail_seen"] and (1, 0) in survivor["fail_seen"], survivor["fail_seen"]
     assert survivor["fail"][0] == "raised" or not survivor["fail"][1][0]
