@@ -166,16 +166,24 @@ class SparseRLConfig(_Strict):
 class DistillConfig(_Strict):
     """SMD's distillation term between the shadow-masked and the dense policy.
 
-    Defaults: ``sparse_to_dense`` with the ``k3`` estimator at coefficient 0.1. The RL gradient
+    Defaults: ``sparse_to_dense`` with the ``k1`` estimator at coefficient 0.1. The RL gradient
     already moves the shadow (sampling) policy; distilling it into the dense forward keeps the
-    shipped dense model consistent without pulling the RL policy back. ``k3`` is unbiased for
-    KL(shadow || dense) on sampled tokens, never negative, and needs no full-vocabulary logits.
+    shipped dense model consistent without pulling the RL policy back.
+
+    Why ``k1`` and not ``k3`` for the gradient: on tokens sampled from the shadow policy, the
+    gradient of ``k1 = log p_shadow - log p_dense`` with respect to the dense student is
+    ``-grad log p_dense(token)``, an unbiased estimate of ``grad KL(shadow || dense)`` with no
+    importance weight (it is SFT of the dense view on the sampled tokens). ``k3``'s gradient,
+    ``(r - 1) grad log p_dense`` with ``r = p_dense / p_shadow``, has the same expectation but an
+    unbounded weight ``r``: on the CPU comparison (dense view up to 12 nats off) it made SMD's
+    gradient-norm variance 2.77 against <= 0.14 for every other mode. ``k3`` stays available (it is
+    the better estimator of the KL *value*, which is what the metrics log).
     """
 
     coef: float = Field(0.1, ge=0)
     """Weight of the distillation term (0 = off: SMD then trains only the shadow policy)."""
     direction: Literal["sparse_to_dense", "dense_to_sparse", "both"] = "sparse_to_dense"
-    estimator: Literal["k1", "k3", "full"] = "k3"
+    estimator: Literal["k1", "k3", "full"] = "k1"
 
 
 class AlgorithmConfig(_Strict):

@@ -34,7 +34,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     cfg = ExperimentConfig.model_validate(yaml.safe_load(cfg_path.read_text()))
     model_dir = Path(cfg.sft.out) if cfg.sft.enabled and (Path(cfg.sft.out) / "config.json").is_file() else Path(cfg.model.path)
     arch = read_arch(model_dir)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ["MASTER_PORT"] = str(_free_port())
     layout = ParallelLayout(world_size=1)
     layout.initialize()
     try:

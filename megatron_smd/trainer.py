@@ -116,8 +116,10 @@ def init_layout(cfg: ExperimentConfig, arch):
     r = cfg.resources
     if r.cpu_threads is not None:
         torch.set_num_threads(r.cpu_threads)
-    if "WORLD_SIZE" not in os.environ:  # single process, not under torchrun
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "WORLD_SIZE" not in os.environ:
+        # Single process, not under torchrun: the rendezvous port only has to be free, and a port
+        # inherited from a parent (or left by an earlier run in this process) may not be.
+        os.environ["MASTER_PORT"] = str(_free_port())
     layout = ParallelLayout.from_env(tp=r.tp, pp=r.pp, cp=r.cp)
     if layout.dp != r.dp:
         from .errors import ConfigError

@@ -46,38 +46,55 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------- checksums
-# int16 words per reduction. Exactness needs 2^k * 2^15 * 2^24 < 2^63 (k <= 23); 2^16 also bounds the
-# temporaries (four int64 vectors of 2^16 = 2 MiB) whatever the tensor size.
-_CHUNK_WORDS = 1 << 16
+_CHUNK = 1 << 16  # int16 words per chunk
+_GROUP = 32  # chunks per matrix-vector product: float64 temporaries of 32 * 2^16 * 8 B = 16 MiB
 _MOD = (1 << 61) - 1  # Mersenne prime for combining chunk sums
-_W_MULT = 0x9E3779B1  # odd 32-bit multiplier (golden ratio), spreads weights over 24 bits
+_W_MULT = 0x9E3779B1  # odd: i -> i * _W_MULT mod 2^16 is a bijection, so the weights are distinct
+_weights_cache: dict[torch.device, torch.Tensor] = {}
+
+
+def _chunk_weights(device: torch.device) -> torch.Tensor:
+    w = _weights_cache.get(device)
+    if w is None:
+        i = torch.arange(_CHUNK, dtype=torch.int64)
+        w = ((((i * _W_MULT) & 0xFFFF) * 2) + 1).to(torch.float64).to(device)  # distinct odd, < 2^17
+        _weights_cache[device] = w
+    return w
+
+
+def _chunk_multiplier(c: int) -> int:
+    return (c * 0x2545F4914F6CDD1D + 0x632BE59BD9B4E019) % _MOD or 1
 
 
 def tensor_checksum(t: torch.Tensor) -> int:
-    """A 61-bit checksum of the tensor's bytes (dtype- and device-independent arithmetic).
+    """A 61-bit checksum of the tensor's bytes, exact and device-independent.
 
-    The bytes are read as little-endian int16 words ``x_i`` (a trailing odd byte is zero-padded) and
-    combined as ``sum_c M_c * (sum_{i in chunk c} w_i x_i) mod (2^61 - 1)``, with odd per-word
-    weights ``w_i < 2^24`` and per-chunk multipliers ``M_c``. Every partial sum is an exact int64
-    (``|w_i x_i| < 2^39``, 2^16 terms per chunk), so the value does not depend on the reduction
-    order or the device. Any change of a single word changes the sum within its chunk (``w_i`` is
-    odd and nonzero), so single-word corruption is always detected; a swap of two tensors is
-    detected through the per-position weights. It is a corruption check, not a cryptographic hash.
+    The bytes are read as little-endian int16 words (a trailing odd byte zero-padded), cut into
+    chunks of 2^16 words, and combined as ``(nbytes + sum_c M_c * S_c) mod (2^61 - 1)`` with
+    ``S_c = sum_i w_i x_{c,i}``: distinct odd weights ``w_i < 2^17`` by position in the chunk, a
+    multiplier ``M_c`` per chunk. ``S_c`` is computed as a float64 matrix-vector product, which is
+    exact: every product is an integer below ``2^32`` and every partial sum below ``2^48 < 2^53``, so
+    the result does not depend on the summation order, the BLAS or the device. A change of any
+    single word changes ``S_c`` (``w_i`` is odd), so it is always detected; a swap of two words within
+    a chunk changes it by ``(x_a - x_b)(w_a - w_b) != 0``. A corruption check, not a cryptographic hash.
+    Temporaries are bounded (16 MiB) whatever the tensor size.
     """
     b = t.detach().contiguous().reshape(-1).view(torch.uint8)
     n = b.numel()
     if n % 2:
         b = torch.cat([b, b.new_zeros(1)])
     words = b.view(torch.int16)
+    nw = words.numel()
+    w = _chunk_weights(words.device)
     total = n  # the byte length is part of the checksum
-    dev = words.device
-    for c, s in enumerate(range(0, words.numel(), _CHUNK_WORDS)):
-        x = words[s:s + _CHUNK_WORDS].to(torch.int64)
-        i = torch.arange(s, s + x.numel(), device=dev, dtype=torch.int64)
-        w = (((i & 0xFFFFFF) * _W_MULT) & 0xFFFFFF) | 1
-        part = int((x * w).sum())
-        mult = (c * 0x2545F4914F6CDD1D + 0x632BE59BD9B4E019) % _MOD or 1
-        total = (total + (part % _MOD) * mult) % _MOD
+    n_chunks = (nw + _CHUNK - 1) // _CHUNK
+    for g0 in range(0, n_chunks, _GROUP):
+        seg = words[g0 * _CHUNK:min((g0 + _GROUP) * _CHUNK, nw)]
+        if seg.numel() % _CHUNK:  # the last chunk: zero words add nothing
+            seg = torch.cat([seg, seg.new_zeros(_CHUNK - seg.numel() % _CHUNK)])
+        sums = seg.view(-1, _CHUNK).to(torch.float64) @ w
+        for k, sval in enumerate(sums.tolist()):
+            total = (total + (int(sval) % _MOD) * _chunk_multiplier(g0 + k)) % _MOD
     return total
 
 
@@ -118,7 +135,7 @@ class Bucket:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors) if self.flat is None else self.flat.numel()
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -143,7 +160,8 @@ class Bucket:
         """
         off, nb = self.nbytes, t.numel() * t.element_size()
         if off % t.element_size():
-            raise ValueError(f"bucket: {name} ({t.dtype}) would start at byte {off}, not a multiple of its element size")
+            raise ValueError(f"bucket: {name} ({t.dtype}) would start at byte {off}, "
+                             f"not a multiple of its element size")
         if off + nb > buffer.numel():
             raise ValueError(f"bucket: {name} needs bytes [{off}, {off + nb}) of a {buffer.numel()}-byte buffer")
         view = buffer[off:off + nb].view(t.dtype).view(t.shape)
@@ -177,8 +195,12 @@ class Bucket:
         A bucket packed by the resharder already lives in that layout (:attr:`flat`), which is
         returned as is (no copy) when it is on ``device``.
         """
-        dev = torch.device(device) if device is not None else (
-            self.flat.device if self.flat is not None else self.tensors[0].device if self.tensors else torch.device("cpu"))
+        if device is not None:
+            dev = torch.device(device)
+        elif self.flat is not None:
+            dev = self.flat.device
+        else:
+            dev = self.tensors[0].device if self.tensors else torch.device("cpu")
         if self.flat is not None and self.flat.device == dev:
             return self.flat
         flat = torch.empty(self.nbytes, dtype=torch.uint8, device=dev)

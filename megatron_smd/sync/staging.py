@@ -115,7 +115,8 @@ class StagedUpdate:
         if name in self._staged:
             return self.problem(f"tensor {name} received twice")
         if tuple(t.shape) != tuple(self.expected[name]):
-            return self.problem(f"tensor {name} has shape {list(t.shape)}, the engine expects {list(self.expected[name])}")
+            return self.problem(f"tensor {name} has shape {list(t.shape)}, "
+                                f"the engine expects {list(self.expected[name])}")
         if checksum is not None and self.verify_checksums:
             got = tensor_checksum(t)
             if got != checksum:

@@ -220,7 +220,8 @@ class BroadcastTransport(Transport):
         self.master_address = master_address
         self.master_port, self.num_engine_ranks = int(master_port), int(num_engine_ranks)
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl"
+                       else torch.device("cpu"))
         self.timeout_s, self.group_prefix = timeout_s, group_prefix
         self.pg = None
         self.broken: str | None = None
@@ -439,7 +440,8 @@ class DiskTransport(Transport):
 
 
 # ============================================================================================ sglang
-def _post(url: str, route: str, payload: dict | None, timeout_s: float, method: str = "POST") -> tuple[bool, str | dict]:
+def _post(url: str, route: str, payload: dict | None, timeout_s: float,
+          method: str = "POST") -> tuple[bool, str | dict]:
     """POST JSON to an SGLang server; returns ``(success, message or body)``. Never raises."""
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url.rstrip("/") + route, data=data, method=method,
@@ -545,7 +547,8 @@ class SGLangTransport(Transport):
     def _check(self, what: str, results, state: str) -> None:
         bad = [f"{u}: {m}" for u, (ok, m) in zip(self.urls, results) if not ok]
         if bad:
-            raise WeightSyncError(f"sglang transport: {what} failed: " + " | ".join(bad), state)  # type: ignore[arg-type]
+            raise WeightSyncError(f"sglang transport: {what} failed: " + " | ".join(bad),
+                                  state)  # type: ignore[arg-type]
 
     def connect(self, ctx: SenderContext) -> None:
         if not self._ranks:
@@ -560,7 +563,8 @@ class SGLangTransport(Transport):
         payloads = [{"master_address": addr, "master_port": port, "rank_offset": off, "world_size": world,
                      "group_name": name, "backend": self.backend} for off in offsets]
         out: dict = {}
-        t = threading.Thread(target=lambda: out.update(r=self._all("/init_weights_update_group", payloads)), daemon=True)
+        t = threading.Thread(target=lambda: out.update(r=self._all("/init_weights_update_group", payloads)),
+                             daemon=True)
         t.start()  # the servers join while this sender hosts the rendezvous
         self.pg = init_weight_update_group(addr, port, 0, world, name, backend=self.backend, timeout_s=self.timeout_s)
         t.join()

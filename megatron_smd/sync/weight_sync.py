@@ -147,8 +147,7 @@ class WeightSync:
                 continue
             try:
                 if self.check_finite:
-                    bad = [n for n, t in zip(bucket.names, bucket.tensors)
-                           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+                    bad = [n for n, t in zip(bucket.names, bucket.tensors) if not _all_finite(t)]
                     if bad:
                         raise WeightSyncError(f"non-finite learner weights ({bad[0]} and {len(bad) - 1} more in "
                                               f"bucket {bucket.index} of stage {bucket.stage}): the run diverged",
@@ -227,6 +226,15 @@ class WeightSync:
     def close(self) -> None:
         """Release the transport (stops broadcast receivers)."""
         self.transport.close()
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN / inf in ``t``. ``aminmax`` propagates NaN and surfaces +-inf in one pass without a
+    temporary; ``isfinite(t).all()`` allocates a mask and is ~60x slower on CPU bf16."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def _describe(e: BaseException) -> str:
