@@ -63,7 +63,11 @@ class Probe:
 
 @dataclass
 class CommitResult:
-    """What a receiver did with one sync (sent back to the learner by wire transports)."""
+    """What a receiver did with one sync (sent back to the learner by wire transports).
+
+    ``engine_state`` is ``"updated"`` when ``ok``; on a refusal ``"previous"`` for a staged engine,
+    ``"partial"`` when some engines took the sync and others did not, or for an in-place loader.
+    """
 
     ok: bool
     version: int
@@ -73,6 +77,7 @@ class CommitResult:
     checksums_verified: int = 0
     probe_max_abs_diff: float | None = None
     receiver: str = "engine"
+    engine_state: EngineState = "updated"  # what the engine(s) hold after this verdict
 
 
 @dataclass

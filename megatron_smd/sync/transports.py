@@ -90,7 +90,7 @@ class SenderContext:
 
 
 def _result_from_error(version: int, e: WeightSyncError, receiver: str) -> CommitResult:
-    return CommitResult(ok=False, version=version, message=str(e), receiver=receiver)
+    return CommitResult(ok=False, version=version, message=str(e), receiver=receiver, engine_state=e.engine_state)
 
 
 class Transport(ABC):
@@ -104,10 +104,12 @@ class Transport(ABC):
         """One-time setup (process groups, servers). Called before the first ``begin``."""
 
     @abstractmethod
-    def begin(self, ctx: SenderContext) -> None: ...
+    def begin(self, ctx: SenderContext) -> None:
+        """Start sync ``ctx.version`` on this stage sender."""
 
     @abstractmethod
-    def send(self, ctx: SenderContext, bucket: Bucket) -> None: ...
+    def send(self, ctx: SenderContext, bucket: Bucket) -> None:
+        """Deliver one bucket. Return only when done with it: its buffer is reused for the next."""
 
     @abstractmethod
     def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
@@ -284,9 +286,12 @@ class BroadcastTransport(Transport):
         results = [bcast_object(None, r, self.pg, self.device) for r in range(1, 1 + self.num_engine_ranks)]
         bad = [r for r in results if not r.ok]
         if bad:
+            good = [r.receiver for r in results if r.ok]
+            mixed = f"; {', '.join(good)} committed it, so the engines now differ" if good else ""
             return CommitResult(ok=False, version=ctx.version, receiver=self.name,
+                                engine_state="partial" if good else "previous",
                                 message=f"{len(bad)} of {len(results)} engine receivers refused: " +
-                                        " | ".join(f"{r.receiver}: {r.message}" for r in bad))
+                                        " | ".join(f"{r.receiver}: {r.message}" for r in bad) + mixed)
         r0 = results[0]
         return CommitResult(ok=True, version=ctx.version, message=f"committed on {len(results)} engine(s)",
                             tensors=r0.tensors, bytes=r0.bytes, checksums_verified=r0.checksums_verified,
@@ -426,9 +431,10 @@ class DiskTransport(Transport):
                 ok, msg = _post(url, "/update_weights_from_disk",
                                 {"model_path": str(snap.resolve()), "weight_version": str(ctx.version)}, self.timeout_s)
                 if not ok:
-                    return CommitResult(ok=False, version=ctx.version, receiver=self.name,
+                    return CommitResult(ok=False, version=ctx.version, receiver=self.name, engine_state="partial",
                                         message=f"{url}/update_weights_from_disk: {msg} (SGLang rolls back to its "
-                                                f"previous weights when loading fails)")
+                                                f"previous weights when loading fails; servers before {url} in the "
+                                                f"list took the new ones)")
                 msgs.append(msg)
             res = CommitResult(ok=True, version=ctx.version, message="; ".join(msgs), receiver="sglang")
         else:
@@ -627,7 +633,7 @@ class SGLangTransport(Transport):
             return None
         end = self._all("/end_weight_update", [{}] * len(self.urls))
         if failed:
-            return CommitResult(ok=False, version=ctx.version, receiver=self.name,
+            return CommitResult(ok=False, version=ctx.version, receiver=self.name, engine_state="partial",
                                 message=f"{failed}; the servers may hold partially updated weights: re-sync")
         self._check("/end_weight_update", end, "partial")
         self._all("/flush_cache", [{}] * len(self.urls))

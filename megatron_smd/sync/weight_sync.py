@@ -209,7 +209,8 @@ class WeightSync:
         if verdict is None and not errors:
             errors.append("no verdict from the coordinator (global rank 0 is not a sender?)")
         if errors:
-            state = "previous" if self.transport.staged else "partial"
+            state = verdict["engine_state"] if verdict is not None and not verdict["ok"] else (
+                "previous" if self.transport.staged else "partial")
             raise WeightSyncError(f"weight sync v{version} via {self.transport.name} failed: " + " | ".join(errors),
                                   state)  # type: ignore[arg-type]
         seconds = max(e["seconds"] for e in every)
