@@ -10,20 +10,26 @@ What is measured, and against what:
   must equal the learner's (fp32, <= 1e-5 absolute; the learner's logits come from a pipelined
   forward of the Megatron model, checked at TP=PP=1 against a direct call). Every sync runs with
   ``verify`` (checksums) and the probe compare, so those paths run too.
-* **Memory** (same spawn): a broadcast sync with 256 KiB buckets is profiled on every sending rank
-  with ``torch.profiler`` memory events (the allocator's own running total): the peak extra bytes
-  must stay within two buckets. The resharder's own :class:`LiveBytes` figure is reported next to it.
+* **Memory** (same spawn): a broadcast sync with 256 KiB buckets (the largest tensor, fc1, is
+  128 KiB) is profiled on every sending rank with ``torch.profiler`` memory events (the CPU
+  allocator's own record, backend temporaries included): the peak extra bytes must stay within two
+  buckets. Measured: 384 KiB at TP=1, 448 KiB at TP=2 (bucket + gather buffer + one converted fc1),
+  equal to the resharder's own :class:`LiveBytes` figure to within 2 KiB.
 * **Failure semantics** (same spawn, last layout TP=2 x PP=2): (a) a transport that corrupts one
   tensor of one bucket in transit after the checksum was taken -> every learner rank raises
   ``WeightSyncError(engine_state="previous")`` naming the tensor, and the engine's parameters are
   bit-identical to before; (b) a disk snapshot with one flipped byte -> reload refuses, engine
-  unchanged; (c) one broadcast receiver dies (``os._exit``) on its 2nd bucket of stage 1 -> every
-  learner rank raises a clear error within seconds (no hang), and the surviving receiver discards
-  its staging and keeps its previous weights.
+  unchanged; (c) a NaN in one learner shard -> refused on every rank, naming the HF tensor, engine
+  unchanged; (d) one broadcast receiver dies (``os._exit``) on its 2nd bucket of stage 1 -> every
+  learner rank raises a clear error within seconds (no hang: a failed sender tears its group down),
+  and the surviving receiver, which had staged all of stage 0 and part of stage 1, discards its
+  staging and keeps its previous weights.
+* **GPU** (``gpu`` marker): the ``sglang`` transport against a real SGLang server, colocated
+  (``update_weights_from_tensor``, one GPU) and distributed (NCCL broadcast, two GPUs).
 * Unit tests in the pytest process: the checksum against a pure-Python evaluation of its formula
   and against single-word corruption; the wire layout byte-for-byte against SGLang's own
   ``FlattenedTensorBucket``; safetensors shards against the ``safetensors`` reader; the staged
-  commit's atomicity.
+  commit's atomicity; ``WeightSync.from_config``.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ class BroadcastReceiver:
             try:
                 result = staging.commit(probe)
             except WeightSyncError as e:
-                result = CommitResult(ok=False, version=version, message=str(e))
+                result = CommitResult(ok=False, version=version, message=str(e), engine_state=e.engine_state)
             result.receiver = self.name
             for r in range(1, self.world_size):  # verdicts in turn, on stage 0's group
                 bcast_object(result if r == self.rank else None, r, self.groups[0], self.device)
