@@ -14,7 +14,8 @@ What is measured, and against what:
   128 KiB) is profiled on every sending rank with ``torch.profiler`` memory events (the CPU
   allocator's own record, backend temporaries included): the peak extra bytes must stay within two
   buckets. Measured: 384 KiB at TP=1, 448 KiB at TP=2 (bucket + gather buffer + one converted fc1),
-  equal to the resharder's own :class:`LiveBytes` figure to within 2 KiB.
+  and it must agree with the resharder's own :class:`LiveBytes` figure (what ``SyncReport`` reports)
+  to within 32 KiB (measured: equal).
 * **Failure semantics** (same spawn, last layout TP=2 x PP=2): (a) a transport that corrupts one
   tensor of one bucket in transit after the checksum was taken -> every learner rank raises
   ``WeightSyncError(engine_state="previous")`` naming the tensor, and the engine's parameters are
@@ -311,7 +312,8 @@ def _two_free_ports() -> int:
 
 
 def _profiled_peak(fn):
-    """``fn()`` under the torch profiler; returns (result, peak bytes allocated above the start)."""
+    """``fn()`` under the torch profiler; returns (result, peak bytes that the CPU allocator handed out
+    during the call and that were alive at the same time)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -319,14 +321,20 @@ def _profiled_peak(fn):
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
-    mem = [e["args"] for e in events if e.get("name") == "[memory]"]
-    if not mem:
-        return out, 0
-    # "Total Allocated" is the CPU allocator's running count of bytes it saw allocated while some
-    # profiler was on, minus those freed while one was on: a later session starts from what earlier
-    # ones left over. The baseline of this session is the count just before its first event.
-    base = mem[0]["Total Allocated"] - mem[0]["Bytes"]
-    return out, max(0, max(m["Total Allocated"] for m in mem) - base)
+    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    # Bytes allocated during the session and still alive, at their peak. Frees of memory allocated
+    # before the session (e.g. a buffer of the previous sync a backend released late) do not count
+    # as savings: this is the gross figure, comparable with LiveBytes.
+    live, peak, mine = 0, 0, {}
+    for e in mem:
+        nb, addr = e["args"]["Bytes"], e["args"]["Addr"]
+        if nb > 0:
+            mine[addr] = nb
+            live += nb
+            peak = max(peak, live)
+        elif addr in mine:
+            live -= mine.pop(addr)
+    return out, peak
 
 
 def _corrupting(base_cls):
@@ -561,6 +569,7 @@ def test_sender_peak_memory_within_two_buckets(sync_run):
             assert 2 * m["largest"] <= BUCKET
             assert m["peak_live"] <= 2 * BUCKET
             assert m["peak_profiler"] <= 2 * BUCKET, (r, lay["tp"], lay["pp"], m)
+            assert abs(m["peak_profiler"] - m["peak_live"]) <= 32 * 1024, (r, lay["tp"], lay["pp"], m)
 
 
 @pytest.mark.slow

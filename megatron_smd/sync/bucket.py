@@ -133,9 +133,15 @@ class Bucket:
     checksums: list[int] | None = None
     flat: torch.Tensor | None = None
 
+    _added: int = field(default=0, repr=False)  # bytes added through add() (O(1) nbytes)
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors) if self.flat is None else self.flat.numel()
+        if self.flat is not None:
+            return self.flat.numel()
+        if self._added:
+            return self._added
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -152,6 +158,7 @@ class Bucket:
                              f"not a multiple of its element size")
         self.names.append(name)
         self.tensors.append(t)
+        self._added += t.numel() * t.element_size()
 
     def pack(self, name: str, t: torch.Tensor, buffer: torch.Tensor) -> None:
         """Copy ``t`` into ``buffer`` (``uint8``) right after this bucket's bytes and add the view.

@@ -13,8 +13,10 @@ Who does what (ranks in Megatron's ``tp-cp-ep-dp-pp`` order, one :class:`Paralle
   shards with :func:`megatron_smd.learner.convert.iter_hf_from_local` (QKV de-interleaved per
   query group, ``[gate_r; up_r]`` rechunked, vocabulary padding trimmed, the tied last-stage copy of
   the embedding skipped) and packs the HF tensors into :class:`~megatron_smd.sync.bucket.Bucket` s,
-  in place, in the wire layout. Every stage sends its own layers; the senders of all stages form
-  exactly one pipeline group (``layout.pp_group`` of a sender), which the transports use.
+  in place, in the wire layout (or, for a consumer that keeps them anyway, the in-process engine's
+  staging or a file, hands the converted tensors over as they are: ``pack=False``, one copy less).
+  Every stage sends its own layers; the senders of all stages form exactly one pipeline group
+  (``layout.pp_group`` of a sender), which the transports use.
 
 Memory bound (the point of streaming). Let ``B`` be the bucket size and ``P`` the HF bytes of one
 Megatron parameter. A sender holds, for the whole sync, one packing buffer of ``B`` bytes (the open
@@ -137,13 +139,17 @@ class Resharder:
             learner's dtype.
         checksums: compute :func:`~megatron_smd.sync.bucket.tensor_checksum` per tensor.
         meter: a :class:`LiveBytes` to account into (one is created otherwise).
+        pack: pack each bucket in place in the wire layout (a reused buffer; what a wire transport
+            sends). ``False``: a bucket is the list of converted tensors themselves, which a consumer
+            that copies them anyway (the in-process engine's staging, a file) may keep, saving a copy.
 
     Raises ``ValueError`` at construction when the model's parameters are not exactly the ones the
     conversion table expects for this stage (same names and TP-local shapes on every rank).
     """
 
     def __init__(self, model: torch.nn.Module, layout: ParallelLayout, arch: ModelArch, *, bucket_bytes: int,
-                 dtype: torch.dtype | None = None, checksums: bool = False, meter: LiveBytes | None = None):
+                 dtype: torch.dtype | None = None, checksums: bool = False, meter: LiveBytes | None = None,
+                 pack: bool = True):
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
         self.layout, self.arch = layout, arch
@@ -159,6 +165,8 @@ class Resharder:
             raise ValueError(f"weight sync: stage {self.stage} model parameters {extra[:3]} are not in the "
                              f"conversion table; table entries {missing[:3]} are not model parameters")
         self.params = [(n, params[n]) for n in order]
+        self.pack = pack
+        self._param_ptrs = {q.untyped_storage().data_ptr() for _, q in self.params}
         self.meter = meter or LiveBytes([p for _, p in self.params])
         self.stats = ReshardStats()
         self.errors: list[str] = []  # recorded, not raised: the TP gathers must run to the end
@@ -239,7 +247,10 @@ class Resharder:
         gptr = gbuf.untyped_storage().data_ptr() if gbuf is not None else None
         outs = []
         for hf_name, t in iter_hf_from_local(name, shards, self.arch, pp_rank=self.stage, pp_size=self.num_stages):
-            aliased = gptr is not None and t.untyped_storage().data_ptr() == gptr
+            ptr = t.untyped_storage().data_ptr()
+            # Unpacked buckets hand their tensors to the consumer, which may keep them: never a learner
+            # parameter (a replicated norm at TP=1 comes back as the parameter itself).
+            aliased = ptr == gptr or (not self.pack and ptr in self._param_ptrs)
             if aliased or (self.dtype is not None and t.dtype != self.dtype) or not t.is_contiguous():
                 t = t.to(dtype=self.dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
             self.meter.hold(t)
@@ -275,7 +286,7 @@ class Resharder:
                 continue
             if self.is_sender and len(bucket) and bucket.nbytes + self._hf_bytes_estimate(p) > B:
                 yield self._flush(bucket)
-                bucket = Bucket(self.stage, bucket.index + 1)
+                bucket = Bucket(self.stage, bucket.index + 1) if self.pack else self._next_unpacked(bucket)
             shards = self._gather(name, p)
             if shards is None:
                 continue
@@ -289,6 +300,14 @@ class Resharder:
                 continue  # the tied output layer of the last stage (or a recorded error)
             self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes,
                                                   sum(t.numel() * t.element_size() for _, t in outs))
+            if not self.pack:  # the bucket keeps the converted tensors themselves
+                for hf_name, t in outs:
+                    if len(bucket) and not bucket.aligned_for(t):
+                        yield self._flush(bucket)
+                        bucket = self._next_unpacked(bucket)
+                    bucket.add(hf_name, t)
+                del outs
+                continue
             buf = self._buffer("_pack_buf", self._pack_capacity, p.device)
             while outs:
                 hf_name, t = outs.pop(0)
@@ -303,6 +322,13 @@ class Resharder:
                 del t
         if self.is_sender and len(bucket) and not self._draining:
             yield self._flush(bucket)
+            if not self.pack:
+                self._next_unpacked(bucket)
+
+    def _next_unpacked(self, bucket: Bucket) -> Bucket:
+        """After an unpacked bucket was consumed: its tensors are the consumer's now (or freed)."""
+        self.meter.release(*bucket.tensors)
+        return Bucket(self.stage, bucket.index + 1)
 
 
 # ------------------------------------------------------------------------------------------- probe

@@ -103,6 +103,10 @@ class Transport(ABC):
     def connect(self, ctx: SenderContext) -> None:
         """One-time setup (process groups, servers). Called before the first ``begin``."""
 
+    def packs(self, ctx: SenderContext) -> bool:
+        """Whether this sender wants buckets packed in the wire layout (see ``Resharder(pack=...)``)."""
+        return True
+
     @abstractmethod
     def begin(self, ctx: SenderContext) -> None:
         """Start sync ``ctx.version`` on this stage sender."""
@@ -135,6 +139,9 @@ class InProcessTransport(Transport):
         self.staging: StagedUpdate | None = None
         self._sent = 0
 
+    def packs(self, ctx: SenderContext) -> bool:
+        return not ctx.coordinator  # the coordinator's own buckets go straight into the staging
+
     def begin(self, ctx: SenderContext) -> None:
         self._sent = 0
         if ctx.coordinator:
@@ -145,8 +152,9 @@ class InProcessTransport(Transport):
     def send(self, ctx: SenderContext, bucket: Bucket) -> None:
         if ctx.coordinator:
             sums = bucket.checksums or [None] * len(bucket)
+            packed = bucket.flat is not None  # views of a reused buffer: copy; else the staging keeps them
             for name, t, cs in zip(bucket.names, bucket.tensors, sums):
-                self.staging.add(name, t, cs, copy=True)
+                self.staging.add(name, t, cs, copy=packed)
             return
         flat = bucket.flatten()
         send_object({"op": "bucket", "version": ctx.version, **bucket.header()}, 0, ctx.senders_group)
@@ -341,6 +349,9 @@ class DiskTransport(Transport):
         self.root = Path(root)
         self.engine, self.sglang_urls, self.keep, self.timeout_s = engine, list(sglang_urls), max(1, keep), timeout_s
         self._files: list[dict] = []
+
+    def packs(self, ctx: SenderContext) -> bool:
+        return False  # a shard is written tensor by tensor; packing would be one more copy
 
     @staticmethod
     def snapshot_name(version: int) -> str:

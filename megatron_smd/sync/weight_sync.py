@@ -185,10 +185,10 @@ class WeightSync:
                 probe = Probe(probe_tokens.cpu(), logits, probe_atol)
         params = [p for p in unwrap_model(self.model).parameters()]
         meter = LiveBytes(params)
-        res = Resharder(self.model, lay, self.arch, bucket_bytes=self.bucket_bytes, dtype=self.dtype,
-                        checksums=self.verify, meter=meter)
         ctx = SenderContext(layout=lay, arch=self.arch, version=version, verify=self.verify, meter=meter,
                             probe=probe)
+        res = Resharder(self.model, lay, self.arch, bucket_bytes=self.bucket_bytes, dtype=self.dtype,
+                        checksums=self.verify, meter=meter, pack=self.transport.packs(ctx))
         err, result = None, None
         if res.participant:
             err, result = self._send_stage(res, ctx)
