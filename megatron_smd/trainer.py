@@ -61,7 +61,7 @@ def train(cfg: ExperimentConfig, *, resume: str | None = "auto") -> dict:
             stats = learn(ctx, batch, adv, step)                         # PPO/GRPO update on the learner
             t["learn"] = time.perf_counter() - t1
             t2 = time.perf_counter()
-            sync_weights(ctx)                                            # learner shards -> rollout engine
+            stats.update(sync_weights(ctx, step + 1))                    # learner shards -> rollout engine
             t["sync"] = time.perf_counter() - t2
             last = step + 1 == cfg.train.steps
             if last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0):
@@ -92,12 +92,15 @@ class Context:
     run_dir: Path = Path(".")
     bar: object = None
     last_ckpt: str | None = None
+    sync: object = None
 
     @property
     def rank0(self) -> bool:
         return self.layout.rank == 0
 
     def close(self) -> None:
+        if self.sync is not None:
+            self.sync.close()
         if self.bar is not None:
             self.bar.close()
         self.logger.close()
@@ -194,9 +197,20 @@ def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
 
             ctx.bar = tqdm(total=cfg.train.steps, initial=ctx.start_step, desc=f"train[{cfg.algorithm.correction}]",
                            dynamic_ncols=True)
+    ctx.sync = make_weight_sync(ctx, arch)
     if ckpt is not None:
-        sync_weights(ctx)  # the engine must sample from the restored policy
+        sync_weights(ctx, ctx.start_step)  # the engine must sample from the restored policy
     return ctx
+
+
+def make_weight_sync(ctx: Context, arch):
+    from .sync import WeightSync
+
+    cfg = ctx.cfg
+    sglang = {"urls": cfg.rollout.sglang_urls or [os.environ.get("SMD_ROLLOUT_URL", "")]} \
+        if cfg.sync.transport == "sglang" else None
+    return WeightSync.from_config(cfg.sync, ctx.learner.model, ctx.layout, arch,
+                                  engine=ctx.engine if ctx.rank0 else None, sglang=sglang)
 
 
 def sglang_engine(cfg: ExperimentConfig, arch):
@@ -394,15 +408,18 @@ def _first_step_ratio(lp_rows: torch.Tensor, mb, n_modes: int) -> dict:
     return {"ratio_first/mean": float(r.mean()), "ratio_first/max_abs_dev": float((r - 1).abs().max())}
 
 
-def sync_weights(ctx: Context) -> None:
-    """In-process transport: gather full HF tensors on rank 0 and load them into the engine."""
-    sd = ctx.learner.gather_hf_state()
-    if ctx.rank0:
-        bad = [k for k, v in sd.items() if not bool(torch.isfinite(v).all())]
-        if bad:
-            raise SMDError(f"non-finite learner weights after the update ({bad[0]} and {len(bad) - 1} more): "
-                           f"the run diverged; the engine keeps its previous weights (last checkpoint: {ctx.last_ckpt})")
-        ctx.engine.load_weights(sd)
+def sync_weights(ctx: Context, version: int = 0) -> dict:
+    """Learner shards -> rollout engine through :mod:`megatron_smd.sync` (streaming, bucketed,
+    staged and committed all-or-nothing; ``sync.verify`` adds checksums). Collective."""
+    from .sync.staging import WeightSyncError
+
+    try:
+        report = ctx.sync.sync(version)
+    except WeightSyncError as e:  # staged updates commit all-or-nothing: the engine is unchanged
+        raise SMDError(f"weight sync after step {version} failed ({e}); the engine keeps its previous "
+                       f"weights (engine state: {getattr(e, 'engine_state', 'unknown')}; last checkpoint: "
+                       f"{ctx.last_ckpt})") from None
+    return report.metrics()
 
 
 def evaluate(ctx: Context, step: int) -> dict:
