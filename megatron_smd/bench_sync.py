@@ -198,9 +198,15 @@ def bench_sync(*, large: bool = True, bucket_mb: int = 512, repeats: int = 2,
                        "(GPU syncs go to SGLang through the sglang transport)")
     if torch.distributed.is_initialized():
         raise SMDError("smd bench sync starts its own one-rank process group; run it in a fresh process")
+    keys = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}  # restored below: later runs in this process must not
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    layout = ParallelLayout(world_size=1)
-    layout.initialize(seed=seed)
+    layout = ParallelLayout(world_size=1)                  # mistake themselves for torchrun ranks
+    try:
+        layout.initialize(seed=seed)
+    except BaseException:
+        _restore_env(saved)
+        raise
     t0 = time.perf_counter()
     try:
         res = {"device": "cpu", "threads": torch.get_num_threads(), "layout": "tp=1 pp=1 (one gloo rank)",
@@ -215,6 +221,15 @@ def bench_sync(*, large: bool = True, bucket_mb: int = 512, repeats: int = 2,
         return res
     finally:
         layout.destroy()
+        _restore_env(saved)
+
+
+def _restore_env(saved: dict) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def format_sync_bench(res: dict) -> str:
