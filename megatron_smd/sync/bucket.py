@@ -291,3 +291,17 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def stage_bucket(staging, flat: torch.Tensor, hdr: dict, stage: int) -> None:
+    """Unpack one received bucket (its header ``hdr``: names, dtypes, shapes, checksums) into a
+    staged update; a malformed bucket is recorded as a problem of the update, not raised, so the
+    receiving loop stays in step with the senders."""
+    try:
+        views = unflatten(flat, hdr["names"], hdr["dtypes"], hdr["shapes"])
+    except ValueError as e:
+        staging.problem(f"stage {stage} bucket {hdr['index']}: {e}")
+        return
+    sums = hdr["checksums"] or [None] * len(views)
+    for (name, t), cs in zip(views, sums):
+        staging.add(name, t, cs, copy=False)

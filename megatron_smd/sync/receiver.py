@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from .bucket import unflatten
+from .bucket import stage_bucket
 from .group import bcast_object, destroy_group, init_weight_update_group
 from .staging import CommitResult, StagedUpdate, WeightSyncError
 
@@ -109,14 +109,7 @@ class BroadcastReceiver:
                 n += 1
                 if self.on_bucket is not None:
                     self.on_bucket(hdr)
-                try:
-                    views = unflatten(flat, hdr["names"], hdr["dtypes"], hdr["shapes"])
-                except ValueError as e:
-                    staging.problem(f"stage {p} bucket {hdr['index']}: {e}")
-                    continue
-                sums = hdr["checksums"] or [None] * len(views)
-                for (name, t), cs in zip(views, sums):
-                    staging.add(name, t, cs, copy=False)
+                stage_bucket(staging, flat, hdr, p)
             elif op == "end":
                 if hdr["buckets"] != n:
                     staging.problem(f"stage {p} announced {hdr['buckets']} buckets, {n} arrived")

@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
-from .bucket import Bucket, fsync_dir, unflatten, write_safetensors
+from .bucket import Bucket, fsync_dir, stage_bucket, write_safetensors
 from .group import bcast_object, destroy_group, init_weight_update_group, recv_object, send_object
 from .reshard import LiveBytes
 from .staging import CommitResult, Probe, StagedUpdate, WeightSyncError, stage_from_disk
@@ -173,14 +173,7 @@ class InProcessTransport(Transport):
                 if hdr["version"] != ctx.version:
                     st.problem(f"stage {stage} sent a bucket of version {hdr['version']}")
                     continue
-                try:
-                    views = unflatten(flat, hdr["names"], hdr["dtypes"], hdr["shapes"])
-                except ValueError as e:
-                    st.problem(f"stage {stage} bucket {hdr['index']}: {e}")
-                    continue
-                sums = hdr["checksums"] or [None] * len(views)
-                for (name, t), cs in zip(views, sums):
-                    st.add(name, t, cs, copy=False)
+                stage_bucket(st, flat, hdr, stage)
             elif hdr["op"] == "end":
                 if hdr["buckets"] != n:
                     st.problem(f"stage {stage} announced {hdr['buckets']} buckets, {n} arrived")
