@@ -153,15 +153,7 @@ def rollout_policy(cfg: ExperimentConfig):
 
 
 def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
-    from .checkpoint import find_checkpoint, load_checkpoint
-    from .config import dump_config
-    from .learner.learner import Learner
     from .model.hf import read_arch
-    from .model.transformer import RefTransformer
-    from .rollout.engine import ReferenceEngine
-    from .rollout.run import load_tokenizer
-    from .sft import ensure_sft
-    from .tasks import make_task
 
     run_dir = Path(cfg.output_dir)
     model_dir = ensure_model_once(cfg)
@@ -169,6 +161,23 @@ def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
     if cfg.algorithm.distill.estimator == "full" and cfg.resources.tp > 1:
         raise SMDError("algorithm.distill.estimator=full needs the full vocabulary on one rank: use resources.tp=1, or k1/k3")
     layout = init_layout(cfg, arch)
+    try:
+        return _setup_on_layout(cfg, layout, arch, model_dir, run_dir, resume)
+    except BaseException:
+        layout.destroy()  # a failed start must not leave process groups behind for the next run
+        raise
+
+
+def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Path, resume) -> Context:
+    from .checkpoint import find_checkpoint, load_checkpoint
+    from .config import dump_config
+    from .learner.learner import Learner
+    from .model.transformer import RefTransformer
+    from .rollout.engine import ReferenceEngine
+    from .rollout.run import load_tokenizer
+    from .sft import ensure_sft
+    from .tasks import make_task
+
     start = ensure_sft(cfg, layout, model_dir)
     learner = Learner(arch, layout, learner_settings(cfg), weights=str(start))
     ref = None

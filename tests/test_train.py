@@ -171,3 +171,17 @@ def test_stale_sft_cache_is_refused(tmp_path, tiny_qwen2_dir):
     train(_cfg(tmp_path / "b", tiny_qwen2_dir, **over), resume="none")  # same settings: reused
     with pytest.raises(ConfigError, match=r"sft.out: .* different task"):
         train(_cfg(tmp_path / "c", tiny_qwen2_dir, **dict(over, **{"task.num_pairs": 5})), resume="none")
+
+
+def test_failed_start_releases_the_process_group(tmp_path, tiny_qwen2_dir):
+    """A start that fails after the process group is up (here: a stale SFT cache) must tear it down,
+    so the next run in the same process can initialise again."""
+    from megatron.core import parallel_state
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "config.json").write_text((tiny_qwen2_dir / "config.json").read_text())  # no fingerprint
+    with pytest.raises(ConfigError, match="sft.out"):
+        train(_cfg(tmp_path / "a", tiny_qwen2_dir, **{"sft.enabled": "true", "sft.out": str(sft)}), resume="none")
+    assert not parallel_state.model_parallel_is_initialized()
+    train(_cfg(tmp_path / "b", tiny_qwen2_dir, **{"train.steps": 1, "train.eval_every": 0}), resume="none")
