@@ -115,16 +115,19 @@ def test_killed_run_keeps_complete_checkpoints_and_resumes(tmp_path, tiny_qwen2_
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    from megatron_smd.checkpoint import complete_checkpoints
+
     ck = tmp_path / "checkpoints"
     deadline = time.time() + 240
-    while time.time() < deadline and len(list(ck.glob("step_*[0-9]"))) < 1:
+    # wait for a *complete* checkpoint (an in-progress step_N.tmp-<nonce> directory does not count)
+    while time.time() < deadline and not complete_checkpoints(ck):
         time.sleep(0.5)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "--resume auto" in err
-    from megatron_smd.checkpoint import LOOP_STATE, complete_checkpoints
+    from megatron_smd.checkpoint import LOOP_STATE
 
     final_named = [d for d in ck.glob("step_*") if ".tmp-" not in d.name]
     assert final_named and all((d / LOOP_STATE).is_file() for d in final_named), "a half-written checkpoint"
