@@ -19,7 +19,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     from .checkpoint import find_checkpoint, load_checkpoint
     from .config import ExperimentConfig
     from .learner.learner import Learner, LearnerSettings
-    from .model.hf import read_arch, save_model_dir
+    from .model.hf import read_arch, read_tokenizer_files, save_model_dir
     from .parallel.layout import ParallelLayout
     from .trainer import _free_port
 
@@ -43,7 +43,5 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
         sd = learner.gather_hf_state()
     finally:
         layout.destroy()
-    extra = {f.name: f.read_text() for f in model_dir.iterdir()
-             if f.name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")}
-    save_model_dir(out, arch, sd, extra_files=extra)
+    save_model_dir(out, arch, sd, extra_files=read_tokenizer_files(model_dir))
     return Path(out)

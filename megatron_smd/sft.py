@@ -12,7 +12,6 @@ once eval reward reaches ``target_reward``.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -53,20 +52,18 @@ def _target_mask(batch: RolloutBatch) -> torch.Tensor:
 
 def greedy_eval(model, task, tok, n: int, seed: int, max_new_tokens: int, policy=None) -> float:
     from .rollout.engine import ReferenceEngine, SamplingParams
+    from .rollout.run import generate_scored
 
-    ex = task.sample(n, seed=seed)
-    eng = ReferenceEngine(model, policy)
-    trajs, _ = eng.generate([tok.encode(e.prompt) for e in ex], n=1,
-                            sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                                                    stop_token_ids=(tok.eos_id,)))
-    return sum(task.reward(ex[t.prompt_index], tok.decode(t.tokens[t.prompt_len:])) for t in trajs) / len(trajs)
+    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=(tok.eos_id,))
+    _, _, rewards = generate_scored(ReferenceEngine(model, policy), task, tok, task.sample(n, seed=seed), 1, sp)
+    return sum(rewards) / len(rewards)
 
 
 def run_sft(cfg: ExperimentConfig, layout, model_dir: Path, out: Path, *, log=print,
             fingerprint: dict | None = None) -> dict:
     """Train from ``model_dir`` and write the HF directory ``out``. Collective over the layout."""
     from .learner.learner import Learner
-    from .model.hf import read_arch, save_model_dir
+    from .model.hf import read_arch, read_tokenizer_files, save_model_dir
     from .model.transformer import RefTransformer
     from .rollout.run import load_tokenizer
     from .tasks import make_task
@@ -112,8 +109,7 @@ def run_sft(cfg: ExperimentConfig, layout, model_dir: Path, out: Path, *, log=pr
     if rank0:
         import json
 
-        extra = {f.name: f.read_text() for f in Path(model_dir).iterdir()
-                 if f.name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")}
+        extra = read_tokenizer_files(model_dir)
         extra[FINGERPRINT] = json.dumps(fingerprint or sft_fingerprint(cfg, model_dir), indent=2, sort_keys=True)
         save_model_dir(out, arch, sd, extra_files=extra)  # one atomic rename: weights + fingerprint
     if dist.is_initialized():
@@ -165,9 +161,3 @@ def ensure_sft(cfg: ExperimentConfig, layout, model_dir: Path) -> Path:
         print(f"[smd] no SFT warm start at {out}: training one ({cfg.sft.steps} steps)", flush=True)
     run_sft(cfg, layout, Path(model_dir), out, fingerprint=want)
     return out
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (src / name).is_file():
-            shutil.copy(src / name, dst / name)

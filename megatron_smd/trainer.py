@@ -266,20 +266,16 @@ def _broadcast(obj, ctx: Context):
 
 def rollout(ctx: Context, step: int) -> RolloutBatch:
     """Rank 0 samples ``num_prompts x group_size`` trajectories; every rank gets the batch."""
-    from .rollout.run import sampling_params
+    from .rollout.run import generate_scored, sampling_params
 
     cfg = ctx.cfg
     batch = None
     if ctx.rank0:
         examples = ctx.task.sample(cfg.rollout.num_prompts, seed=cfg.task.seed * 1_000_003 + step)
-        prompts = [ctx.tok.encode(e.prompt) for e in examples]
         sp = sampling_params(cfg, ctx.tok.eos_id)
         sp.seed = cfg.rollout.seed * 7919 + step
-        trajs, st = ctx.engine.generate(prompts, n=cfg.rollout.group_size, sampling=sp)
-        rewards = [ctx.task.reward(examples[t.prompt_index], ctx.tok.decode(t.tokens[t.prompt_len:])) for t in trajs]
-        meta = {"sampling": {"temperature": sp.temperature}, "rewards": rewards,
-                "stats": {"peak_kv_bytes": st.peak_kv_bytes, "peak_kv_bytes_used": st.peak_kv_bytes_used,
-                          "tokens_per_s": st.tokens_per_s, "generated_tokens": st.generated_tokens},
+        trajs, st, rewards = generate_scored(ctx.engine, ctx.task, ctx.tok, examples, cfg.rollout.group_size, sp)
+        meta = {"sampling": {"temperature": sp.temperature}, "rewards": rewards, "stats": st.as_dict(),
                 "texts": [ctx.tok.decode(t.tokens[t.prompt_len:]) for t in trajs[: cfg.logging.sample_text]],
                 "prompts": [e.prompt for e in examples[: cfg.logging.sample_text]]}
         batch = RolloutBatch.from_trajectories(trajs, meta)
@@ -434,16 +430,15 @@ def sync_weights(ctx: Context, version: int = 0) -> dict:
 def evaluate(ctx: Context, step: int) -> dict:
     """Greedy decoding on a fixed held-out prompt set, dense and with the configured compression."""
     from .rollout.engine import SamplingParams
+    from .rollout.run import generate_scored
 
     out = {}
     if ctx.rank0:
         cfg = ctx.cfg
         examples = ctx.task.sample(cfg.train.eval_prompts, seed=10_000_019 + cfg.task.seed)
-        prompts = [ctx.tok.encode(e.prompt) for e in examples]
         sp = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0, stop_token_ids=(ctx.tok.eos_id,))
         for name, eng in ctx.eval_engines.items():
-            trajs, st = eng.generate(prompts, n=1, sampling=sp)
-            rs = [ctx.task.reward(examples[t.prompt_index], ctx.tok.decode(t.tokens[t.prompt_len:])) for t in trajs]
+            _, st, rs = generate_scored(eng, ctx.task, ctx.tok, examples, 1, sp)
             out[f"reward/eval_{name}"] = sum(rs) / len(rs)
             out[f"accuracy/eval_{name}"] = sum(r >= 1.0 for r in rs) / len(rs)
             out[f"kv/eval_{name}_peak_bytes"] = st.peak_kv_bytes

@@ -188,3 +188,9 @@ def test_failed_start_releases_the_process_group(tmp_path, tiny_qwen2_dir):
         train(_cfg(tmp_path / "a", tiny_qwen2_dir, **{"sft.enabled": "true", "sft.out": str(sft)}), resume="none")
     assert not parallel_state.model_parallel_is_initialized()
     train(_cfg(tmp_path / "b", tiny_qwen2_dir, **{"train.steps": 1, "train.eval_every": 0}), resume="none")
+
+
+def test_per_token_loss_setting_cannot_be_overridden(tmp_path, tiny_qwen2_dir):
+    cfg = _cfg(tmp_path, tiny_qwen2_dir, **{"learner.megatron": "{calculate_per_token_loss: false}"})
+    with pytest.raises(ConfigError, match="learner.megatron.calculate_per_token_loss"):
+        train(cfg, resume="none")

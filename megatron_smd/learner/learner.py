@@ -73,8 +73,12 @@ class Learner:
 
         self.arch, self.layout, self.settings = arch, layout, settings
         extra = dict(settings.megatron or {})
-        self.model = build_gpt_model(arch, attention_backend=settings.attention_backend,
-                                     calculate_per_token_loss=True, **extra)
+        if "calculate_per_token_loss" in extra:  # transformer_config sets it; the normalisation relies on it
+            from ..errors import ConfigError
+
+            raise ConfigError("learner.megatron.calculate_per_token_loss cannot be overridden: losses arrive "
+                              "pre-normalised over the whole mini-batch (see megatron_smd.learner.learner)")
+        self.model = build_gpt_model(arch, attention_backend=settings.attention_backend, **extra)
         if weights is not None:
             load_hf_into_model(self.model, weights, layout)
         self.optimizer = None

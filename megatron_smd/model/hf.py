@@ -236,6 +236,15 @@ def load_state_dict(model_dir: str | os.PathLike, arch: ModelArch | None = None,
     return {k: sd[k].to(dtype) for k in exp}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def read_tokenizer_files(model_dir: str | os.PathLike) -> dict[str, str]:
+    """The tokenizer/generation files of a model directory, for writing next to new weights."""
+    d = Path(model_dir)
+    return {name: (d / name).read_text() for name in TOKENIZER_FILES if (d / name).is_file()}
+
+
 def save_model_dir(out: str | os.PathLike, arch: ModelArch, state_dict: dict[str, torch.Tensor],
                    extra_files: dict[str, str] | None = None) -> None:
     """Write an HF directory atomically: everything goes to ``out.tmp-*`` first, then one rename.

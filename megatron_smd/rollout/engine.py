@@ -82,6 +82,11 @@ class RolloutStats:
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def as_dict(self) -> dict:
+        return {"peak_kv_bytes": self.peak_kv_bytes, "peak_kv_bytes_used": self.peak_kv_bytes_used,
+                "generated_tokens": self.generated_tokens, "tokens_per_s": self.tokens_per_s,
+                "seconds": self.seconds, "evictions": self.evictions}
+
 
 @dataclass
 class _LayerCache:

@@ -47,6 +47,16 @@ def sampling_params(cfg: ExperimentConfig, eos_id: int | None, max_new_tokens: i
     )
 
 
+def generate_scored(engine, task, tok, examples, n: int, sp: SamplingParams):
+    """Sample ``n`` completions per example and score each with the task's exact reward.
+
+    Returns ``(trajectories, stats, rewards)``; a completion is scored on its decoded text without
+    special tokens (the final ``<eos>`` is an action, not part of the answer)."""
+    trajs, stats = engine.generate([tok.encode(e.prompt) for e in examples], n=n, sampling=sp)
+    rewards = [task.reward(examples[t.prompt_index], tok.decode(t.tokens[t.prompt_len:])) for t in trajs]
+    return trajs, stats, rewards
+
+
 def run_rollout(cfg: ExperimentConfig, out_dir: str | Path, *, engine: ReferenceEngine | None = None,
                 batch_seed: int | None = None) -> RolloutBatch:
     """Sample ``num_prompts x group_size`` trajectories, score them, write ``out_dir``."""
@@ -58,13 +68,8 @@ def run_rollout(cfg: ExperimentConfig, out_dir: str | Path, *, engine: Reference
     engine = engine or ReferenceEngine.from_pretrained(model_dir, cfg.rollout.policy, kv_growth=cfg.rollout.kv_growth)
     task = make_task(cfg.task)
     examples = task.sample(cfg.rollout.num_prompts, seed=batch_seed)
-    prompts = [tok.encode(e.prompt) for e in examples]
     sp = sampling_params(cfg, tok.eos_id)
-    trajs, stats = engine.generate(prompts, n=cfg.rollout.group_size, sampling=sp)
-    rewards = []
-    for t in trajs:
-        comp = [x for x in t.tokens[t.prompt_len:] if x != tok.eos_id]
-        rewards.append(task.reward(examples[t.prompt_index], tok.decode(comp)))
+    trajs, stats, rewards = generate_scored(engine, task, tok, examples, cfg.rollout.group_size, sp)
     a = engine.arch
     meta = {
         "model_path": str(model_dir), "num_layers": a.num_layers, "num_kv_heads": a.num_kv_heads,
@@ -72,9 +77,7 @@ def run_rollout(cfg: ExperimentConfig, out_dir: str | Path, *, engine: Reference
         "sampling": {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k,
                      "max_new_tokens": sp.max_new_tokens, "seed": sp.seed, "group_size": cfg.rollout.group_size,
                      "logprob_distribution": "temperature-scaled full-vocabulary softmax, before top-k/top-p"},
-        "stats": {"peak_kv_bytes": stats.peak_kv_bytes, "peak_kv_bytes_used": stats.peak_kv_bytes_used,
-                  "generated_tokens": stats.generated_tokens, "tokens_per_s": stats.tokens_per_s,
-                  "seconds": stats.seconds, "evictions": stats.evictions},
+        "stats": stats.as_dict(),
         "finish_reasons": [t.finish_reason for t in trajs],
         "task": cfg.task.model_dump(mode="json"),
         "rewards": rewards,
