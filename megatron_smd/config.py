@@ -135,7 +135,11 @@ class ResourcesConfig(_Strict):
     """Data-parallel degree of the learner."""
     nodes: int = Field(1, ge=1)
     """Learner nodes (Slurm)."""
-    gpus_per_node: int = Field(8, ge=1)
+    gpus_per_node: int = Field(8, ge=0)
+    """GPUs per node; ``launch/slurm/submit.sh`` asks Slurm for them (``--gpus-per-node``). 0 = a CPU
+    cluster: no GPU is requested, the learner ranks are gloo processes spread evenly over
+    ``nodes`` (``tp*pp*cp*dp`` must be a multiple of it) and the rollout runs in-process
+    (``rollout_nodes`` must be 0). One machine (``launch/local.sh``, ``smd train``) ignores it."""
     rollout_nodes: int = Field(0, ge=0)
     """Nodes that run SGLang rollout servers (0 = colocated with the learner, or the CPU reference engine)."""
     rollout_tp: int = Field(1, ge=1)

@@ -252,12 +252,23 @@ def validate_layout(cfg, arch: ModelArch) -> None:
         raise ConfigError(f"layout cannot work (resources.tp={r.tp}, pp={r.pp}, cp={r.cp}): {e}") from None
     world = r.learner_world_size
     cap = r.nodes * r.gpus_per_node
-    if r.nodes > 1 and world != cap:
+    if r.gpus_per_node == 0:  # a CPU cluster: the same number of gloo ranks on every node, rollout in-process
+        if world % r.nodes:
+            raise ConfigError(
+                f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks cannot "
+                f"be spread evenly over resources.nodes={r.nodes} (resources.gpus_per_node=0: a CPU cluster "
+                f"runs the same number of gloo ranks on every node)")
+        if r.rollout_nodes > 0:
+            raise ConfigError(
+                f"layout cannot work: resources.rollout_nodes={r.rollout_nodes} needs SGLang servers on GPUs, "
+                f"but resources.gpus_per_node=0 (a CPU cluster): use resources.rollout_nodes=0 (the learner "
+                f"ranks run the in-process reference engine)")
+    elif r.nodes > 1 and world != cap:
         raise ConfigError(
             f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks, but "
             f"resources.nodes*gpus_per_node = {r.nodes}*{r.gpus_per_node} = {cap} GPUs: a multi-node "
             f"learner fills its nodes (set resources.dp={cap // (r.tp * r.pp * r.cp)} if that divides)")
-    if world > cap:
+    elif world > cap:
         raise ConfigError(
             f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks do not fit "
             f"on resources.nodes*gpus_per_node = {r.nodes}*{r.gpus_per_node} = {cap} GPUs")
@@ -552,9 +563,12 @@ def format_plan(d: dict[str, Any]) -> str:
         f"model   {d['model']['path']}  ({a['arch']}, {d['model']['hf_params'] / 1e9:.2f} B params, "
         f"L={a['num_layers']} D={a['hidden_size']} H={a['num_heads']}/{a['num_kv_heads']} d={a['head_dim']}; "
         f"from {d['model']['source']})",
-        f"layout  tp={lay['tp']} pp={lay['pp']} cp={lay['cp']} dp={lay['dp']} = {lay['learner_gpus']} learner GPUs "
-        f"on {lay['nodes']} node(s); rollout: {ro['engines']} engine(s) x tp={ro['engine_tp']} ({ro['mode']}); "
-        f"GPU {lay['gpu_memory_bytes'] / GIB:.1f} GiB",
+        (f"layout  tp={lay['tp']} pp={lay['pp']} cp={lay['cp']} dp={lay['dp']} = {lay['learner_gpus']} learner GPUs "
+         f"on {lay['nodes']} node(s); rollout: {ro['engines']} engine(s) x tp={ro['engine_tp']} ({ro['mode']}); "
+         f"GPU {lay['gpu_memory_bytes'] / GIB:.1f} GiB") if lay["gpus_per_node"] else
+        (f"layout  tp={lay['tp']} pp={lay['pp']} cp={lay['cp']} dp={lay['dp']} = {lay['learner_gpus']} learner ranks "
+         f"on {lay['nodes']} CPU node(s) (gpus_per_node=0: gloo processes, the figures below are per process, "
+         f"checked against resources.gpu_memory_gb = {lay['gpu_memory_bytes'] / GIB:.1f} GiB); rollout in-process"),
         "",
         f"learner ({ln['precision']}, {ln['bytes_per_param']} B/param, recompute={ln['recompute'] or 'off'}, "
         f"attention={ln['attention_backend']}, seq {ln['seq_len']}, {ln['rows_per_microbatch']} rows x "
@@ -624,7 +638,9 @@ def launch_vars(cfg) -> dict[str, Any]:
     return dict(
         SMD_TP=r.tp, SMD_PP=r.pp, SMD_CP=r.cp, SMD_DP=r.dp, SMD_LEARNER_WORLD=r.learner_world_size,
         SMD_NODES=r.nodes, SMD_GPUS_PER_NODE=r.gpus_per_node,
-        SMD_NPROC_PER_NODE=r.learner_world_size if r.nodes == 1 else r.gpus_per_node,
+        # one node: the whole learner; several: one rank per GPU, or (a CPU cluster) the world split evenly
+        SMD_NPROC_PER_NODE=r.learner_world_size // r.nodes if r.nodes == 1 or r.gpus_per_node == 0
+        else r.gpus_per_node,
         SMD_ROLLOUT_NODES=r.rollout_nodes, SMD_ROLLOUT_TP=r.rollout_tp,
         SMD_ENGINES_PER_NODE=r.gpus_per_node // r.rollout_tp if r.rollout_nodes else 0,
         SMD_MODEL_PATH=cfg.model.path, SMD_OUTPUT_DIR=cfg.output_dir, SMD_SGLANG_ARGS=sgl,

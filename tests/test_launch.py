@@ -92,7 +92,10 @@ def fake(tmp_path):
                        ("torchrun", FAKE_TORCHRUN)):
         (bin_ / name).write_text(text.replace("#!/usr/bin/env python3", f"#!{sys.executable}"))
         (bin_ / name).chmod(0o755)
-    (bin_ / "python").symlink_to(sys.executable)
+    # `python` = this interpreter, exec'd by its own path: a symlink to the binary would lose a virtualenv
+    # (the venv is found from the path the interpreter is started by, next to pyvenv.cfg)
+    (bin_ / "python").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    (bin_ / "python").chmod(0o755)
     log = tmp_path / "calls.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SMD_"))}
     env.update(PATH=f"{bin_}:{env['PATH']}", FAKE_LOG=str(log), SMD_STOP_GRACE="10", SMD_HEALTH_INTERVAL="0.1",
@@ -113,9 +116,9 @@ def fake(tmp_path):
                                   capture_output=True, text=True, cwd=tmp_path, timeout=120)
 
         @staticmethod
-        def run(script: str, *args: str, **extra) -> subprocess.CompletedProcess:
+        def run(script: str, *args: str, cwd=tmp_path, **extra) -> subprocess.CompletedProcess:
             return subprocess.run(["bash", str(REPO / script), *args], env=dict(env, **extra), capture_output=True,
-                                  text=True, cwd=tmp_path, timeout=120)
+                                  text=True, cwd=cwd, timeout=120)
 
     return Fake
 
@@ -159,7 +162,8 @@ def server_cmd(port: int) -> list[str]:
 ROUTER_CMD = ["python", "-m", "sglang_router.launch_router", "--worker-urls", "http://gpu-03:30000",
               "http://gpu-03:30010", "http://gpu-04:30000", "http://gpu-04:30010", "--host", "0.0.0.0",
               "--port", "30500"]
-LEARNER_32B = ["torchrun", "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d",
+TORCHRUN = ["python", "-m", "torch.distributed.run"]  # the learner's launcher, under SMD_PYTHON
+LEARNER_32B = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d",
                "--rdzv_endpoint=gpu-01:29500", f"--rdzv_id={JOB}", "-m", "megatron_smd.cli", "train",
                "--config", "configs/models/qwen2.5-32b.yaml", "train.steps=3"]
 CONTAINER = ["--container-image=nvcr.io/acme/smd:1.0", f"--container-mounts={REPO}:{REPO}",
@@ -193,12 +197,12 @@ def test_slurm_launch_runs_the_exact_commands_on_each_node(fake):
             assert opts == ["--nodes=2", "--ntasks-per-node=1", "--nodelist=gpu-01,gpu-02", "--kill-on-bad-exit=1",
                             "--cpus-per-task=64", f"--output={logs}/learner-%N.log", *CONTAINER]
     # every server (4) and the router were health-checked before the learner started
-    order = ["torchrun" if "torchrun" in x["argv"] else x["prog"] for x in rec if "argv" in x]
-    assert order.index("torchrun") == len(order) - 1
+    order = ["learner" if "torch.distributed.run" in x["argv"] else x["prog"] for x in rec if "argv" in x]
+    assert order.index("learner") == len(order) - 1
     health = sorted({x["argv"][-1] for x in rec if x["prog"] == "curl"})
     assert health == sorted([f"http://gpu-0{h}:{p}/health" for h in (3, 4) for p in (30000, 30010)]
                             + ["http://gpu-03:30500/health"])
-    learner = next(x for x in rec if x["prog"] == "srun" and "argv" in x and "torchrun" in x["argv"])
+    learner = next(x for x in rec if x["prog"] == "srun" and "argv" in x and "torch.distributed.run" in x["argv"])
     assert learner["env"] == {"SMD_ROLLOUT_URL": "http://gpu-03:30500", "SMD_ROLLOUT_SERVERS":
                               "http://gpu-03:30000 http://gpu-03:30010 http://gpu-04:30000 http://gpu-04:30010"}
     # teardown stopped exactly the five long-running steps (by PID), after the learner finished
@@ -230,10 +234,10 @@ def test_one_engine_needs_no_router_and_a_learner_failure_is_the_job_status(fake
     assert nodes["gpu-02"] == [["python", "-m", "sglang_patch.launch_server", "--model-path",
                                 "models/Llama-3.1-8B-Instruct", "--tp-size", "8", "--mem-fraction-static", "0.85",
                                 "--smd-policy", "h2o", "--smd-budget", "2048", "--host", "0.0.0.0", "--port", "30000"]]
-    assert nodes["gpu-01"] == [["torchrun", "--nnodes=1", "--nproc_per_node=8", "--rdzv_backend=c10d",
+    assert nodes["gpu-01"] == [[*TORCHRUN, "--nnodes=1", "--nproc_per_node=8", "--rdzv_backend=c10d",
                                 "--rdzv_endpoint=gpu-01:29500", f"--rdzv_id={JOB}", "-m", "megatron_smd.cli", "train",
                                 "--config", "configs/models/llama3.1-8b.yaml", "resources.rollout_tp=8"]]
-    learner = [x for x in fake.records() if "argv" in x and "torchrun" in x["argv"]][0]
+    learner = [x for x in fake.records() if "argv" in x and "torch.distributed.run" in x["argv"]][0]
     assert learner["env"] == {"SMD_ROLLOUT_URL": "http://gpu-02:30000", "SMD_ROLLOUT_SERVERS": "http://gpu-02:30000"}
     assert "learner exited with status 3" in r.stdout
     assert assert_started_steps_were_stopped(r.stdout) == 1
@@ -247,7 +251,7 @@ def test_colocated_layout_runs_only_the_learner_on_every_node(fake):
     assert len(printed) == 1
     opts, cmd = split_srun(printed[0][1:])
     assert "--nodelist=gpu-01,gpu-02,gpu-03,gpu-04" in opts and "--nodes=4" in opts
-    assert cmd[:3] == ["torchrun", "--nnodes=4", "--nproc_per_node=8"]
+    assert cmd[:5] == [*TORCHRUN, "--nnodes=4", "--nproc_per_node=8"]
 
 
 def test_a_server_that_never_gets_healthy_stops_the_job_before_the_learner(fake):
@@ -255,7 +259,7 @@ def test_a_server_that_never_gets_healthy_stops_the_job_before_the_learner(fake)
     assert r.returncode == 2
     assert "http://gpu-02:30000/health not healthy after 0s" in r.stderr
     rec = fake.records()
-    assert not any("torchrun" in x.get("argv", []) for x in rec)
+    assert not any("torch.distributed.run" in x.get("argv", []) for x in rec)
     assert assert_started_steps_were_stopped(r.stdout) == 4  # all four engines, not only the one checked
 
 
@@ -269,14 +273,73 @@ def test_allocation_and_layout_errors_stop_before_any_step(fake):
     assert fake.records() == []
 
 
-def test_submit_asks_for_the_nodes_the_config_needs(fake):
-    r = fake.run("launch/slurm/submit.sh", "configs/models/qwen2.5-32b.yaml", "train.steps=3", SMD_DRY_RUN="1",
-                 SMD_SBATCH_ARGS="--time=04:00:00 --account=rl")
-    assert r.returncode == 0, r.stderr
+def submitted(r: subprocess.CompletedProcess) -> list[str]:
+    assert r.returncode == 0, r.stdout + r.stderr
     (line,) = [x for x in r.stdout.splitlines() if x.startswith("[dry-run] ")]
-    assert shlex.split(line[len("[dry-run] "):]) == [
+    return shlex.split(line[len("[dry-run] "):])
+
+
+def test_submit_asks_for_the_nodes_and_gpus_the_config_needs(fake):
+    r = fake.run("launch/slurm/submit.sh", "configs/models/qwen2.5-32b.yaml", "train.steps=3", SMD_DRY_RUN="1",
+                 SMD_SBATCH_ARGS="--time=04:00:00 --account=rl", cwd=REPO)
+    assert submitted(r) == [
         "sbatch", "--nodes=4", "--gpus-per-node=8", "--time=04:00:00", "--account=rl", "launch/slurm/smd.sbatch",
-        "configs/models/qwen2.5-32b.yaml", "train.steps=3"]
+        f"{REPO}/configs/models/qwen2.5-32b.yaml", "train.steps=3"]
+
+
+def test_submit_on_a_cpu_cluster_asks_for_no_gpu_and_takes_the_config_from_where_the_user_stands(fake):
+    """resources.gpus_per_node=0: no --gpus-per-node (a CPU-only Slurm refuses any GPU request); a
+    relative config path is resolved from the current directory, not from the repository root."""
+    elsewhere = fake.root / "work" / "exp"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "my.yaml").write_text((REPO / "configs" / "tiny-cpu.yaml").read_text().replace(
+        "preset: models/tiny-qwen2.yaml", f"preset: {REPO}/configs/models/tiny-qwen2.yaml"))
+    rel = os.path.relpath(REPO / "configs" / "tiny-cpu.yaml", elsewhere)
+    for cfg, path in ((rel, REPO / "configs" / "tiny-cpu.yaml"), ("my.yaml", elsewhere / "my.yaml")):
+        r = fake.run("launch/slurm/submit.sh", cfg, "--resume", "auto", "resources.gpus_per_node=0",
+                     "resources.tp=2", SMD_DRY_RUN="1", cwd=elsewhere)
+        argv = submitted(r)
+        assert argv[:3] == ["sbatch", "--nodes=1", "launch/slurm/smd.sbatch"]  # no --gpus-per-node
+        assert argv[4:] == ["--resume", "auto", "resources.gpus_per_node=0", "resources.tp=2"]
+        assert Path(argv[3]).is_absolute() and Path(argv[3]).resolve() == path.resolve()
+    r = fake.run("launch/slurm/submit.sh", "no/such.yaml", SMD_DRY_RUN="1", cwd=elsewhere)
+    assert r.returncode == 2 and f"config not found: no/such.yaml (a relative path is taken from the current " \
+        f"directory, {elsewhere})" in r.stderr
+    r = fake.run("launch/slurm/submit.sh", rel, "--epochs", "3", SMD_DRY_RUN="1", cwd=elsewhere)
+    assert r.returncode == 2 and "unknown option --epochs" in r.stderr
+
+
+def test_cpu_cluster_layouts(fake):
+    """gpus_per_node=0: the learner's ranks are spread evenly over the nodes; SGLang servers need GPUs."""
+    r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", "resources.nodes=2", "resources.dp=2",
+                    "resources.tp=2", "--resume", "none", hosts=HOSTS[:2], SMD_DRY_RUN="1")
+    assert r.returncode == 0, r.stderr
+    (printed,) = [shlex.split(x[len("[dry-run] "):]) for x in r.stdout.splitlines() if x.startswith("[dry-run]")]
+    opts, cmd = split_srun(printed[1:])
+    assert "--nodelist=gpu-01,gpu-02" in opts and not any(o.startswith("--gpus") for o in opts)
+    assert cmd == [*TORCHRUN, "--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d", "--rdzv_endpoint=gpu-01:29500",
+                   f"--rdzv_id={JOB}", "-m", "megatron_smd.cli", "train", "--config", "configs/tiny-cpu.yaml",
+                   "--resume", "none", "resources.gpus_per_node=0", "resources.nodes=2", "resources.dp=2",
+                   "resources.tp=2"]
+    r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", "resources.nodes=2", hosts=HOSTS[:2])
+    assert r.returncode == 2 and "1 learner ranks cannot be spread evenly over resources.nodes=2" in r.stderr
+    r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", "resources.rollout_nodes=1", hosts=HOSTS[:2])
+    assert r.returncode == 2 and "resources.rollout_nodes=1 needs SGLang servers on GPUs" in r.stderr
+    assert fake.records() == []
+
+
+def test_the_learner_runs_under_smd_python_and_a_failure_names_its_log(fake):
+    py = fake.root / "env" / "bin" / "python"
+    py.parent.mkdir(parents=True)
+    py.write_text((fake.path / "python").read_text())
+    py.chmod(0o755)
+    r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", hosts=HOSTS[:1], SMD_PYTHON=str(py),
+                    FAKE_SRUN_RC="7")
+    assert r.returncode == 7, r.stdout + r.stderr
+    (step,) = [x["argv"] for x in fake.records() if "argv" in x]
+    assert split_srun(step)[1][:3] == [str(py), "-m", "torch.distributed.run"]
+    assert "learner exited with status 7" in r.stdout
+    assert f"learner log (gpu-01): {fake.logs / JOB / 'learner-gpu-01.log'}" in r.stdout
 
 
 # ============================================================================ one machine

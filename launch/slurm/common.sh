@@ -4,6 +4,10 @@
 # - smd_load_plan CONFIG [key=value ...]: validate the layout with `python -m megatron_smd.plan
 #   --shell` (a layout that cannot work stops here, before any GPU is touched) and set the SMD_*
 #   variables below.
+# - smd_abs_config PATH: the config path made absolute from the current directory (checked to exist),
+#   so that it still names the same file after the caller changes to the repository root.
+# - smd_split_args ARGS...: `--resume X` (for `smd train`) into SMD_TRAIN_ARGS, key=value overrides
+#   into SMD_OVERRIDES; anything else is an error.
 # - smd_start NAME LOG CMD...: start one long-running step in the background and remember its PID.
 #   LOG "-" keeps the caller's stdout (srun steps write their own --output). With SMD_DRY_RUN=1 the
 #   command is printed ("[dry-run] ..." with bash %q quoting) instead of run.
@@ -18,6 +22,7 @@ SMD_TP="" SMD_PP="" SMD_CP="" SMD_DP="" SMD_LEARNER_WORLD="" SMD_NODES="" SMD_GP
 SMD_NPROC_PER_NODE="" SMD_ROLLOUT_NODES="" SMD_ROLLOUT_TP="" SMD_ENGINES_PER_NODE="" SMD_MODEL_PATH=""
 SMD_OUTPUT_DIR=""
 SMD_SGLANG_ARGS=()
+SMD_TRAIN_ARGS=() SMD_OVERRIDES=()  # filled by smd_split_args
 
 SMD_DRY_RUN=${SMD_DRY_RUN:-0}
 SMD_PYTHON=${SMD_PYTHON:-python}
@@ -39,6 +44,27 @@ smd_load_plan() {
     local vars
     vars=$("$SMD_PYTHON" -m megatron_smd.plan --shell --config "$@") || smd_die "the layout was rejected (above)"
     eval "$vars"
+}
+
+smd_abs_config() {
+    local p=$1
+    [[ $p == /* ]] || p=$PWD/$p
+    [[ -f $p ]] || smd_die "config not found: $1 (a relative path is taken from the current directory, $PWD)"
+    printf '%s\n' "$p"
+}
+
+smd_split_args() {
+    SMD_TRAIN_ARGS=()
+    SMD_OVERRIDES=()
+    while (($#)); do
+        case $1 in
+            --resume) (($# >= 2)) || smd_die "--resume needs a value (auto, none or a checkpoint)"
+                      SMD_TRAIN_ARGS=(--resume "$2"); shift 2 ;;
+            --resume=*) SMD_TRAIN_ARGS=(--resume "${1#--resume=}"); shift ;;
+            -*) smd_die "unknown option $1 (expected --resume auto|none|CKPT and key=value overrides)" ;;
+            *) SMD_OVERRIDES+=("$1"); shift ;;
+        esac
+    done
 }
 
 smd_quote() { printf '%q ' "$@" | sed 's/ $//'; }
