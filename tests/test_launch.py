@@ -8,6 +8,8 @@ exits with ``FAKE_SRUN_RC``. From the records the tests rebuild the command ever
 compare it with the expected argv, token for token. The dry-run mode (``SMD_DRY_RUN=1``) must print
 the same steps. Everything except Slurm itself is real: the config is loaded and the layout
 validated by ``python -m megatron_smd.plan --shell``, and ``shellcheck`` checks every script.
+These cover multi-node argv shapes one machine cannot host; ``tests/test_slurm_real.py`` runs the
+same scripts under a real single-node Slurm.
 """
 
 from __future__ import annotations
