@@ -299,7 +299,8 @@ class EvictionManager:
         self._by_row: dict[int, RequestEviction] = {}
         self._groups: dict[tuple, PromptGroup] = {}
         self._exports: dict[str, dict] = {}
-        self.stats = {"private_slots_freed": 0, "prompt_slots_freed": 0, "detaches": 0}
+        self._released_early: set[str] = set()
+        self.stats = {"private_slots_freed": 0, "prompt_slots_freed": 0, "detaches": 0, "released_early": 0}
 
     # ------------------------------------------------------------------ lookups
     def state(self, rid: str) -> RequestEviction:
@@ -621,18 +622,32 @@ class EvictionManager:
                 start = br + 1
         return out
 
-    def finish(self, req, seq_len: int | None = None) -> dict:
+    def finish(self, req, seq_len: int | None = None, *, early: bool = False) -> dict:
         """Forget ``req`` (SGLang released its row) and return its export (also kept for pickup).
 
         Args:
             seq_len: the trajectory length ``T`` (prompt + output tokens, the last sampled token
                 included); default ``len(origin_input_ids) + len(output_ids)``.
-        Returns ``{"evict": encode_mask(...), "prompt_state", "replayable", ...}``.
+            early: SGLang released the row before the request finished (retraction, or an abort
+                mid-generation). A retracted request is re-prefilled densely from its tokens, so
+                no mask can describe what its later tokens saw: the export is ``evict=None``,
+                ``replayable=False``, and the request is never managed again
+                (:meth:`released_early`).
+        Returns ``{"evict": encode_mask(...) | None, "prompt_state", "replayable", ...}``.
         """
         st = self._reqs.pop(req.rid)
         self._by_row.pop(st.row, None)
         T = seq_len if seq_len is not None else len(req.origin_input_ids) + len(req.output_ids)
-        export = self.export(st, T)
+        if early:
+            export = {"evict": None, "replayable": False,
+                      "not_replayable_reason": f"released at position {st.next_pos} before finishing "
+                                               f"(retraction or abort): its K/V would be recomputed densely",
+                      "prompt_len": st.prompt_len, "evictions": st.evictions,
+                      "peak_private_slots": st.peak_private_held, "policy": self.cfg.model_dump(mode="json")}
+            self._released_early.add(st.rid)
+            self.stats["released_early"] += 1
+        else:
+            export = self.export(st, T)
         g = st.group
         g.members.pop(st.rid, None)
         if not g.members:
@@ -649,7 +664,25 @@ class EvictionManager:
         return export
 
     def pop_export(self, rid: str) -> dict | None:
+        """The export of a released request, once (the output streamer attaches it to the reply)."""
+        self._released_early.discard(rid)
         return self._exports.pop(rid, None)
+
+    def released_early(self, rid: str) -> bool:
+        """Whether ``rid`` was released before finishing: it runs dense from then on, unmanaged."""
+        return rid in self._released_early
+
+    def drop_export(self, rid: str) -> None:
+        """Forget a request's export without returning it (its reply will never be built)."""
+        self._released_early.discard(rid)
+        self._exports.pop(rid, None)
+
+    def counts(self) -> dict:
+        """Bookkeeping sizes, for leak checks: all zero when the server is idle."""
+        return {"managed_requests": len(self._reqs), "rows": len(self._by_row),
+                "prompt_groups": len(self._groups), "pending_exports": len(self._exports),
+                "released_early_pending": len(self._released_early),
+                "prompt_states_cached": len(self._prompt_cache)}
 
     def mark_not_replayable(self, rid: str, reason: str) -> None:
         """Record that K/V of ``rid`` were (or will be) recomputed: its mask no longer replays."""

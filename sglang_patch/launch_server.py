@@ -1,32 +1,50 @@
 """Launch an SGLang server with per-layer KV eviction and shadow-mask export.
 
-Run::
+Run (CPU: everything else is set for you)::
+
+    python -m sglang_patch.launch_server --model-path MODEL --device cpu \\
+        --smd-policy h2o --smd-budget 64 --port 30000
+
+Run (GPU)::
 
     python -m sglang_patch.launch_server --model-path MODEL --attention-backend triton \\
-        --page-size 1 --disable-overlap-schedule --disable-decode-cuda-graph \\
+        --page-size 1 --disable-overlap-schedule --cuda-graph-backend-decode disabled \\
         --smd-policy h2o --smd-budget 1024 [--smd-window 32 --smd-sinks 4 ...] [other SGLang args]
 
 Our flags (``--smd-*``, the fields of :class:`megatron_smd.policies.PolicyConfig`) are consumed
-here; everything else is passed to SGLang's own ``launch_server`` unchanged. Before SGLang starts,
-the settings are checked and anything the patch cannot honour is refused with the reason — never
+here; everything else is passed to SGLang's own ``launch_server``. Before SGLang starts, the
+settings are checked and anything the patch cannot honour is refused with the reason, never
 silently run dense:
 
-* ``--attention-backend`` (and ``--decode-attention-backend`` if given) must be ``triton``;
+* ``--attention-backend`` (and ``--decode-/--prefill-attention-backend`` if given) must be
+  ``triton`` (GPU) or ``torch_native`` (CPU);
 * ``--page-size 1`` (a paged allocator frees whole pages);
 * ``--disable-overlap-schedule`` (frees happen after the forward, at a synced point);
-* ``--disable-decode-cuda-graph`` (or ``--cuda-graph-backend-decode disabled``): captured graphs
-  bake the KV index buffers' shapes;
-* no ``--disable-radix-cache`` (the shared prompt is tree-owned), ``--tp-size 1``, no speculative
-  decoding, no hierarchical cache, ``--smd-granularity layer``;
+* decode CUDA graphs off (``--cuda-graph-backend-decode disabled``): captured graphs bake the KV
+  index buffers' shapes;
+* the radix cache on, and built by this patch (``--radix-cache-backend smd``, added for you; any
+  other backend is refused: the hooks act on SGLang's ``RadixCache``);
+* no ``--enable-mixed-chunk`` (decode tokens in an extend batch would skip the eviction hook),
+  ``--tp-size 1``, no speculative decoding, no hierarchical cache, no deterministic inference
+  (it seeds every sample of a group alike), ``--smd-granularity layer``;
 * a budget the policy accepts (e.g. H2O/SnapKV/R-KV need ``budget > window``);
 * ``SGLANG_RETURN_ORIGINAL_LOGPROB`` unset (the returned log-probs must be the temperature-scaled
   distribution the learner uses).
 
+``--device cpu`` adds what SGLang's CPU path needs and the user would otherwise have to know:
+``--attention-backend torch_native``, ``--page-size 1``, ``--disable-overlap-schedule``, CUDA graphs
+off, ``--max-total-tokens`` (:data:`CPU_MAX_TOTAL_TOKENS` unless given: SGLang would otherwise
+size the pool from host memory, gigabytes and a minute of start-up), ``--dtype float32`` (SGLang's
+``auto`` would run an fp32 checkpoint and its KV cache in fp16), ``SGLANG_USE_CPU_ENGINE=1``,
+and the pure-torch stand-ins of :mod:`sglang_patch.cpu_standins` for the kernel modules SGLang
+imports on CPU but the package registry does not ship (each only where the real one is missing).
+A flag you give yourself is kept, then checked like any other.
+
 The policy reaches every SGLang process through the environment (:data:`patch.ENV_CONFIG`) and is
 applied there by SGLang's plugin loader (``sglang.srt.plugins`` entry point
 ``sglang_patch.patch:plugin_entry``); the launcher refuses to start if that entry point is not
-installed. It also sets ``SGLANG_DISABLE_LEAN_ATTENTION=1`` (Lean decode reads ``seq_lens``, not
-the index lists).
+installed, and a patch that fails to apply stops the server with the reason. It also sets
+``SGLANG_DISABLE_LEAN_ATTENTION=1`` (Lean decode reads ``seq_lens``, not the index lists).
 """
 
 from __future__ import annotations
@@ -43,9 +61,11 @@ from megatron_smd.errors import ConfigError
 from megatron_smd.policies import PolicyConfig
 
 from .eviction import EvictionConfigError, check_policy_supported
+from .patch import RADIX_BACKEND, SUPPORTED_BACKENDS
 
-SUPPORTED_BACKENDS = ("triton",)
 PLUGIN_NAME = "smd_eviction"
+#: KV pool size (tokens) a CPU launch gets unless ``--max-total-tokens`` is given.
+CPU_MAX_TOTAL_TOKENS = 16384
 
 
 def _smd_parser() -> argparse.ArgumentParser:
@@ -65,6 +85,12 @@ def _smd_parser() -> argparse.ArgumentParser:
 def _sglang_view_parser() -> argparse.ArgumentParser:
     """The few SGLang flags we must see (SGLang parses them again itself)."""
     p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+    p.add_argument("--max-total-tokens", type=int)
+    p.add_argument("--radix-cache-backend")
+    p.add_argument("--enable-mixed-chunk", action="store_true")
+    p.add_argument("--enable-deterministic-inference", action="store_true")
     p.add_argument("--attention-backend")
     p.add_argument("--decode-attention-backend")
     p.add_argument("--prefill-attention-backend")
@@ -73,6 +99,7 @@ def _sglang_view_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-decode-cuda-graph", action="store_true")
     p.add_argument("--disable-cuda-graph", action="store_true")  # deprecated spelling SGLang still maps
     p.add_argument("--cuda-graph-backend-decode")
+    p.add_argument("--cuda-graph-backend-prefill")
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument("--tp-size", "--tp", type=int, default=1)
     p.add_argument("--speculative-algorithm")
@@ -80,11 +107,33 @@ def _sglang_view_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cpu_defaults(sglang_argv: Sequence[str]) -> list[str]:
+    """The flags a ``--device cpu`` launch needs that ``sglang_argv`` does not give itself."""
+    sg, _ = _sglang_view_parser().parse_known_args(list(sglang_argv))
+    add: list[str] = []
+    if sg.attention_backend is None and sg.decode_attention_backend is None:
+        add += ["--attention-backend", "torch_native"]
+    if sg.page_size is None:
+        add += ["--page-size", "1"]
+    if not sg.disable_overlap_schedule:
+        add += ["--disable-overlap-schedule"]
+    if sg.cuda_graph_backend_decode is None and not (sg.disable_cuda_graph or sg.disable_decode_cuda_graph):
+        add += ["--cuda-graph-backend-decode", "disabled"]
+    if sg.cuda_graph_backend_prefill is None and not sg.disable_cuda_graph:
+        add += ["--cuda-graph-backend-prefill", "disabled"]
+    if sg.max_total_tokens is None:
+        add += ["--max-total-tokens", str(CPU_MAX_TOTAL_TOKENS)]
+    if sg.dtype is None:
+        add += ["--dtype", "float32"]  # SGLang's "auto" runs an fp32 checkpoint (and its KV) in fp16
+    return add
+
+
 def parse_args(argv: Sequence[str], env: dict | None = None) -> tuple[PolicyConfig, list[str]]:
     """Split ``argv`` into our policy and SGLang's arguments, refusing unsupported settings.
 
-    Returns ``(policy, sglang_argv)``. Raises :class:`EvictionConfigError` (a ``ConfigError``)
-    listing every problem, each naming the flag.
+    Returns ``(policy, sglang_argv)``: ``sglang_argv`` has the CPU defaults added for
+    ``--device cpu`` and ``--radix-cache-backend smd``. Raises :class:`EvictionConfigError` (a
+    ``ConfigError``) listing every problem, each naming the flag.
     """
     env = os.environ if env is None else env
     ours, rest = _smd_parser().parse_known_args(list(argv))
@@ -101,15 +150,21 @@ def parse_args(argv: Sequence[str], env: dict | None = None) -> tuple[PolicyConf
     except EvictionConfigError as e:
         errs.append(str(e))
     sg, _ = _sglang_view_parser().parse_known_args(rest)
+    if sg.device == "cpu":
+        rest = rest + cpu_defaults(rest)
+        sg, _ = _sglang_view_parser().parse_known_args(rest)
+    backends = ", ".join(SUPPORTED_BACKENDS)
     for flag, val in (("--attention-backend", sg.attention_backend),
-                      ("--decode-attention-backend", sg.decode_attention_backend)):
+                      ("--decode-attention-backend", sg.decode_attention_backend),
+                      ("--prefill-attention-backend", sg.prefill_attention_backend)):
         if flag == "--attention-backend" and val is None and sg.decode_attention_backend is None:
-            errs.append("--attention-backend must be given explicitly (supported: triton); SGLang's "
-                        "automatic choice is FA3/FlashInfer, which this patch does not support")
+            errs.append(f"--attention-backend must be given explicitly (supported: {backends}; "
+                        f"--device cpu picks torch_native); SGLang's automatic choice is FA3/FlashInfer, "
+                        f"which this patch does not support")
         elif val is not None and val not in SUPPORTED_BACKENDS:
-            errs.append(f"{flag} {val} is not supported by smd eviction (supported: "
-                        f"{', '.join(SUPPORTED_BACKENDS)}): the patch rewrites the Triton decode "
-                        f"backend's per-layer kv_indptr/kv_indices; FA3 and FlashInfer are not built")
+            errs.append(f"{flag} {val} is not supported by smd eviction (supported: {backends}): the patch "
+                        f"hands Triton's decode per-layer kv_indptr/kv_indices and torch_native's decode "
+                        f"per-layer slot tables; FA3 and FlashInfer are not built")
     if sg.page_size != 1:
         errs.append(f"--page-size must be 1 (got {sg.page_size}): a paged allocator frees whole pages, "
                     f"so a single evicted token could not return its slot")
@@ -118,11 +173,21 @@ def parse_args(argv: Sequence[str], env: dict | None = None) -> tuple[PolicyConf
                     "forward finished; the overlap scheduler runs the next forward meanwhile")
     graph_off = sg.disable_decode_cuda_graph or sg.disable_cuda_graph or sg.cuda_graph_backend_decode == "disabled"
     if not graph_off:
-        errs.append("--disable-decode-cuda-graph is required: CUDA graph decode is not supported "
+        errs.append("--cuda-graph-backend-decode disabled is required: CUDA graph decode is not supported "
                     "(captured graphs bake the KV index buffers' shapes; per-layer lists change every step)")
     if sg.disable_radix_cache:
         errs.append("--disable-radix-cache is not supported: GRPO samples share their prompt through "
                     "the radix cache, which the patch keeps tree-owned")
+    if sg.radix_cache_backend is not None and sg.radix_cache_backend != RADIX_BACKEND:
+        errs.append(f"--radix-cache-backend {sg.radix_cache_backend} is not supported: the eviction hooks "
+                    f"act on SGLang's RadixCache, which the patch's own backend ({RADIX_BACKEND!r}, "
+                    f"selected for you) builds; the default UnifiedRadixCache and others are not hooked")
+    if sg.enable_mixed_chunk:
+        errs.append("--enable-mixed-chunk is not supported: decode tokens mixed into an extend batch go "
+                    "through the prefill path and would skip the per-layer eviction hook")
+    if sg.enable_deterministic_inference:
+        errs.append("--enable-deterministic-inference is not supported: SGLang then seeds every sample of "
+                    "a parallel-sampling group with the same seed, so a GRPO group's samples are identical")
     if sg.tp_size != 1:
         errs.append(f"--tp-size {sg.tp_size} is not supported (need 1): each TP rank scores only its "
                     f"heads, and a cross-rank reduction of the scores is not built")
@@ -135,6 +200,8 @@ def parse_args(argv: Sequence[str], env: dict | None = None) -> tuple[PolicyConf
                     "temperature-scaled distribution the learner uses")
     if errs:
         raise EvictionConfigError("refusing to start SGLang with smd eviction:\n  - " + "\n  - ".join(errs))
+    if sg.radix_cache_backend is None:
+        rest = rest + ["--radix-cache-backend", RADIX_BACKEND]
     return policy, rest
 
 
@@ -164,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from . import patch
 
+    if _sglang_view_parser().parse_known_args(rest)[0].device == "cpu":
+        from .cpu_standins import prepare_cpu_environment
+
+        prepare_cpu_environment(os.environ)  # before anything imports SGLang, in every process
     os.environ[patch.ENV_CONFIG] = json.dumps(policy.model_dump(mode="json"))
     os.environ.setdefault("SGLANG_DISABLE_LEAN_ATTENTION", "1")
     patch.apply()  # this process too (the engine), before SGLang reads anything

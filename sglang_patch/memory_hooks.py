@@ -17,7 +17,9 @@ For a request under eviction (registered with an :class:`~sglang_patch.eviction.
 * ``free_kv_row`` frees only the row positions the request still owns
   (:meth:`EvictionManager.filter_release_ranges`): never a slot eviction already returned, never a
   group-owned prompt slot. So no slot is freed twice.
-* ``on_release`` hands the request to :meth:`EvictionManager.finish` (mask export, group cleanup).
+* ``on_release`` hands the request to :meth:`EvictionManager.finish` (mask export, group cleanup);
+  a request released before it finished (retraction, abort) exports ``replayable=False`` and no
+  mask, since SGLang recomputes its K/V densely if it resumes.
 
 The hooks wrap the methods on the classes (``RadixCache.checkpoint``,
 ``BasePrefixCache.free_kv_row``, ``BasePrefixCache.on_release``) and look the manager up by tree
@@ -80,7 +82,8 @@ def install_memory_hooks(radix_cache_cls: type, base_prefix_cache_cls: type) -> 
     def on_release(self, req, *, checkpointed: bool):
         mgr = manager_for(self)
         if mgr is not None and mgr.is_managed(req):
-            mgr.finish(req)
+            # released before it finished: retraction (re-prefilled later) or an abort
+            mgr.finish(req, early=not req.finished())
         return orig_on_release(self, req, checkpointed=checkpointed)
 
     for cls, name, new, old in ((radix_cache_cls, "checkpoint", checkpoint, orig_checkpoint),

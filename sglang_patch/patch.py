@@ -70,6 +70,7 @@ import importlib.util
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -92,10 +93,13 @@ TARGETS: tuple[tuple[str, str, str], ...] = (
     ("sglang.srt.managers.scheduler", "Scheduler", "__init__"),
     ("sglang.srt.managers.scheduler", "Scheduler", "flush_cache"),
     ("sglang.srt.mem_cache.radix_cache", "RadixCache", "checkpoint"),
-    ("sglang.srt.mem_cache.base_prefix_cache", "BasePrefixCache", "free_kv_row"),
     ("sglang.srt.mem_cache.base_prefix_cache", "BasePrefixCache", "on_release"),
     ("sglang.srt.layers.attention.triton_backend", "TritonAttnBackend", "forward_extend"),
     ("sglang.srt.layers.attention.triton_backend", "TritonAttnBackend", "forward_decode"),
+    ("sglang.srt.layers.attention.torch_native_backend", "TorchNativeAttnBackend", "forward_extend"),
+    ("sglang.srt.layers.attention.torch_native_backend", "TorchNativeAttnBackend", "forward_decode"),
+    ("sglang.srt.layers.attention.torch_native_backend", "TorchNativeAttnBackend", "_run_sdpa_forward_decode"),
+    ("sglang.srt.mem_cache.base_prefix_cache", "BasePrefixCache", "free_kv_row"),
     ("sglang.srt.managers.scheduler_components.batch_result_processor", "SchedulerBatchResultProcessor",
      "process_batch_result_prefill"),
     ("sglang.srt.managers.scheduler_components.batch_result_processor", "SchedulerBatchResultProcessor",
@@ -105,30 +109,47 @@ TARGETS: tuple[tuple[str, str, str], ...] = (
      "build_additional_customized_info"),
     ("sglang.srt.managers.scheduler_components.output_streamer", "SchedulerOutputStreamer",
      "is_request_level_customized_info_key"),
+    ("sglang.srt.managers.scheduler_components.internal_state", "SchedulerInternalStateController",
+     "get_internal_state"),
 )
+#: Module-level functions the patch uses by name (checked by :func:`verify_targets`).
+FUNCTION_TARGETS: tuple[tuple[str, str], ...] = (
+    ("sglang.srt.mem_cache.registry", "register_radix_cache_backend"),
+)
+#: The name our radix-cache backend is registered under (``--radix-cache-backend``).
+RADIX_BACKEND = "smd"
+#: Attention backends the hooks cover: Triton (GPU) and torch_native (CPU).
+SUPPORTED_BACKENDS = ("triton", "torch_native")
 
 
 def verify_targets() -> list[str]:
-    """Names of :data:`TARGETS` missing from the installed SGLang (empty = all present).
+    """Names of :data:`TARGETS` / :data:`FUNCTION_TARGETS` missing from the installed SGLang.
 
-    Parses the source files with ``ast`` (imports nothing, so it runs on CPU).
+    Parses the source files with ``ast`` (imports nothing, so it runs anywhere). Empty = all there.
     """
     missing = []
-    top = importlib.util.find_spec("sglang")  # the top package only: importing it needs triton
+    top = importlib.util.find_spec("sglang")  # the top package only
     if top is None or not top.submodule_search_locations:
-        return [f"{m}.{c}.{f}" for m, c, f in TARGETS]
+        return [f"{m}.{c}.{f}" for m, c, f in TARGETS] + [f"{m}.{f}" for m, f in FUNCTION_TARGETS]
     root = top.submodule_search_locations[0]
-    for mod, cls, meth in TARGETS:
+
+    def tree_of(mod):
         path = os.path.join(root, *mod.split(".")[1:]) + ".py"
-        if not os.path.isfile(path):
+        return ast.parse(open(path, encoding="utf-8").read()) if os.path.isfile(path) else None
+
+    def has_def(body, name):
+        return any(isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.name == name for f in body)
+
+    for mod, cls, meth in TARGETS:
+        tree = tree_of(mod)
+        if tree is None:
             missing.append(f"{mod} (module)")
-            continue
-        tree = ast.parse(open(path, encoding="utf-8").read())
-        found = any(isinstance(n, ast.ClassDef) and n.name == cls and any(
-            isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.name == meth for f in n.body)
-            for n in tree.body)
-        if not found:
+        elif not any(isinstance(n, ast.ClassDef) and n.name == cls and has_def(n.body, meth) for n in tree.body):
             missing.append(f"{mod}.{cls}.{meth}")
+    for mod, fn in FUNCTION_TARGETS:
+        tree = tree_of(mod)
+        if tree is None or not has_def(tree.body, fn):
+            missing.append(f"{mod}.{fn}")
     return missing
 
 
@@ -136,9 +157,27 @@ def verify_targets() -> list[str]:
 # Per-process state
 # ---------------------------------------------------------------------------------------------
 
+
+@dataclass
+class _PrefillCapture:
+    """The post-RoPE queries one request's prefill computed so far, per layer (host copies).
+
+    ``start``/``end``: the positions ``[start, end)`` covered (chunked prefill appends chunk by
+    chunk). A chunk that does not start at ``end`` belongs to another request that reused the row,
+    so the capture is restarted rather than mixed.
+    """
+
+    start: int
+    end: int
+    q: list[list[torch.Tensor]]  # per layer: chunks of [n, H_q * d]
+
+    def layers(self) -> list[torch.Tensor]:
+        return [torch.cat(chunks) if chunks else torch.empty(0) for chunks in self.q]
+
+
 _MANAGER: EvictionManager | None = None
-_PREFILL_Q: dict[int, list[torch.Tensor | None]] = {}  # req_pool_idx -> per layer [n, H_q*d] (CPU)
-_UNMANAGED: set[str] = set()  # rids retracted once: run dense, exported as not replayable
+_PREFILL: dict[int, _PrefillCapture] = {}  # req_pool_idx -> capture of the request prefilling there
+_DECODE_TABLE: dict[str, Any] | None = None  # per-layer compacted table for torch_native decode
 _APPLIED = False
 
 
@@ -155,20 +194,31 @@ def _arg(server_args: Any, name: str, default=None):
 
 
 def check_resolved_server_args(server_args: Any) -> None:
-    """Refuse, in the scheduler process, settings SGLang resolved to something we cannot honour."""
+    """Refuse, in the scheduler process, settings SGLang resolved to something we cannot honour.
+
+    The launcher refuses the flags before SGLang starts; this re-checks what SGLang resolved them
+    to (defaults included), so a path that bypasses the launcher cannot run unsupported settings.
+    """
     errs = []
-    for name in ("attention_backend", "decode_attention_backend"):
+    for name in ("attention_backend", "decode_attention_backend", "prefill_attention_backend"):
         v = _arg(server_args, name)
-        if v not in (None, "triton"):
-            errs.append(f"{name}={v!r} (only 'triton' is supported)")
+        if v is not None and v not in SUPPORTED_BACKENDS:
+            errs.append(f"{name}={v!r} (supported: {', '.join(SUPPORTED_BACKENDS)})")
     if _arg(server_args, "page_size", 1) not in (None, 1):
         errs.append(f"page_size={_arg(server_args, 'page_size')} (need 1)")
     if not _arg(server_args, "disable_overlap_schedule", False):
         errs.append("overlap scheduler on (need --disable-overlap-schedule)")
-    if not (_arg(server_args, "disable_cuda_graph", False) or _arg(server_args, "disable_decode_cuda_graph", False)):
-        errs.append("decode CUDA graph on (need --disable-decode-cuda-graph)")
+    graph_off = (_arg(server_args, "disable_cuda_graph", False) or _arg(server_args, "disable_decode_cuda_graph", False)
+                 or _arg(server_args, "cuda_graph_backend_decode") == "disabled")
+    if not graph_off and _arg(server_args, "device") != "cpu":
+        errs.append("decode CUDA graph on (need --cuda-graph-backend-decode disabled)")
     if _arg(server_args, "disable_radix_cache", False):
         errs.append("radix cache disabled (the patch keeps prompts tree-owned; run with the radix cache)")
+    if _arg(server_args, "radix_cache_backend") != RADIX_BACKEND:
+        errs.append(f"radix_cache_backend={_arg(server_args, 'radix_cache_backend')!r} (need {RADIX_BACKEND!r}: "
+                    f"the hooks act on SGLang's RadixCache, which only that backend builds)")
+    if _arg(server_args, "enable_mixed_chunk", False):
+        errs.append("mixed chunks on (decode tokens in an extend batch would skip the eviction hook)")
     if (_arg(server_args, "tp_size", 1) or 1) > 1:
         errs.append(f"tp_size={_arg(server_args, 'tp_size')} (need 1)")
     if _arg(server_args, "speculative_algorithm") not in (None, "", "NONE"):
@@ -177,6 +227,39 @@ def check_resolved_server_args(server_args: Any) -> None:
         errs.append("hierarchical cache")
     if errs:
         raise EvictionConfigError("smd eviction cannot run with the resolved SGLang settings: " + "; ".join(errs))
+
+
+# ---------------------------------------------------------------------------------------------
+# The radix cache backend: SGLang's RadixCache, which the memory hooks know
+# ---------------------------------------------------------------------------------------------
+
+
+def radix_cache_factory(ctx: Any):
+    """``--radix-cache-backend smd``: build SGLang's plain :class:`RadixCache` (page size 1).
+
+    The server's default chain builds ``UnifiedRadixCache`` (integer node ids, its own release
+    path), which the memory hooks do not cover; this backend builds the cache they do, and refuses
+    the model/cache kinds it cannot serve instead of silently building something else.
+    """
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+
+    errs = []
+    if ctx.disable_radix_cache:
+        errs.append("the radix cache is disabled")
+    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm or getattr(ctx, "is_dsa", False):
+        errs.append("hybrid (sliding-window / SSM / DSA) models need SGLang's hybrid pools")
+    if ctx.enable_hierarchical_cache:
+        errs.append("the hierarchical cache is on")
+    if errs:
+        raise EvictionConfigError(f"radix cache backend {RADIX_BACKEND!r}: " + "; ".join(errs))
+    return RadixCache(ctx.params)
+
+
+def _register_radix_backend() -> None:
+    from sglang.srt.mem_cache import registry
+
+    if RADIX_BACKEND not in registry.registered_radix_cache_backends():
+        registry.register_radix_cache_backend(RADIX_BACKEND, radix_cache_factory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +276,7 @@ def _wrap(cls, name, make):
 
 def _managed_rows(forward_batch) -> list[tuple[int, int]]:
     """(batch index, req_pool_idx) of the managed requests in a decode batch."""
-    if _MANAGER is None:
+    if _MANAGER is None or not _MANAGER.counts()["rows"]:
         return []
     rows = forward_batch.req_pool_indices.tolist()
     return [(b, r) for b, r in enumerate(rows) if _MANAGER.state_for_row(r) is not None]
@@ -208,6 +291,9 @@ def _hook_scheduler(Scheduler) -> None:
             if policy is None:
                 return
             check_resolved_server_args(self.server_args)
+            if type(self.tree_cache).__name__ != "RadixCache":
+                raise EvictionConfigError(f"smd eviction: the scheduler built {type(self.tree_cache).__name__}, "
+                                          f"not RadixCache (need --radix-cache-backend {RADIX_BACKEND})")
             mc = self.model_config
             tp = 1
             _MANAGER = EvictionManager(
@@ -231,21 +317,53 @@ def _hook_scheduler(Scheduler) -> None:
     _wrap(Scheduler, "flush_cache", make_flush)
 
 
+def _capture_extend(q, layer, forward_batch) -> None:
+    """Keep each request's prefill queries (token-major, split by extend lengths) for the shared
+    prompt state: SnapKV / R-KV observation window, H2O column sums."""
+    if _MANAGER is None or q is None:
+        return
+    lens = forward_batch.extend_seq_lens_cpu
+    starts = forward_batch.extend_prefix_lens_cpu
+    rows = forward_batch.req_pool_indices.tolist()
+    qs = q.reshape(q.shape[0], -1).split(list(lens))
+    li = layer.layer_id
+    for row, a, n, qq in zip(rows, starts, lens, qs):
+        cap = _PREFILL.get(row)
+        if li == 0 and (cap is None or cap.end != a):
+            cap = _PREFILL[row] = _PrefillCapture(start=a, end=a, q=[[] for _ in range(_MANAGER.L)])
+        if cap is None:
+            continue
+        cap.q[li].append(qq.detach().float().cpu())
+        if li == _MANAGER.L - 1:
+            cap.end = a + n
+
+
+def _decode_slot_lists(forward_batch, layer_id: int, managed) -> list[torch.Tensor]:
+    """Per batch row, the KV slots this layer attends: managed rows their live positions plus the
+    new token; other rows their whole ``req_to_token`` prefix, as SGLang would."""
+    rtp = _MANAGER.rtp.req_to_token
+    rows = forward_batch.req_pool_indices.tolist()
+    lens = forward_batch.seq_lens_cpu.tolist() if forward_batch.seq_lens_cpu is not None \
+        else forward_batch.seq_lens.tolist()
+    out = [rtp[r, :n] for r, n in zip(rows, lens)]
+    for b, row in managed:
+        out[b] = _MANAGER.next_kv_indices(row, layer_id).to(rtp.device, rtp.dtype)
+    return out
+
+
+def _score_decode(q, layer, managed) -> None:
+    qv = q.reshape(q.shape[0], layer.tp_q_head_num, layer.qk_head_dim)
+    for b, row in managed:
+        st = _MANAGER.state_for_row(row)
+        _MANAGER.decode_layer(st.rid, layer.layer_id, qv[b].float().cpu())
+
+
 def _hook_triton(TritonAttnBackend) -> None:
+    """GPU backend: swap in the per-layer compacted ``kv_indptr`` / ``kv_indices``."""
     def make_extend(orig):
         def forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs):
             out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
-            if _MANAGER is not None and q is not None:
-                # keep each request's prefill queries for the shared prompt state (SnapKV / R-KV
-                # observation window, H2O column sums); token-major, split by extend lengths
-                lens = forward_batch.extend_seq_lens_cpu
-                rows = forward_batch.req_pool_indices.tolist()
-                qs = q.reshape(q.shape[0], -1).split(list(lens))
-                for row, qq in zip(rows, qs):
-                    buf = _PREFILL_Q.setdefault(row, [None] * _MANAGER.L)
-                    prev = buf[layer.layer_id]
-                    qc = qq.detach().float().cpu()
-                    buf[layer.layer_id] = qc if prev is None else torch.cat([prev, qc])
+            _capture_extend(q, layer, forward_batch)
             return out
         return forward_extend
 
@@ -256,24 +374,15 @@ def _hook_triton(TritonAttnBackend) -> None:
                 return orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
             md = self.forward_metadata
             indptr, indices = md.kv_indptr, md.kv_indices
-            li = layer.layer_id
-            # per layer: managed rows attend their live positions + the new token; others as is
-            per_row = []
-            for b in range(forward_batch.batch_size):
-                a, e = int(indptr[b]), int(indptr[b + 1])
-                per_row.append(indices[a:e])
-            for b, row in managed:
-                per_row[b] = _MANAGER.next_kv_indices(row, li).to(indices.device, indices.dtype)
+            per_row = _decode_slot_lists(forward_batch, layer.layer_id, managed)
+            per_row = [x.to(indices.device, indices.dtype) for x in per_row]
             lens = torch.tensor([0] + [len(x) for x in per_row], device=indptr.device, dtype=indptr.dtype)
             md.kv_indptr, md.kv_indices = torch.cumsum(lens, 0).to(indptr.dtype), torch.cat(per_row)
             try:
                 out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
             finally:
                 md.kv_indptr, md.kv_indices = indptr, indices
-            qv = q.reshape(q.shape[0], layer.tp_q_head_num, layer.qk_head_dim)
-            for b, row in managed:
-                st = _MANAGER.state_for_row(row)
-                _MANAGER.decode_layer(st.rid, li, qv[b].float().cpu())
+            _score_decode(q, layer, managed)
             return out
         return forward_decode
 
@@ -281,26 +390,80 @@ def _hook_triton(TritonAttnBackend) -> None:
     _wrap(TritonAttnBackend, "forward_decode", make_decode)
 
 
-def _hook_results(Processor, ScheduleBatch) -> None:
+def _hook_torch_native(TorchNativeAttnBackend) -> None:
+    """CPU backend: its decode reads ``req_to_token[row, :seq_len]`` per request, so each layer
+    gets a compacted table (one row per batch entry, its slot list) in place of the pool's."""
+    def make_extend(orig):
+        def forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs):
+            out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
+            _capture_extend(q, layer, forward_batch)
+            return out
+        return forward_extend
+
+    def make_decode(orig):
+        def forward_decode(self, q, k, v, layer, forward_batch, *args, **kwargs):
+            global _DECODE_TABLE
+            managed = _managed_rows(forward_batch)
+            if not managed:
+                return orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
+            per_row = _decode_slot_lists(forward_batch, layer.layer_id, managed)
+            width = max(len(x) for x in per_row)
+            table = torch.zeros(len(per_row), width, dtype=per_row[0].dtype, device=per_row[0].device)
+            for b, x in enumerate(per_row):
+                table[b, :len(x)] = x
+            _DECODE_TABLE = {"req_to_token": table,
+                             "req_pool_indices": torch.arange(len(per_row), device=table.device),
+                             "seq_lens": torch.tensor([len(x) for x in per_row], device=table.device)}
+            try:
+                out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
+            finally:
+                _DECODE_TABLE = None
+            _score_decode(q, layer, managed)
+            return out
+        return forward_decode
+
+    def make_run_decode(orig):
+        def _run_sdpa_forward_decode(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
+                                     seq_lens, *args, **kwargs):
+            if _DECODE_TABLE is not None:
+                t = _DECODE_TABLE
+                req_to_token, req_pool_indices, seq_lens = t["req_to_token"], t["req_pool_indices"], t["seq_lens"]
+            return orig(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                        *args, **kwargs)
+        return _run_sdpa_forward_decode
+
+    _wrap(TorchNativeAttnBackend, "forward_extend", make_extend)
+    _wrap(TorchNativeAttnBackend, "forward_decode", make_decode)
+    _wrap(TorchNativeAttnBackend, "_run_sdpa_forward_decode", make_run_decode)
+
+
+def _hook_results(Processor) -> None:
     def make_prefill(orig):
         def process_batch_result_prefill(self, batch, result, *args, **kwargs):
+            chunked = getattr(batch, "chunked_req", None)
+            rows = {id(req): req.kv.req_pool_idx for req in batch.reqs}  # before release clears them
             done = []
             if _MANAGER is not None:
                 for req in batch.reqs:
-                    row = req.kv.req_pool_idx
-                    buf = _PREFILL_Q.get(row) if row is not None else None
-                    full = row is not None and len(req.full_untruncated_fill_ids) == len(req.origin_input_ids)
-                    if buf is None or not full or getattr(batch, "chunked_req", None) is req:
-                        continue  # prompt not complete yet (chunked prefill) or not ours
-                    if req.rid in _UNMANAGED or any(x is None for x in buf):
+                    row = rows[id(req)]
+                    cap = _PREFILL.get(row) if row is not None else None
+                    P = len(req.origin_input_ids)
+                    if cap is None or req is chunked or cap.end != P or len(req.full_untruncated_fill_ids) != P:
+                        continue  # prompt not complete yet (chunked prefill), or not a prompt prefill
+                    if _MANAGER.released_early(req.rid):
+                        continue  # retracted once: re-prefilled densely, runs unmanaged
+                    queries = cap.layers()
+                    if any(x.numel() == 0 for x in queries):
                         continue
-                    _MANAGER.prepare_prompt(req, [x.to(torch.float32) for x in buf])  # K/V are in the pool
-                    done.append((req, buf))
+                    _MANAGER.prepare_prompt(req, queries)  # K/V are in the pool
+                    done.append((req, queries))
             out = orig(self, batch, result, *args, **kwargs)  # checkpoints prompts, finishes 0-token reqs
-            for req, buf in done:
-                _PREFILL_Q.pop(req.kv.req_pool_idx, None) if req.kv.req_pool_idx is not None else None
+            for req in batch.reqs:  # the row's capture ends with this prefill (unless still chunking)
+                if req is not chunked and rows[id(req)] is not None:
+                    _PREFILL.pop(rows[id(req)], None)
+            for req, queries in done:
                 if not req.finished() and req.kv.req_pool_idx is not None:
-                    _MANAGER.start_request(req, buf)
+                    _MANAGER.start_request(req, queries)
             return out
         return process_batch_result_prefill
 
@@ -314,19 +477,21 @@ def _hook_results(Processor, ScheduleBatch) -> None:
             return orig(self, batch, result, *args, **kwargs)
         return process_batch_result_decode
 
+    _wrap(Processor, "process_batch_result_prefill", make_prefill)
+    _wrap(Processor, "process_batch_result_decode", make_decode)
+
+
+def _hook_retract(ScheduleBatch) -> None:
     def make_retract(orig):
         def retract_decode(self, *args, **kwargs):
             out = orig(self, *args, **kwargs)
             retracted = out[0] if isinstance(out, tuple) else out
-            for req in retracted or []:
-                _UNMANAGED.add(req.rid)
-                logger.warning("smd: request %s retracted; it will be re-prefilled densely and its "
-                               "trajectory is marked not replayable", req.rid)
+            for req in retracted or []:  # already exported as not replayable by on_release
+                logger.warning("smd: request %s retracted; it is re-prefilled densely and its trajectory "
+                               "is returned as not replayable (enlarge --max-total-tokens to avoid this)", req.rid)
             return out
         return retract_decode
 
-    _wrap(Processor, "process_batch_result_prefill", make_prefill)
-    _wrap(Processor, "process_batch_result_decode", make_decode)
     _wrap(ScheduleBatch, "retract_decode", make_retract)
 
 
@@ -334,12 +499,7 @@ def _hook_output(Streamer) -> None:
     def build_additional_customized_info(self, reqs):
         vals = []
         for req in reqs:
-            ex = None
-            if req.finished() and _MANAGER is not None:
-                ex = _MANAGER.pop_export(req.rid)
-                if ex is None and req.rid in _UNMANAGED:
-                    ex = {"evict": None, "replayable": False, "not_replayable_reason": "retracted"}
-                    _UNMANAGED.discard(req.rid)
+            ex = _MANAGER.pop_export(req.rid) if (req.finished() and _MANAGER is not None) else None
             vals.append([ex] if ex is not None else [])
         return {META_KEY: vals}
 
@@ -349,6 +509,36 @@ def _hook_output(Streamer) -> None:
     Streamer.has_additional_customized_info = True
     Streamer.build_additional_customized_info = build_additional_customized_info
     Streamer.is_request_level_customized_info_key = is_request_level_customized_info_key
+
+
+def pool_state(scheduler) -> dict:
+    """The scheduler's pool counters and the patch's bookkeeping sizes (``/server_info`` →
+    ``internal_states[i]["smd"]``). Idle and leak-free: ``free_slots + evictable_slots ==
+    total_slots``, ``free_rows == total_rows`` and every bookkeeping count 0."""
+    alloc, rtp, tree = scheduler.token_to_kv_pool_allocator, scheduler.req_to_token_pool, scheduler.tree_cache
+    out = {"policy": _MANAGER.cfg.model_dump(mode="json") if _MANAGER else None,
+           "free_slots": int(alloc.available_size()), "total_slots": int(scheduler.max_total_num_tokens),
+           "evictable_slots": int(tree.evictable_size()), "protected_slots": int(tree.protected_size()),
+           "free_rows": int(rtp.available_size()), "total_rows": int(rtp.size),
+           "prefill_captures": len(_PREFILL)}
+    if _MANAGER is not None:
+        out.update(_MANAGER.counts())
+        out.update(_MANAGER.stats)
+    return out
+
+
+def _hook_internal_state(Controller) -> None:
+    def make(orig):
+        def get_internal_state(self, recv_req):
+            res = orig(self, recv_req)
+            try:
+                res.internal_state["smd"] = pool_state(self.scheduler)
+            except Exception as e:  # a readback must never take the scheduler down
+                res.internal_state["smd"] = {"error": repr(e)}
+            return res
+        return get_internal_state
+
+    _wrap(Controller, "get_internal_state", make)
 
 
 def apply() -> bool:
@@ -363,17 +553,32 @@ def apply() -> bool:
     if missing:
         raise EvictionConfigError(f"sglang_patch: targets missing from the installed SGLang: {missing}")
     m = {name: importlib.import_module(name) for name in {t[0] for t in TARGETS}}
+    _register_radix_backend()
     memory_hooks.install_memory_hooks(m["sglang.srt.mem_cache.radix_cache"].RadixCache,
                                       m["sglang.srt.mem_cache.base_prefix_cache"].BasePrefixCache)
     _hook_scheduler(m["sglang.srt.managers.scheduler"].Scheduler)
     _hook_triton(m["sglang.srt.layers.attention.triton_backend"].TritonAttnBackend)
-    _hook_results(m["sglang.srt.managers.scheduler_components.batch_result_processor"].SchedulerBatchResultProcessor,
-                  m["sglang.srt.managers.schedule_batch"].ScheduleBatch)
+    _hook_torch_native(m["sglang.srt.layers.attention.torch_native_backend"].TorchNativeAttnBackend)
+    _hook_results(m["sglang.srt.managers.scheduler_components.batch_result_processor"].SchedulerBatchResultProcessor)
+    _hook_retract(m["sglang.srt.managers.schedule_batch"].ScheduleBatch)
     _hook_output(m["sglang.srt.managers.scheduler_components.output_streamer"].SchedulerOutputStreamer)
+    _hook_internal_state(m["sglang.srt.managers.scheduler_components.internal_state"].SchedulerInternalStateController)
     _APPLIED = True
     return True
 
 
+class PatchFailed(SystemExit):
+    """The patch could not be applied in an SGLang process. A ``SystemExit``: SGLang's plugin loader
+    logs and swallows every ``Exception`` (the server would then run dense), not this."""
+
+
 def plugin_entry() -> None:
-    """SGLang plugin entry point (``sglang.srt.plugins`` group): apply when the launcher asked."""
-    apply()
+    """SGLang plugin entry point (``sglang.srt.plugins`` group): apply when the launcher asked.
+
+    A failure stops the process with the reason instead of letting the server run dense."""
+    try:
+        apply()
+    except Exception as e:
+        logger.error("smd eviction patch failed to apply: %s", e, exc_info=True)
+        raise PatchFailed(f"sglang_patch: the smd eviction patch failed to apply in process {os.getpid()}: "
+                          f"{type(e).__name__}: {e}") from e
