@@ -90,43 +90,52 @@ def _param_sums(engine) -> dict[str, int]:
 
 # ================================================================================== unit tests
 def _checksum_reference(t: torch.Tensor) -> int:
-    """The checksum's formula evaluated with Python integers, word by word."""
+    """The checksum's formula evaluated with Python integers, word by word: 64-bit little-endian
+    words in rows of 512 (zero-padded), weight ``v_j + u_k`` for word ``(j, k)``, modulo 2^64."""
     b = bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     n = len(b)
-    if n % 2:
-        b += b"\0"
-    mod = (1 << 61) - 1
-    words = [int.from_bytes(b[k:k + 2], "little", signed=True) for k in range(0, len(b), 2)]
-    chunk = 1 << 16
-    total = n
-    for c in range((len(words) + chunk - 1) // chunk):
-        part = 0
-        for i in range(c * chunk, min(len(words), (c + 1) * chunk)):
-            part += ((((i - c * chunk) * 0x9E3779B1) & 0xFFFF) * 2 + 1) * words[i]
-        mult = (c * 0x2545F4914F6CDD1D + 0x632BE59BD9B4E019) % mod or 1
-        total = (total + (part % mod) * mult) % mod
-    return total
+    b += b"\0" * (-n % 4096)
+    mask = (1 << 64) - 1
+    words = [int.from_bytes(b[k:k + 8], "little") for k in range(0, len(b), 8)]
+    total = n * 0x9E3779B97F4A7C15
+    for i, x in enumerate(words):
+        j, k = divmod(i, 512)
+        v = 2 * j * 0xBF58476D1CE4E5B9 + 1
+        u = 2 * (k * 0x94D049BB133111EB + 0xD6E8FEB86659FD93)
+        total += ((v + u) & mask) * x
+    return total & mask
 
 
 def test_checksum_matches_reference_and_detects_corruption():
     g = torch.Generator().manual_seed(0)
-    t = torch.randn(70_001, generator=g)  # 280 KB: more than one 2^16-word chunk, odd element count
+    t = torch.randn(70_001, generator=g)  # 280 KB: 69 rows of 4 KiB and a partial one, odd element count
     assert tensor_checksum(t) == _checksum_reference(t)
     odd = torch.arange(7, dtype=torch.uint8)  # odd byte count: zero-padded
     assert tensor_checksum(odd) == _checksum_reference(odd)
     assert tensor_checksum(t.clone()) == tensor_checksum(t)
     assert tensor_checksum(t.bfloat16()) == _checksum_reference(t.bfloat16())
+    big = torch.randint(-(1 << 62), 1 << 62, (600_000,), generator=g)  # > one 4 MiB reduction chunk; sums wrap
+    assert tensor_checksum(big) == _checksum_reference(big)
+    assert tensor_checksum(torch.empty(0)) == _checksum_reference(torch.empty(0))
     base = tensor_checksum(t)
     raw = t.view(torch.int32)
-    for i in (0, 1, 65_535, 65_536, 70_000):  # chunk boundaries included
+    # old 2^16-word chunk boundaries, 4 KiB row boundaries (int32 1023 / 1024) and the padded last row
+    for i in (0, 1, 1023, 1024, 65_535, 65_536, 70_000):
         for bit in (0, 13, 31):
             c = raw.clone()
             c[i] ^= 1 << bit if bit < 31 else -(1 << 31)
             assert tensor_checksum(c.view(torch.float32)) != base, (i, bit)
     sw = t.clone()
-    sw[[10, 20]] = sw[[20, 10]]
+    sw[[10, 20]] = sw[[20, 10]]  # two words of one row
+    assert tensor_checksum(sw) != base
+    sw = t.clone()
+    sw[[10, 10 + 1024]] = sw[[10 + 1024, 10]]  # the same column of two rows
+    assert tensor_checksum(sw) != base
+    sw = t.clone()
+    sw[[0, 1]] = sw[[1, 0]]  # within one 64-bit word
     assert tensor_checksum(sw) != base
     assert tensor_checksum(t[:-1]) != base  # truncation
+    assert tensor_checksum(torch.zeros(8)) != tensor_checksum(torch.zeros(9))  # zero bytes count too
 
 
 def _mixed_bucket() -> Bucket:

@@ -14,6 +14,11 @@ stage has ended, the staging is verified and committed, or discarded; the verdic
 (:class:`~megatron_smd.sync.staging.CommitResult`) is broadcast back on stage 0's group (engine ranks
 in turn), which is how the learner learns that the engine did or did not take the weights.
 
+Buckets are received into buffers the receiver keeps across syncs
+(:class:`~megatron_smd.sync.staging.ShadowBuffers`): after the first sync, receiving faults in no
+fresh page. Between syncs a sender may also send ``wire`` (a raw broadcast of a given size, the
+floor ``smd bench sync`` measures a sync against), which is received and dropped.
+
 If a sender dies or the group breaks mid-sync, :meth:`BroadcastReceiver.receive` discards the
 staging and raises :class:`~megatron_smd.sync.staging.WeightSyncError` with the engine on its previous
 weights.
@@ -27,6 +32,7 @@ Run it as a module (CPU, gloo)::
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,7 +40,7 @@ import torch.distributed as dist
 
 from .bucket import stage_bucket
 from .group import bcast_object, destroy_group, init_weight_update_group
-from .staging import CommitResult, StagedUpdate, WeightSyncError
+from .staging import CommitResult, ShadowBuffers, StagedUpdate, WeightSyncError
 
 
 class BroadcastReceiver:
@@ -51,12 +57,14 @@ class BroadcastReceiver:
         timeout_s: collective timeout (how long a hung sender is waited for).
         on_bucket: called with each bucket header after its bytes arrived (progress, logging).
         name: how this receiver signs its verdicts.
+        keep_buffers: keep the receive buffers (one model's worth) across syncs; False frees them
+            after every sync.
     """
 
     def __init__(self, engine, *, master_address: str | Sequence[str], master_port: int, num_stages: int,
                  rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 300.0,
                  group_prefix: str = "smd-sync", on_bucket: Callable[[dict], None] | None = None,
-                 name: str | None = None):
+                 name: str | None = None, keep_buffers: bool = True):
         if not 1 <= rank < world_size:
             raise ValueError(f"receiver rank {rank} must be in [1, {world_size})")
         self.engine, self.num_stages, self.rank, self.world_size = engine, num_stages, rank, world_size
@@ -67,6 +75,9 @@ class BroadcastReceiver:
         self.name = name or f"receiver{rank}"
         self.groups: list = []
         self.last_result: CommitResult | None = None
+        self.keep_buffers = keep_buffers
+        self.buffers = ShadowBuffers()
+        self._phases: dict[str, float] = {}
 
     def _address(self, stage: int) -> str:
         a = self.master_address
@@ -93,6 +104,9 @@ class BroadcastReceiver:
             op = hdr["op"]
             if op == "shutdown":
                 return None
+            if op == "wire" and staging is None:
+                self._wire(g, hdr)
+                continue
             if op == "begin":
                 if p == 0:
                     version = hdr["version"]
@@ -104,12 +118,16 @@ class BroadcastReceiver:
             if staging is None:
                 raise WeightSyncError(f"{self.name}: stage {p} sent {op!r} before 'begin'", "previous")
             if op == "bucket":
-                flat = torch.empty(hdr["nbytes"], dtype=torch.uint8, device=self.device)
+                flat = self.buffers.recv((p, n), hdr["nbytes"], self.device)
+                t0 = time.perf_counter()
                 dist.broadcast(flat, group=g, group_src=0)
+                t1 = time.perf_counter()
                 n += 1
                 if self.on_bucket is not None:
                     self.on_bucket(hdr)
                 stage_bucket(staging, flat, hdr, p)
+                self._add("recv", t1 - t0)
+                self._add("stage", time.perf_counter() - t1)
             elif op == "end":
                 if hdr["buckets"] != n:
                     staging.problem(f"stage {p} announced {hdr['buckets']} buckets, {n} arrived")
@@ -121,6 +139,18 @@ class BroadcastReceiver:
             else:
                 staging.problem(f"stage {p}: unknown message {op!r}")
 
+    def _add(self, phase: str, seconds: float) -> None:
+        self._phases[phase] = self._phases.get(phase, 0.0) + seconds
+
+    def _wire(self, g, hdr: dict) -> None:
+        """A raw broadcast of ``hdr['nbytes']`` bytes (``repeats`` times), then this rank's ack in
+        turn: the sender's floor measurement (:meth:`BroadcastTransport.wire_seconds`)."""
+        buf = self.buffers.recv("wire", hdr["nbytes"], self.device)
+        ack = torch.zeros(1, dtype=torch.uint8, device=self.device)
+        for _ in range(hdr["repeats"]):
+            dist.broadcast(buf, group=g, group_src=0)
+            dist.broadcast(ack, group=g, group_src=self.world_size - 1)
+
     def receive(self) -> CommitResult | None:
         """Receive, verify and commit (or discard) one sync; None when the learner said shutdown.
 
@@ -130,6 +160,7 @@ class BroadcastReceiver:
         if not self.groups:
             self.connect()
         staging, version, probe = None, None, None
+        self._phases = {}
         try:
             for p in range(self.num_stages):
                 got = self._read_stage(p, staging, version)
@@ -142,6 +173,7 @@ class BroadcastReceiver:
             except WeightSyncError as e:
                 result = CommitResult(ok=False, version=version, message=str(e), engine_state=e.engine_state)
             result.receiver = self.name
+            result.phases = {**self._phases, **staging.phases}
             for r in range(1, self.world_size):  # verdicts in turn, on stage 0's group
                 bcast_object(result if r == self.rank else None, r, self.groups[0], self.device)
         except WeightSyncError:
@@ -155,6 +187,9 @@ class BroadcastReceiver:
             raise WeightSyncError(f"{self.name}: lost the learner during sync v{version} "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); the engine keeps "
                                   f"its previous weights", "previous") from None
+        finally:
+            if not self.keep_buffers:
+                self.buffers.clear()
         self.last_result = result
         return result
 

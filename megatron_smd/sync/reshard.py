@@ -9,43 +9,59 @@ Who does what (ranks in Megatron's ``tp-cp-ep-dp-pp`` order, one :class:`Paralle
   order, then the final norm and the output layer; identical on every TP rank, so the messages
   line up) and **gather** each parameter's TP shards onto ``tp_rank 0`` (point-to-point: only the
   sender needs the full tensor, so the other TP ranks allocate nothing).
-* ``tp_rank 0`` of the replica's stage ``p`` is that stage's **sender**: it converts the gathered
-  shards with :func:`megatron_smd.learner.convert.iter_hf_from_local` (QKV de-interleaved per
-  query group, ``[gate_r; up_r]`` rechunked, vocabulary padding trimmed, the tied last-stage copy of
-  the embedding skipped) and packs the HF tensors into :class:`~megatron_smd.sync.bucket.Bucket` s,
-  in place, in the wire layout (or, for a consumer that keeps them anyway, the in-process engine's
-  staging or a file, hands the converted tensors over as they are: ``pack=False``, one copy less).
-  Every stage sends its own layers; the senders of all stages form exactly one pipeline group
-  (``layout.pp_group`` of a sender), which the transports use.
+* ``tp_rank 0`` of the replica's stage ``p`` is that stage's **sender**. It converts the gathered
+  shards to HF tensors following the project's one conversion table (:data:`convert.RULES`: QKV
+  de-interleaved per query group, ``[gate_r; up_r]`` rechunked, vocabulary padding trimmed, the tied
+  last-stage copy of the embedding skipped) *straight into their destination*: every HF tensor is
+  a set of pieces (views of the shards) copied once into place, so the conversion is the packing
+  copy. Destinations, by mode:
+
+  - ``pack=True`` (wire transports): the bucket's slice of one packing buffer, in SGLang's
+    flattened wire layout, so sending the bucket copies nothing more;
+  - a ``sink`` (the in-process engine): the engine's own staging buffers, kept across syncs; each
+    tensor is handed to the sink right after it is written, while it is still in cache;
+  - ``pack=False`` (a consumer done with each bucket before the next, e.g. a file writer): no copy
+    at all where the HF tensor is a contiguous view of the parameter (most tensors at TP=1), else
+    a temporary.
+
+  Right after a tensor is written, while it is in cache, the sender checks it for non-finite
+  values (``check_finite``) and takes its checksum (``checksums``). Every stage sends its own
+  layers; the senders of all stages form exactly one pipeline group (``layout.pp_group`` of a
+  sender), which the transports use.
 
 Memory bound (the point of streaming). Let ``B`` be the bucket size and ``P`` the HF bytes of one
-Megatron parameter. A sender holds, for the whole sync, one packing buffer of ``B`` bytes (the open
-bucket, already in wire layout, so sending it copies nothing) and one gather buffer of
-``(tp - 1)/tp * P_max``; per parameter, the converted tensors (``P``) until they are packed, plus
-the conversion's own temporaries (the QKV split goes through one concatenated copy). A bucket is
-flushed *before* a parameter that would overflow it. Peak extra memory on a sender is therefore
-about ``B + 2 P_max`` (``2 P_max`` more when one parameter alone exceeds a bucket): within two
-buckets whenever the largest parameter is at most half a bucket, whatever the model size (fc1 of
-Qwen2.5-7B in bf16 is 259 MiB against the default 512 MiB). The buffers are reused, not
-reallocated: a backend may drop its reference to a sent tensor late (gloo keeps the last one), and
-fresh buffers would then pile up. :class:`LiveBytes` counts what the resharder holds (by storage,
-learner parameters excluded; not the temporaries inside ``iter_hf_from_local``); the tests measure
-the real peak with the allocator's own record (``torch.profiler`` memory events) and compare.
+Megatron parameter. A packing sender holds, for the whole sync, one packing buffer of ``B`` bytes
+(the open bucket, already in wire layout) and one gather buffer of ``(tp - 1)/tp * P_max``; the
+conversion writes into the packing buffer and allocates nothing. A bucket is flushed *before* a
+parameter that would overflow it. Peak extra memory on a sender is therefore about
+``B + P_max`` (more when one parameter alone exceeds a bucket, which then gets a buffer of its
+size): within two buckets whatever the model size. The buffers are reused within a sync, not
+reallocated (a backend may drop its reference to a sent tensor late: gloo keeps the last one, and
+fresh buffers would then pile up); large ones are backed by transparent huge pages, which makes
+their first touch several times cheaper than 4 KiB page faults. They are not kept *across* syncs:
+a sender's extra memory exists only during a sync. (The engine side keeps its staging buffers
+across syncs, see :class:`~megatron_smd.sync.staging.ShadowBuffers`.) :class:`LiveBytes` counts
+what the resharder holds (by storage, learner parameters excluded); the tests measure the real
+peak with the allocator's own record (``torch.profiler`` memory events) and compare.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from ..learner.convert import iter_hf_from_local, local_param_names
+from ..learner.convert import _hf_names, _resolve, local_param_names
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
-from .bucket import Bucket
+from .bucket import Bucket, empty_bytes, tensor_checksum
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -70,6 +86,27 @@ def param_order(arch: ModelArch, pp_rank: int, pp_size: int) -> list[str]:
         return (0 if name.startswith("embedding.") else 2, 0, pos)
 
     return [n for _, n in sorted(enumerate(names), key=key)]
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of a sync (``with timer("convert"): ...``), summed over calls."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.seconds)
 
 
 class LiveBytes:
@@ -122,6 +159,112 @@ class ReshardStats:
     largest_tensor_bytes: int = 0  # largest single Megatron parameter, converted (P_max)
 
 
+class Sink(Protocol):
+    """Where a consumer that keeps the tensors (the in-process engine's staging) wants them written.
+
+    ``slot`` returns the destination for one HF tensor (memory the consumer owns), or None when it
+    has none for it (an unknown name or shape: the resharder then writes a temporary and ``put``
+    decides what to do with it). ``put`` receives the written tensor and its checksum (None
+    without ``checksums``), right after it was written.
+    """
+
+    def slot(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None: ...
+
+    def put(self, name: str, t: torch.Tensor, checksum: int | None) -> None: ...
+
+
+#: One piece of an HF tensor: ``(region, source)``; ``region(dest)`` is the view of the destination
+#: that ``source`` (a view of one shard) fills, or None for the whole destination.
+Piece = tuple[Callable[[torch.Tensor], torch.Tensor] | None, torch.Tensor]
+
+
+def _concat_rows(shards: list[torch.Tensor], start: int, length: int) -> list[tuple[int, torch.Tensor]]:
+    """Rows ``[start, start + length)`` of ``cat(shards, 0)`` as ``(offset in the range, shard view)``."""
+    out, base = [], 0
+    for s in shards:
+        n = s.shape[0]
+        lo, hi = max(start, base), min(start + length, base + n)
+        if lo < hi:
+            out.append((lo - start, s[lo - base:hi - base]))
+        base += n
+    return out
+
+
+def hf_pieces(name: str, shards: list[torch.Tensor], arch: ModelArch, *, pp_rank: int,
+              pp_size: int) -> list[tuple[str, tuple[int, ...], list[Piece]]]:
+    """One Megatron parameter's TP shards (rank order) -> its HF tensors as pieces to copy.
+
+    Returns ``[(hf_name, hf_shape, pieces)]`` in the order of
+    :func:`megatron_smd.learner.convert.iter_hf_from_local`, which this mirrors rule by rule
+    (``replicated``, ``row``, ``vocab``, ``qkv`` / ``qkv_bias``, ``gate_up``), with the same result
+    (the tests compare the two byte for byte): copying every piece's source into its region of an
+    empty ``hf_shape`` tensor gives that function's tensor, with one copy and no temporary.
+    """
+    rule, glob = _resolve(name, arch, pp_rank, pp_size)
+    if rule.mcore == "output_layer.weight" and arch.tie_word_embeddings:
+        return []
+    names = _hf_names(rule, arch, glob)
+    tp, s0 = len(shards), shards[0]
+    rest = tuple(s0.shape[1:])
+    kind = rule.kind
+    if kind == "replicated":
+        return [(names[0], tuple(s0.shape), [(None, s0)])]
+    if kind == "row":
+        if tp == 1:
+            return [(names[0], tuple(s0.shape), [(None, s0)])]
+        w = s0.shape[1]
+        return [(names[0], (s0.shape[0], w * tp, *s0.shape[2:]),
+                 [(lambda d, a=r * w, b=(r + 1) * w: d[:, a:b], s) for r, s in enumerate(shards)])]
+    if kind == "vocab":
+        v = arch.vocab_size
+        return [(names[0], (v, *rest), [((None if off == 0 and len(src) == v else
+                                          (lambda d, a=off, n=len(src): d[a:a + n])), src)
+                                        for off, src in _concat_rows(shards, 0, v)])]
+    if kind in ("qkv", "qkv_bias"):
+        ng, hn = arch.num_kv_heads, arch.head_dim
+        qpg = arch.num_heads // ng
+        G = (qpg + 2) * hn  # rows of one query group in the interleaved layout
+        parts = [(names[0], qpg * hn, 0), (names[1], hn, qpg * hn), (names[2], hn, (qpg + 1) * hn)]
+        out = []
+        if ng % tp == 0 and all(s.shape[0] == ng // tp * G for s in shards):  # whole groups per rank
+            gr = ng // tp
+            for hf_name, rows, at in parts:
+                pieces: list[Piece] = []
+                for r, s in enumerate(shards):
+                    src = s.view(gr, G, *rest)[:, at:at + rows]
+                    if tp == 1:
+                        pieces.append((lambda d, rows=rows: d.view(ng, rows, *rest), src))
+                    else:
+                        pieces.append((lambda d, rows=rows, a=r * gr: d.view(ng, rows, *rest)[a:a + gr], src))
+                out.append((hf_name, (ng * rows, *rest), pieces))
+            return out
+        for hf_name, rows, at in parts:  # groups split across ranks (ng < tp): row ranges
+            pieces = []
+            for g in range(ng):
+                for off, src in _concat_rows(shards, g * G + at, rows):
+                    pieces.append((lambda d, a=g * rows + off, n=len(src): d[a:a + n], src))
+            out.append((hf_name, (ng * rows, *rest), pieces))
+        return out
+    if kind == "gate_up":
+        f = s0.shape[0] // 2
+        out = []
+        for i, hf_name in enumerate(names):
+            if tp == 1:
+                out.append((hf_name, (f, *rest), [(None, s0[i * f:(i + 1) * f])]))
+            else:
+                out.append((hf_name, (f * tp, *rest),
+                            [(lambda d, a=r * f: d[a:a + f], s[i * f:(i + 1) * f]) for r, s in enumerate(shards)]))
+        return out
+    raise AssertionError(kind)
+
+
+def write_pieces(dest: torch.Tensor, pieces: list[Piece]) -> torch.Tensor:
+    """Copy every piece into its region of ``dest`` (casting to ``dest``'s dtype); returns ``dest``."""
+    for region, src in pieces:
+        (dest if region is None else region(dest)).copy_(src)
+    return dest
+
+
 class Resharder:
     """Iterate over this stage's weights as HF-named buckets (see the module docstring).
 
@@ -137,11 +280,18 @@ class Resharder:
             its own.
         dtype: cast the HF tensors to this dtype (e.g. bf16 for a bf16 engine); None keeps the
             learner's dtype.
-        checksums: compute :func:`~megatron_smd.sync.bucket.tensor_checksum` per tensor.
+        checksums: compute :func:`~megatron_smd.sync.bucket.tensor_checksum` per tensor, right
+            after it is written (``Bucket.checksums``).
         meter: a :class:`LiveBytes` to account into (one is created otherwise).
         pack: pack each bucket in place in the wire layout (a reused buffer; what a wire transport
-            sends). ``False``: a bucket is the list of converted tensors themselves, which a consumer
-            that copies them anyway (the in-process engine's staging, a file) may keep, saving a copy.
+            sends). ``False``: a bucket's tensors are views of the learner's parameters where the HF
+            tensor is one (valid until the next optimizer step), else temporaries; a consumer must
+            be done with a bucket before asking for the next.
+        sink: write every HF tensor into ``sink.slot(...)`` and hand it to ``sink.put`` (see
+            :class:`Sink`); buckets then list the sink's tensors. Overrides ``pack``.
+        check_finite: record, per bucket, the tensors holding NaN or inf (``Bucket.nonfinite``).
+        phases: a :class:`PhaseTimer` to account ``gather``, ``convert``, ``pack``, ``finite``,
+            ``checksum`` and ``stage`` (the sink's ``put``) into.
 
     Raises ``ValueError`` at construction when the model's parameters are not exactly the ones the
     conversion table expects for this stage (same names and TP-local shapes on every rank).
@@ -149,7 +299,8 @@ class Resharder:
 
     def __init__(self, model: torch.nn.Module, layout: ParallelLayout, arch: ModelArch, *, bucket_bytes: int,
                  dtype: torch.dtype | None = None, checksums: bool = False, meter: LiveBytes | None = None,
-                 pack: bool = True):
+                 pack: bool = True, sink: Sink | None = None, check_finite: bool = False,
+                 phases: PhaseTimer | None = None):
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
         self.layout, self.arch = layout, arch
@@ -165,7 +316,10 @@ class Resharder:
             raise ValueError(f"weight sync: stage {self.stage} model parameters {extra[:3]} are not in the "
                              f"conversion table; table entries {missing[:3]} are not model parameters")
         self.params = [(n, params[n]) for n in order]
-        self.pack = pack
+        self.sink = sink
+        self.pack = pack and sink is None
+        self.check_finite = check_finite
+        self.phases = phases or PhaseTimer()
         self._param_ptrs = {q.untyped_storage().data_ptr() for _, q in self.params}
         self.meter = meter or LiveBytes([p for _, p in self.params])
         self.stats = ReshardStats()
@@ -179,6 +333,7 @@ class Resharder:
         self._max_local_bytes = max(q.numel() * q.element_size() for _, q in self.params)
         self._pack_buf: torch.Tensor | None = None
         self._gather_buf: torch.Tensor | None = None
+        self._temps: list[torch.Tensor] = []  # unpacked mode: temporaries of the open bucket
 
     # --------------------------------------------------------------------------------------
     def _hf_bytes_estimate(self, p: torch.Tensor) -> int:
@@ -196,13 +351,14 @@ class Resharder:
         """
         buf = getattr(self, attr)
         if buf is None or buf.numel() < nbytes or buf.device != device:
-            if buf is not None:
-                self.meter.release(buf)
-            setattr(self, attr, None)
-            del buf
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            self.meter.hold(buf)
-            setattr(self, attr, buf)
+            with self.phases("pack"):
+                if buf is not None:
+                    self.meter.release(buf)
+                setattr(self, attr, None)
+                del buf
+                buf = empty_bytes(nbytes, device)
+                self.meter.hold(buf)
+                setattr(self, attr, buf)
         return buf
 
     def _gather(self, name: str, p: torch.Tensor) -> list[torch.Tensor] | None:
@@ -217,49 +373,37 @@ class Resharder:
         tp, g = self.layout.tp, self.layout.tp_group
         if tp == 1:
             return [local]
-        if not self.is_sender:
-            dist.send(local.contiguous(), group=g, group_dst=0)
-            return None
-        nb = local.numel() * local.element_size()
-        buf = self._buffer("_gather_buf", (tp - 1) * self._max_local_bytes, local.device)
-        shards = [local] + [buf[k * nb:(k + 1) * nb].view(local.dtype).view(local.shape) for k in range(tp - 1)]
-        works = [dist.irecv(shards[r], group=g, group_src=r) for r in range(1, tp)]
-        for w in works:
-            w.wait()
-        if not getattr(p, "tensor_model_parallel", False):
-            # A replicated parameter (the norms) must be identical on every TP rank: the forward
-            # uses each rank's own copy, while only tp_rank 0's is sent.
-            bad = [r for r in range(1, tp) if not torch.equal(shards[r], local)]
-            if bad:
-                self.errors.append(f"replicated parameter {name} of stage {self.stage} differs between "
-                                   f"TP rank 0 and TP ranks {bad}")
+        with self.phases("gather"):
+            if not self.is_sender:
+                dist.send(local.contiguous(), group=g, group_dst=0)
+                return None
+            nb = local.numel() * local.element_size()
+            buf = self._buffer("_gather_buf", (tp - 1) * self._max_local_bytes, local.device)
+            shards = [local] + [buf[k * nb:(k + 1) * nb].view(local.dtype).view(local.shape) for k in range(tp - 1)]
+            works = [dist.irecv(shards[r], group=g, group_src=r) for r in range(1, tp)]
+            for w in works:
+                w.wait()
+            if not getattr(p, "tensor_model_parallel", False):
+                # A replicated parameter (the norms) must be identical on every TP rank: the forward
+                # uses each rank's own copy, while only tp_rank 0's is sent.
+                bad = [r for r in range(1, tp) if not torch.equal(shards[r], local)]
+                if bad:
+                    self.errors.append(f"replicated parameter {name} of stage {self.stage} differs between "
+                                       f"TP rank 0 and TP ranks {bad}")
         return shards
+
+    def set_sink(self, sink: Sink | None) -> None:
+        """Write into ``sink`` (see the constructor) from now on; call before iterating."""
+        self.sink = sink
+        if sink is not None:
+            self.pack = False
 
     def drain(self) -> None:
         """Stop converting: the remaining parameters are still gathered (the TP group must stay in
         step) but produce no buckets. The sync calls this once a transport has failed."""
         self._draining = True
 
-    def _convert(self, name: str, shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-        """HF tensors of one parameter: contiguous, in the target dtype, owning their memory (an
-        output that still aliases the gather buffer, which the next gather overwrites, is copied)."""
-        gbuf = self._gather_buf
-        gptr = gbuf.untyped_storage().data_ptr() if gbuf is not None else None
-        outs = []
-        for hf_name, t in iter_hf_from_local(name, shards, self.arch, pp_rank=self.stage, pp_size=self.num_stages):
-            ptr = t.untyped_storage().data_ptr()
-            # Unpacked buckets hand their tensors to the consumer, which may keep them: never a learner
-            # parameter (a replicated norm at TP=1 comes back as the parameter itself).
-            aliased = ptr == gptr or (not self.pack and ptr in self._param_ptrs)
-            if aliased or (self.dtype is not None and t.dtype != self.dtype) or not t.is_contiguous():
-                t = t.to(dtype=self.dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
-            self.meter.hold(t)
-            outs.append((hf_name, t))
-        return outs
-
     def _flush(self, bucket: Bucket) -> Bucket:
-        if self.checksums:
-            bucket.compute_checksums()
         self.stats.buckets += 1
         self.stats.tensors += len(bucket)
         self.stats.bytes += bucket.nbytes
@@ -275,60 +419,112 @@ class Resharder:
                 if getattr(self, attr) is not None:
                     self.meter.release(getattr(self, attr))
                     setattr(self, attr, None)
+            self._release_temps()
             self.stats.peak_live_bytes = self.meter.peak
 
+    def _release_temps(self) -> None:
+        self.meter.release(*self._temps)
+        self._temps = []
+
+    def _finish_tensor(self, bucket: Bucket, hf_name: str, t: torch.Tensor) -> None:
+        """Checks of one tensor just written (in cache), then into the bucket (and the sink)."""
+        ph = self.phases
+        if self.check_finite and t.is_floating_point() and t.numel():
+            with ph("finite"):
+                lo, hi = torch.aminmax(t)
+                if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                    bucket.nonfinite.append(hf_name)
+        cs = None
+        if self.checksums:
+            with ph("checksum"):
+                cs = tensor_checksum(t)
+            if bucket.checksums is None:
+                bucket.checksums = []
+            bucket.checksums.append(cs)
+        if self.sink is not None:
+            with ph("stage"):
+                self.sink.put(hf_name, t, cs)
+
     def _iter(self) -> Iterator[Bucket]:
-        B = self.bucket_bytes
+        B, ph = self.bucket_bytes, self.phases
         bucket = Bucket(self.stage, 0)
+        gptr = None
         for name, p in self.params:
             if self._draining:
                 self._gather(name, p)
                 continue
             if self.is_sender and len(bucket) and bucket.nbytes + self._hf_bytes_estimate(p) > B:
                 yield self._flush(bucket)
-                bucket = Bucket(self.stage, bucket.index + 1) if self.pack else self._next_unpacked(bucket)
+                bucket = self._next(bucket)
             shards = self._gather(name, p)
             if shards is None:
                 continue
+            if gptr is None and self._gather_buf is not None:
+                gptr = self._gather_buf.untyped_storage().data_ptr()
             try:
-                outs = self._convert(name, shards)
+                with ph("convert"):
+                    outs = hf_pieces(name, shards, self.arch, pp_rank=self.stage, pp_size=self.num_stages)
             except Exception as e:  # a conversion bug must not leave the TP group out of step
                 self.errors.append(f"converting {name} of stage {self.stage}: {type(e).__name__}: {e}")
                 outs = []
-            del shards
             if not outs:
                 continue  # the tied output layer of the last stage (or a recorded error)
-            self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes,
-                                                  sum(t.numel() * t.element_size() for _, t in outs))
-            if not self.pack:  # the bucket keeps the converted tensors themselves
-                for hf_name, t in outs:
-                    if len(bucket) and not bucket.aligned_for(t):
+            dtypes = [self.dtype or pieces[0][1].dtype for _, _, pieces in outs]
+            sizes = [_numel(shape) * dt.itemsize for (_, shape, _), dt in zip(outs, dtypes)]
+            self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes, sum(sizes))
+            for (hf_name, shape, pieces), dt, nb in zip(outs, dtypes, sizes):
+                if self.pack:
+                    buf = self._buffer("_pack_buf", self._pack_capacity, p.device)
+                    if len(bucket) and (bucket.nbytes % dt.itemsize or bucket.nbytes + nb > buf.numel()):
+                        yield self._flush(bucket)  # mixed dtypes (SGLang's alignment rule) or a low estimate
+                        bucket = self._next(bucket)
+                    if nb > buf.numel():
+                        buf = self._buffer("_pack_buf", nb, p.device)
+                    with ph("convert"):
+                        t = write_pieces(bucket.reserve(hf_name, shape, dt, buf), pieces)
+                else:
+                    if len(bucket) and bucket.nbytes % dt.itemsize:
                         yield self._flush(bucket)
-                        bucket = self._next_unpacked(bucket)
+                        bucket = self._next(bucket)
+                    t = self._unpacked(hf_name, shape, dt, pieces, gptr)
                     bucket.add(hf_name, t)
-                del outs
-                continue
-            buf = self._buffer("_pack_buf", self._pack_capacity, p.device)
-            while outs:
-                hf_name, t = outs.pop(0)
-                nb = t.numel() * t.element_size()
-                if len(bucket) and (not bucket.aligned_for(t) or bucket.nbytes + nb > buf.numel()):
-                    yield self._flush(bucket)  # mixed dtypes (SGLang's alignment rule) or a low estimate
-                    bucket = Bucket(self.stage, bucket.index + 1)
-                if nb > buf.numel():
-                    buf = self._buffer("_pack_buf", nb, p.device)
-                bucket.pack(hf_name, t, buf)
-                self.meter.release(t)
+                self._finish_tensor(bucket, hf_name, t)
                 del t
+            del shards, outs
         if self.is_sender and len(bucket) and not self._draining:
             yield self._flush(bucket)
-            if not self.pack:
-                self._next_unpacked(bucket)
+            self._next(bucket)
 
-    def _next_unpacked(self, bucket: Bucket) -> Bucket:
-        """After an unpacked bucket was consumed: its tensors are the consumer's now (or freed)."""
-        self.meter.release(*bucket.tensors)
+    def _unpacked(self, hf_name: str, shape: tuple[int, ...], dt: torch.dtype, pieces: list[Piece],
+                  gptr: int | None) -> torch.Tensor:
+        """An HF tensor outside a packing buffer: the sink's slot, the parameter's own view, or a temporary."""
+        with self.phases("convert"):
+            if self.sink is not None:
+                dest = self.sink.slot(hf_name, shape, dt)
+                if dest is not None:
+                    return write_pieces(dest, pieces)
+            elif len(pieces) == 1 and pieces[0][0] is None:
+                src = pieces[0][1]
+                if (src.dtype == dt and src.is_contiguous() and tuple(src.shape) == tuple(shape)
+                        and src.untyped_storage().data_ptr() != gptr):
+                    return src  # a view of the learner's parameter: no copy
+            t = write_pieces(torch.empty(shape, dtype=dt, device=pieces[0][1].device), pieces)
+        if self.sink is None:
+            self.meter.hold(t)
+            self._temps.append(t)
+        return t
+
+    def _next(self, bucket: Bucket) -> Bucket:
+        """After a bucket was consumed: the next one (an unpacked bucket's temporaries are freed)."""
+        self._release_temps()
         return Bucket(self.stage, bucket.index + 1)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 # ------------------------------------------------------------------------------------------- probe

@@ -17,12 +17,18 @@ and shape was validated before that copy starts, so it cannot stop half-way. Any
 :class:`WeightSyncError` with ``engine_state == "previous"``: the engine still holds exactly the
 weights it had before the sync.
 
-Cost: the shadow is one extra copy of the model on the engine side during a sync (the price of
-atomicity; SGLang, which loads in place, cannot offer it, and its transport says so on failure).
+Cost: the shadow is one extra copy of the model on the engine side (the price of atomicity;
+SGLang, which loads in place, cannot offer it, and its transport says so on failure). A receiver
+that syncs repeatedly keeps that memory in a :class:`ShadowBuffers` and reuses it: the tensors are
+received or converted straight into it, so after the first sync no page is faulted in again (a
+fresh gigabyte costs several times its copy on a VM). Between syncs the buffers hold stale bytes
+and nothing refers to them; a staging refers to them from its first ``add`` until it commits or
+is discarded, and the next sync's staging only starts after that.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,7 +37,7 @@ import torch
 
 from ..errors import SMDError
 from ..model.hf import expected_shapes
-from .bucket import tensor_checksum
+from .bucket import CHECKSUM_ALGORITHM, empty_bytes, tensor_checksum
 
 EngineState = Literal["previous", "partial", "unknown", "updated"]
 
@@ -78,6 +84,52 @@ class CommitResult:
     probe_max_abs_diff: float | None = None
     receiver: str = "engine"
     engine_state: EngineState = "updated"  # what the engine(s) hold after this verdict
+    phases: dict[str, float] = field(default_factory=dict)  # engine-side seconds: recv, stage, verify, probe, commit
+
+
+class ShadowBuffers:
+    """Engine-side staging memory kept across syncs (see the module docstring).
+
+    ``slot(name, ...)``: a tensor for one HF tensor, written in place by the in-process resharder;
+    ``recv(key, nbytes, ...)``: a receive buffer for one wire bucket (``key`` = ``(stage, n)``, the
+    ``n``-th bucket of a stage within a sync, so two buckets of one sync never share a buffer).
+    A buffer is reallocated only when its size, dtype or device changes.
+    """
+
+    def __init__(self):
+        self._slots: dict[str, torch.Tensor] = {}
+        self._recv: dict[object, torch.Tensor] = {}
+
+    def slot(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = self._slots.get(name)
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != torch.device(device):
+            self._slots.pop(name, None)
+            del t
+            n = 1
+            for d in shape:
+                n *= int(d)
+            t = empty_bytes(n * dtype.itemsize, device).view(dtype).view(tuple(shape))
+            self._slots[name] = t
+        return t
+
+    def recv(self, key, nbytes: int, device: torch.device) -> torch.Tensor:
+        buf = self._recv.get(key)
+        if buf is None or buf.numel() < nbytes or buf.device != torch.device(device):
+            self._recv.pop(key, None)
+            del buf
+            buf = empty_bytes(nbytes, device)
+            self._recv[key] = buf
+        return buf[:nbytes]
+
+    @property
+    def nbytes(self) -> int:
+        return (sum(t.numel() * t.element_size() for t in self._slots.values())
+                + sum(t.numel() for t in self._recv.values()))
+
+    def clear(self) -> None:
+        """Free the memory (the next sync allocates, and faults in, its buffers again)."""
+        self._slots.clear()
+        self._recv.clear()
 
 
 @dataclass
@@ -97,6 +149,7 @@ class StagedUpdate:
     _staged: dict[str, torch.Tensor] = field(default_factory=dict)
     checksums_verified: int = 0
     nbytes: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds spent in verify / probe / commit
 
     def __post_init__(self):
         self.expected = expected_shapes(self.engine.arch)
@@ -123,7 +176,9 @@ class StagedUpdate:
             return self.problem(f"tensor {name} has shape {list(t.shape)}, "
                                 f"the engine expects {list(self.expected[name])}")
         if checksum is not None and self.verify_checksums:
+            t0 = time.perf_counter()
             got = tensor_checksum(t)
+            self._time("verify", t0)
             if got != checksum:
                 return self.problem(f"checksum mismatch for {name}: sender {checksum:#x}, received {got:#x}")
             self.checksums_verified += 1
@@ -132,6 +187,9 @@ class StagedUpdate:
             t = t.to(dtype=p.dtype, device=p.device, copy=True)
         self._staged[name] = t
         self.nbytes += t.numel() * t.element_size()
+
+    def _time(self, phase: str, t0: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
 
     def __len__(self) -> int:
         return len(self._staged)
@@ -165,17 +223,22 @@ class StagedUpdate:
             raise self._fail(f"incomplete: {len(missing)} of {len(self.expected)} tensors never arrived "
                              f"(first: {missing[0]})")
         diff = None
+        t0 = time.perf_counter()
         if probe is not None:
             got = self.probe_logits(probe.tokens)
+            self._time("probe", t0)
             if got.shape != probe.logits.shape:
                 raise self._fail(f"probe logits have shape {list(got.shape)}, the learner's {list(probe.logits.shape)}")
             diff = float((got - probe.logits.float()).abs().max())
             if not diff <= probe.atol:  # also catches NaN
                 raise self._fail(f"probe batch: engine logits differ from the learner's by {diff:.3g} "
                                  f"(tolerance {probe.atol:g})")
+        t0 = time.perf_counter()
         self.engine.load_weights(self._staged)  # names and shapes validated: cannot stop half-way
+        self._time("commit", t0)
         res = CommitResult(ok=True, version=self.version, message="committed", tensors=len(self._staged),
-                           bytes=self.nbytes, checksums_verified=self.checksums_verified, probe_max_abs_diff=diff)
+                           bytes=self.nbytes, checksums_verified=self.checksums_verified, probe_max_abs_diff=diff,
+                           phases=dict(self.phases))
         self.discard()
         return res
 
@@ -209,6 +272,11 @@ def stage_from_disk(engine, snapshot: str | Path, *, version: int | None = None,
     sums = meta.get("smd_checksums") or {}
     if isinstance(sums, str):
         sums = json.loads(sums)
+    algo = meta.get("smd_checksum_algorithm")
+    if sums and verify_checksums and algo != CHECKSUM_ALGORITHM:
+        st.problem(f"{index_path}: its checksums were computed with {algo or 'an earlier algorithm'!s}, this "
+                   f"version computes {CHECKSUM_ALGORITHM}: re-sync to write a fresh snapshot")
+        return st
     by_file: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
         by_file.setdefault(fname, []).append(name)

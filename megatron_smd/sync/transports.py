@@ -10,9 +10,11 @@ the *coordinator*). :class:`~megatron_smd.sync.weight_sync.WeightSync` drives th
 it returns the engine's :class:`~megatron_smd.sync.staging.CommitResult` on the coordinator.
 
 =============  =================================================================================
-``inprocess``  the :class:`ReferenceEngine` lives on the coordinator. Its own stage's buckets are
-               staged directly; the other stages' senders send theirs to it over the senders'
-               pipeline group (header + flattened bucket, point to point).
+``inprocess``  the :class:`ReferenceEngine` lives on the coordinator. Its own stage's tensors are
+               converted straight into the engine's staging buffers (kept across syncs) and
+               staged one by one, while in cache; the other stages' senders send theirs to it
+               over the senders' pipeline group (header + flattened bucket, point to point),
+               received into kept buffers too.
 ``broadcast``  one weight-update group per stage (:mod:`megatron_smd.sync.group`): the stage's
                sender is rank 0, every engine rank joins. Per bucket: a header (names, dtypes,
                shapes, checksums) then one broadcast of the flattened bucket: SGLang's
@@ -42,11 +44,12 @@ import os
 import shutil
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,10 +57,10 @@ import torch.distributed as dist
 
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
-from .bucket import Bucket, fsync_dir, stage_bucket, write_safetensors
+from .bucket import CHECKSUM_ALGORITHM, Bucket, empty_bytes, fsync_dir, stage_bucket, write_safetensors
 from .group import bcast_object, destroy_group, init_weight_update_group, recv_object, send_object
-from .reshard import LiveBytes
-from .staging import CommitResult, Probe, StagedUpdate, WeightSyncError, stage_from_disk
+from .reshard import LiveBytes, PhaseTimer
+from .staging import CommitResult, Probe, ShadowBuffers, StagedUpdate, WeightSyncError, stage_from_disk
 
 
 @dataclass
@@ -70,6 +73,7 @@ class SenderContext:
     verify: bool
     meter: LiveBytes
     probe: Probe | None = None  # the coordinator's only
+    phases: PhaseTimer = field(default_factory=PhaseTimer)  # this sender's seconds per phase
 
     @property
     def stage(self) -> int:
@@ -107,6 +111,11 @@ class Transport(ABC):
         """Whether this sender wants buckets packed in the wire layout (see ``Resharder(pack=...)``)."""
         return True
 
+    def sink(self, ctx: SenderContext):
+        """Where this sender's HF tensors should be written instead of a bucket (a
+        :class:`~megatron_smd.sync.reshard.Sink`: the in-process engine's staging), or None."""
+        return None
+
     @abstractmethod
     def begin(self, ctx: SenderContext) -> None:
         """Start sync ``ctx.version`` on this stage sender."""
@@ -130,17 +139,27 @@ class InProcessTransport(Transport):
     Args:
         engine: the :class:`~megatron_smd.rollout.engine.ReferenceEngine`, on global rank 0 (the
             coordinator); None on every other rank.
+        keep_buffers: keep the staging memory (one model's worth, in the engine's dtype) across
+            syncs, so that no sync after the first faults in fresh pages; False frees it after
+            every sync.
     """
 
     name = "inprocess"
 
-    def __init__(self, engine=None):
+    def __init__(self, engine=None, *, keep_buffers: bool = True):
         self.engine = engine
+        self.keep_buffers = keep_buffers
+        self.buffers = ShadowBuffers()
         self.staging: StagedUpdate | None = None
         self._sent = 0
 
     def packs(self, ctx: SenderContext) -> bool:
-        return not ctx.coordinator  # the coordinator's own buckets go straight into the staging
+        return not ctx.coordinator  # the coordinator's own tensors go straight into the staging (sink)
+
+    def sink(self, ctx: SenderContext):
+        if not ctx.coordinator or self.staging is None:
+            return None
+        return _StagingSink(self.staging, self.buffers)
 
     def begin(self, ctx: SenderContext) -> None:
         self._sent = 0
@@ -151,11 +170,11 @@ class InProcessTransport(Transport):
 
     def send(self, ctx: SenderContext, bucket: Bucket) -> None:
         if ctx.coordinator:
-            sums = bucket.checksums or [None] * len(bucket)
-            packed = bucket.flat is not None  # views of a reused buffer: copy; else the staging keeps them
-            for name, t, cs in zip(bucket.names, bucket.tensors, sums):
-                self.staging.add(name, t, cs, copy=packed)
-            return
+            if bucket.flat is not None:  # not written through the sink (a resharder built without it)
+                sums = bucket.checksums or [None] * len(bucket)
+                for name, t, cs in zip(bucket.names, bucket.tensors, sums):
+                    self.staging.add(name, t, cs, copy=True)
+            return  # the sink staged every tensor as it was written
         flat = bucket.flatten()
         send_object({"op": "bucket", "version": ctx.version, **bucket.header()}, 0, ctx.senders_group)
         dist.send(flat, group=ctx.senders_group, group_dst=0)
@@ -167,13 +186,16 @@ class InProcessTransport(Transport):
         while True:
             hdr = recv_object(stage, g)
             if hdr["op"] == "bucket":
-                flat = torch.empty(hdr["nbytes"], dtype=torch.uint8)
+                flat = self.buffers.recv((stage, n), hdr["nbytes"], torch.device("cpu"))
+                t0 = time.perf_counter()
                 dist.recv(flat, group=g, group_src=stage)
+                ctx.phases.add("recv", time.perf_counter() - t0)
                 n += 1
                 if hdr["version"] != ctx.version:
                     st.problem(f"stage {stage} sent a bucket of version {hdr['version']}")
                     continue
-                stage_bucket(st, flat, hdr, stage)
+                with ctx.phases("stage"):
+                    stage_bucket(st, flat, hdr, stage)
             elif hdr["op"] == "end":
                 if hdr["buckets"] != n:
                     st.problem(f"stage {stage} announced {hdr['buckets']} buckets, {n} arrived")
@@ -199,7 +221,29 @@ class InProcessTransport(Transport):
         except WeightSyncError as e:
             return _result_from_error(ctx.version, e, self.name)
         finally:
+            st.discard()
             self.staging = None
+            if not self.keep_buffers:
+                self.buffers.clear()
+
+
+class _StagingSink:
+    """The in-process engine's staging as a resharder sink: each HF tensor is converted into its
+    kept slot (when the engine has that tensor, in that shape and dtype) and staged right away."""
+
+    def __init__(self, staging: StagedUpdate, buffers: ShadowBuffers):
+        self.staging, self.buffers = staging, buffers
+
+    def slot(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor | None:
+        st = self.staging
+        p = st._params.get(name)
+        if (p is None or name in st._staged or tuple(p.shape) != tuple(shape) or p.dtype != dtype
+                or (name == "lm_head.weight" and st.engine.arch.tie_word_embeddings)):
+            return None  # the staging casts, refuses or ignores the tensor in add()
+        return self.buffers.slot(name, shape, dtype, p.device)
+
+    def put(self, name: str, t: torch.Tensor, checksum: int | None) -> None:
+        self.staging.add(name, t, checksum, copy=False)
 
 
 # ============================================================================================ broadcast
@@ -274,6 +318,30 @@ class BroadcastTransport(Transport):
         self._guard(f"bucket {bucket.index} of stage {ctx.stage}", self._send, ctx, bucket)
         self._sent += 1
 
+    def wire_seconds(self, nbytes: int, repeats: int = 3) -> list[float]:
+        """The wire's own speed: seconds of ``repeats`` raw ``torch.distributed.broadcast`` s of
+        ``nbytes`` bytes over this transport's group (after :meth:`connect`, between syncs).
+
+        Each one is a plain broadcast of one ``uint8`` tensor from a buffer allocated and touched
+        beforehand, into a buffer the receivers keep (no header, conversion, staging or commit),
+        followed by a one-element broadcast from the last engine rank so that it counts until
+        every receiver has the bytes. :class:`~megatron_smd.sync.receiver.BroadcastReceiver`
+        answers the ``wire`` message this sends first. The floor a sync is measured against.
+        """
+        if self.pg is None:
+            raise WeightSyncError("broadcast transport: wire_seconds() before connect()", "unknown")
+        buf = empty_bytes(nbytes, self.device)
+        buf.fill_(1)
+        ack = torch.zeros(1, dtype=torch.uint8, device=self.device)
+        bcast_object({"op": "wire", "nbytes": int(nbytes), "repeats": int(repeats)}, 0, self.pg, self.device)
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dist.broadcast(buf, group=self.pg, group_src=0)
+            dist.broadcast(ack, group=self.pg, group_src=self.num_engine_ranks)
+            out.append(time.perf_counter() - t0)
+        return out
+
     def _finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
         if failed:
             msg = {"op": "abort", "version": ctx.version, "stage": ctx.stage, "reason": failed}
@@ -344,7 +412,7 @@ class DiskTransport(Transport):
         self._files: list[dict] = []
 
     def packs(self, ctx: SenderContext) -> bool:
-        return False  # a shard is written tensor by tensor; packing would be one more copy
+        return False  # a shard is written tensor by tensor, mostly straight from the parameters
 
     @staticmethod
     def snapshot_name(version: int) -> str:
@@ -395,7 +463,8 @@ class DiskTransport(Transport):
                     weight_map[name] = f["file"]
                     if f["checksums"] is not None:
                         sums[name] = str(f["checksums"][i])
-        index = {"metadata": {"total_size": total, "smd_sync_version": ctx.version, "smd_checksums": sums},
+        index = {"metadata": {"total_size": total, "smd_sync_version": ctx.version, "smd_checksums": sums,
+                              "smd_checksum_algorithm": CHECKSUM_ALGORITHM},
                  "weight_map": dict(sorted(weight_map.items()))}
         (part / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
         (part / "config.json").write_text(json.dumps(ctx.arch.to_hf_config(), indent=2) + "\n")

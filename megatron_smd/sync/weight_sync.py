@@ -7,13 +7,21 @@ What :meth:`WeightSync.sync` does, on every rank of the learner world:
 
 1. optionally computes the learner's logits on a probe batch (``probe_tokens``; a collective
    forward of the ``dp 0 / cp 0`` replica, see :func:`~megatron_smd.sync.reshard.learner_logits`);
-2. streams the weights: the :class:`~megatron_smd.sync.reshard.Resharder` of each stage yields
-   buckets on the stage's sender, which checks them for non-finite values and hands them to the
-   transport (other ranks of the replica take part in the TP gathers; other replicas idle);
+2. streams the weights: the :class:`~megatron_smd.sync.reshard.Resharder` of each stage converts
+   them on the stage's sender straight into the bucket (or, in process, into the engine's staging),
+   checking each tensor for non-finite values (and taking its checksum) right after writing it, and
+   yields buckets that the transport sends (other ranks of the replica take part in the TP
+   gathers; other replicas idle);
 3. ``finish``: the coordinator (global rank 0) gets the engine's verdict;
 4. agreement: one ``all_gather_object`` over the learner world shares every rank's error and the
    verdict, so the sync returns the same :class:`SyncReport` on every rank or raises the same
    :class:`~megatron_smd.sync.staging.WeightSyncError` on every rank.
+
+Every report carries a per-phase breakdown (:attr:`SyncReport.phases`): the coordinator's sender
+phases (``gather``, ``convert`` = conversion written into the bucket, ``pack`` = packing buffers,
+``finite``, ``checksum``, ``send``, ``finish``) and the engine's (``engine.recv``, ``engine.stage``,
+``engine.verify``, ``engine.probe``, ``engine.commit``), which run inside the sender's ``send`` /
+``finish`` when the engine is in process.
 
 Failures never desynchronise the learner ranks: a sender whose transport fails stops converting
 but keeps taking part in the TP gathers (``Resharder.drain``), and the transport's ``finish`` still
@@ -31,7 +39,7 @@ import torch.distributed as dist
 
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
-from .reshard import LiveBytes, Resharder, learner_logits, unwrap_model
+from .reshard import LiveBytes, PhaseTimer, Resharder, learner_logits, unwrap_model
 from .staging import CommitResult, Probe, WeightSyncError
 from .transports import (BroadcastTransport, DiskTransport, InProcessTransport, SenderContext, SGLangTransport,
                          Transport)
@@ -61,6 +69,7 @@ class SyncReport:
     probe_max_abs_diff: float | None = None
     message: str = ""
     stages: list[dict] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (module docstring)
 
     @property
     def gb_per_s(self) -> float:
@@ -132,12 +141,15 @@ class WeightSync:
         """Stream this rank's part; never raises (errors are returned so the ranks stay in step)."""
         err: str | None = None
         tr = self.transport
+        ph = ctx.phases
         if res.is_sender:
             try:
-                if not self._connected:
-                    tr.connect(ctx)
-                    self._connected = True
-                tr.begin(ctx)
+                with ph("begin"):
+                    if not self._connected:
+                        tr.connect(ctx)
+                        self._connected = True
+                    tr.begin(ctx)
+                res.set_sink(tr.sink(ctx))
             except Exception as e:
                 err = _describe(e)
                 res.drain()
@@ -146,13 +158,13 @@ class WeightSync:
                 del bucket
                 continue
             try:
-                if self.check_finite:
-                    bad = [n for n, t in zip(bucket.names, bucket.tensors) if not _all_finite(t)]
-                    if bad:
-                        raise WeightSyncError(f"non-finite learner weights ({bad[0]} and {len(bad) - 1} more in "
-                                              f"bucket {bucket.index} of stage {bucket.stage}): the run diverged",
-                                              "previous")
-                tr.send(ctx, bucket)
+                bad = bucket.nonfinite  # checked by the resharder as each tensor was written
+                if bad:
+                    raise WeightSyncError(f"non-finite learner weights ({bad[0]} and {len(bad) - 1} more in "
+                                          f"bucket {bucket.index} of stage {bucket.stage}): the run diverged",
+                                          "previous")
+                with ph("send"):
+                    tr.send(ctx, bucket)
             except Exception as e:
                 err = _describe(e)
                 res.drain()
@@ -162,7 +174,8 @@ class WeightSync:
         result = None
         if res.is_sender:
             try:
-                result = tr.finish(ctx, err)
+                with ph("finish"):
+                    result = tr.finish(ctx, err)
             except Exception as e:
                 err = err or _describe(e)
         return err, result
@@ -185,10 +198,14 @@ class WeightSync:
                 probe = Probe(probe_tokens.cpu(), logits, probe_atol)
         params = [p for p in unwrap_model(self.model).parameters()]
         meter = LiveBytes(params)
+        phases = PhaseTimer()
+        if probe is not None:
+            phases.add("probe_forward", time.perf_counter() - t0)
         ctx = SenderContext(layout=lay, arch=self.arch, version=version, verify=self.verify, meter=meter,
-                            probe=probe)
+                            probe=probe, phases=phases)
         res = Resharder(self.model, lay, self.arch, bucket_bytes=self.bucket_bytes, dtype=self.dtype,
-                        checksums=self.verify, meter=meter, pack=self.transport.packs(ctx))
+                        checksums=self.verify, meter=meter, pack=self.transport.packs(ctx),
+                        check_finite=self.check_finite, phases=phases)
         err, result = None, None
         if res.participant:
             err, result = self._send_stage(res, ctx)
@@ -196,7 +213,8 @@ class WeightSync:
         mine = {"rank": lay.rank, "stage": lay.pp_rank, "sender": res.is_sender, "error": err,
                 "result": asdict(result) if result is not None else None, "buckets": res.stats.buckets,
                 "tensors": res.stats.tensors, "bytes": res.stats.bytes, "peak_live_bytes": meter.peak,
-                "largest_tensor_bytes": res.stats.largest_tensor_bytes, "seconds": seconds}
+                "largest_tensor_bytes": res.stats.largest_tensor_bytes, "seconds": seconds,
+                "phases": phases.as_dict()}
         every = [mine]
         if lay.world_size > 1:
             every = [None] * lay.world_size
@@ -214,6 +232,8 @@ class WeightSync:
             raise WeightSyncError(f"weight sync v{version} via {self.transport.name} failed: " + " | ".join(errors),
                                   state)  # type: ignore[arg-type]
         seconds = max(e["seconds"] for e in every)
+        coord = next((e for e in senders if e["stage"] == 0), senders[0])
+        all_phases = {**coord["phases"], **{f"engine.{k}": v for k, v in (verdict.get("phases") or {}).items()}}
         return SyncReport(version=version, transport=self.transport.name, seconds=seconds,
                           bytes=sum(e["bytes"] for e in senders), tensors=sum(e["tensors"] for e in senders),
                           buckets=sum(e["buckets"] for e in senders), bucket_bytes=self.bucket_bytes,
@@ -222,20 +242,12 @@ class WeightSync:
                           verified_checksums=verdict["checksums_verified"],
                           probe_max_abs_diff=verdict["probe_max_abs_diff"], message=verdict["message"],
                           stages=[{k: e[k] for k in ("stage", "rank", "buckets", "tensors", "bytes",
-                                                     "peak_live_bytes", "seconds")} for e in senders])
+                                                     "peak_live_bytes", "seconds", "phases")} for e in senders],
+                          phases=all_phases)
 
     def close(self) -> None:
         """Release the transport (stops broadcast receivers)."""
         self.transport.close()
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN / inf in ``t``. ``aminmax`` propagates NaN and surfaces +-inf in one pass without a
-    temporary; ``isfinite(t).all()`` allocates a mask and is ~60x slower on CPU bf16."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def _describe(e: BaseException) -> str:
