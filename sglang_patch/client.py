@@ -10,7 +10,7 @@ URL is just one more base URL)::
 
     {"input_ids": prompt, "return_logprob": true,
      "sampling_params": {"n": group_size, "max_new_tokens", "temperature", "top_p", "top_k",
-                         "stop_token_ids", "sampling_seed", "no_stop_trim": true}}
+                         "stop_token_ids", "no_stop_trim": true}}
     -> [{"output_ids": [...], "meta_info": {"finish_reason": {"type": "stop" | "length"},
           "output_token_logprobs": [[logprob, token_id, null], ...],
           "smd_evict": [{"evict": {"b64", "shape": [L, T], "dtype": "int32"}, "replayable", ...}]}},
@@ -82,10 +82,15 @@ class SGLangClient:
 
     @staticmethod
     def request_payload(prompt: list[int], n: int, sp: SamplingParams, prompt_index: int) -> dict:
+        """One ``/generate`` request: the whole group through SGLang's parallel sampling (``n``).
+
+        No ``sampling_seed``: SGLang copies one request's sampling parameters to all ``n`` samples
+        and reads the seed only under deterministic inference, where it would make every sample of
+        the group identical (the launcher refuses that mode). Samples draw from the server's RNG.
+        """
         params = {"n": n, "max_new_tokens": sp.max_new_tokens, "temperature": sp.temperature,
                   "top_p": sp.top_p, "top_k": sp.top_k if sp.top_k > 0 else -1,
-                  "stop_token_ids": list(sp.stop_token_ids), "no_stop_trim": True,
-                  "sampling_seed": (sp.seed * 1_000_003 + prompt_index * 7919) % (2**31 - 1)}
+                  "stop_token_ids": list(sp.stop_token_ids), "no_stop_trim": True}
         return {"input_ids": list(prompt), "sampling_params": params, "return_logprob": True}
 
     # ------------------------------------------------------------------ public

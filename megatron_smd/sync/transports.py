@@ -46,6 +46,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -527,18 +528,31 @@ def _post(url: str, route: str, payload: dict | None, timeout_s: float,
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            body = json.loads(r.read() or b"{}")
+            raw = r.read() or b"{}"
     except urllib.error.HTTPError as e:
+        raw = e.read() or b""
         try:
-            body = json.loads(e.read() or b"{}")
-            return False, str(body.get("message") or body)
-        except ValueError:
-            return False, f"HTTP {e.code}"
-    except (urllib.error.URLError, OSError, ValueError) as e:
+            body = json.loads(raw)
+            return False, str(body.get("message") or body) if isinstance(body, dict) else str(body)
+        except ValueError:  # some routes (/flush_cache) answer plain text
+            return False, f"HTTP {e.code}: {raw[:300].decode(errors='replace').strip()}"
+    except (urllib.error.URLError, OSError) as e:
         return False, f"cannot reach {url} ({e})"
+    try:
+        body = json.loads(raw)
+    except ValueError:  # a 2xx plain-text answer (/flush_cache) is a success
+        return True, raw[:300].decode(errors="replace").strip()
     if isinstance(body, dict) and "success" in body:
         return bool(body["success"]), str(body.get("message", ""))
     return True, body
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlparse(url).hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def _own_address() -> str:
@@ -554,7 +568,8 @@ def _own_address() -> str:
 class SGLangTransport(Transport):
     """SGLang servers through their weight-update HTTP API (SGLang 0.5.23).
 
-    ``mode="distributed"`` (engines on other GPUs): each stage sender creates group
+    ``mode="distributed"`` (engines on other GPUs, or CPU servers with a gloo group): each stage
+    sender creates group
     ``{group_prefix}-pp{stage}`` with every engine rank (``/init_weights_update_group``, rank offsets
     assigned server by server), and per bucket posts ``/update_weights_from_distributed``
     (``load_format="flattened_bucket"``) while broadcasting the flattened bucket from rank 0.
@@ -579,13 +594,19 @@ class SGLangTransport(Transport):
     staged = False
 
     def __init__(self, urls: Sequence[str], *, mode: str = "distributed", master_address: str | None = None,
-                 master_port: int = 29650, backend: str = "nccl", ranks_per_server: int | None = None,
+                 master_port: int = 29650, backend: str | None = None, ranks_per_server: int | None = None,
                  timeout_s: float = 600.0, group_prefix: str = "smd-sync"):
         if mode not in ("distributed", "tensor"):
             raise ValueError(f"sglang transport: mode must be 'distributed' or 'tensor', got {mode!r}")
         if not urls:
             raise ValueError("sglang transport: no server URL")
         self.urls = [u.rstrip("/") for u in urls]
+        cuda = torch.cuda.is_available()
+        if mode == "tensor" and not cuda:
+            raise ValueError("sglang transport: mode 'tensor' shares CUDA buffers by IPC handle and needs a GPU; "
+                             "on CPU use mode 'distributed' (a gloo group)")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        backend = backend or ("nccl" if cuda else "gloo")
         self.mode, self.master_address, self.master_port = mode, master_address, int(master_port)
         self.backend, self.ranks_per_server, self.timeout_s = backend, ranks_per_server, timeout_s
         self.group_prefix = group_prefix
@@ -635,7 +656,7 @@ class SGLangTransport(Transport):
         if self.mode != "distributed" or self.pg is not None:
             return
         world = 1 + sum(self._ranks)
-        addr = self.master_address or _own_address()
+        addr = self.master_address or (LOOPBACK if all(_is_loopback(u) for u in self.urls) else _own_address())
         port = self.master_port + ctx.stage
         name = f"{self.group_prefix}-pp{ctx.stage}"
         offsets = [1 + sum(self._ranks[:i]) for i in range(len(self.urls))]
@@ -657,8 +678,7 @@ class SGLangTransport(Transport):
             dist.barrier(group=ctx.senders_group)  # no stage sends before the session is open
 
     def send(self, ctx: SenderContext, bucket: Bucket) -> None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-        flat = bucket.flatten(dev)
+        flat = bucket.flatten(self.device)
         state = "partial"  # from here on, a server may have loaded part of this sync
         try:
             if self.mode == "distributed":
@@ -709,9 +729,11 @@ class SGLangTransport(Transport):
             return CommitResult(ok=False, version=ctx.version, receiver=self.name, engine_state="partial",
                                 message=f"{failed}; the servers may hold partially updated weights: re-sync")
         self._check("/end_weight_update", end, "partial")
-        self._all("/flush_cache", [{}] * len(self.urls))
-        self._all("/update_weight_version", [{"new_version": str(ctx.version), "abort_all_requests": False}]
-                  * len(self.urls))
+        # the radix cache holds prompt K/V (and the patch its prompt scores) of the old weights
+        self._check("/flush_cache", self._all("/flush_cache", [{}] * len(self.urls)), "partial")
+        self._check("/update_weight_version", self._all(
+            "/update_weight_version", [{"new_version": str(ctx.version), "abort_all_requests": False}]
+            * len(self.urls)), "partial")
         return CommitResult(ok=True, version=ctx.version, message=f"updated {len(self.urls)} server(s)",
                             receiver=self.name)
 
