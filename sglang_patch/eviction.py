@@ -391,15 +391,28 @@ class EvictionManager:
             next_pos=P, prompt_state="partial" if ps.partial else "shared",
             step_open=[False] * self.L,
         )
-        for li in range(self.L):
-            dropped = torch.ones(P, dtype=torch.bool)
-            dropped[ps.keep[li]] = False
-            st.evict[li, :P][dropped] = P
-            st.dead[:P] += dropped.to(torch.int32)
+        dropped = _prefill_dropped(ps)
+        st.evict[:, :P][dropped] = P
+        st.dead[:P] += dropped.sum(0, dtype=torch.int32)
         group.members[rid] = st
         self._reqs[rid] = st
         self._by_row[row] = st
         return st
+
+    def finish_in_prefill(self, req, ps: PromptState) -> dict:
+        """Export a request that finished in its prefill (its first sampled token was a stop
+        token, or SGLang's ``max_new_tokens=0`` prefix request): it never decoded, so its mask is
+        the prefill compression alone (dropped prompt keys ``evict = P``), and it holds nothing."""
+        P = ps.prompt_len
+        T = len(req.origin_input_ids) + len(req.output_ids)
+        ev = torch.full((self.L, max(T, P)), max(T, P), dtype=torch.int64)
+        ev[:, :P][_prefill_dropped(ps)] = P
+        export = {"evict": encode_mask(ev[:, :T].clamp(max=T).to(EVICT_DTYPE)),
+                  "prompt_state": "partial" if ps.partial else "shared", "replayable": True,
+                  "not_replayable_reason": "", "evictions": 0, "peak_private_slots": 0, "prompt_len": P,
+                  "policy": self.cfg.model_dump(mode="json")}
+        self._exports[req.rid] = export
+        return export
 
     # ------------------------------------------------------------------ decode (per layer)
     def decode_layer(self, rid: str, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -704,6 +717,14 @@ class EvictionManager:
         st = self._reqs[rid]
         st.ensure_capacity(seq_len)
         return st.evict[:, :seq_len].clamp(max=seq_len).to(EVICT_DTYPE)
+
+
+def _prefill_dropped(ps: PromptState) -> torch.Tensor:
+    """bool ``[L, P]``: the prompt positions each layer dropped at prefill (not in ``keep``)."""
+    dropped = torch.ones(len(ps.keep), ps.prompt_len, dtype=torch.bool)
+    for li, keep in enumerate(ps.keep):
+        dropped[li, keep] = False
+    return dropped
 
 
 def _match_params(tree, key):

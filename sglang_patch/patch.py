@@ -455,14 +455,16 @@ def _hook_results(Processor) -> None:
                     queries = cap.layers()
                     if any(x.numel() == 0 for x in queries):
                         continue
-                    _MANAGER.prepare_prompt(req, queries)  # K/V are in the pool
-                    done.append((req, queries))
+                    ps = _MANAGER.prepare_prompt(req, queries)  # K/V are in the pool
+                    done.append((req, queries, ps))
             out = orig(self, batch, result, *args, **kwargs)  # checkpoints prompts, finishes 0-token reqs
             for req in batch.reqs:  # the row's capture ends with this prefill (unless still chunking)
                 if req is not chunked and rows[id(req)] is not None:
                     _PREFILL.pop(rows[id(req)], None)
-            for req, queries in done:
-                if not req.finished() and req.kv.req_pool_idx is not None:
+            for req, queries, ps in done:
+                if req.finished():  # stopped at its first token, or the n>1 prefix request
+                    _MANAGER.finish_in_prefill(req, ps)
+                elif req.kv.req_pool_idx is not None:
                     _MANAGER.start_request(req, queries)
             return out
         return process_batch_result_prefill

@@ -177,7 +177,11 @@ class Server:
             req.output_ids.append(t)
 
     def release(self, req) -> dict:
-        """``release_kv_cache(req, tree, checkpoint=True)``, step by step (see module docstring)."""
+        """``release_kv_cache(req, tree, checkpoint=True)``, step by step (see module docstring),
+        for a request that finished (SGLang sets ``finished_reason`` before it releases)."""
+        from sglang.srt.managers.schedule_batch import FINISH_LENGTH
+
+        req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))
         owned = req.kv.kv_committed_len
         self.tree.checkpoint(req, up_to=owned)
         self.tree.free_kv_row(req.kv, [(req.kv.cache_protected_len, owned)])
@@ -433,7 +437,39 @@ def test_launcher_accepts_supported_settings_and_passes_the_rest_through():
 
     policy, rest = parse_args(GOOD + ["--port", "30001"], env={})
     assert (policy.name, policy.budget, policy.window) == ("h2o", 64, 8)
-    assert "--smd-policy" not in rest and rest[:2] == ["--model-path", "m"] and rest[-2:] == ["--port", "30001"]
+    # SGLang's flags unchanged, in order, plus the patch's own radix-cache backend
+    assert rest == GOOD[:-6] + ["--port", "30001", "--radix-cache-backend", "smd"]
+
+
+def test_launcher_fills_in_the_cpu_settings_and_keeps_the_users_own():
+    from sglang_patch.launch_server import CPU_MAX_TOTAL_TOKENS, parse_args
+
+    _, rest = parse_args(["--model-path", "m", "--device", "cpu", "--smd-policy", "streaming", "--smd-budget", "32"],
+                         env={})
+    flags = dict(zip(rest, rest[1:]))
+    assert flags["--attention-backend"] == "torch_native" and flags["--page-size"] == "1"
+    assert flags["--cuda-graph-backend-decode"] == "disabled" and flags["--dtype"] == "float32"
+    assert flags["--max-total-tokens"] == str(CPU_MAX_TOTAL_TOKENS) and "--disable-overlap-schedule" in rest
+    assert flags["--radix-cache-backend"] == "smd"
+    _, rest = parse_args(["--model-path", "m", "--device", "cpu", "--max-total-tokens", "4096", "--dtype", "bfloat16",
+                          "--smd-policy", "none"], env={})
+    assert rest.count("--max-total-tokens") == 1 and rest[rest.index("--max-total-tokens") + 1] == "4096"
+    assert rest.count("--dtype") == 1 and rest[rest.index("--dtype") + 1] == "bfloat16"
+
+
+def test_failing_patch_stops_the_process_instead_of_running_dense(monkeypatch):
+    """SGLang's plugin loader swallows every Exception; the entry point turns a failure into an exit."""
+    from sglang_patch import patch
+
+    def boom():
+        raise RuntimeError("target moved")
+
+    monkeypatch.setattr(patch, "apply", boom)
+    with pytest.raises(SystemExit, match="target moved"):
+        try:
+            patch.plugin_entry()
+        except Exception:  # what SGLang's loader catches: must not catch this
+            pytest.fail("plugin_entry raised an Exception the plugin loader would swallow")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -447,6 +483,10 @@ def test_launcher_accepts_supported_settings_and_passes_the_rest_through():
     ({"--smd-granularity": "head"}, "granularity='head' is not supported"),
     ({"--tp-size": "2"}, "--tp-size 2 is not supported"),
     ({"--disable-radix-cache": ""}, "--disable-radix-cache is not supported"),
+    ({"--radix-cache-backend": "flexkv"}, "--radix-cache-backend flexkv is not supported"),
+    ({"--enable-mixed-chunk": ""}, "--enable-mixed-chunk is not supported"),
+    ({"--enable-deterministic-inference": ""}, "--enable-deterministic-inference is not supported"),
+    ({"--decode-attention-backend": "flashinfer"}, "--decode-attention-backend flashinfer is not supported"),
 ])
 def test_launcher_refuses_unsupported_settings(change, message):
     from sglang_patch.launch_server import parse_args
