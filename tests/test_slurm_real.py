@@ -35,10 +35,13 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "DEADLINE"}
 JOB_TIMEOUT = 150  # seconds a short job may take, start to end (they take 15-25 s on 2 cores)
 
-_missing = [p for p in PROGRAMS if shutil.which(p) is None]
+# the daemons live in sbin, which a user's PATH often lacks
+_SEARCH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+BIN = {p: shutil.which(p, path=_SEARCH) for p in PROGRAMS}
+_missing = [p for p, path in BIN.items() if path is None]
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(bool(_missing), reason=f"Slurm/munge not installed (missing {', '.join(_missing)}; "
+    pytest.mark.skipif(bool(_missing), reason=f"Slurm/munge not installed (not found: {', '.join(_missing)}; "
                        "Debian/Ubuntu: apt-get install -y slurm-wlm slurm-client munge)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="a real slurmd needs root (it starts job steps as their user)"),
 ]
@@ -82,7 +85,7 @@ class Cluster:
     def __init__(self, root: Path):
         self.root = root
         self.host = socket.gethostname().split(".")[0]
-        d = {k: root / k for k in ("etc", "munge", "state", "spool", "log", "run", "jobs")}
+        d = {k: root / k for k in ("etc", "munge", "state", "spool", "log", "run")}
         for p in d.values():
             p.mkdir(parents=True, exist_ok=True)
         self.dirs = d
@@ -148,17 +151,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         key.chmod(0o400)
         self.dirs["munge"].chmod(0o700)
         # --force: munged refuses a socket directory that is not world-executable; this one is private
-        self._run("munged", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
+        self._run(BIN["munged"], "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
                   f"--log-file={self.dirs['log'] / 'munged.log'}", f"--pid-file={self.pidfiles['munged']}",
                   f"--seed-file={self.dirs['munge'] / 'munged.seed'}")
         self.write_config()
-        self._run("slurmctld", "-f", str(self.conf))  # each daemonises and writes its PID file
-        self._run("slurmd", "-f", str(self.conf))
+        self._run(BIN["slurmctld"], "-f", str(self.conf))  # each daemonises and writes its PID file
+        self._run(BIN["slurmd"], "-f", str(self.conf))
         ok = _wait(lambda: self.node_state() == "idle", timeout=30, interval=0.5)
         assert ok, f"the node never became idle (sinfo: {self.node_state()!r})\n{self.logs()}"
 
     def node_state(self) -> str:
-        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env(), capture_output=True, text=True,
+        r = subprocess.run([BIN["sinfo"], "-h", "-N", "-o", "%t"], env=self.env(), capture_output=True, text=True,
                            timeout=30)
         return r.stdout.strip()
 
@@ -185,7 +188,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     # ------------------------------------------------------------------ jobs
     def job(self, job_id: str) -> dict[str, str]:
-        r = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=self.env(), capture_output=True,
+        r = subprocess.run([BIN["scontrol"], "show", "job", "-o", job_id], env=self.env(), capture_output=True,
                            text=True, timeout=30)
         return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
 
@@ -326,7 +329,7 @@ def test_scancel_tears_the_job_down_and_resume_continues(slurm, user, tmp_path):
     ports = listening_ports(procs)
     assert int(user.env["SMD_RDZV_PORT"]) in ports, (procs, ports)  # the c10d rendezvous store
     t0 = time.monotonic()
-    subprocess.run(["scancel", job], env=slurm.env(), check=True, timeout=30)
+    subprocess.run([BIN["scancel"], job], env=slurm.env(), check=True, timeout=30)
     gone = _wait(lambda: not slurm.job_processes(job), timeout=10, interval=0.2)
     teardown = time.monotonic() - t0
     assert gone, f"still running 10 s after scancel: {slurm.job_processes(job)}\n{user.output(job)}"
