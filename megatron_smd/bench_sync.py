@@ -1,4 +1,4 @@
-"""`smd bench sync`: seconds and GB/s of a weight sync per transport, next to a plain copy of the bytes.
+"""`smd bench sync`: a weight sync per transport against its own floor, measured side by side.
 
 Run it::
 
@@ -15,11 +15,30 @@ For each: a Megatron learner (TP=1, PP=1, one gloo rank on the CPU) syncs into a
 through ``inprocess`` (engine in this process; also with ``verify`` = per-tensor checksums),
 ``disk`` (safetensors shards under a temporary directory, then the engine reloads them) and
 ``broadcast`` (a reference engine in a second process receiving over a gloo weight-update group).
-The figure that matters is ``ratio_vs_copy``: the sync's seconds over the seconds of one
-``Tensor.copy_`` of the same number of bytes, measured in the same run (best of five), i.e. how
-many memory copies a sync costs. A staged sync into an engine needs at least two (into the shadow,
-then into the engine) plus the conversion. ``peak_live_bytes`` is the sender's extra memory
-(:class:`~megatron_smd.sync.reshard.LiveBytes`).
+
+Each transport is measured against **its own floor**, in the same run, interleaved with it (floor,
+sync, floor, sync, ...; the first sync, which allocates the engine's kept buffers, is reported
+apart as ``first_seconds``):
+
+=====================  ===========================================================================
+``inprocess[+verify]`` one ``Tensor.copy_`` of the same number of bytes (best of three, buffers
+                       touched beforehand): a staged sync needs two (into the shadow, which the
+                       conversion writes, then into the engine) plus the checks.
+``broadcast``          a raw ``torch.distributed.broadcast`` of the same number of bytes over the
+                       same weight-update group to the same receiver process, into a buffer it
+                       keeps (:meth:`~megatron_smd.sync.transports.BroadcastTransport.wire_seconds`).
+``disk``               a raw ``safetensors.torch.save_file`` + ``load_file`` of the same tensors
+                       (the engine's HF state dict) in the same directory; no fsync, which the
+                       transport does (the ``fsync`` seconds are reported beside it).
+=====================  ===========================================================================
+
+Every pair gives a ratio (sync seconds / floor seconds); the figure is the **median** of those
+ratios (``floor.ratio``), with the medians of both timings beside it. ``ratio_vs_copy`` (median
+sync seconds over the median plain-copy seconds) is reported for every transport too.
+``phases`` are the per-phase medians in seconds (see
+:class:`~megatron_smd.sync.weight_sync.SyncReport`; ``engine.*`` run inside the sender's
+``send`` / ``finish`` for ``inprocess``), and ``phases_vs_copy`` the same in plain copies.
+``peak_live_bytes`` is the sender's extra memory (:class:`~megatron_smd.sync.reshard.LiveBytes`).
 
 CPU only: on a GPU machine run it with ``CUDA_VISIBLE_DEVICES=`` (GPU syncs go to SGLang, see the
 ``sglang`` transport and its GPU test).
@@ -31,6 +50,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -63,17 +83,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _copy_seconds(nbytes: int, repeats: int = 5) -> float:
-    """Best-of-``repeats`` seconds of one ``dst.copy_(src)`` of ``nbytes`` bytes (the baseline)."""
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # first touch of the pages
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return best
+class _Copier:
+    """The plain-copy floor: ``dst.copy_(src)`` of ``nbytes`` bytes, both touched beforehand."""
+
+    def __init__(self, nbytes: int):
+        self.src = torch.ones(nbytes, dtype=torch.uint8)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)  # first touch of the pages
+
+    def seconds(self, repeats: int = 3) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.dst.copy_(self.src)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+
+def _raw_safetensors_seconds(tensors: dict[str, torch.Tensor], directory: str) -> float:
+    """The disk floor: ``save_file`` then ``load_file`` of ``tensors`` (one file, no fsync)."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(directory, "raw-floor.safetensors")
+    t0 = time.perf_counter()
+    save_file(tensors, path)
+    loaded = load_file(path)
+    dt = time.perf_counter() - t0
+    del loaded
+    os.unlink(path)
+    return dt
 
 
 def _empty_engine(arch: ModelArch, dtype: torch.dtype):
@@ -115,6 +153,27 @@ def _random_fill(model: torch.nn.Module, seed: int) -> None:
             p.copy_(base[:p.numel()].view_as(p))
 
 
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _summary(reports: list, floors: list[float], copies: list[float], floor_what: str, *, first) -> dict:
+    """One transport's figures from interleaved (sync report, floor seconds, copy seconds) triples."""
+    secs = [r.seconds for r in reports]
+    ratios = [s / f for s, f in zip(secs, floors)]
+    copy_s = _median(copies)
+    keys = sorted({k for r in reports for k in r.phases})
+    phases = {k: _median([r.phases.get(k, 0.0) for r in reports]) for k in keys}
+    last = reports[-1]
+    return {"seconds": _median(secs), "gb_per_s": last.bytes / _median(secs) / 1e9, "first_seconds": first,
+            "buckets": last.buckets, "tensors": last.tensors, "peak_live_bytes": last.peak_live_bytes,
+            "verified_checksums": last.verified_checksums, "repeats": len(reports),
+            "ratio_vs_copy": _median(secs) / copy_s, "copy_seconds": copy_s,
+            "floor": {"what": floor_what, "seconds": _median(floors), "ratio": _median(ratios),
+                      "ratio_min": min(ratios), "ratio_max": max(ratios)},
+            "phases": phases, "phases_vs_copy": {k: v / copy_s for k, v in phases.items()}}
+
+
 def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, bucket_mb: int, repeats: int,
                  transports: tuple[str, ...], seed: int) -> dict:
     from .learner.model import build_gpt_model
@@ -128,38 +187,45 @@ def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, buc
     out: dict = {"arch": arch.arch, "dtype": str(dtype).removeprefix("torch."),
                  "params": sum(p.numel() for p in model.parameters()), "bucket_mb": bucket_mb,
                  "build_seconds": round(build_s, 2), "transports": {}}
-
-    copies = [_copy_seconds(sum(p.numel() * p.element_size() for p in model.parameters()))]
-
-    def run(name: str, ws: WeightSync, n: int) -> None:
-        best = None
-        for k in range(n):
-            rep = ws.sync(k + 1)
-            if best is None or rep.seconds < best.seconds:
-                best = rep
-        out["transports"][name] = {"seconds": best.seconds, "gb_per_s": best.gb_per_s, "buckets": best.buckets,
-                                   "tensors": best.tensors, "peak_live_bytes": best.peak_live_bytes,
-                                   "verified_checksums": best.verified_checksums}
-        out.setdefault("bytes", best.bytes)
-        copies.append(_copy_seconds(best.bytes))
-
+    # the bytes a sync sends: the HF tensors (a tied output layer once)
+    hf = {n: p.detach() for n, p in engine.model.named_parameters()}
+    nbytes = sum(t.numel() * t.element_size() for t in hf.values())
+    out["bytes"] = nbytes
+    copier = _Copier(nbytes)
     kw = dict(bucket_bytes=bucket_mb * MiB)
+
+    def run(name: str, ws: WeightSync, floor, what: str) -> None:
+        first = ws.sync(1).seconds  # allocates the engine side's kept buffers
+        reports, floors, copies = [], [], []
+        for k in range(repeats):
+            floors.append(floor())
+            copies.append(copier.seconds())
+            reports.append(ws.sync(k + 2))
+        out["transports"][name] = _summary(reports, floors, copies, what, first=first)
+
+    copy_what = "plain Tensor.copy_ of the same bytes (best of 3), same run, interleaved"
     if "inprocess" in transports:
-        run("inprocess", WeightSync(model, layout, arch, InProcessTransport(engine), **kw), repeats)
-        run("inprocess+verify", WeightSync(model, layout, arch, InProcessTransport(engine), verify=True, **kw), 1)
+        tr = InProcessTransport(engine)
+        run("inprocess", WeightSync(model, layout, arch, tr, **kw), copier.seconds, copy_what)
+        run("inprocess+verify", WeightSync(model, layout, arch, tr, verify=True, **kw), copier.seconds, copy_what)
+        del tr
     if "disk" in transports:
         with tempfile.TemporaryDirectory(prefix="smd-bench-sync-") as d:
-            run("disk", WeightSync(model, layout, arch, DiskTransport(Path(d), engine=engine, keep=1), **kw), repeats)
+            ws = WeightSync(model, layout, arch, DiskTransport(Path(d) / "sync", engine=engine, keep=1), **kw)
+            run("disk", ws, lambda: _raw_safetensors_seconds(hf, d),
+                "raw safetensors save_file + load_file of the same tensors (no fsync), same directory, interleaved")
     if "broadcast" in transports:
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         port = _free_port()
         proc = ctx.Process(target=_receiver_main, args=(arch, dtype, port, q), daemon=True)
         proc.start()
-        ws = WeightSync(model, layout, arch, BroadcastTransport("127.0.0.1", port, 1, backend="gloo", timeout_s=600),
-                        **kw)
+        tr = BroadcastTransport("127.0.0.1", port, 1, backend="gloo", timeout_s=600)
+        ws = WeightSync(model, layout, arch, tr, **kw)
         try:
-            run("broadcast", ws, repeats)
+            run("broadcast", ws, lambda: min(tr.wire_seconds(nbytes, 1)),
+                "raw torch.distributed.broadcast of the same bytes over the same gloo group to the same receiver, "
+                "interleaved")
         finally:
             ws.close()
             proc.join(timeout=60)
@@ -171,25 +237,25 @@ def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, buc
             status, detail = "error", "the receiver process exited without a report"
         if status != "ok":
             out["transports"]["broadcast"]["receiver_error"] = detail
-    copies.append(_copy_seconds(out["bytes"]))
-    copy_s = min(copies[1:])  # taken between the transports: same conditions as the syncs
-    out["copy"] = {"seconds": copy_s, "gb_per_s": out["bytes"] / copy_s / 1e9}
-    for r in out["transports"].values():
-        r["ratio_vs_copy"] = r["seconds"] / copy_s
-    del model, engine
+    out["copy"] = {"seconds": copier.seconds(), "gb_per_s": nbytes / copier.seconds() / 1e9}
+    del model, engine, hf, copier
     return out
 
 
-def bench_sync(*, large: bool = True, bucket_mb: int = 512, repeats: int = 2,
-               transports: tuple[str, ...] = ("inprocess", "disk", "broadcast"), seed: int = 0) -> dict:
+def bench_sync(*, large: bool = True, bucket_mb: int = 512, repeats: int = 5,
+               transports: tuple[str, ...] = ("inprocess", "disk", "broadcast"), seed: int = 0,
+               quick: bool = False) -> dict:
     """Run the sync benchmark (see the module docstring); returns a JSON-serialisable dict.
 
     Args:
         large: also run the Qwen2.5-0.5B layout (the tiny model always runs).
         bucket_mb: bucket size (``sync.bucket_mb``).
-        repeats: syncs per transport; the best is reported (``inprocess+verify`` runs once).
+        repeats: (floor, sync) pairs per transport, after one warm-up sync; medians are reported.
         transports: which of ``inprocess``, ``disk``, ``broadcast``.
+        quick: the tiny model only, three pairs (a smoke run: ``smd bench all --quick``).
     """
+    if quick:
+        large, repeats = False, min(repeats, 3)
     from .errors import SMDError
     from .parallel.layout import ParallelLayout
 
@@ -240,7 +306,9 @@ def format_sync_bench(res: dict) -> str:
                      f"buckets of {m['bucket_mb']} MiB; plain copy {m['copy']['seconds'] * 1e3:.1f} ms "
                      f"({m['copy']['gb_per_s']:.2f} GB/s)")
         for name, r in m["transports"].items():
-            lines.append(f"  {name:18s} {r['seconds'] * 1e3:9.1f} ms  {r['gb_per_s']:7.3f} GB/s  "
-                         f"{r['ratio_vs_copy']:7.1f}x copy  {r['buckets']:4d} buckets  "
-                         f"peak {r['peak_live_bytes'] / MiB:8.1f} MiB")
+            f = r["floor"]
+            lines.append(f"  {name:17s} {r['seconds'] * 1e3:8.1f} ms  {r['ratio_vs_copy']:5.2f}x copy  "
+                         f"{f['ratio']:5.2f}x its floor ({f['seconds'] * 1e3:.1f} ms: {f['what'].split(',')[0]})  "
+                         f"first sync {r['first_seconds'] * 1e3:.0f} ms  peak {r['peak_live_bytes'] / MiB:.0f} MiB")
+            lines.append("      phases (x copy): " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_vs_copy"].items()))
     return "\n".join(lines)

@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # ------------------------------------------------------------------------------------------ dtypes
@@ -88,21 +89,66 @@ def tensor_checksum(t: torch.Tensor) -> int:
 
     i.e. a weighted sum of the words with weight ``v_j + u_k`` for word ``(j, k)``: odd row weights
     ``v_j`` and even column weights ``u_k``, distinct by position. Arithmetic is integer arithmetic
-    modulo ``2^64`` (int64 tensors wrap), which is associative, so the value does not depend on the
-    reduction order, the number of threads or the device. A change of any single word changes it
-    (its weight is odd, so ``weight * delta != 0 mod 2^64``); a swap of two words in one row or in
-    one column changes it by ``(x_a - x_b)(u_a - u_b)`` resp. ``(x_a - x_b)(v_a - v_b)``; a truncation
-    changes ``n``. A corruption check, not a cryptographic hash.
+    modulo ``2^64`` (integer arrays wrap), which is associative, so the value does not depend on
+    the reduction order, the library (numpy on the CPU, torch elsewhere) or the device. A change of
+    any single word changes it (its weight is odd, so ``weight * delta != 0 mod 2^64``); a swap of
+    two words in one row or in one column changes it by ``(x_a - x_b)(u_a - u_b)`` resp.
+    ``(x_a - x_b)(v_a - v_b)``; a truncation changes ``n``. A corruption check, not a cryptographic
+    hash.
 
-    Cost: two integer sums over the bytes, with no multiplication per word (torch's integer
-    multiply is several times slower than its sums), done per 4 MiB chunk so that the second reads
-    the chunk from cache; about half a memory copy on cold data, less on data just written.
-    Temporaries: ``n / 4096`` row sums plus ``4 KiB`` per chunk.
+    Cost: two integer sums over the bytes and no multiplication per word, done per 4 MiB chunk so
+    that the second sum reads the chunk from cache; on data just written (the resharder and the
+    in-process staging call it right after the copy) a fraction of a memory copy.
     """
     b = t.detach()
     if not b.is_contiguous():
         b = b.contiguous()
     b = b.reshape(-1).view(torch.uint8)
+    if b.device.type == "cpu":
+        return _checksum_numpy(b)
+    return _checksum_torch(b)
+
+
+def _checksum_numpy(b: torch.Tensor) -> int:
+    a = b.numpy()
+    n = a.size
+    row_bytes = 8 * _ROW
+    full = n // row_bytes
+    rows = full + (1 if n % row_bytes else 0)
+    if rows == 0:
+        return (n * _A) & _MASK
+    x = a[:full * row_bytes].view(np.uint64).reshape(full, _ROW)
+    rsum = np.empty(rows, dtype=np.uint64)
+    csum = np.zeros(_ROW, dtype=np.uint64)
+    part = np.empty(_ROW, dtype=np.uint64)
+    for r0 in range(0, full, _CHUNK_ROWS):
+        r1 = min(r0 + _CHUNK_ROWS, full)
+        np.add.reduce(x[r0:r1], axis=1, out=rsum[r0:r1])
+        np.add.reduce(x[r0:r1], axis=0, out=part)
+        csum += part
+    if n % row_bytes:  # the last, partial row: zero-padded
+        tail = np.zeros(row_bytes, dtype=np.uint8)
+        tail[:n - full * row_bytes] = a[full * row_bytes:]
+        tw = tail.view(np.uint64)
+        rsum[full] = np.add.reduce(tw)
+        csum += tw
+    v = np.arange(rows, dtype=np.uint64) * np.uint64((2 * _MV) & _MASK) + np.uint64(1)
+    u = _np_col_weights()
+    total = int(np.add.reduce(rsum * v)) + int(np.add.reduce(csum * u))
+    return (n * _A + total) & _MASK
+
+
+_np_u: np.ndarray | None = None
+
+
+def _np_col_weights() -> np.ndarray:
+    global _np_u
+    if _np_u is None:
+        _np_u = _col_weights(torch.device("cpu")).numpy().view(np.uint64).copy()
+    return _np_u
+
+
+def _checksum_torch(b: torch.Tensor) -> int:
     n = b.numel()
     dev = b.device
     row_bytes = 8 * _ROW
@@ -128,6 +174,45 @@ def tensor_checksum(t: torch.Tensor) -> int:
         csum[c] = x
     total = int((rsum * _row_weights(rows, dev)).sum()) + int((csum.sum(0) * _col_weights(dev)).sum())
     return (n * _A + total) & _MASK
+
+
+# ------------------------------------------------------------------------------------ finiteness
+#: float dtype -> (signed int view, unsigned numpy view, exponent mask): a value is NaN or inf
+#: exactly when its exponent bits are all ones, i.e. ``bits & ~sign >= mask``.
+_FLOAT_BITS = {torch.bfloat16: (torch.int16, np.uint16, 0x7F80), torch.float16: (torch.int16, np.uint16, 0x7C00),
+               torch.float32: (torch.int32, np.uint32, 0x7F800000),
+               torch.float64: (torch.int64, np.uint64, 0x7FF0000000000000)}
+_FINITE_CHUNK = 4 << 20  # bytes per step: the second pass reads the chunk from cache
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN / inf in ``t`` (True for integer tensors).
+
+    On the CPU the test is on the bits, with two integer maxima per 4 MiB chunk (numpy, which has
+    the unsigned reduction torch lacks): the largest value read as a signed integer finds a
+    positive NaN / inf (``bits >= mask``), the largest read as unsigned a negative one
+    (``bits >= sign | mask``); finite values of either sign stay below both. That is exact and
+    about three times cheaper than ``torch.aminmax`` (which converts every bf16 value) on data in
+    cache. Elsewhere, ``aminmax`` (NaN propagates, +-inf surface).
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    spec = _FLOAT_BITS.get(t.dtype)
+    if t.device.type != "cpu" or spec is None:
+        lo, hi = torch.aminmax(t)
+        return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    sint, uint, mask = spec
+    x = t.detach()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    a = x.reshape(-1).view(sint).numpy()
+    neg = np.array(mask | (1 << (8 * a.itemsize - 1)), dtype=uint)
+    step = max(1, _FINITE_CHUNK // a.itemsize)
+    for i in range(0, a.size, step):
+        c = a[i:i + step]
+        if c.max() >= mask or c.view(uint).max() >= neg:
+            return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------- bucket
@@ -339,8 +424,10 @@ def flat_size(dtypes, shapes) -> int:
 
 
 # ------------------------------------------------------------------------------------ safetensors
-def write_safetensors(path: str | os.PathLike, bucket: Bucket, metadata: dict[str, str] | None = None) -> int:
-    """Write ``bucket`` as one safetensors file and fsync it; returns the bytes written.
+def write_safetensors(path: str | os.PathLike, bucket: Bucket, metadata: dict[str, str] | None = None, *,
+                      fsync: bool = True) -> int:
+    """Write ``bucket`` as one safetensors file and fsync it (unless ``fsync=False``: the caller
+    does); returns the bytes written.
 
     The format (https://github.com/huggingface/safetensors, "Format"): an 8-byte little-endian
     header length, a JSON header ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__":
@@ -367,8 +454,64 @@ def write_safetensors(path: str | os.PathLike, bucket: Bucket, metadata: dict[st
             if t.numel():
                 written += f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
     return written
+
+
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_MAX_HEADER = 100 << 20
+
+
+def read_safetensors_header(f) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], int]:
+    """Parse and check the header of the safetensors file open in ``f`` (binary, at offset 0).
+
+    Returns ``({name: (dtype, shape, begin, end)}, data_start)``: byte ``begin`` of a tensor is at
+    file offset ``data_start + begin``. Raises ``ValueError`` for anything malformed: a header
+    length beyond the file, bad JSON, an unknown dtype, offsets that do not match the shape or run
+    past the end of the file.
+    """
+    size = os.fstat(f.fileno()).st_size
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise ValueError("truncated before the header length")
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(_MAX_HEADER, size - 8):
+        raise ValueError(f"header length {n} does not fit a {size}-byte file")
+    try:
+        hdr = json.loads(f.read(n))
+    except ValueError as e:
+        raise ValueError(f"header is not JSON ({e})") from None
+    if not isinstance(hdr, dict):
+        raise ValueError("header is not a JSON object")
+    data_start, out = 8 + n, {}
+    for name, e in hdr.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dt = _ST_NAMES[e["dtype"]]
+            shape = tuple(int(d) for d in e["shape"])
+            begin, end = (int(x) for x in e["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"bad header entry for {name}: {e!r}") from None
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != _numel(shape) * dt.itemsize:
+            raise ValueError(f"{name}: offsets {begin}..{end} do not hold {dt} {list(shape)}")
+        if data_start + end > size:
+            raise ValueError(f"{name}: bytes up to {data_start + end} of a {size}-byte file (truncated)")
+        out[name] = (dt, shape, begin, end)
+    return out, data_start
+
+
+def read_into(f, offset: int, dest: torch.Tensor) -> None:
+    """Read ``dest``'s bytes (a contiguous CPU tensor) from file offset ``offset``, in place."""
+    mv = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+    f.seek(offset)
+    got = 0
+    while got < len(mv):
+        k = f.readinto(mv[got:])
+        if not k:
+            raise ValueError(f"truncated: {got} of {len(mv)} bytes at offset {offset}")
+        got += k
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -61,7 +61,7 @@ import torch.distributed as dist
 from ..learner.convert import _hf_names, _resolve, local_param_names
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
-from .bucket import Bucket, empty_bytes, tensor_checksum
+from .bucket import Bucket, all_finite, empty_bytes, tensor_checksum
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -429,10 +429,9 @@ class Resharder:
     def _finish_tensor(self, bucket: Bucket, hf_name: str, t: torch.Tensor) -> None:
         """Checks of one tensor just written (in cache), then into the bucket (and the sink)."""
         ph = self.phases
-        if self.check_finite and t.is_floating_point() and t.numel():
+        if self.check_finite:
             with ph("finite"):
-                lo, hi = torch.aminmax(t)
-                if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                if not all_finite(t):
                     bucket.nonfinite.append(hf_name)
         cs = None
         if self.checksums:

@@ -46,7 +46,6 @@ import socket
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -402,15 +401,18 @@ class DiskTransport(Transport):
         engine: a ReferenceEngine on the coordinator to reload into (staged and verified), or None.
         sglang_urls: SGLang servers to tell ``/update_weights_from_disk`` (they must see ``root``).
         keep: complete snapshots to keep (older ones are deleted after a successful sync).
+        keep_buffers: keep the engine's reload buffers (one model's worth) across syncs.
     """
 
     name = "disk"
 
     def __init__(self, root: str | os.PathLike, *, engine=None, sglang_urls: Sequence[str] = (), keep: int = 2,
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, keep_buffers: bool = True):
         self.root = Path(root)
         self.engine, self.sglang_urls, self.keep, self.timeout_s = engine, list(sglang_urls), max(1, keep), timeout_s
         self._files: list[dict] = []
+        self.keep_buffers = keep_buffers
+        self.buffers = ShadowBuffers()  # the engine's reload reads into these (kept across syncs)
 
     def packs(self, ctx: SenderContext) -> bool:
         return False  # a shard is written tensor by tensor, mostly straight from the parameters
@@ -433,8 +435,15 @@ class DiskTransport(Transport):
 
     def send(self, ctx: SenderContext, bucket: Bucket) -> None:
         fname = f"model-pp{ctx.stage:02d}-{bucket.index:05d}.safetensors"
-        write_safetensors(self._partial(ctx.version) / fname, bucket,
-                          {"format": "pt", "smd_sync_version": str(ctx.version)})
+        path = self._partial(ctx.version) / fname
+        with ctx.phases("write"):
+            write_safetensors(path, bucket, {"format": "pt", "smd_sync_version": str(ctx.version)}, fsync=False)
+        with ctx.phases("fsync"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self._files.append({"file": fname, "names": list(bucket.names), "nbytes": bucket.nbytes,
                             "checksums": bucket.checksums})
 
@@ -451,7 +460,8 @@ class DiskTransport(Transport):
         if errs:
             return CommitResult(ok=False, version=ctx.version, receiver=self.name,
                                 message="not written: " + "; ".join(errs))
-        snap = self._publish(ctx, got)
+        with ctx.phases("publish"):
+            snap = self._publish(ctx, got)
         return self._reload(ctx, snap)
 
     def _publish(self, ctx: SenderContext, got: list[dict]) -> Path:
@@ -494,11 +504,16 @@ class DiskTransport(Transport):
 
     def _reload(self, ctx: SenderContext, snap: Path) -> CommitResult:
         if self.engine is not None:
-            st = stage_from_disk(self.engine, snap, version=ctx.version, verify_checksums=ctx.verify)
+            st = stage_from_disk(self.engine, snap, version=ctx.version, verify_checksums=ctx.verify,
+                                 buffers=self.buffers)
             try:
                 res = st.commit(ctx.probe)
             except WeightSyncError as e:
                 return _result_from_error(ctx.version, e, self.name)
+            finally:
+                st.discard()
+                if not self.keep_buffers:
+                    self.buffers.clear()
         elif self.sglang_urls:
             msgs = []
             for url in self.sglang_urls:
