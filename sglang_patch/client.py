@@ -94,6 +94,36 @@ class SGLangClient:
         return {"input_ids": list(prompt), "sampling_params": params, "return_logprob": True}
 
     # ------------------------------------------------------------------ public
+    def server_policies(self) -> dict[str, dict | None]:
+        """Each URL's eviction policy as the server reports it (``/server_info`` →
+        ``internal_states[0]["smd"]["policy"]``); None where the answer has no patch state (a
+        router, or an unpatched server)."""
+        out = {}
+        for u in self.urls:
+            req = urllib.request.Request(u + "/server_info", method="GET")
+            try:
+                with urllib.request.urlopen(req, timeout=min(self.timeout_s, 60)) as r:
+                    info = json.loads(r.read())
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                raise SMDError(f"{u}/server_info: cannot read the server's state ({e})") from None
+            states = info.get("internal_states") or [{}]
+            out[u] = (states[0].get("smd") or {}).get("policy") if isinstance(states[0], dict) else None
+        return out
+
+    def check_policy(self, expected: dict) -> None:
+        """Refuse servers whose eviction policy differs from ``expected`` (``PolicyConfig``
+        as JSON): the learner would replay masks of a policy the config does not describe."""
+        for u, pol in self.server_policies().items():
+            if pol is None:
+                raise SMDError(f"{u}: the server reports no smd eviction state; start it with "
+                               f"python -m sglang_patch.launch_server (a router URL cannot be checked: "
+                               f"list the servers in rollout.sglang_urls)")
+            diff = {k: (pol.get(k), v) for k, v in expected.items() if pol.get(k) != v}
+            if diff:
+                raise SMDError(f"{u}: the server runs eviction policy {pol}, the config says {expected} "
+                               f"(server vs config: {diff}); restart the server with the config's --smd-* "
+                               f"flags or change rollout.policy")
+
     def generate(self, prompts: list[list[int]], n: int = 1, sampling: SamplingParams | None = None
                  ) -> tuple[list[Trajectory], RolloutStats]:
         """Sample ``n`` completions per prompt. Returns trajectories ordered prompt-major."""

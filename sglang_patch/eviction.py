@@ -400,9 +400,9 @@ class EvictionManager:
         return st
 
     def finish_in_prefill(self, req, ps: PromptState) -> dict:
-        """Export a request that finished in its prefill (its first sampled token was a stop
-        token, or SGLang's ``max_new_tokens=0`` prefix request): it never decoded, so its mask is
-        the prefill compression alone (dropped prompt keys ``evict = P``), and it holds nothing."""
+        """The export of a request that finished in its prefill (its first sampled token was a
+        stop token, or SGLang's ``max_new_tokens=0`` prefix request): it never decoded, so its mask
+        is the prefill compression alone (dropped prompt keys ``evict = P``). Nothing is kept."""
         P = ps.prompt_len
         T = len(req.origin_input_ids) + len(req.output_ids)
         ev = torch.full((self.L, max(T, P)), max(T, P), dtype=torch.int64)
@@ -411,7 +411,6 @@ class EvictionManager:
                   "prompt_state": "partial" if ps.partial else "shared", "replayable": True,
                   "not_replayable_reason": "", "evictions": 0, "peak_private_slots": 0, "prompt_len": P,
                   "policy": self.cfg.model_dump(mode="json")}
-        self._exports[req.rid] = export
         return export
 
     # ------------------------------------------------------------------ decode (per layer)

@@ -177,6 +177,7 @@ class _PrefillCapture:
 
 _MANAGER: EvictionManager | None = None
 _PREFILL: dict[int, _PrefillCapture] = {}  # req_pool_idx -> capture of the request prefilling there
+_PREFILL_DONE: dict[str, Any] = {}  # rid -> PromptState, while its prefill's results are processed
 _DECODE_TABLE: dict[str, Any] | None = None  # per-layer compacted table for torch_native decode
 _APPLIED = False
 
@@ -456,15 +457,20 @@ def _hook_results(Processor) -> None:
                     if any(x.numel() == 0 for x in queries):
                         continue
                     ps = _MANAGER.prepare_prompt(req, queries)  # K/V are in the pool
-                    done.append((req, queries, ps))
-            out = orig(self, batch, result, *args, **kwargs)  # checkpoints prompts, finishes 0-token reqs
-            for req in batch.reqs:  # the row's capture ends with this prefill (unless still chunking)
-                if req is not chunked and rows[id(req)] is not None:
-                    _PREFILL.pop(rows[id(req)], None)
-            for req, queries, ps in done:
-                if req.finished():  # stopped at its first token, or the n>1 prefix request
-                    _MANAGER.finish_in_prefill(req, ps)
-                elif req.kv.req_pool_idx is not None:
+                    done.append((req, queries))
+                    # a request that finishes in this prefill (first token a stop token, or the n>1
+                    # prefix request) is streamed out inside orig(): its export is built there
+                    _PREFILL_DONE[req.rid] = ps
+            try:
+                out = orig(self, batch, result, *args, **kwargs)  # checkpoints prompts, streams outputs
+            finally:
+                for req in batch.reqs:  # the row's capture ends with this prefill (unless still chunking)
+                    if req is not chunked and rows[id(req)] is not None:
+                        _PREFILL.pop(rows[id(req)], None)
+                for req, _ in done:
+                    _PREFILL_DONE.pop(req.rid, None)
+            for req, queries in done:
+                if not req.finished() and req.kv.req_pool_idx is not None:
                     _MANAGER.start_request(req, queries)
             return out
         return process_batch_result_prefill
@@ -501,7 +507,12 @@ def _hook_output(Streamer) -> None:
     def build_additional_customized_info(self, reqs):
         vals = []
         for req in reqs:
-            ex = _MANAGER.pop_export(req.rid) if (req.finished() and _MANAGER is not None) else None
+            ex = None
+            if req.finished() and _MANAGER is not None:
+                ex = _MANAGER.pop_export(req.rid)
+                ps = _PREFILL_DONE.pop(req.rid, None)
+                if ex is None and ps is not None:  # finished in its prefill: never decoded
+                    ex = _MANAGER.finish_in_prefill(req, ps)
             vals.append([ex] if ex is not None else [])
         return {META_KEY: vals}
 
@@ -522,7 +533,7 @@ def pool_state(scheduler) -> dict:
            "free_slots": int(alloc.available_size()), "total_slots": int(scheduler.max_total_num_tokens),
            "evictable_slots": int(tree.evictable_size()), "protected_slots": int(tree.protected_size()),
            "free_rows": int(rtp.available_size()), "total_rows": int(rtp.size),
-           "prefill_captures": len(_PREFILL)}
+           "prefill_captures": len(_PREFILL) + len(_PREFILL_DONE)}
     if _MANAGER is not None:
         out.update(_MANAGER.counts())
         out.update(_MANAGER.stats)

@@ -235,7 +235,7 @@ REFUSALS = [
 @pytest.mark.parametrize("extra,flag", REFUSALS, ids=[r[1] for r in REFUSALS])
 def test_launcher_refuses_at_start_naming_the_flag(model_dir, extra, flag):
     cmd = [sys.executable, "-m", "sglang_patch.launch_server", "--model-path", str(model_dir), "--device", "cpu",
-           "--smd-policy", "h2o", "--smd-budget", "16", *extra]
+           "--smd-policy", "h2o", "--smd-budget", "16", "--smd-window", "4", *extra]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     assert flag in p.stderr, p.stderr[-2000:]
@@ -245,6 +245,6 @@ def test_launcher_refuses_overlap_scheduler_on_gpu_settings(model_dir):
     """Without --device cpu nothing is filled in: a GPU launch that keeps the overlap scheduler is refused."""
     cmd = [sys.executable, "-m", "sglang_patch.launch_server", "--model-path", str(model_dir),
            "--attention-backend", "triton", "--page-size", "1", "--cuda-graph-backend-decode", "disabled",
-           "--smd-policy", "h2o", "--smd-budget", "16"]
+           "--smd-policy", "h2o", "--smd-budget", "16", "--smd-window", "4"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--disable-overlap-schedule" in p.stderr, p.stderr[-2000:]
