@@ -459,61 +459,6 @@ def write_safetensors(path: str | os.PathLike, bucket: Bucket, metadata: dict[st
     return written
 
 
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-_MAX_HEADER = 100 << 20
-
-
-def read_safetensors_header(f) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], int]:
-    """Parse and check the header of the safetensors file open in ``f`` (binary, at offset 0).
-
-    Returns ``({name: (dtype, shape, begin, end)}, data_start)``: byte ``begin`` of a tensor is at
-    file offset ``data_start + begin``. Raises ``ValueError`` for anything malformed: a header
-    length beyond the file, bad JSON, an unknown dtype, offsets that do not match the shape or run
-    past the end of the file.
-    """
-    size = os.fstat(f.fileno()).st_size
-    raw = f.read(8)
-    if len(raw) != 8:
-        raise ValueError("truncated before the header length")
-    (n,) = struct.unpack("<Q", raw)
-    if n > min(_MAX_HEADER, size - 8):
-        raise ValueError(f"header length {n} does not fit a {size}-byte file")
-    try:
-        hdr = json.loads(f.read(n))
-    except ValueError as e:
-        raise ValueError(f"header is not JSON ({e})") from None
-    if not isinstance(hdr, dict):
-        raise ValueError("header is not a JSON object")
-    data_start, out = 8 + n, {}
-    for name, e in hdr.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dt = _ST_NAMES[e["dtype"]]
-            shape = tuple(int(d) for d in e["shape"])
-            begin, end = (int(x) for x in e["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"bad header entry for {name}: {e!r}") from None
-        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != _numel(shape) * dt.itemsize:
-            raise ValueError(f"{name}: offsets {begin}..{end} do not hold {dt} {list(shape)}")
-        if data_start + end > size:
-            raise ValueError(f"{name}: bytes up to {data_start + end} of a {size}-byte file (truncated)")
-        out[name] = (dt, shape, begin, end)
-    return out, data_start
-
-
-def read_into(f, offset: int, dest: torch.Tensor) -> None:
-    """Read ``dest``'s bytes (a contiguous CPU tensor) from file offset ``offset``, in place."""
-    mv = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
-    f.seek(offset)
-    got = 0
-    while got < len(mv):
-        k = f.readinto(mv[got:])
-        if not k:
-            raise ValueError(f"truncated: {got} of {len(mv)} bytes at offset {offset}")
-        got += k
-
-
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename / file creation inside ``path`` durable."""
     fd = os.open(str(Path(path)), os.O_RDONLY)

@@ -35,7 +35,9 @@ Megatron parameter. A packing sender holds, for the whole sync, one packing buff
 conversion writes into the packing buffer and allocates nothing. A bucket is flushed *before* a
 parameter that would overflow it. Peak extra memory on a sender is therefore about
 ``B + P_max`` (more when one parameter alone exceeds a bucket, which then gets a buffer of its
-size): within two buckets whatever the model size. The buffers are reused within a sync, not
+size): within two buckets whatever the model size. With ``overlap`` (a transport that sends a
+bucket while the next one is packed) the same ``B`` bytes are two buffers of ``B / 2`` used in
+turn, and buckets are at most ``B / 2``: the memory bound is unchanged. The buffers are reused within a sync, not
 reallocated (a backend may drop its reference to a sent tensor late: gloo keeps the last one, and
 fresh buffers would then pile up); large ones are backed by transparent huge pages, which makes
 their first touch several times cheaper than 4 KiB page faults. They are not kept *across* syncs:
@@ -292,6 +294,9 @@ class Resharder:
         check_finite: record, per bucket, the tensors holding NaN or inf (``Bucket.nonfinite``).
         phases: a :class:`PhaseTimer` to account ``gather``, ``convert``, ``pack``, ``finite``,
             ``checksum`` and ``stage`` (the sink's ``put``) into.
+        overlap: pack alternately into two buffers of half the bucket size, so that a transport
+            may still be sending one bucket while the next is packed (it must be done with a
+            bucket by the time it returns from sending the next one, or from ``finish``).
 
     Raises ``ValueError`` at construction when the model's parameters are not exactly the ones the
     conversion table expects for this stage (same names and TP-local shapes on every rank).
@@ -300,7 +305,7 @@ class Resharder:
     def __init__(self, model: torch.nn.Module, layout: ParallelLayout, arch: ModelArch, *, bucket_bytes: int,
                  dtype: torch.dtype | None = None, checksums: bool = False, meter: LiveBytes | None = None,
                  pack: bool = True, sink: Sink | None = None, check_finite: bool = False,
-                 phases: PhaseTimer | None = None):
+                 phases: PhaseTimer | None = None, overlap: bool = False):
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
         self.layout, self.arch = layout, arch
@@ -325,14 +330,15 @@ class Resharder:
         self.stats = ReshardStats()
         self.errors: list[str] = []  # recorded, not raised: the TP gathers must run to the end
         self._draining = False
-        # Reused buffers (sender only): the bucket is packed in place in wire layout (``_pack_buf``,
-        # one bucket, or the largest parameter if that is bigger), and the TP shards of one parameter
-        # land in ``_gather_buf`` ((tp - 1) x the largest local parameter).
+        # Reused buffers (sender only): the bucket is packed in place in wire layout (``pack0``, and
+        # ``pack1`` in turn with ``overlap``: one bucket, or the largest parameter if that is bigger),
+        # and the TP shards of one parameter land in ``gather`` ((tp - 1) x the largest local parameter).
+        self.overlap = overlap and self.pack
+        self._limit = self.bucket_bytes // 2 if self.overlap else self.bucket_bytes  # bytes per bucket
         est = [self._hf_bytes_estimate(q) for _, q in self.params]
-        self._pack_capacity = max(min(self.bucket_bytes, sum(est)), max(est))
+        self._pack_capacity = max(min(self._limit, sum(est)), max(est))
         self._max_local_bytes = max(q.numel() * q.element_size() for _, q in self.params)
-        self._pack_buf: torch.Tensor | None = None
-        self._gather_buf: torch.Tensor | None = None
+        self._bufs: dict[str, torch.Tensor] = {}
         self._temps: list[torch.Tensor] = []  # unpacked mode: temporaries of the open bucket
 
     # --------------------------------------------------------------------------------------
@@ -342,24 +348,27 @@ class Resharder:
         tp = self.layout.tp if getattr(p, "tensor_model_parallel", False) else 1
         return p.numel() * tp * itemsize
 
-    def _buffer(self, attr: str, nbytes: int, device: torch.device) -> torch.Tensor:
-        """A reusable ``uint8`` buffer (``attr`` = ``"_pack_buf"`` or ``"_gather_buf"``), grown on demand.
+    def _buffer(self, key: str, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A reusable ``uint8`` buffer (``key`` = ``"pack0"``, ``"pack1"`` or ``"gather"``), grown on demand.
 
         Reused rather than allocated per bucket / per parameter: collectives may drop their
         reference to a tensor only later (gloo keeps the last one), so fresh buffers would linger
         beyond the two-bucket bound; a reused one costs its size once.
         """
-        buf = getattr(self, attr)
+        buf = self._bufs.get(key)
         if buf is None or buf.numel() < nbytes or buf.device != device:
             with self.phases("pack"):
                 if buf is not None:
                     self.meter.release(buf)
-                setattr(self, attr, None)
+                self._bufs.pop(key, None)
                 del buf
                 buf = empty_bytes(nbytes, device)
                 self.meter.hold(buf)
-                setattr(self, attr, buf)
+                self._bufs[key] = buf
         return buf
+
+    def _pack_key(self, bucket: Bucket) -> str:
+        return f"pack{bucket.index % 2}" if self.overlap else "pack0"
 
     def _gather(self, name: str, p: torch.Tensor) -> list[torch.Tensor] | None:
         """All TP shards of ``p`` (rank order) on the sender, None elsewhere.
@@ -378,7 +387,7 @@ class Resharder:
                 dist.send(local.contiguous(), group=g, group_dst=0)
                 return None
             nb = local.numel() * local.element_size()
-            buf = self._buffer("_gather_buf", (tp - 1) * self._max_local_bytes, local.device)
+            buf = self._buffer("gather", (tp - 1) * self._max_local_bytes, local.device)
             shards = [local] + [buf[k * nb:(k + 1) * nb].view(local.dtype).view(local.shape) for k in range(tp - 1)]
             works = [dist.irecv(shards[r], group=g, group_src=r) for r in range(1, tp)]
             for w in works:
@@ -396,7 +405,8 @@ class Resharder:
         """Write into ``sink`` (see the constructor) from now on; call before iterating."""
         self.sink = sink
         if sink is not None:
-            self.pack = False
+            self.pack = self.overlap = False
+            self._limit = self.bucket_bytes
 
     def drain(self) -> None:
         """Stop converting: the remaining parameters are still gathered (the TP group must stay in
@@ -415,10 +425,9 @@ class Resharder:
         try:
             yield from self._iter()
         finally:
-            for attr in ("_pack_buf", "_gather_buf"):
-                if getattr(self, attr) is not None:
-                    self.meter.release(getattr(self, attr))
-                    setattr(self, attr, None)
+            for buf in self._bufs.values():
+                self.meter.release(buf)
+            self._bufs.clear()
             self._release_temps()
             self.stats.peak_live_bytes = self.meter.peak
 
@@ -445,7 +454,7 @@ class Resharder:
                 self.sink.put(hf_name, t, cs)
 
     def _iter(self) -> Iterator[Bucket]:
-        B, ph = self.bucket_bytes, self.phases
+        B, ph = self._limit, self.phases
         bucket = Bucket(self.stage, 0)
         gptr = None
         for name, p in self.params:
@@ -458,8 +467,8 @@ class Resharder:
             shards = self._gather(name, p)
             if shards is None:
                 continue
-            if gptr is None and self._gather_buf is not None:
-                gptr = self._gather_buf.untyped_storage().data_ptr()
+            if gptr is None and "gather" in self._bufs:
+                gptr = self._bufs["gather"].untyped_storage().data_ptr()
             try:
                 with ph("convert"):
                     outs = hf_pieces(name, shards, self.arch, pp_rank=self.stage, pp_size=self.num_stages)
@@ -473,12 +482,13 @@ class Resharder:
             self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes, sum(sizes))
             for (hf_name, shape, pieces), dt, nb in zip(outs, dtypes, sizes):
                 if self.pack:
-                    buf = self._buffer("_pack_buf", self._pack_capacity, p.device)
+                    buf = self._buffer(self._pack_key(bucket), self._pack_capacity, p.device)
                     if len(bucket) and (bucket.nbytes % dt.itemsize or bucket.nbytes + nb > buf.numel()):
                         yield self._flush(bucket)  # mixed dtypes (SGLang's alignment rule) or a low estimate
                         bucket = self._next(bucket)
+                        buf = self._buffer(self._pack_key(bucket), self._pack_capacity, p.device)
                     if nb > buf.numel():
-                        buf = self._buffer("_pack_buf", nb, p.device)
+                        buf = self._buffer(self._pack_key(bucket), nb, p.device)
                     with ph("convert"):
                         t = write_pieces(bucket.reserve(hf_name, shape, dt, buf), pieces)
                 else:

@@ -245,17 +245,16 @@ class StagedUpdate:
 
 # -------------------------------------------------------------------------------------- disk reload
 def stage_from_disk(engine, snapshot: str | Path, *, version: int | None = None,
-                    verify_checksums: bool = True, buffers: ShadowBuffers | None = None) -> StagedUpdate:
+                    verify_checksums: bool = True) -> StagedUpdate:
     """Read a snapshot written by the ``disk`` transport into a :class:`StagedUpdate`.
 
     The snapshot is an HF model directory (``config.json``, ``model.safetensors.index.json``, shards).
     The index's ``metadata`` carries the sync version and, when the sync was verified, each tensor's
     checksum, which is compared here. Unreadable files are recorded as problems, not raised.
 
-    ``buffers``: read every tensor straight into its kept slot (one copy from the page cache, no
-    fresh allocation; the shard headers are parsed and checked by
-    :func:`~megatron_smd.sync.bucket.read_safetensors_header`). Without, the ``safetensors``
-    library reads each tensor into a new one.
+    The ``safetensors`` library maps the shards: the staged tensors are views of the page cache
+    (no copy, no fresh memory: measured, mapping and then committing costs about one copy, reading
+    into buffers first about two), and the commit copies them into the engine.
     """
     import json
 
@@ -288,9 +287,6 @@ def stage_from_disk(engine, snapshot: str | Path, *, version: int | None = None,
     t0 = time.perf_counter()
     for fname, names in sorted(by_file.items()):
         path = snap / fname
-        if buffers is not None:
-            _read_shard_into(st, path, names, sums, buffers)
-            continue
         try:
             with safe_open(str(path), framework="pt") as f:
                 present = set(f.keys())
@@ -305,25 +301,3 @@ def stage_from_disk(engine, snapshot: str | Path, *, version: int | None = None,
     st._time("read", t0)
     st.phases["read"] -= st.phases.get("verify", 0.0)  # verify is timed apart
     return st
-
-
-def _read_shard_into(st: StagedUpdate, path: Path, names: list[str], sums: dict, buffers: ShadowBuffers) -> None:
-    from .bucket import read_into, read_safetensors_header
-
-    try:
-        with open(path, "rb") as f:
-            entries, data_start = read_safetensors_header(f)
-            for name in names:
-                e = entries.get(name)
-                if e is None:
-                    st.problem(f"{path}: tensor {name} listed in the index is missing")
-                    continue
-                dt, shape, begin, _ = e
-                p = st._params.get(name)
-                dev = p.device if p is not None and p.device.type == "cpu" else torch.device("cpu")
-                dest = buffers.slot(name, shape, dt, dev)
-                read_into(f, data_start + begin, dest)
-                cs = sums.get(name)
-                st.add(name, dest, None if cs is None else int(cs), copy=False)
-    except (OSError, ValueError) as e:
-        st.problem(f"{path}: cannot read safetensors shard ({e})")

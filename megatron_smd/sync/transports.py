@@ -117,6 +117,12 @@ class Transport(ABC):
         :class:`~megatron_smd.sync.reshard.Sink`: the in-process engine's staging), or None."""
         return None
 
+    def overlaps(self, ctx: SenderContext) -> bool:
+        """Whether ``send`` may return while still sending the bucket (done with it at the latest
+        when the next ``send`` or ``finish`` returns): the resharder then packs the next bucket
+        meanwhile, into the other half of its buffer (``Resharder(overlap=True)``)."""
+        return False
+
     @abstractmethod
     def begin(self, ctx: SenderContext) -> None:
         """Start sync ``ctx.version`` on this stage sender."""
@@ -275,6 +281,7 @@ class BroadcastTransport(Transport):
         self.broken: str | None = None
         self._sent = 0
         self._stage = -1
+        self._inflight = None  # (Work, flat) of the bucket still being broadcast
 
     def _address(self, stage: int) -> str:
         a = self.master_address
@@ -296,6 +303,7 @@ class BroadcastTransport(Transport):
         except WeightSyncError:
             raise
         except Exception as e:  # gloo: "Connection closed by peer"; nccl / hung peer: timeout
+            self._inflight = None
             self.broken = f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
             # Tear the group down at once: the surviving engines, blocked on this group, then see
             # the connection close and give up now instead of after the timeout.
@@ -310,10 +318,20 @@ class BroadcastTransport(Transport):
                     {"op": "begin", "version": ctx.version, "stage": ctx.stage, "num_stages": ctx.num_stages},
                     0, self.pg, self.device)
 
+    def overlaps(self, ctx: SenderContext) -> bool:
+        return True  # a bucket's broadcast runs while the next bucket is packed
+
+    def _wait(self) -> None:
+        if self._inflight is not None:
+            work, _ = self._inflight
+            self._inflight = None
+            work.wait()
+
     def _send(self, ctx: SenderContext, bucket: Bucket) -> None:
+        self._wait()  # the previous bucket is out (its buffer is the one the resharder fills next)
         flat = bucket.flatten(self.device)
         bcast_object({"op": "bucket", "version": ctx.version, **bucket.header()}, 0, self.pg, self.device)
-        dist.broadcast(flat, group=self.pg, group_src=0)
+        self._inflight = (dist.broadcast(flat, group=self.pg, group_src=0, async_op=True), flat)
 
     def send(self, ctx: SenderContext, bucket: Bucket) -> None:
         self._guard(f"bucket {bucket.index} of stage {ctx.stage}", self._send, ctx, bucket)
@@ -344,6 +362,7 @@ class BroadcastTransport(Transport):
         return out
 
     def _finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
+        self._wait()
         if failed:
             msg = {"op": "abort", "version": ctx.version, "stage": ctx.stage, "reason": failed}
         else:
@@ -366,7 +385,8 @@ class BroadcastTransport(Transport):
         return CommitResult(ok=True, version=ctx.version, message=f"committed on {len(results)} engine(s)",
                             tensors=r0.tensors, bytes=r0.bytes, checksums_verified=r0.checksums_verified,
                             probe_max_abs_diff=max((r.probe_max_abs_diff or 0.0) for r in results)
-                            if r0.probe_max_abs_diff is not None else None, receiver=self.name)
+                            if r0.probe_max_abs_diff is not None else None, receiver=self.name,
+                            phases=dict(r0.phases))
 
     def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
         return self._guard(f"the end of stage {ctx.stage}", self._finish, ctx, failed)
@@ -402,18 +422,16 @@ class DiskTransport(Transport):
         engine: a ReferenceEngine on the coordinator to reload into (staged and verified), or None.
         sglang_urls: SGLang servers to tell ``/update_weights_from_disk`` (they must see ``root``).
         keep: complete snapshots to keep (older ones are deleted after a successful sync).
-        keep_buffers: keep the engine's reload buffers (one model's worth) across syncs.
     """
 
     name = "disk"
 
     def __init__(self, root: str | os.PathLike, *, engine=None, sglang_urls: Sequence[str] = (), keep: int = 2,
-                 timeout_s: float = 600.0, keep_buffers: bool = True):
+                 timeout_s: float = 600.0):
         self.root = Path(root)
         self.engine, self.sglang_urls, self.keep, self.timeout_s = engine, list(sglang_urls), max(1, keep), timeout_s
         self._files: list[dict] = []
-        self.keep_buffers = keep_buffers
-        self.buffers = ShadowBuffers()  # the engine's reload reads into these (kept across syncs)
+        self._fsyncs: list[_Fsync] = []
 
     def packs(self, ctx: SenderContext) -> bool:
         return False  # a shard is written tensor by tensor, mostly straight from the parameters
@@ -426,7 +444,7 @@ class DiskTransport(Transport):
         return self.root / f".{self.snapshot_name(version)}.partial"
 
     def begin(self, ctx: SenderContext) -> None:
-        self._files = []
+        self._files, self._fsyncs = [], []
         part = self._partial(ctx.version)
         if ctx.coordinator:
             shutil.rmtree(part, ignore_errors=True)  # a leftover of an earlier failed attempt
@@ -439,16 +457,20 @@ class DiskTransport(Transport):
         path = self._partial(ctx.version) / fname
         with ctx.phases("write"):
             write_safetensors(path, bucket, {"format": "pt", "smd_sync_version": str(ctx.version)}, fsync=False)
-        with ctx.phases("fsync"):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        # made durable in the background while the next shard is converted and written; finish()
+        # waits for every shard before anything is published
+        self._fsyncs.append(_Fsync(path))
         self._files.append({"file": fname, "names": list(bucket.names), "nbytes": bucket.nbytes,
                             "checksums": bucket.checksums})
 
     def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
+        with ctx.phases("fsync"):  # what is left of the shards' fsyncs
+            for t in self._fsyncs:
+                t.join()
+        bad = [t.error for t in self._fsyncs if t.error]
+        self._fsyncs = []
+        if bad and not failed:
+            failed = "; ".join(bad)
         mine = {"stage": ctx.stage, "failed": failed, "files": self._files}
         if ctx.num_stages > 1:
             got = [None] * ctx.num_stages if ctx.coordinator else None
@@ -505,16 +527,11 @@ class DiskTransport(Transport):
 
     def _reload(self, ctx: SenderContext, snap: Path) -> CommitResult:
         if self.engine is not None:
-            st = stage_from_disk(self.engine, snap, version=ctx.version, verify_checksums=ctx.verify,
-                                 buffers=self.buffers)
+            st = stage_from_disk(self.engine, snap, version=ctx.version, verify_checksums=ctx.verify)
             try:
                 res = st.commit(ctx.probe)
             except WeightSyncError as e:
                 return _result_from_error(ctx.version, e, self.name)
-            finally:
-                st.discard()
-                if not self.keep_buffers:
-                    self.buffers.clear()
         elif self.sglang_urls:
             msgs = []
             for url in self.sglang_urls:
@@ -531,8 +548,28 @@ class DiskTransport(Transport):
             res = CommitResult(ok=True, version=ctx.version, message=f"written to {snap} (no engine attached)",
                                receiver=self.name)
         res.message = f"{res.message} [{snap}]"
-        self._prune(snap.name)
+        with ctx.phases("prune"):
+            self._prune(snap.name)
         return res
+
+
+class _Fsync(threading.Thread):
+    """fsync one written shard in the background (the disk works while the sender converts)."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True, name=f"fsync {path.name}")
+        self.path, self.error = path, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self.error = f"fsync of {self.path} failed ({e})"
 
 
 # ============================================================================================ sglang

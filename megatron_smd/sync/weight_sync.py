@@ -213,7 +213,7 @@ class WeightSync:
                             probe=probe, phases=phases)
         res = Resharder(self.model, lay, self.arch, bucket_bytes=self.bucket_bytes, dtype=self.dtype,
                         checksums=self.verify, meter=meter, pack=self.transport.packs(ctx),
-                        check_finite=self.check_finite, phases=phases)
+                        check_finite=self.check_finite, phases=phases, overlap=self.transport.overlaps(ctx))
         err, result = None, None
         if res.participant:
             with _intra_op_threads(self.threads):
