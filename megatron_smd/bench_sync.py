@@ -28,8 +28,10 @@ apart as ``first_seconds``):
                        same weight-update group to the same receiver process, into a buffer it
                        keeps (:meth:`~megatron_smd.sync.transports.BroadcastTransport.wire_seconds`).
 ``disk``               a raw ``safetensors.torch.save_file`` + ``load_file`` of the same tensors
-                       (the engine's HF state dict) in the same directory; no fsync, which the
-                       transport does (the ``fsync`` seconds are reported beside it).
+                       (the engine's HF state dict) in the same directory. ``load_file`` maps the
+                       file (the transport's reload does too). The transport also fsyncs its
+                       shards before publishing the snapshot, which the raw floor does not:
+                       ``floor_durable`` is the same floor with an fsync of the file.
 =====================  ===========================================================================
 
 Every pair gives a ratio (sync seconds / floor seconds); the figure is the **median** of those
@@ -100,18 +102,25 @@ class _Copier:
         return best
 
 
-def _raw_safetensors_seconds(tensors: dict[str, torch.Tensor], directory: str) -> float:
-    """The disk floor: ``save_file`` then ``load_file`` of ``tensors`` (one file, no fsync)."""
+def _raw_safetensors_seconds(tensors: dict[str, torch.Tensor], directory: str) -> tuple[float, float, float]:
+    """The disk floor: seconds of ``save_file``, of an fsync of that file, and of ``load_file``."""
     from safetensors.torch import load_file, save_file
 
     path = os.path.join(directory, "raw-floor.safetensors")
     t0 = time.perf_counter()
     save_file(tensors, path)
+    t1 = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    t2 = time.perf_counter()
     loaded = load_file(path)
-    dt = time.perf_counter() - t0
+    t3 = time.perf_counter()
     del loaded
     os.unlink(path)
-    return dt
+    return t1 - t0, t2 - t1, t3 - t2
 
 
 def _empty_engine(arch: ModelArch, dtype: torch.dtype):
@@ -194,14 +203,24 @@ def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, buc
     copier = _Copier(nbytes)
     kw = dict(bucket_bytes=bucket_mb * MiB)
 
-    def run(name: str, ws: WeightSync, floor, what: str) -> None:
+    def run(name: str, ws: WeightSync, floor, what: str, floor2=None, what2: str = "") -> None:
+        """``floor()`` -> seconds, or a tuple whose first item is the floor and second the
+        alternative floor ``floor2`` reports on (disk: without and with fsync)."""
         first = ws.sync(1).seconds  # allocates the engine side's kept buffers
-        reports, floors, copies = [], [], []
+        reports, floors, floors2, copies = [], [], [], []
         for k in range(repeats):
-            floors.append(floor())
+            f = floor()
+            floors.append(f[0] if isinstance(f, tuple) else f)
+            if isinstance(f, tuple):
+                floors2.append(f[1])
             copies.append(copier.seconds())
             reports.append(ws.sync(k + 2))
-        out["transports"][name] = _summary(reports, floors, copies, what, first=first)
+        res = _summary(reports, floors, copies, what, first=first)
+        if floors2:
+            ratios = [r.seconds / f for r, f in zip(reports, floors2)]
+            res["floor_durable"] = {"what": what2, "seconds": _median(floors2), "ratio": _median(ratios),
+                                    "ratio_min": min(ratios), "ratio_max": max(ratios)}
+        out["transports"][name] = res
 
     copy_what = "plain Tensor.copy_ of the same bytes (best of 3), same run, interleaved"
     if "inprocess" in transports:
@@ -212,8 +231,17 @@ def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, buc
     if "disk" in transports:
         with tempfile.TemporaryDirectory(prefix="smd-bench-sync-") as d:
             ws = WeightSync(model, layout, arch, DiskTransport(Path(d) / "sync", engine=engine, keep=1), **kw)
-            run("disk", ws, lambda: _raw_safetensors_seconds(hf, d),
-                "raw safetensors save_file + load_file of the same tensors (no fsync), same directory, interleaved")
+
+            def disk_floor() -> tuple[float, float]:
+                ws.transport.wait()  # the last sync's background deletion must not slow the floor down
+                save, fsync, load = _raw_safetensors_seconds(hf, d)
+                return save + load, save + fsync + load
+
+            run("disk", ws, disk_floor,
+                "raw safetensors save_file + load_file of the same tensors (no fsync), same directory, interleaved",
+                what2="the same with an fsync of the file between save and load (the transport makes its "
+                      "snapshot durable before publishing it)")
+            ws.close()  # waits for the background deletion of the last old snapshot
     if "broadcast" in transports:
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
@@ -310,5 +338,8 @@ def format_sync_bench(res: dict) -> str:
             lines.append(f"  {name:17s} {r['seconds'] * 1e3:8.1f} ms  {r['ratio_vs_copy']:5.2f}x copy  "
                          f"{f['ratio']:5.2f}x its floor ({f['seconds'] * 1e3:.1f} ms: {f['what'].split(',')[0]})  "
                          f"first sync {r['first_seconds'] * 1e3:.0f} ms  peak {r['peak_live_bytes'] / MiB:.0f} MiB")
+            if "floor_durable" in r:
+                fd = r["floor_durable"]
+                lines.append(f"      {fd['ratio']:5.2f}x the floor with fsync ({fd['seconds'] * 1e3:.1f} ms)")
             lines.append("      phases (x copy): " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_vs_copy"].items()))
     return "\n".join(lines)

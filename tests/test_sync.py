@@ -243,6 +243,96 @@ def test_staged_commit_is_all_or_nothing():
     assert _param_sums(engine) == {k: tensor_checksum(new[k]) for k in before}
 
 
+def test_direct_conversion_equals_the_conversion_table():
+    """The resharder converts straight into its destination (hf_pieces + write_pieces); the result
+    must be byte for byte what the project's one conversion table gives (iter_hf_from_local), for
+    every rule, at TP 1, 2 and 4 (4 > num_kv_heads = 2: query groups split across ranks), both PP
+    stages, tied and untied embeddings, and when the destination has another dtype."""
+    from megatron_smd.learner.convert import hf_to_megatron, iter_hf_from_local, local_param_names
+    from megatron_smd.sync.reshard import hf_pieces, write_pieces
+
+    for name in ("qwen2", "llama"):
+        arch = _arch(name)
+        hf = _hf0(name)
+        for tp in (1, 2, 4):
+            for pp_rank in (0, 1):
+                local = [hf_to_megatron(hf, arch, r, tp, pp_rank, 2) for r in range(tp)]
+                seen = 0
+                for pname in local_param_names(arch, pp_rank, 2):
+                    shards = [local[r][pname] for r in range(tp)]
+                    ref = list(iter_hf_from_local(pname, shards, arch, pp_rank=pp_rank, pp_size=2))
+                    got = hf_pieces(pname, shards, arch, pp_rank=pp_rank, pp_size=2)
+                    assert [n for n, _ in ref] == [n for n, _, _ in got], (name, tp, pname)
+                    for (hf_name, t), (_, shape, pieces) in zip(ref, got):
+                        assert tuple(t.shape) == tuple(shape), (hf_name, tp)
+                        out = write_pieces(torch.full(shape, float("nan")), pieces)
+                        assert torch.equal(out, t), (name, tp, pp_rank, hf_name)
+                        half = write_pieces(torch.empty(shape, dtype=torch.bfloat16), pieces)
+                        assert torch.equal(half, t.to(torch.bfloat16)), (hf_name, tp)
+                        seen += 1
+                assert seen > 0
+
+
+def test_all_finite_is_exact_for_every_float_dtype():
+    from megatron_smd.sync.bucket import _all_finite_exact, all_finite
+
+    g = torch.Generator().manual_seed(1)
+    assert all_finite(torch.arange(10)) and all_finite(torch.empty(0))
+    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        fi = torch.finfo(dt)
+        x = torch.cat([torch.randn(100_000, generator=g).to(dt),
+                       torch.tensor([fi.max, -fi.max, fi.tiny, -fi.tiny, 0.0, -0.0, fi.smallest_normal / 4], dtype=dt)])
+        assert all_finite(x) and _all_finite_exact(x), dt
+        huge = torch.full((10,), fi.max, dtype=dt)  # finite, but its sum overflows: settled exactly
+        assert all_finite(huge) and all_finite(-huge), dt
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+        for v in (float("inf"), float("-inf"), float("nan"), -float("nan")):
+            for pos in (0, 4_099, x.numel() - 1):
+                y = x.clone()
+                y[pos] = v
+                assert not all_finite(y) and not _all_finite_exact(y), (dt, v, pos)
+        y = x.clone()
+        y.view(bits)[123] = -1  # all bits set: a negative NaN with a full payload
+        assert not all_finite(y) and not _all_finite_exact(y), dt
+
+
+def test_checksum_numpy_and_torch_paths_agree():
+    """The CPU computes the checksum with numpy, other devices with torch: the same integers."""
+    from megatron_smd.sync.bucket import _checksum_torch
+
+    g = torch.Generator().manual_seed(2)
+    for t in (torch.randn(3, generator=g), torch.randn(1_000_003, generator=g).bfloat16(),
+              torch.randint(-(1 << 62), 1 << 62, (600_001,), generator=g), torch.arange(4096, dtype=torch.uint8)):
+        assert tensor_checksum(t) == _checksum_torch(t.reshape(-1).view(torch.uint8)), t.dtype
+
+
+def test_disk_index_names_its_checksum_algorithm(tmp_path):
+    """A snapshot whose checksums were computed by another algorithm (an older version of this
+    code) is refused with that reason, not as a 'checksum mismatch' of its first tensor."""
+    from megatron_smd.sync.bucket import CHECKSUM_ALGORITHM
+    from megatron_smd.sync.staging import stage_from_disk
+
+    name = "qwen2"
+    engine = _engine(name)
+    hf = _hf0(name)
+    b = Bucket(0, 0)
+    for k, v in hf.items():
+        b.add(k, v.contiguous())
+    write_safetensors(tmp_path / "model-pp00-00000.safetensors", b)
+    sums = {k: str(tensor_checksum(v)) for k, v in hf.items()}
+    index = {"metadata": {"smd_sync_version": 3, "smd_checksums": sums, "smd_checksum_algorithm": CHECKSUM_ALGORITHM},
+             "weight_map": {k: "model-pp00-00000.safetensors" for k in hf}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    res = stage_from_disk(engine, tmp_path).commit()
+    assert res.ok and res.checksums_verified == len([k for k in hf if k != "lm_head.weight"])
+    del index["metadata"]["smd_checksum_algorithm"]
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    from megatron_smd.sync.staging import WeightSyncError
+
+    with pytest.raises(WeightSyncError, match="an earlier algorithm"):
+        stage_from_disk(engine, tmp_path).commit()
+
+
 # ================================================================================ multi-process
 def _entry(idx: int, fn, args, env: dict, q) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU + gloo unless the job asks for a GPU
@@ -606,6 +696,103 @@ def test_failures_leave_engine_on_previous_weights(sync_run):
     # it had staged all of stage 0 and part of stage 1 when the other receiver died: nothing committed
     assert (0, 0) in survivor["fail_seen"] and (1, 0) in survivor["fail_seen"], survivor["fail_seen"]
     assert survivor["fail"][0] == "raised" or not survivor["fail"][1][0]
+
+
+def _repeat_sync_job(port: int, tmp: str) -> dict:
+    """One learner rank (TP=PP=1): repeated syncs through the kept engine-side buffers."""
+    from megatron_smd.learner.learner import Learner, LearnerSettings
+    from megatron_smd.parallel.layout import ParallelLayout
+    from megatron_smd.sync import (BroadcastTransport, InProcessTransport, WeightSync, WeightSyncError,
+                                   learner_logits)
+
+    name = "qwen2"
+    arch = _arch(name)
+    layout = ParallelLayout(world_size=1)
+    layout.initialize(seed=0)
+    learner = Learner(arch, layout, LearnerSettings(lr=1e-2, micro_batch_size=2), weights=_hf0(name))
+    engine = _engine(name)
+    tr = InProcessTransport(engine)
+    from megatron_smd.learner.convert import megatron_to_hf
+
+    out: dict = {"diffs": [], "slot_ptrs": [], "bitwise": []}
+    params = dict(learner.model.named_parameters())
+    g = torch.Generator().manual_seed(5)
+    for k, verify in enumerate((False, True, False)):
+        with torch.no_grad():
+            for p in params.values():  # new weights every time: a stale or shared buffer would show
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype), alpha=1e-3)
+        ws = WeightSync(learner.model, layout, arch, tr, bucket_bytes=BUCKET, verify=verify)
+        rep = ws.sync(k + 1)
+        L = learner_logits(learner.model, layout, arch, PROBE)
+        out["diffs"].append(float((_engine_logits(engine) - L).abs().max()))
+        want = megatron_to_hf({(0, 0): {n: p.detach() for n, p in params.items()}}, arch, 1, 1)
+        have = dict(engine.model.named_parameters())
+        out["bitwise"].append(all(torch.equal(have[n], t) for n, t in want.items() if n in have))
+        out["slot_ptrs"].append(sorted(t.data_ptr() for t in tr.buffers._slots.values()))
+        out.setdefault("verified", []).append(rep.verified_checksums)
+        out.setdefault("phases", []).append(sorted(rep.phases))
+    # a NaN without verify (the finiteness check then runs on the helper thread) and with it
+    sums0 = _param_sums(engine)
+    w = params["decoder.layers.1.self_attention.linear_proj.weight"]
+    with torch.no_grad():
+        w.view(-1)[5] = float("nan")
+    out["nan"] = []
+    for verify in (False, True):
+        try:
+            WeightSync(learner.model, layout, arch, tr, bucket_bytes=BUCKET, verify=verify).sync(9)
+            out["nan"].append(("no error", None))
+        except WeightSyncError as e:
+            out["nan"].append((str(e), e.engine_state))
+    out["nan_unchanged"] = _param_sums(engine) == sums0
+    with torch.no_grad():
+        w.view(-1)[5] = 0.0
+    # the raw-broadcast floor over a live group, then a sync, then shutdown
+    btr = BroadcastTransport("127.0.0.1", port, 1, backend="gloo", timeout_s=60)
+    ws = WeightSync(learner.model, layout, arch, btr, bucket_bytes=BUCKET)
+    ws.sync(10)
+    out["wire"] = btr.wire_seconds(1 << 20, 2)
+    out["after_wire"] = ws.sync(11).buckets
+    ws.close()
+    out["L"] = learner_logits(learner.model, layout, arch, PROBE)
+    layout.destroy()
+    return out
+
+
+def _repeat_receiver_job(port: int) -> dict:
+    from megatron_smd.sync import BroadcastReceiver
+
+    engine = _engine("qwen2")
+    rx = BroadcastReceiver(engine, master_address="127.0.0.1", master_port=port, num_stages=1, rank=1,
+                           world_size=2, timeout_s=60)
+    n = rx.serve()
+    rx.close()
+    return {"committed": n, "logits": _engine_logits(engine), "phases": sorted(rx.last_result.phases)}
+
+
+@pytest.mark.slow
+def test_kept_buffers_repeated_syncs_and_wire(tmp_path):
+    """Syncs reuse the engine side's kept buffers (the same memory every time) and still leave the
+    engine exactly on the learner's current weights; a NaN is refused with and without checksums
+    (the engine bit-identical); the raw-broadcast 'wire' message works between syncs."""
+    port = _two_free_ports()
+    env = dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    res = _spawn([(_repeat_sync_job, (port, str(tmp_path)), env), (_repeat_receiver_job, (port,), {})],
+                 may_die=set(), timeout=240)
+    lr, rx = res[0], res[1]
+    assert lr["bitwise"] == [True, True, True]  # the engine holds exactly the learner's HF tensors
+    assert all(d <= EXACT_TOL for d in lr["diffs"]), lr["diffs"]
+    assert lr["slot_ptrs"][0] and lr["slot_ptrs"][0] == lr["slot_ptrs"][1] == lr["slot_ptrs"][2]
+    n_hf = len(init_weights(_arch("qwen2"), seed=0))
+    assert lr["verified"] == [0, n_hf, 0]
+    assert {"convert", "finite", "engine.commit"} <= set(lr["phases"][0])
+    assert {"checksum", "engine.verify"} <= set(lr["phases"][1])
+    for msg, state in lr["nan"]:
+        assert state == "previous" and "non-finite learner weights (model.layers.1.self_attn.o_proj.weight" in msg, msg
+    assert lr["nan_unchanged"]
+    assert len(lr["wire"]) == 2 and all(s > 0 for s in lr["wire"]) and lr["after_wire"] >= 2
+    assert rx["committed"] == 2
+    assert float((rx["logits"] - lr["L"]).abs().max()) <= EXACT_TOL
+    assert {"recv", "stage", "commit"} <= set(rx["phases"])
 
 
 # ================================================================================== config

@@ -188,15 +188,22 @@ _FINITE_CHUNK = 4 << 20  # bytes per step: the second pass reads the chunk from 
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN / inf in ``t`` (True for integer tensors).
 
-    On the CPU the test is on the bits, with two integer maxima per 4 MiB chunk (numpy, which has
-    the unsigned reduction torch lacks): the largest value read as a signed integer finds a
-    positive NaN / inf (``bits >= mask``), the largest read as unsigned a negative one
-    (``bits >= sign | mask``); finite values of either sign stay below both. That is exact and
-    about three times cheaper than ``torch.aminmax`` (which converts every bf16 value) on data in
-    cache. Elsewhere, ``aminmax`` (NaN propagates, +-inf surface).
+    One pass in the common case: ``t.sum()`` (accumulated in at least fp32) is finite. A NaN or an
+    inf anywhere makes the sum NaN or inf (``inf + finite = inf``, ``inf - inf = NaN``, NaN
+    propagates), so a finite sum proves every element finite. A non-finite sum may also come from
+    finite values overflowing, so it is settled exactly: on the CPU on the bits, with two integer
+    maxima per 4 MiB chunk (numpy, which has the unsigned reduction torch lacks): the largest
+    value read as a signed integer finds a positive NaN / inf (``bits >= mask``), the largest read as
+    unsigned a negative one (``bits >= sign | mask``); elsewhere with ``aminmax``.
     """
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return _all_finite_exact(t)
+
+
+def _all_finite_exact(t: torch.Tensor) -> bool:
     spec = _FLOAT_BITS.get(t.dtype)
     if t.device.type != "cpu" or spec is None:
         lo, hi = torch.aminmax(t)

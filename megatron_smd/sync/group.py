@@ -44,12 +44,14 @@ def init_weight_update_group(master_address: str, master_port: int, rank: int, w
         timeout_s: how long a collective on this group may wait (a dead peer on gloo is noticed at
             once; on nccl, and for a peer that hangs, this is the bound).
     """
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
-                                              timeout=timeout))
-    store.set_timeout(timeout)
+    # The store directly, not torch's tcp:// rendezvous handler: under torchrun that handler makes
+    # every rank (0 included) a client of the elastic agent's store (TORCHELASTIC_USE_AGENT_STORE),
+    # so nobody would host this group's rendezvous and both sides would wait forever.
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout,
+                          wait_for_workers=False)
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
                                       timeout=timeout)

@@ -25,7 +25,11 @@ Who does what (ranks in Megatron's ``tp-cp-ep-dp-pp`` order, one :class:`Paralle
     a temporary.
 
   Right after a tensor is written, while it is in cache, the sender checks it for non-finite
-  values (``check_finite``) and takes its checksum (``checksums``). Every stage sends its own
+  values (``check_finite``) and takes its checksum (``checksums``); the sink's ``put`` (the
+  in-process staging, which verifies that checksum) follows. Part of that work runs on one helper
+  thread, in tensor order, while the next tensor is converted (numpy and torch release the GIL;
+  measured: 2.9 vs 3.1 copies in process, 4.4 vs 4.9 with checksums), and a bucket is yielded only
+  once all of its tensors are done. Every stage sends its own
   layers; the senders of all stages form exactly one pipeline group (``layout.pp_group`` of a
   sender), which the transports use.
 
@@ -53,6 +57,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -340,6 +345,8 @@ class Resharder:
         self._max_local_bytes = max(q.numel() * q.element_size() for _, q in self.params)
         self._bufs: dict[str, torch.Tensor] = {}
         self._temps: list[torch.Tensor] = []  # unpacked mode: temporaries of the open bucket
+        self._worker: ThreadPoolExecutor | None = None  # checksums and sink puts, in order
+        self._pending: list[Future] = []  # the open bucket's checksum jobs, in tensor order
 
     # --------------------------------------------------------------------------------------
     def _hf_bytes_estimate(self, p: torch.Tensor) -> int:
@@ -414,6 +421,12 @@ class Resharder:
         self._draining = True
 
     def _flush(self, bucket: Bucket) -> Bucket:
+        if self._pending:
+            done = [f.result() for f in self._pending]  # in order; the jobs never raise
+            self._pending = []
+            bucket.nonfinite += [name for name, finite, _ in done if not finite]
+            if self.checksums:
+                bucket.checksums = [cs for _, _, cs in done]
         self.stats.buckets += 1
         self.stats.tensors += len(bucket)
         self.stats.bytes += bucket.nbytes
@@ -425,6 +438,12 @@ class Resharder:
         try:
             yield from self._iter()
         finally:
+            for f in self._pending:
+                f.result()
+            self._pending = []
+            if self._worker is not None:
+                self._worker.shutdown(wait=True)
+                self._worker = None
             for buf in self._bufs.values():
                 self.meter.release(buf)
             self._bufs.clear()
@@ -436,22 +455,49 @@ class Resharder:
         self._temps = []
 
     def _finish_tensor(self, bucket: Bucket, hf_name: str, t: torch.Tensor) -> None:
-        """Checks of one tensor just written (in cache), then into the bucket (and the sink)."""
-        ph = self.phases
-        if self.check_finite:
-            with ph("finite"):
+        """The checks of one tensor just written (in cache) and the sink's put, split between this
+        thread and the helper so that the next tensor's conversion overlaps them: with checksums,
+        finiteness here and the checksum (and the put, which may verify it) there; without, the
+        finiteness check (and the put) there. The bucket collects the results in order (``_flush``)."""
+        if not (self.check_finite or self.checksums):
+            if self.sink is not None:
+                with self.phases("stage"):
+                    self.sink.put(hf_name, t, None)
+            return
+        finite_here = self.check_finite and self.checksums
+        if finite_here:
+            with self.phases("finite"):
                 if not all_finite(t):
                     bucket.nonfinite.append(hf_name)
-        cs = None
-        if self.checksums:
-            with ph("checksum"):
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smd-sync-check")
+        self._pending.append(self._worker.submit(self._check_job, hf_name, t, self.check_finite and not finite_here))
+
+    def _check_job(self, hf_name: str, t: torch.Tensor, finite_check: bool) -> tuple[str, bool, int | None]:
+        """On the helper thread: finiteness (``finite_check``), the checksum, then the sink's put
+        (which may verify it). Returns ``(name, finite, checksum)``. Errors are recorded
+        (``self.errors``), never raised: the TP group must stay in step. Its seconds overlap the
+        conversion's, so phases no longer add up to the wall clock."""
+        try:
+            ph = self.phases
+            finite = True
+            if finite_check:
+                t0 = time.perf_counter()
+                finite = all_finite(t)
+                ph.add("finite", time.perf_counter() - t0)
+            cs = None
+            if self.checksums:
+                t0 = time.perf_counter()
                 cs = tensor_checksum(t)
-            if bucket.checksums is None:
-                bucket.checksums = []
-            bucket.checksums.append(cs)
-        if self.sink is not None:
-            with ph("stage"):
+                ph.add("checksum", time.perf_counter() - t0)
+            if self.sink is not None:
+                t0 = time.perf_counter()
                 self.sink.put(hf_name, t, cs)
+                ph.add("stage", time.perf_counter() - t0)
+            return hf_name, finite, cs
+        except Exception as e:
+            self.errors.append(f"checking {hf_name} (stage {self.stage}): {type(e).__name__}: {e}")
+            return hf_name, True, None
 
     def _iter(self) -> Iterator[Bucket]:
         B, ph = self._limit, self.phases

@@ -421,7 +421,8 @@ class DiskTransport(Transport):
         root: the directory (``sync.dir``), visible to every sender and to the engine.
         engine: a ReferenceEngine on the coordinator to reload into (staged and verified), or None.
         sglang_urls: SGLang servers to tell ``/update_weights_from_disk`` (they must see ``root``).
-        keep: complete snapshots to keep (older ones are deleted after a successful sync).
+        keep: complete snapshots to keep (older ones are deleted after a successful sync, in the
+            background: :meth:`wait` waits for that).
     """
 
     name = "disk"
@@ -432,6 +433,7 @@ class DiskTransport(Transport):
         self.engine, self.sglang_urls, self.keep, self.timeout_s = engine, list(sglang_urls), max(1, keep), timeout_s
         self._files: list[dict] = []
         self._fsyncs: list[_Fsync] = []
+        self._pruning: threading.Thread | None = None
 
     def packs(self, ctx: SenderContext) -> bool:
         return False  # a shard is written tensor by tensor, mostly straight from the parameters
@@ -443,7 +445,18 @@ class DiskTransport(Transport):
     def _partial(self, version: int) -> Path:
         return self.root / f".{self.snapshot_name(version)}.partial"
 
+    def wait(self) -> None:
+        """Wait for the background deletion of snapshots older than ``keep`` (the next sync, and
+        :meth:`close`, wait for it too)."""
+        if self._pruning is not None:
+            self._pruning.join()
+            self._pruning = None
+
+    def close(self) -> None:
+        self.wait()
+
     def begin(self, ctx: SenderContext) -> None:
+        self.wait()
         self._files, self._fsyncs = [], []
         part = self._partial(ctx.version)
         if ctx.coordinator:
@@ -548,8 +561,10 @@ class DiskTransport(Transport):
             res = CommitResult(ok=True, version=ctx.version, message=f"written to {snap} (no engine attached)",
                                receiver=self.name)
         res.message = f"{res.message} [{snap}]"
-        with ctx.phases("prune"):
-            self._prune(snap.name)
+        # older snapshots are deleted in the background (the trainer's next step runs meanwhile)
+        self._pruning = threading.Thread(target=self._prune, args=(snap.name,), daemon=True,
+                                         name="smd-sync-prune")
+        self._pruning.start()
         return res
 
 
