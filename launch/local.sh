@@ -1,7 +1,9 @@
 #!/bin/bash
 # Launch: launch/local.sh configs/tiny-cpu.yaml [key=value ...]
 # One machine. CPU (no GPU found): `smd train` under torchrun with tp*pp*cp*dp gloo ranks from the
-# config's resources, the rollout in-process. GPUs: the learner on GPUs 0..W-1 (W = tp*pp*cp*dp);
+# config's resources; the rollout in-process, or with rollout.backend=sglang on one patched SGLang
+# CPU server (started, health-checked, fed the learner's weights after every step through the
+# sglang transport, stopped by PID at exit). GPUs: the learner on GPUs 0..W-1 (W = tp*pp*cp*dp);
 # with resources.rollout_nodes > 0, patched SGLang servers on the remaining GPUs (rollout_tp each),
 # behind a router when there are several, started and health-checked first.
 # Knobs: SMD_NUM_GPUS (default: count from nvidia-smi), SMD_LOG_DIR (default <output_dir>/launch),
@@ -33,10 +35,27 @@ seq_csv() { local IFS=,; local a=(); for ((i = $1; i < $2; i++)); do a+=("$i"); 
 
 smd_install_teardown
 LEARNER_ENV=()
+TRAIN_OVERRIDES=()
 if ((SMD_NUM_GPUS == 0)); then
     ((SMD_ROLLOUT_NODES == 0)) || smd_die "resources.rollout_nodes=$SMD_ROLLOUT_NODES needs SGLang servers on GPUs; \
-no GPU found (on CPU use resources.rollout_nodes=0: the in-process reference engine)"
-    smd_log "CPU: $W learner rank(s) (tp=$SMD_TP pp=$SMD_PP cp=$SMD_CP dp=$SMD_DP), rollout in-process"
+no GPU found (on CPU use resources.rollout_nodes=0 and rollout.backend=sglang for one CPU server)"
+    if [[ $SMD_ROLLOUT_BACKEND == sglang ]]; then
+        # the server loads model.path at start: create the tiny model first if the config says how
+        if [[ $SMD_DRY_RUN != 1 ]]; then
+            "$SMD_PYTHON" -m megatron_smd.cli init-model --config "$CONFIG" "${OVERRIDES[@]}" >/dev/null \
+                || smd_die "model.path could not be prepared (above)"
+        fi
+        port=$SMD_SERVER_PORT
+        url="http://127.0.0.1:$port"
+        smd_start "sglang:$port" "$LOG_DIR/sglang-$port.log" \
+            "$SMD_PYTHON" -m sglang_patch.launch_server "${SMD_SGLANG_ARGS[@]}" --device cpu --skip-tokenizer-init \
+            --host 127.0.0.1 --port "$port"
+        smd_wait_healthy "sglang $url" "$url/health" "$SMD_LAST_PID"
+        TRAIN_OVERRIDES=("rollout.sglang_urls=[$url]" "sync.transport=sglang")
+        smd_log "CPU: $W learner rank(s) (tp=$SMD_TP pp=$SMD_PP cp=$SMD_CP dp=$SMD_DP), rollout on the patched SGLang CPU server $url"
+    else
+        smd_log "CPU: $W learner rank(s) (tp=$SMD_TP pp=$SMD_PP cp=$SMD_CP dp=$SMD_DP), rollout in-process"
+    fi
 else
     ((W <= SMD_NUM_GPUS)) || smd_die "the learner needs tp*pp*cp*dp = $W GPUs, this machine has $SMD_NUM_GPUS"
     LEARNER_ENV=(env CUDA_VISIBLE_DEVICES="$(seq_csv 0 "$W")")
@@ -76,7 +95,7 @@ fi
 
 smd_start learner - "${LEARNER_ENV[@]}" \
     torchrun --nnodes=1 --nproc_per_node="$W" --rdzv_backend=c10d --rdzv_endpoint="127.0.0.1:$SMD_RDZV_PORT" \
-    -m megatron_smd.cli train --config "$CONFIG" "${OVERRIDES[@]}"
+    -m megatron_smd.cli train --config "$CONFIG" "${OVERRIDES[@]}" "${TRAIN_OVERRIDES[@]}"
 [[ $SMD_DRY_RUN == 1 ]] && exit 0
 rc=0
 smd_wait_step "$SMD_LAST_PID" || rc=$?

@@ -1,6 +1,7 @@
 """The ``smd`` command line.
 
     smd init-model --out DIR [--arch qwen2|llama] [--hidden-size N ...] [--seed S]
+    smd init-model --config CFG [key=value ...]   (the config's model.path, created when missing)
     smd rollout    --config CFG [--out DIR] [key=value ...]
     smd replay     --rollouts DIR [--packed] [--json]
     smd sft        --config CFG [key=value ...]
@@ -24,6 +25,17 @@ from .errors import SMDError
 
 def _cmd_init_model(a) -> int:
     from .model.tiny import init_model_dir
+
+    if a.config:  # the config's model.path, created from its model.init when missing (launchers)
+        from .config import load_config
+        from .rollout.run import ensure_model
+
+        if a.out:
+            raise SMDError("smd init-model: give --out or --config, not both")
+        print(ensure_model(load_config(a.config, a.overrides).model))
+        return 0
+    if not a.out or a.overrides:
+        raise SMDError("smd init-model: --out DIR is required (or --config CFG [key=value ...])")
 
     kw = {k: v for k, v in dict(hidden_size=a.hidden_size, num_layers=a.num_layers, num_heads=a.num_heads,
                                  num_kv_heads=a.num_kv_heads, intermediate_size=a.intermediate_size).items()
@@ -158,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("init-model", help="write a tiny random Qwen2/Llama model in Hugging Face format")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out")
+    s.add_argument("--config", help="instead of --out: make sure the config's model.path exists "
+                   "(created from model.init when missing) and print it")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides (with --config)")
     s.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
     s.add_argument("--hidden-size", type=int)
     s.add_argument("--num-layers", type=int)

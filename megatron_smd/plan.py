@@ -621,6 +621,17 @@ def _sglang_flags(extra: dict[str, Any]) -> list[str]:
     return out
 
 
+def policy_flags(pol: PolicyConfig) -> list[str]:
+    """``pol`` as ``sglang_patch.launch_server``'s ``--smd-*`` flags: every field, so a server runs
+    exactly the policy of the config (the trainer checks it again against ``/server_info``)."""
+    out = []
+    for name, val in pol.model_dump(mode="json").items():
+        if val is None:
+            continue
+        out += ["--smd-policy" if name == "name" else "--smd-" + name.replace("_", "-"), str(val)]
+    return out
+
+
 def launch_vars(cfg) -> dict[str, Any]:
     """What the launch scripts need, validated (the layout is checked before any GPU is touched).
 
@@ -632,9 +643,7 @@ def launch_vars(cfg) -> dict[str, Any]:
     r = cfg.resources
     pol = cfg.rollout.policy if cfg.algorithm.correction != "dense" else PolicyConfig()
     sgl = ["--model-path", cfg.model.path, "--tp-size", str(r.rollout_tp), *_sglang_flags(cfg.sglang),
-           "--smd-policy", pol.name]
-    if pol.budget is not None:
-        sgl += ["--smd-budget", str(pol.budget)]
+           *policy_flags(pol)]
     return dict(
         SMD_TP=r.tp, SMD_PP=r.pp, SMD_CP=r.cp, SMD_DP=r.dp, SMD_LEARNER_WORLD=r.learner_world_size,
         SMD_NODES=r.nodes, SMD_GPUS_PER_NODE=r.gpus_per_node,
@@ -644,6 +653,7 @@ def launch_vars(cfg) -> dict[str, Any]:
         SMD_ROLLOUT_NODES=r.rollout_nodes, SMD_ROLLOUT_TP=r.rollout_tp,
         SMD_ENGINES_PER_NODE=r.gpus_per_node // r.rollout_tp if r.rollout_nodes else 0,
         SMD_MODEL_PATH=cfg.model.path, SMD_OUTPUT_DIR=cfg.output_dir, SMD_SGLANG_ARGS=sgl,
+        SMD_ROLLOUT_BACKEND=cfg.rollout.backend,
     )
 
 

@@ -174,7 +174,7 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
     from .learner.learner import Learner
     from .model.transformer import RefTransformer
     from .rollout.engine import ReferenceEngine
-    from .rollout.run import load_tokenizer
+    from .rollout.run import load_tokenizer, sglang_client
     from .sft import ensure_sft
     from .tasks import make_task
 
@@ -196,7 +196,10 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
         dump_config(cfg, run_dir / "config.yaml")
         model = RefTransformer.from_pretrained(start)
         if cfg.rollout.backend == "sglang":
-            ctx.engine = sglang_engine(cfg, arch)
+            if cfg.sync.transport != "sglang":
+                raise SMDError(f"rollout.backend=sglang needs sync.transport=sglang (the servers get the "
+                               f"learner's weights after every step), got {cfg.sync.transport!r}")
+            ctx.engine = sglang_client(cfg, arch.num_layers, rollout_policy(cfg))
         else:
             ctx.engine = ReferenceEngine(model, rollout_policy(cfg), kv_growth=cfg.rollout.kv_growth)
         ctx.eval_engines = {"dense": ReferenceEngine(model, None), "compressed": ReferenceEngine(model, cfg.rollout.policy)}
@@ -207,8 +210,10 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
             ctx.bar = tqdm(total=cfg.train.steps, initial=ctx.start_step, desc=f"train[{cfg.algorithm.correction}]",
                            dynamic_ncols=True)
     ctx.sync = make_weight_sync(ctx, arch)
-    if ckpt is not None:
-        sync_weights(ctx, ctx.start_step)  # the engine must sample from the restored policy
+    if ckpt is not None or cfg.rollout.backend == "sglang":
+        # the engine must sample from the learner's policy: a restored checkpoint, or (servers
+        # started from model.path) the warm start
+        sync_weights(ctx, ctx.start_step)
     return ctx
 
 
@@ -220,24 +225,6 @@ def make_weight_sync(ctx: Context, arch):
         if cfg.sync.transport == "sglang" else None
     return WeightSync.from_config(cfg.sync, ctx.learner.model, ctx.layout, arch,
                                   engine=ctx.engine if ctx.rank0 else None, sglang=sglang)
-
-
-def sglang_engine(cfg: ExperimentConfig, arch):
-    """Rollouts from patched SGLang servers: same trajectory format as the reference engine.
-
-    The servers own the eviction policy (``--smd-policy`` at launch, see sglang_patch); weights
-    reach them through the ``sglang`` sync transport."""
-    from sglang_patch.client import SGLangClient
-
-    urls = list(cfg.rollout.sglang_urls)
-    if not urls and os.environ.get("SMD_ROLLOUT_URL"):  # set by launch/slurm/smd.sbatch after health checks
-        urls = [os.environ["SMD_ROLLOUT_URL"]]
-    if not urls:
-        raise SMDError("rollout.backend=sglang needs rollout.sglang_urls (the servers' or the router's base URLs), "
-                       "or SMD_ROLLOUT_URL from the Slurm launcher")
-    if cfg.sync.transport != "sglang":
-        raise SMDError(f"rollout.backend=sglang needs sync.transport=sglang, got {cfg.sync.transport!r}")
-    return SGLangClient(urls, arch.num_layers)
 
 
 def ensure_model_once(cfg: ExperimentConfig):
@@ -424,7 +411,29 @@ def sync_weights(ctx: Context, version: int = 0) -> dict:
         raise SMDError(f"weight sync after step {version} failed ({e}); the engine keeps its previous "
                        f"weights (engine state: {getattr(e, 'engine_state', 'unknown')}; last checkpoint: "
                        f"{ctx.last_ckpt})") from None
-    return report.metrics()
+    out = report.metrics()
+    if ctx.cfg.rollout.backend == "sglang":
+        out.update(probe_engine(ctx, version))
+    return out
+
+
+def probe_engine(ctx: Context, version: int) -> dict:
+    """After a sync to remote servers: sample one probe trajectory there and replay it with the
+    learner under its shadow mask. Equal log-probs (the fp32 floor, ~1e-6) prove the servers
+    hold the learner's weights. Collective."""
+    from .rollout.run import sampling_params
+
+    probe = None
+    if ctx.rank0:
+        ex = ctx.task.sample(1, seed=20_000_003 + version)
+        sp = sampling_params(ctx.cfg, ctx.tok.eos_id)
+        trajs, _ = ctx.engine.generate([ctx.tok.encode(ex[0].prompt)], n=1, sampling=sp)
+        probe = RolloutBatch.from_trajectories(trajs, {"sampling": {"temperature": sp.temperature}})
+    probe = _broadcast(probe, ctx)
+    temp = float(probe.meta["sampling"]["temperature"]) or 1.0
+    lp = ctx.learner.logprobs(probe, "shadow", temperature=temp)
+    m = mismatch_metrics(lp, probe.sampler_logprobs, action_mask(probe))
+    return {"sync/probe_max_abs_logprob_diff": m["max_abs_logprob_diff"]}
 
 
 def evaluate(ctx: Context, step: int) -> dict:
@@ -433,6 +442,16 @@ def evaluate(ctx: Context, step: int) -> dict:
     from .rollout.run import generate_scored
 
     out = {}
+    if ctx.cfg.rollout.backend != "reference":
+        # the weight sync feeds remote servers; the local eval engines get the learner's weights here
+        from .model.transformer import RefTransformer
+        from .rollout.engine import ReferenceEngine
+
+        sd = ctx.learner.gather_hf_state()  # collective
+        if ctx.rank0:
+            model = RefTransformer.from_state_dict(ctx.learner.arch, sd)
+            ctx.eval_engines = {"dense": ReferenceEngine(model, None),
+                                "compressed": ReferenceEngine(model, ctx.cfg.rollout.policy)}
     if ctx.rank0:
         cfg = ctx.cfg
         examples = ctx.task.sample(cfg.train.eval_prompts, seed=10_000_019 + cfg.task.seed)

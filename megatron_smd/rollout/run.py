@@ -57,6 +57,35 @@ def generate_scored(engine, task, tok, examples, n: int, sp: SamplingParams):
     return trajs, stats, rewards
 
 
+def sglang_client(cfg: ExperimentConfig, num_layers: int, policy=None):
+    """The client of the patched SGLang servers of ``rollout.sglang_urls`` (or ``SMD_ROLLOUT_URL``,
+    set by the launchers after their health checks), checked to run ``policy`` (default: the
+    config's ``rollout.policy``). The servers own the policy (``--smd-*`` at launch)."""
+    import os
+
+    from sglang_patch.client import SGLangClient
+
+    from ..errors import SMDError
+
+    urls = list(cfg.rollout.sglang_urls)
+    if not urls and os.environ.get("SMD_ROLLOUT_URL"):
+        urls = [os.environ["SMD_ROLLOUT_URL"]]
+    if not urls:
+        raise SMDError("rollout.backend=sglang needs rollout.sglang_urls (the servers' base URLs), "
+                       "or SMD_ROLLOUT_URL from the launchers")
+    client = SGLangClient(urls, num_layers)
+    client.check_policy((policy or cfg.rollout.policy).model_dump(mode="json"))
+    return client
+
+
+def make_engine(cfg: ExperimentConfig, model_dir: Path, arch=None):
+    """The rollout engine ``rollout.backend`` names: the in-process reference engine, or the
+    client of the patched SGLang servers. Both sample with the same ``generate`` signature."""
+    if cfg.rollout.backend == "sglang":
+        return sglang_client(cfg, (arch or read_arch(model_dir)).num_layers)
+    return ReferenceEngine.from_pretrained(model_dir, cfg.rollout.policy, kv_growth=cfg.rollout.kv_growth)
+
+
 def run_rollout(cfg: ExperimentConfig, out_dir: str | Path, *, engine: ReferenceEngine | None = None,
                 batch_seed: int | None = None) -> RolloutBatch:
     """Sample ``num_prompts x group_size`` trajectories, score them, write ``out_dir``."""
@@ -65,14 +94,15 @@ def run_rollout(cfg: ExperimentConfig, out_dir: str | Path, *, engine: Reference
     torch.manual_seed(cfg.rollout.seed)
     model_dir = ensure_model(cfg.model)
     tok = load_tokenizer(model_dir)
-    engine = engine or ReferenceEngine.from_pretrained(model_dir, cfg.rollout.policy, kv_growth=cfg.rollout.kv_growth)
+    a = read_arch(model_dir)
+    engine = engine or make_engine(cfg, model_dir, a)
     task = make_task(cfg.task)
     examples = task.sample(cfg.rollout.num_prompts, seed=batch_seed)
     sp = sampling_params(cfg, tok.eos_id)
     trajs, stats, rewards = generate_scored(engine, task, tok, examples, cfg.rollout.group_size, sp)
-    a = engine.arch
     meta = {
         "model_path": str(model_dir), "num_layers": a.num_layers, "num_kv_heads": a.num_kv_heads,
+        "backend": cfg.rollout.backend,
         "policy": cfg.rollout.policy.model_dump(mode="json"),
         "sampling": {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k,
                      "max_new_tokens": sp.max_new_tokens, "seed": sp.seed, "group_size": cfg.rollout.group_size,
