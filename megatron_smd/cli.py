@@ -59,8 +59,10 @@ def _cmd_rollout(a) -> int:
     dump_config(cfg, out / "config.yaml")
     st = batch.meta["stats"]
     rw = batch.meta["rewards"]
-    print(f"wrote {len(batch)} trajectories to {out}  (policy={cfg.rollout.policy.name}, "
-          f"peak KV {st['peak_kv_bytes'] / 2**20:.2f} MiB, {st['tokens_per_s']:.0f} tok/s, "
+    kv = (f"peak KV {st['peak_kv_bytes'] / 2**20:.2f} MiB" if cfg.rollout.backend == "reference"
+          else f"on {', '.join(cfg.rollout.sglang_urls)}")
+    print(f"wrote {len(batch)} trajectories to {out}  (backend={cfg.rollout.backend}, "
+          f"policy={cfg.rollout.policy.name}, {kv}, {st['tokens_per_s']:.0f} tok/s, "
           f"mean reward {sum(rw) / len(rw):.3f})")
     return 0
 

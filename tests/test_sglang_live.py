@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,6 +222,35 @@ def test_concurrent_clients_health_probes_abort_and_100_requests(servers, model_
           f"{gaps['shadow']['max_abs_logprob_diff']:.2e}; pool idle {idle0['free_slots']}+{idle0['evictable_slots']} "
           f"of {idle0['total_slots']}; freed private {srv.pool_state()['private_slots_freed']}")
     assert gaps["shadow"]["max_abs_logprob_diff"] <= TOL
+
+
+def test_smd_rollout_and_replay_commands_with_the_sglang_backend(servers, model_dir, tmp_path):
+    """What a user types: `smd rollout ... rollout.backend=sglang` then `smd replay --json`."""
+    srv = servers["h2o"]
+    out = tmp_path / "rollout"
+    args = ["--config", "configs/tiny-cpu.yaml", "--out", str(out), f"model.path={model_dir}",
+            "rollout.backend=sglang", f"rollout.sglang_urls=[{srv.url}]", "rollout.policy.name=h2o",
+            f"rollout.policy.budget={BUDGET}", "rollout.policy.window=4", "rollout.num_prompts=3",
+            "rollout.group_size=4", "rollout.max_new_tokens=6", "task.num_pairs=6", "task.key_digits=2"]
+    repo = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", "megatron_smd.cli", "rollout", *args], cwd=repo,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "backend=sglang" in p.stdout
+    r = subprocess.run([sys.executable, "-m", "megatron_smd.cli", "replay", "--rollouts", str(out), "--json"],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["backend"] == "sglang" and len(meta["rewards"]) == 12
+    print(f"\nsmd rollout (sglang) + smd replay: shadow {res['shadow']['max_abs_logprob_diff']:.2e}, "
+          f"dense {res['dense']['max_abs_logprob_diff']:.2e}")
+    assert res["shadow"]["max_abs_logprob_diff"] <= TOL
+    # a config whose policy differs from the server's is refused, naming both
+    bad = subprocess.run([sys.executable, "-m", "megatron_smd.cli", "rollout", *args, "rollout.policy.budget=20"],
+                         cwd=repo, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "restart the server" in bad.stderr, bad.stderr[-2000:]
+    assert_idle(srv, "after smd rollout")
 
 
 REFUSALS = [
