@@ -59,12 +59,15 @@ class BroadcastReceiver:
         name: how this receiver signs its verdicts.
         keep_buffers: keep the receive buffers (one model's worth) across syncs; False frees them
             after every sync.
+        threads: torch intra-op threads while receiving and committing (restored afterwards; None:
+            leave them), as :class:`~megatron_smd.sync.weight_sync.WeightSync` ``threads``: the commit
+            is hundreds of per-tensor copies, each ending on a barrier with several threads.
     """
 
     def __init__(self, engine, *, master_address: str | Sequence[str], master_port: int, num_stages: int,
                  rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 300.0,
                  group_prefix: str = "smd-sync", on_bucket: Callable[[dict], None] | None = None,
-                 name: str | None = None, keep_buffers: bool = True):
+                 name: str | None = None, keep_buffers: bool = True, threads: int | None = 1):
         if not 1 <= rank < world_size:
             raise ValueError(f"receiver rank {rank} must be in [1, {world_size})")
         self.engine, self.num_stages, self.rank, self.world_size = engine, num_stages, rank, world_size
@@ -76,6 +79,7 @@ class BroadcastReceiver:
         self.groups: list = []
         self.last_result: CommitResult | None = None
         self.keep_buffers = keep_buffers
+        self.threads = threads
         self.buffers = ShadowBuffers()
         self._phases: dict[str, float] = {}
 
@@ -157,6 +161,16 @@ class BroadcastReceiver:
         Returns the verdict also when the sync was refused (``ok=False``; the engine keeps its
         previous weights). Raises :class:`WeightSyncError` when the connection to a sender broke.
         """
+        old = torch.get_num_threads()
+        if self.threads is not None and self.threads != old:
+            torch.set_num_threads(self.threads)
+        try:
+            return self._receive()
+        finally:
+            if torch.get_num_threads() != old:
+                torch.set_num_threads(old)
+
+    def _receive(self) -> CommitResult | None:
         if not self.groups:
             self.connect()
         staging, version, probe = None, None, None
