@@ -17,48 +17,58 @@ What is wrapped, and why (``sglang/srt/...`` paths):
 =============================================================  ====================================
 target                                                          hook
 =============================================================  ====================================
+``mem_cache/registry.py::register_radix_cache_backend``          register backend ``smd``: SGLang's
+                                                                ``RadixCache`` (the server's default
+                                                                ``UnifiedRadixCache`` is not hooked;
+                                                                the launcher selects ``smd``)
 ``managers/scheduler.py::Scheduler.__init__``                   build the :class:`EvictionManager`
                                                                 on the scheduler's pools; re-check
                                                                 the resolved settings (refuse)
 ``mem_cache/radix_cache.py::RadixCache.checkpoint``,             :mod:`sglang_patch.memory_hooks`
 ``mem_cache/base_prefix_cache.py::BasePrefixCache.free_kv_row``,  (release frees only what the
-``...::BasePrefixCache.on_release``                              request still owns; export)
-``layers/attention/triton_backend.py::TritonAttnBackend          capture the prefill queries of
-.forward_extend``                                               each request (per layer, CPU)
-``...::TritonAttnBackend.forward_decode``                       per layer: swap in the compacted
-                                                                ``kv_indptr`` / ``kv_indices``,
-                                                                then score (H2O probs, obs queries)
+``...::BasePrefixCache.on_release``                              request still owns; export; an
+                                                                unfinished release = not replayable)
+``layers/attention/triton_backend.py::TritonAttnBackend``        GPU: capture prefill queries; per
+(``forward_extend``, ``forward_decode``)                        layer swap in the compacted
+                                                                ``kv_indptr`` / ``kv_indices``
+``layers/attention/torch_native_backend.py::                    CPU: capture prefill queries; per
+TorchNativeAttnBackend`` (``forward_extend``, ``forward_decode``, layer hand its decode a compacted
+``_run_sdpa_forward_decode``)                                   slot table (one row per request)
 ``managers/scheduler_components/batch_result_processor.py::     prefill done: shared prompt state
-SchedulerBatchResultProcessor.process_batch_result_prefill``    + register; decode done (synced,
-``...::process_batch_result_decode``                            overlap off): evict + free
-``managers/schedule_batch.py::ScheduleBatch.retract_decode``    retracted = re-prefilled later:
-                                                                mark not replayable, stop managing
+SchedulerBatchResultProcessor.process_batch_result_prefill``    + register (or export, if it
+                                                                finished in prefill); decode done
+``...::process_batch_result_decode``                            (synced, overlap off): evict + free
+``managers/schedule_batch.py::ScheduleBatch.retract_decode``    log the retraction
 ``managers/scheduler.py::Scheduler.flush_cache``                weights changed: drop prompt states
 ``managers/scheduler_components/output_streamer.py::            ``meta_info["smd_evict"]``: the
 SchedulerOutputStreamer`` (``has_additional_customized_info``,   request-level base64 int32 mask
 ``build_additional_customized_info``)                           (SGLang's customized-info channel)
+``managers/scheduler_components/internal_state.py::             ``/server_info`` →
+SchedulerInternalStateController.get_internal_state``           ``internal_states[i]["smd"]``: pool
+                                                                counters and bookkeeping sizes
 =============================================================  ====================================
 
-Supported: attention backend ``triton`` (decode reads ``forward_metadata.kv_indptr/kv_indices``,
-which we replace per layer; prefill is dense and unchanged), page size 1, eager decode (CUDA graphs
-off: a captured graph bakes the index buffers' shapes), overlap scheduler off (frees happen in
-``process_batch_result_decode`` after the forward finished: a synced point), tensor parallel size 1
-(each TP rank sees only its heads, so per-rank scores would disagree; an all-reduce of scores is
-not built), no speculative decoding, no hierarchical cache (host copies would resurrect freed
-slots), Lean attention off (it reads ``seq_lens``, not the index lists). FA3 (rewrite
-``metadata.page_table`` / ``cache_seqlens_int32`` / ``cu_seqlens_k`` per layer, as SGLang's
-``mem_cache/sparsity/backend/backend_adaptor.py::FlashAttentionAdaptor`` does) and FlashInfer (one
-plan per layer) are not built and are refused by the launcher.
+Supported: attention backends ``triton`` (GPU) and ``torch_native`` (CPU; prefill is dense and
+unchanged in both), page size 1, eager decode (CUDA graphs off: a captured graph bakes the index
+buffers' shapes), overlap scheduler off (frees happen in ``process_batch_result_decode`` after the
+forward finished: a synced point), no mixed chunks (decode tokens in an extend batch would skip
+the decode hook), tensor parallel size 1 (each TP rank sees only its heads, so per-rank scores would
+disagree; an all-reduce of scores is not built), no speculative decoding, no hierarchical cache
+(host copies would resurrect freed slots), Lean attention off (it reads ``seq_lens``, not the index
+lists). FA3 (rewrite ``metadata.page_table`` / ``cache_seqlens_int32`` / ``cu_seqlens_k`` per layer,
+as SGLang's ``mem_cache/sparsity/backend/backend_adaptor.py::FlashAttentionAdaptor`` does) and
+FlashInfer (one plan per layer) are not built and are refused by the launcher.
 
-Replay safety: positions stay logical; no K/V is recomputed for a managed request. Retraction
-(``retract_decode``) would re-prefill it densely from its tokens, so a retracted request is marked
-``replayable=False`` in its export and is not managed again; size the pool (``--mem-fraction-
-static``, ``--max-running-requests``) so it does not happen. Chunked prefill is dense, so it is
-allowed; the prompt's eviction state is built once the last chunk ran.
+Replay safety: positions stay logical; no K/V is recomputed for a managed request. A request
+released before it finished (retraction, which re-prefills it densely from its tokens, or an
+abort) is exported ``replayable=False`` with no mask and is not managed again; size the pool
+(``--max-total-tokens``, ``--max-running-requests``) so retraction does not happen. Chunked prefill
+is dense, so it is allowed; the prompt's eviction state is built once the last chunk ran.
 
-Nothing here runs on a CPU machine (the backend needs CUDA); ``tests/test_sglang_gpu.py`` drives a
-patched server, and :func:`verify_targets` (CPU-testable, reads the source with ``ast``) checks that
-every target exists in the installed SGLang.
+The CPU path runs for real in the default test run (``tests/test_sglang_live.py``: live servers
+on loopback); ``tests/test_sglang_gpu.py`` drives the Triton path on a GPU, and
+:func:`verify_targets` (reads the source with ``ast``) checks that every target exists in the
+installed SGLang.
 """
 
 from __future__ import annotations

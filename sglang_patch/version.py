@@ -7,11 +7,12 @@ scheduler's output streamer, ...). Those internals move between SGLang releases 
 ``req.kv.cache_protected_len``), so the patch is pinned to exactly one version and refuses any
 other before touching anything.
 
-CPU test install (no GPU stack; torch stays the CPU build; see ``tests/test_sglang_patch.py``)::
+CPU install (no GPU stack; torch stays the CPU build; the server then runs with ``--device cpu``)::
 
-    pip install torch==2.13.0 apache-tvm-ffi==0.1.11 compressed-tensors==0.20.0 gguf==0.19.0 \
-        pybase64 starlette msgspec pyzmq aiohttp dill sentencepiece openai partial-json-parser \
-        && pip install --no-deps sglang==0.5.23
+    pip install torch==2.13.0 -e ".[sglang-cpu]" && pip install --no-deps sglang==0.5.23
+
+(SGLang's own requirements pin a CUDA torch, hence ``--no-deps``; the ``sglang-cpu`` extra lists
+the pure-Python packages its server needs. The README's test command installs the same.)
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def check_sglang_version(installed: str | None = None) -> str:
     if v is None:
         raise SGLangVersionError(
             f"sglang is not installed; sglang_patch targets sglang=={SGLANG_VERSION} "
-            f"(GPU: pip install sglang=={SGLANG_VERSION}; CPU tests: see sglang_patch/version.py)"
+            f"(GPU: pip install sglang=={SGLANG_VERSION}; CPU: pip install -e '.[sglang-cpu]' && "
+            f"pip install --no-deps sglang=={SGLANG_VERSION})"
         )
     if v != SGLANG_VERSION:
         raise SGLangVersionError(

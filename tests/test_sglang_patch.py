@@ -608,3 +608,43 @@ def test_client_rejects_unpatched_server_output():
                                        "replayable": True}]
     with pytest.raises(Exception, match="past the end"):
         c.to_trajectory([1, 2], item, 0, 0)
+
+
+def test_release_before_finishing_exports_no_mask_and_frees_exactly(sg, model64, hooks):
+    """SGLang's retraction releases a running request (``release_kv_cache(checkpoint=False)``)
+    and later re-prefills it densely: its export must be marked not replayable, with no mask
+    (never a stale one), its slots freed exactly once, and the other sample unaffected."""
+    policy = POLICIES["h2o"]
+    prompt = [5 + (7 * i) % 40 for i in range(24)]
+    trajs = run_reference(model64, policy, prompt, 2, 12, seed=5)
+    srv = Server(sg, model64.arch, policy)
+    try:
+        P = len(prompt)
+        qkvs = [replay_qkv(model64, t.tokens, t.evict) for t in trajs]
+        reqs = [srv.new_req(f"s{k}", prompt, len(t.tokens) - P) for k, t in enumerate(trajs)]
+        for r, q in zip(reqs, qkvs):
+            srv.prefill(r, q)
+        for r, t in zip(reqs, trajs):
+            r.output_ids.append(t.tokens[P])
+        for _ in range(4):  # a few decode steps under eviction, both samples
+            srv.decode(reqs, qkvs, [t.tokens[r.kv.kv_allocated_len + 1] for r, t in zip(reqs, trajs)])
+        r0 = reqs[0]
+        assert not r0.finished() and srv.mgr.is_managed(r0)
+        owned = r0.kv.kv_committed_len  # release_kv_cache(req, tree, checkpoint=False), step by step
+        srv.tree.free_kv_row(r0.kv, [(r0.kv.cache_protected_len, owned)])
+        srv.tree.unlock(r0.lock)
+        r0.lock = None
+        srv.tree.on_release(r0, checkpointed=False)
+        srv.rtp.free(r0)
+        r0.kv.mark_kv_released()
+        ex = srv.mgr.pop_export(r0.rid)
+        assert ex["evict"] is None and ex["replayable"] is False
+        assert "before finishing" in ex["not_replayable_reason"]
+        assert not srv.mgr.is_managed(r0) and srv.mgr.pop_export(r0.rid) is None
+        srv.check([reqs[1]])  # no double free, the survivor's slots intact
+        ex1 = srv.release(reqs[1])
+        assert ex1["replayable"] and decode_mask(ex1["evict"]).shape[0] == model64.arch.num_layers
+        assert srv.alloc.available_size() + srv.tree.total_size() == srv.size
+        assert srv.mgr.counts()["managed_requests"] == 0 and srv.mgr.counts()["pending_exports"] == 0
+    finally:
+        srv.close()
