@@ -54,6 +54,7 @@ peak with the allocator's own record (``torch.profiler`` memory events) and comp
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -96,10 +97,12 @@ def param_order(arch: ModelArch, pp_rank: int, pp_size: int) -> list[str]:
 
 
 class PhaseTimer:
-    """Wall-clock seconds per phase of a sync (``with timer("convert"): ...``), summed over calls."""
+    """Wall-clock seconds per phase of a sync (``with timer("convert"): ...``), summed over calls
+    (from any thread: phases run on the resharder's helper thread overlap the others)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
 
     @contextmanager
     def __call__(self, phase: str):
@@ -107,13 +110,15 @@ class PhaseTimer:
         try:
             yield
         finally:
-            self.seconds[phase] += time.perf_counter() - t0
+            self.add(phase, time.perf_counter() - t0)
 
     def add(self, phase: str, seconds: float) -> None:
-        self.seconds[phase] += seconds
+        with self._lock:
+            self.seconds[phase] += seconds
 
     def as_dict(self) -> dict[str, float]:
-        return dict(self.seconds)
+        with self._lock:
+            return dict(self.seconds)
 
 
 class LiveBytes:
@@ -330,7 +335,6 @@ class Resharder:
         self.pack = pack and sink is None
         self.check_finite = check_finite
         self.phases = phases or PhaseTimer()
-        self._param_ptrs = {q.untyped_storage().data_ptr() for _, q in self.params}
         self.meter = meter or LiveBytes([p for _, p in self.params])
         self.stats = ReshardStats()
         self.errors: list[str] = []  # recorded, not raised: the TP gathers must run to the end
@@ -345,8 +349,8 @@ class Resharder:
         self._max_local_bytes = max(q.numel() * q.element_size() for _, q in self.params)
         self._bufs: dict[str, torch.Tensor] = {}
         self._temps: list[torch.Tensor] = []  # unpacked mode: temporaries of the open bucket
-        self._worker: ThreadPoolExecutor | None = None  # checksums and sink puts, in order
-        self._pending: list[Future] = []  # the open bucket's checksum jobs, in tensor order
+        self._worker: ThreadPoolExecutor | None = None  # checks and sink puts, in tensor order
+        self._pending: list[Future] = []  # the open bucket's jobs on it, in tensor order
 
     # --------------------------------------------------------------------------------------
     def _hf_bytes_estimate(self, p: torch.Tensor) -> int:

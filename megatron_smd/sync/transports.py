@@ -159,6 +159,7 @@ class InProcessTransport(Transport):
         self.buffers = ShadowBuffers()
         self.staging: StagedUpdate | None = None
         self._sent = 0
+        self._sinking = False  # this sync's own tensors reach the staging through the sink
 
     def packs(self, ctx: SenderContext) -> bool:
         return not ctx.coordinator  # the coordinator's own tensors go straight into the staging (sink)
@@ -166,10 +167,11 @@ class InProcessTransport(Transport):
     def sink(self, ctx: SenderContext):
         if not ctx.coordinator or self.staging is None:
             return None
+        self._sinking = True
         return _StagingSink(self.staging, self.buffers)
 
     def begin(self, ctx: SenderContext) -> None:
-        self._sent = 0
+        self._sent, self._sinking = 0, False
         if ctx.coordinator:
             if self.engine is None:
                 raise WeightSyncError("inprocess transport: no engine on the coordinator (global rank 0)", "unknown")
@@ -177,11 +179,11 @@ class InProcessTransport(Transport):
 
     def send(self, ctx: SenderContext, bucket: Bucket) -> None:
         if ctx.coordinator:
-            if bucket.flat is not None:  # not written through the sink (a resharder built without it)
+            if not self._sinking:  # a resharder that was not given the sink: stage the bucket here
                 sums = bucket.checksums or [None] * len(bucket)
                 for name, t, cs in zip(bucket.names, bucket.tensors, sums):
                     self.staging.add(name, t, cs, copy=True)
-            return  # the sink staged every tensor as it was written
+            return  # else the sink staged every tensor as it was written
         flat = bucket.flatten()
         send_object({"op": "bucket", "version": ctx.version, **bucket.header()}, 0, ctx.senders_group)
         dist.send(flat, group=ctx.senders_group, group_dst=0)
