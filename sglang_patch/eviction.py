@@ -399,6 +399,19 @@ class EvictionManager:
         self._by_row[row] = st
         return st
 
+    @property
+    def dense(self) -> bool:
+        """Policy ``none``: nothing is ever evicted, so requests are not managed at all (SGLang's
+        own paths run untouched) and every export is the dense mask (:meth:`dense_export`)."""
+        return self.cfg.name == "none"
+
+    def dense_export(self, req) -> dict:
+        """The export of a request under policy ``none``: every key seen by every later query."""
+        P, T = len(req.origin_input_ids), len(req.origin_input_ids) + len(req.output_ids)
+        return {"evict": encode_mask(torch.full((self.L, T), T, dtype=EVICT_DTYPE)), "prompt_state": "shared",
+                "replayable": True, "not_replayable_reason": "", "evictions": 0,
+                "peak_private_slots": T - P, "prompt_len": P, "policy": self.cfg.model_dump(mode="json")}
+
     def finish_in_prefill(self, req, ps: PromptState) -> dict:
         """The export of a request that finished in its prefill (its first sampled token was a
         stop token, or SGLang's ``max_new_tokens=0`` prefix request): it never decoded, so its mask

@@ -287,7 +287,7 @@ def _wrap(cls, name, make):
 
 def _managed_rows(forward_batch) -> list[tuple[int, int]]:
     """(batch index, req_pool_idx) of the managed requests in a decode batch."""
-    if _MANAGER is None or not _MANAGER.counts()["rows"]:
+    if _MANAGER is None or not _MANAGER.counts()["rows"]:  # (policy none never has rows)
         return []
     rows = forward_batch.req_pool_indices.tolist()
     return [(b, r) for b, r in enumerate(rows) if _MANAGER.state_for_row(r) is not None]
@@ -331,7 +331,7 @@ def _hook_scheduler(Scheduler) -> None:
 def _capture_extend(q, layer, forward_batch) -> None:
     """Keep each request's prefill queries (token-major, split by extend lengths) for the shared
     prompt state: SnapKV / R-KV observation window, H2O column sums."""
-    if _MANAGER is None or q is None:
+    if _MANAGER is None or q is None or _MANAGER.dense:
         return
     lens = forward_batch.extend_seq_lens_cpu
     starts = forward_batch.extend_prefix_lens_cpu
@@ -454,7 +454,7 @@ def _hook_results(Processor) -> None:
             chunked = getattr(batch, "chunked_req", None)
             rows = {id(req): req.kv.req_pool_idx for req in batch.reqs}  # before release clears them
             done = []
-            if _MANAGER is not None:
+            if _MANAGER is not None and not _MANAGER.dense:
                 for req in batch.reqs:
                     row = rows[id(req)]
                     cap = _PREFILL.get(row) if row is not None else None
@@ -518,7 +518,9 @@ def _hook_output(Streamer) -> None:
         vals = []
         for req in reqs:
             ex = None
-            if req.finished() and _MANAGER is not None:
+            if req.finished() and _MANAGER is not None and _MANAGER.dense:
+                ex = _MANAGER.dense_export(req)
+            elif req.finished() and _MANAGER is not None:
                 ex = _MANAGER.pop_export(req.rid)
                 ps = _PREFILL_DONE.pop(req.rid, None)
                 if ex is None and ps is not None:  # finished in its prefill: never decoded
