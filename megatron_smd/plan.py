@@ -252,17 +252,23 @@ def validate_layout(cfg, arch: ModelArch) -> None:
         raise ConfigError(f"layout cannot work (resources.tp={r.tp}, pp={r.pp}, cp={r.cp}): {e}") from None
     world = r.learner_world_size
     cap = r.nodes * r.gpus_per_node
-    if r.gpus_per_node == 0:  # a CPU cluster: the same number of gloo ranks on every node, rollout in-process
+    if r.gpus_per_node == 0:  # a CPU cluster: the same number of gloo ranks on every node
         if world % r.nodes:
             raise ConfigError(
                 f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks cannot "
                 f"be spread evenly over resources.nodes={r.nodes} (resources.gpus_per_node=0: a CPU cluster "
                 f"runs the same number of gloo ranks on every node)")
-        if r.rollout_nodes > 0:
+        # rollout: in-process (backend reference, rollout_nodes 0), one CPU SGLang server colocated on
+        # the first learner node (backend sglang, rollout_nodes 0), or one per rollout node
+        if r.rollout_nodes > 0 and cfg.rollout.backend != "sglang":
             raise ConfigError(
-                f"layout cannot work: resources.rollout_nodes={r.rollout_nodes} needs SGLang servers on GPUs, "
-                f"but resources.gpus_per_node=0 (a CPU cluster): use resources.rollout_nodes=0 (the learner "
-                f"ranks run the in-process reference engine)")
+                f"layout cannot work: resources.rollout_nodes={r.rollout_nodes} runs SGLang servers, but "
+                f"rollout.backend={cfg.rollout.backend}: set rollout.backend=sglang (one CPU server per rollout "
+                f"node), or resources.rollout_nodes=0 (the learner ranks run the in-process reference engine)")
+        if cfg.rollout.backend == "sglang" and r.rollout_tp != 1:
+            raise ConfigError(
+                f"layout cannot work: resources.rollout_tp={r.rollout_tp} on a CPU cluster "
+                f"(resources.gpus_per_node=0): a CPU SGLang server runs with TP 1")
     elif r.nodes > 1 and world != cap:
         raise ConfigError(
             f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks, but "
@@ -279,7 +285,7 @@ def validate_layout(cfg, arch: ModelArch) -> None:
     if rt > arch.num_kv_heads and rt % arch.num_kv_heads:
         raise ConfigError(f"layout cannot work: resources.rollout_tp={rt} > num_key_value_heads="
                           f"{arch.num_kv_heads} needs rollout_tp to be a multiple of it (replicated KV heads)")
-    if r.rollout_nodes > 0 and (rt > r.gpus_per_node or r.gpus_per_node % rt):
+    if r.rollout_nodes > 0 and r.gpus_per_node > 0 and (rt > r.gpus_per_node or r.gpus_per_node % rt):
         raise ConfigError(f"layout cannot work: resources.rollout_tp={rt} must divide "
                           f"resources.gpus_per_node={r.gpus_per_node} (one engine never spans nodes)")
     if cfg.model.max_seq_len <= cfg.rollout.max_new_tokens:
@@ -651,7 +657,8 @@ def launch_vars(cfg) -> dict[str, Any]:
         SMD_NPROC_PER_NODE=r.learner_world_size // r.nodes if r.nodes == 1 or r.gpus_per_node == 0
         else r.gpus_per_node,
         SMD_ROLLOUT_NODES=r.rollout_nodes, SMD_ROLLOUT_TP=r.rollout_tp,
-        SMD_ENGINES_PER_NODE=r.gpus_per_node // r.rollout_tp if r.rollout_nodes else 0,
+        # engines per rollout node: gpus_per_node / rollout_tp; one CPU server on a CPU cluster
+        SMD_ENGINES_PER_NODE=(r.gpus_per_node // r.rollout_tp if r.gpus_per_node else 1) if r.rollout_nodes else 0,
         SMD_MODEL_PATH=cfg.model.path, SMD_OUTPUT_DIR=cfg.output_dir, SMD_SGLANG_ARGS=sgl,
         SMD_ROLLOUT_BACKEND=cfg.rollout.backend,
     )

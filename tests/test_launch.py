@@ -56,6 +56,8 @@ record({"prog": "srun", "argv": argv, "pid": os.getpid(),
         "env": {k: os.environ.get(k) for k in ("SMD_ROLLOUT_URL", "SMD_ROLLOUT_SERVERS")}})
 if long_running:  # now "healthy": the fake curl answers for this host:port from here on
     host = next(a for a in argv if a.startswith("--nodelist=")).split("=", 1)[1]
+    if "--host" in argv and argv[argv.index("--host") + 1] == "127.0.0.1":  # a server bound to loopback
+        host = "127.0.0.1"
     open(f"{os.environ['FAKE_LOG']}.ready.{host}:{argv[argv.index('--port') + 1]}", "w").close()
     time.sleep(120)
 sys.exit(int(os.environ.get("FAKE_SRUN_RC", "0")))
@@ -155,10 +157,15 @@ def assert_started_steps_were_stopped(out: str, exited: str = "learner") -> int:
     return len(stopped)
 
 
+# the config's whole eviction policy, every field (the trainer checks it against the server's)
+POLICY_2048 = ["--smd-policy", "h2o", "--smd-budget", "2048", "--smd-granularity", "layer", "--smd-sinks", "4",
+               "--smd-window", "128", "--smd-pool-kernel", "7", "--smd-pooling", "max", "--smd-buffer", "64",
+               "--smd-rkv-lambda", "0.1"]
+
+
 def server_cmd(port: int) -> list[str]:
     return ["python", "-m", "sglang_patch.launch_server", "--model-path", "models/Qwen2.5-32B-Instruct",
-            "--tp-size", "4", "--mem-fraction-static", "0.85", "--smd-policy", "h2o", "--smd-budget", "2048",
-            "--host", "0.0.0.0", "--port", str(port)]
+            "--tp-size", "4", "--mem-fraction-static", "0.85", *POLICY_2048, "--host", "0.0.0.0", "--port", str(port)]
 
 
 ROUTER_CMD = ["python", "-m", "sglang_router.launch_router", "--worker-urls", "http://gpu-03:30000",
@@ -235,7 +242,7 @@ def test_one_engine_needs_no_router_and_a_learner_failure_is_the_job_status(fake
     nodes = per_node(fake.records())
     assert nodes["gpu-02"] == [["python", "-m", "sglang_patch.launch_server", "--model-path",
                                 "models/Llama-3.1-8B-Instruct", "--tp-size", "8", "--mem-fraction-static", "0.85",
-                                "--smd-policy", "h2o", "--smd-budget", "2048", "--host", "0.0.0.0", "--port", "30000"]]
+                                *POLICY_2048, "--host", "0.0.0.0", "--port", "30000"]]
     assert nodes["gpu-01"] == [[*TORCHRUN, "--nnodes=1", "--nproc_per_node=8", "--rdzv_backend=c10d",
                                 "--rdzv_endpoint=gpu-01:29500", f"--rdzv_id={JOB}", "-m", "megatron_smd.cli", "train",
                                 "--config", "configs/models/llama3.1-8b.yaml", "resources.rollout_tp=8"]]
@@ -312,7 +319,8 @@ def test_submit_on_a_cpu_cluster_asks_for_no_gpu_and_takes_the_config_from_where
 
 
 def test_cpu_cluster_layouts(fake):
-    """gpus_per_node=0: the learner's ranks are spread evenly over the nodes; SGLang servers need GPUs."""
+    """gpus_per_node=0: the learner's ranks are spread evenly over the nodes; rollout nodes run SGLang
+    servers, so they need rollout.backend=sglang."""
     r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", "resources.nodes=2", "resources.dp=2",
                     "resources.tp=2", "--resume", "none", hosts=HOSTS[:2], SMD_DRY_RUN="1")
     assert r.returncode == 0, r.stderr
@@ -326,8 +334,64 @@ def test_cpu_cluster_layouts(fake):
     r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", "resources.nodes=2", hosts=HOSTS[:2])
     assert r.returncode == 2 and "1 learner ranks cannot be spread evenly over resources.nodes=2" in r.stderr
     r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", "resources.rollout_nodes=1", hosts=HOSTS[:2])
-    assert r.returncode == 2 and "resources.rollout_nodes=1 needs SGLang servers on GPUs" in r.stderr
+    assert r.returncode == 2 and "resources.rollout_nodes=1 runs SGLang servers, but rollout.backend=reference" \
+        in r.stderr
+    r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", "rollout.backend=sglang",
+                    "resources.rollout_tp=2", hosts=HOSTS[:1])
+    assert r.returncode == 2 and "a CPU SGLang server runs with TP 1" in r.stderr
+    r = fake.sbatch("configs/models/llama3.1-8b.yaml", "resources.rollout_nodes=0", "rollout.backend=sglang",
+                    hosts=HOSTS[:1])
+    assert r.returncode == 2 and "rollout.backend=sglang with resources.rollout_nodes=0 on GPUs" in r.stderr
     assert fake.records() == []
+
+
+TINY_SERVER = ["python", "-m", "sglang_patch.launch_server", "--model-path", "runs/models/tiny-qwen2",
+               "--tp-size", "1", "--smd-policy", "h2o", "--smd-budget", "8"]
+
+
+def test_cpu_cluster_with_sglang_servers(fake):
+    """rollout.backend=sglang, gpus_per_node=0. rollout_nodes=0 on one node: one CPU server on the learner's
+    node (its step overlaps the learner's CPUs), bound to 127.0.0.1; rollout_nodes=1: one CPU server on the
+    rollout node. The learner is pointed at the servers, after the user's overrides."""
+    r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", "rollout.backend=sglang", hosts=HOSTS[:1])
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = fake.records()
+    steps = [split_srun(x["argv"]) for x in rec if x["prog"] == "srun" and "argv" in x]
+    (srv_opts, srv), (lrn_opts, lrn) = steps
+    assert srv[:len(TINY_SERVER)] == TINY_SERVER and "--smd-window" in srv  # the config's whole policy
+    assert srv[-7:] == ["--device", "cpu", "--skip-tokenizer-init", "--host", "127.0.0.1", "--port", "30000"]
+    assert srv_opts == ["--nodes=1", "--ntasks=1", "--nodelist=gpu-01", "--overlap", "--cpus-per-task=64",
+                        f"--output={fake.logs / JOB}/sglang-gpu-01-30000.log"]
+    assert not any(o.startswith("--gpus") for o in srv_opts + lrn_opts)
+    assert lrn[-4:] == ["resources.gpus_per_node=0", "rollout.backend=sglang",
+                        "rollout.sglang_urls=[http://127.0.0.1:30000]", "sync.transport=sglang"]
+    assert {x["argv"][-1] for x in rec if x["prog"] == "curl"} == {"http://127.0.0.1:30000/health"}
+    assert "rollout on gpu-01 (1 cpu engine(s)/node x tp=1)" in r.stdout
+    assert assert_started_steps_were_stopped(r.stdout) == 1
+
+    log = fake.root / "calls.jsonl"
+    log.unlink()
+    r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", "resources.rollout_nodes=1",
+                    "rollout.backend=sglang", hosts=HOSTS[:2])
+    assert r.returncode == 0, r.stdout + r.stderr
+    nodes = per_node(fake.records())
+    (srv,) = nodes["gpu-02"]
+    assert srv[-7:] == ["--device", "cpu", "--skip-tokenizer-init", "--host", "0.0.0.0", "--port", "30000"]
+    srv_opts = next(split_srun(x["argv"])[0] for x in fake.records() if "argv" in x and "--device" in x["argv"])
+    assert srv_opts[:5] == ["--nodes=1", "--ntasks=1", "--nodelist=gpu-02", "--exact", "--cpus-per-task=64"]
+    (lrn,) = nodes["gpu-01"]
+    assert lrn[-2:] == ["rollout.sglang_urls=[http://gpu-02:30000]", "sync.transport=sglang"]
+    assert assert_started_steps_were_stopped(r.stdout) == 1
+
+
+def test_gpu_servers_are_handed_to_the_learner_with_rollout_backend_sglang(fake):
+    r = fake.sbatch("configs/models/llama3.1-8b.yaml", "resources.rollout_tp=4", "rollout.backend=sglang",
+                    hosts=HOSTS[:2])
+    assert r.returncode == 0, r.stdout + r.stderr
+    nodes = per_node(fake.records())
+    assert all(c[-4:-2] == ["--host", "0.0.0.0"] and "--device" not in c for c in nodes["gpu-02"])
+    (lrn,) = nodes["gpu-01"]
+    assert lrn[-2:] == ["rollout.sglang_urls=[http://gpu-02:30000,http://gpu-02:30010]", "sync.transport=sglang"]
 
 
 def test_the_learner_runs_under_smd_python_and_a_failure_names_its_log(fake):
@@ -354,7 +418,8 @@ def test_local_cpu_runs_smd_train_under_torchrun_with_the_config_world(fake):
                             "configs/tiny-cpu.yaml", "resources.tp=2", "train.steps=2"]
     assert call["own_session"]  # started under setsid: teardown can stop its whole process group
     assert call["env"] == {"CUDA_VISIBLE_DEVICES": None, "SMD_ROLLOUT_URL": None}
-    r = fake.run("launch/local.sh", "configs/tiny-cpu.yaml", "resources.rollout_nodes=1", SMD_NUM_GPUS="0")
+    r = fake.run("launch/local.sh", "configs/tiny-cpu.yaml", "resources.rollout_nodes=1", "rollout.backend=sglang",
+                 SMD_NUM_GPUS="0")
     assert r.returncode == 2 and "resources.rollout_nodes=1 needs SGLang servers on GPUs" in r.stderr
 
 
@@ -366,8 +431,7 @@ def test_local_gpu_splits_the_gpus_between_learner_and_servers(fake):
     lines = [shlex.split(x[len("[dry-run] "):]) for x in r.stdout.splitlines()
              if x.startswith("[dry-run] ") and not x.startswith("[dry-run] wait")]
     server = ["python", "-m", "sglang_patch.launch_server", "--model-path", "models/Qwen2.5-7B-Instruct", "--tp-size",
-              "2", "--mem-fraction-static", "0.85", "--smd-policy", "h2o", "--smd-budget", "2048", "--host",
-              "127.0.0.1", "--port"]
+              "2", "--mem-fraction-static", "0.85", *POLICY_2048, "--host", "127.0.0.1", "--port"]
     assert lines == [
         ["env", "CUDA_VISIBLE_DEVICES=4,5", *server, "30000"],
         ["env", "CUDA_VISIBLE_DEVICES=6,7", *server, "30010"],

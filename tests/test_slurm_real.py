@@ -365,3 +365,42 @@ def test_a_failing_learner_fails_the_job_with_its_status_and_log(slurm, user, tm
     assert f"learner log ({slurm.host}): {log}" in text
     # and the cause, from that log
     assert re.search(rf"\[{slurm.host}\] error: .*no-such-checkpoint: not a complete checkpoint", text), text
+
+
+def _scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def test_a_cpu_job_with_a_colocated_sglang_server(slurm, user, tmp_path):
+    """rollout.backend=sglang on a one-node CPU cluster: the job starts one patched SGLang CPU server
+    on its node (next to the learner's ranks), health-checks it, trains against it (rollout from the
+    server, weights pushed to it after every step), and stops it at the end."""
+    pytest.importorskip("sglang", reason="sglang is not installed")
+    steps, port = 2, _free_port()
+    user.env.update(SMD_SERVER_PORT=str(port), SMD_HEALTH_INTERVAL="1", SMD_HEALTH_TIMEOUT="120")
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    job = user.submit(out, "rollout.backend=sglang", f"train.steps={steps}", "train.save_every=0",
+                      "logging.mask_images=0")
+    info = slurm.wait_job(job, timeout=JOB_TIMEOUT + 60)
+    took = time.monotonic() - t0
+    text = user.output(job)
+    server_log = tmp_path / "logs" / job / f"sglang-{slurm.host}-{port}.log"
+    server_text = server_log.read_text(errors="replace") if server_log.is_file() else f"(no {server_log})"
+    assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), text + server_text[-3000:]
+    assert f"sglang http://127.0.0.1:{port} is healthy" in text, text
+    assert "learner exited with status 0" in text
+    assert "smd eviction active" in server_text
+    assert _wait(lambda: not slurm.job_processes(job), timeout=10, interval=0.2), slurm.job_processes(job)
+    with socket.socket() as s:  # the job stopped its server
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the SGLang server is still listening after the job"
+    assert port not in listening_ports()
+    gap = _scalars(out / "tensorboard")["mismatch/max_abs_logprob_diff"]
+    assert sorted(gap) == list(range(1, steps + 1)), gap
+    print(f"\nsglang on CPU: job {job} COMPLETED in {took:.1f} s (submit to end); per-step replay gap: "
+          + ", ".join(f"step {s}: {gap[s]:.2e}" for s in sorted(gap)))
+    assert max(gap.values()) <= 1e-5, gap
