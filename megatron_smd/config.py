@@ -138,10 +138,13 @@ class ResourcesConfig(_Strict):
     gpus_per_node: int = Field(8, ge=0)
     """GPUs per node; ``launch/slurm/submit.sh`` asks Slurm for them (``--gpus-per-node``). 0 = a CPU
     cluster: no GPU is requested, the learner ranks are gloo processes spread evenly over
-    ``nodes`` (``tp*pp*cp*dp`` must be a multiple of it) and the rollout runs in-process
-    (``rollout_nodes`` must be 0). One machine (``launch/local.sh``, ``smd train``) ignores it."""
+    ``nodes`` (``tp*pp*cp*dp`` must be a multiple of it); the rollout runs in-process, or with
+    ``rollout.backend: sglang`` on patched SGLang CPU servers (``rollout_nodes`` of them, or one
+    colocated on the first learner node when 0). One machine (``launch/local.sh``, ``smd train``)
+    ignores it."""
     rollout_nodes: int = Field(0, ge=0)
-    """Nodes that run SGLang rollout servers (0 = colocated with the learner, or the CPU reference engine)."""
+    """Nodes that run SGLang rollout servers (0 = colocated with the learner: the in-process reference
+    engine, or with ``rollout.backend: sglang`` one server on the first learner node)."""
     rollout_tp: int = Field(1, ge=1)
     """Tensor-parallel degree of each rollout engine (SGLang --tp)."""
     gpu_memory_gb: float = Field(80.0, gt=0)
