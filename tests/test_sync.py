@@ -13,9 +13,10 @@ What is measured, and against what:
 * **Memory** (same spawn): a broadcast sync with 256 KiB buckets (the largest tensor, fc1, is
   128 KiB) is profiled on every sending rank with ``torch.profiler`` memory events (the CPU
   allocator's own record, backend temporaries included): the peak extra bytes must stay within two
-  buckets. Measured: 384 KiB at TP=1, 448 KiB at TP=2 (bucket + gather buffer + one converted fc1),
-  and it must agree with the resharder's own :class:`LiveBytes` figure (what ``SyncReport`` reports)
-  to within 32 KiB (measured: equal).
+  buckets. Measured: 256 KiB at TP=1, 320 KiB at TP=2 (the packing buffers: two halves of a bucket,
+  the conversion writes straight into them; + the gather buffer at TP=2), and it must agree with the
+  resharder's own :class:`LiveBytes` figure (what ``SyncReport`` reports) to within 32 KiB
+  (measured: equal).
 * **Failure semantics** (same spawn, last layout TP=2 x PP=2): (a) a transport that corrupts one
   tensor of one bucket in transit after the checksum was taken -> every learner rank raises
   ``WeightSyncError(engine_state="previous")`` naming the tensor, and the engine's parameters are
@@ -27,10 +28,18 @@ What is measured, and against what:
   staging and keeps its previous weights.
 * **GPU** (``gpu`` marker): the ``sglang`` transport against a real SGLang server, colocated
   (``update_weights_from_tensor``, one GPU) and distributed (NCCL broadcast, two GPUs).
+* **Repeated syncs** (one learner rank + one broadcast receiver): three in-process syncs of new
+  weights through the engine's kept buffers (the same memory each time) leave the engine's
+  parameters bit-identical to the conversion table's HF tensors; a NaN is refused with and without
+  checksums (the finiteness test runs on different threads in the two cases), the engine
+  bit-identical; the raw-broadcast ``wire`` message works between syncs.
 * Unit tests in the pytest process: the checksum against a pure-Python evaluation of its formula
-  and against single-word corruption; the wire layout byte-for-byte against SGLang's own
-  ``FlattenedTensorBucket``; safetensors shards against the ``safetensors`` reader; the staged
-  commit's atomicity; ``WeightSync.from_config``.
+  and against single-word corruption, and its numpy (CPU) and torch paths against each other; the
+  finiteness test against every NaN / inf pattern per float dtype; the resharder's direct
+  conversion byte-for-byte against the conversion table (TP 1, 2, 4, query groups split across
+  ranks); the wire layout byte-for-byte against SGLang's own ``FlattenedTensorBucket``; safetensors
+  shards against the ``safetensors`` reader; the staged commit's atomicity; a disk snapshot whose
+  checksums another algorithm computed; ``WeightSync.from_config``.
 """
 
 from __future__ import annotations

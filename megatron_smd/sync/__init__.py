@@ -5,27 +5,29 @@ group, converts it with the project's one conversion table (:mod:`megatron_smd.l
 and packs buckets of ``sync.bucket_mb``; no rank ever holds the whole model. The pieces:
 
 =====================  ==========================================================================
-:mod:`.reshard`        :class:`Resharder` (TP gather, conversion, buckets, memory accounting),
-                       :func:`learner_logits` (probe forward through the pipeline)
-:mod:`.bucket`         :class:`Bucket`, SGLang's flattened wire layout, checksums, safetensors shards
+:mod:`.reshard`        :class:`Resharder` (TP gather, conversion straight into the bucket, memory
+                       accounting, per-phase timing), :func:`learner_logits` (probe forward)
+:mod:`.bucket`         :class:`Bucket`, SGLang's flattened wire layout, checksums, finiteness,
+                       safetensors shards
 :mod:`.transports`     ``inprocess``, ``broadcast``, ``sglang``, ``disk`` behind :class:`Transport`
 :mod:`.receiver`       :class:`BroadcastReceiver`: a reference engine receiving in another process
-:mod:`.staging`        engine side: stage in a shadow copy, verify, commit atomically
+:mod:`.staging`        engine side: stage in a shadow copy (kept across syncs), verify, commit atomically
 :mod:`.group`          the learner <-> engine weight-update process group
 :mod:`.weight_sync`    :class:`WeightSync`: the collective ``sync(version)`` the trainer calls
 =====================  ==========================================================================
 """
 
-from .bucket import Bucket, tensor_checksum
+from .bucket import Bucket, all_finite, tensor_checksum
 from .receiver import BroadcastReceiver
-from .reshard import LiveBytes, Resharder, learner_logits, param_order
-from .staging import CommitResult, Probe, StagedUpdate, WeightSyncError, stage_from_disk
+from .reshard import LiveBytes, PhaseTimer, Resharder, learner_logits, param_order
+from .staging import CommitResult, Probe, ShadowBuffers, StagedUpdate, WeightSyncError, stage_from_disk
 from .transports import (BroadcastTransport, DiskTransport, InProcessTransport, SGLangTransport, Transport,
                          latest_snapshot)
 from .weight_sync import SyncReport, WeightSync
 
 __all__ = [
     "Bucket", "BroadcastReceiver", "BroadcastTransport", "CommitResult", "DiskTransport", "InProcessTransport",
-    "LiveBytes", "Probe", "Resharder", "SGLangTransport", "StagedUpdate", "SyncReport", "Transport", "WeightSync",
-    "WeightSyncError", "latest_snapshot", "learner_logits", "param_order", "stage_from_disk", "tensor_checksum",
+    "LiveBytes", "PhaseTimer", "Probe", "Resharder", "SGLangTransport", "ShadowBuffers", "StagedUpdate",
+    "SyncReport", "Transport", "WeightSync", "WeightSyncError", "all_finite", "latest_snapshot", "learner_logits",
+    "param_order", "stage_from_disk", "tensor_checksum",
 ]

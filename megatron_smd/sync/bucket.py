@@ -9,9 +9,11 @@ padding, each tensor starting at a byte offset that is a multiple of its element
 bytes, preceded by a JSON header, are a valid safetensors file (:func:`write_safetensors`), so the
 ``disk`` transport writes a bucket without re-packing it.
 
-Checksums (:func:`tensor_checksum`) are exact integer functions of a tensor's bytes, computed with
-torch integer ops so they give the same value on CPU and GPU and for any reduction order; they are
-what ``sync.verify`` compares between the sender and the engine.
+Checksums (:func:`tensor_checksum`) are exact integer functions of a tensor's bytes (sums modulo
+2^64, with numpy on the CPU and torch elsewhere), so they give the same value on CPU and GPU and for
+any reduction order; they are what ``sync.verify`` compares between the sender and the engine.
+:func:`all_finite` is the sender's NaN / inf test, and :func:`empty_bytes` the huge-page-backed
+buffer that large packing and receive buffers are allocated with.
 """
 
 from __future__ import annotations
