@@ -171,8 +171,15 @@ def test_launch_vars_round_trip_through_bash(tmp_path):
     script = format_shell(v) + '\nprintf "%s\\n" "$SMD_NPROC_PER_NODE" "$SMD_ENGINES_PER_NODE" "${SMD_SGLANG_ARGS[@]}"\n'
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[:2] == ["8", "2"]
+    from megatron_smd.plan import policy_flags
+
     assert out[2:] == ["--model-path", f"{tmp_path}/dir with 'quotes' and spaces", "--tp-size", "4",
-                       "--mem-fraction-static", "0.85", "--smd-policy", "h2o", "--smd-budget", "2048"]
+                       "--mem-fraction-static", "0.85", *policy_flags(cfg.rollout.policy)]
+    # the whole policy reaches the servers, not only its name and budget
+    flags = dict(zip(out[2:], out[3:]))
+    p = cfg.rollout.policy
+    assert (flags["--smd-policy"], flags["--smd-budget"], flags["--smd-window"]) == ("h2o", "2048", str(p.window))
+    assert flags["--smd-granularity"] == "layer" and flags["--smd-sinks"] == str(p.sinks)
 
 
 def test_add_cli_registers_smd_plan(capsys):
