@@ -397,6 +397,11 @@ def empty_bytes(nbytes: int, device: torch.device | str = "cpu") -> torch.Tensor
     return t
 
 
+#: A CPU tensor at least this large is written (and checked) in two halves on two threads, and a
+#: commit at least twice this large runs as two halves: see ``Resharder._write``.
+SPLIT_BYTES = 8 << 20
+
+
 def unflatten(flat: torch.Tensor, names, dtypes, shapes) -> list[tuple[str, torch.Tensor]]:
     """Views of the tensors in a flattened bucket (the inverse of :meth:`Bucket.flatten`).
 

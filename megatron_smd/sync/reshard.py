@@ -69,6 +69,7 @@ import torch.distributed as dist
 from ..learner.convert import _hf_names, _resolve, local_param_names
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
+from . import bucket as _bucket
 from .bucket import Bucket, all_finite, empty_bytes, tensor_checksum
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -277,6 +278,27 @@ def write_pieces(dest: torch.Tensor, pieces: list[Piece]) -> torch.Tensor:
     return dest
 
 
+def _splits(t: torch.Tensor) -> bool:
+    """Whether writing / checking ``t`` is split over two threads (a large CPU tensor)."""
+    n = _bucket.SPLIT_BYTES
+    return bool(n) and t.device.type == "cpu" and t.numel() * t.element_size() >= n
+
+
+def _halves(dest: torch.Tensor, pieces: list[Piece]):
+    """The pieces' copies as two lists of ``(destination view, source view)`` of about equal bytes:
+    every piece split along its first dimension (one that cannot be stays whole, in the first)."""
+    first, second = [], []
+    for region, src in pieces:
+        dst = dest if region is None else region(dest)
+        if dst.dim() and dst.shape[0] >= 2 and tuple(src.shape) == tuple(dst.shape):
+            h = dst.shape[0] // 2
+            first.append((dst[:h], src[:h]))
+            second.append((dst[h:], src[h:]))
+        else:
+            first.append((dst, src))
+    return (first, second) if second else None
+
+
 class Resharder:
     """Iterate over this stage's weights as HF-named buckets (see the module docstring).
 
@@ -350,6 +372,7 @@ class Resharder:
         self._bufs: dict[str, torch.Tensor] = {}
         self._temps: list[torch.Tensor] = []  # unpacked mode: temporaries of the open bucket
         self._worker: ThreadPoolExecutor | None = None  # checks and sink puts, in tensor order
+        self._copier: ThreadPoolExecutor | None = None  # the second half of large copies
         self._pending: list[Future] = []  # the open bucket's jobs on it, in tensor order
 
     # --------------------------------------------------------------------------------------
@@ -426,11 +449,8 @@ class Resharder:
 
     def _flush(self, bucket: Bucket) -> Bucket:
         if self._pending:
-            done = [f.result() for f in self._pending]  # in order; the jobs never raise
+            bucket.checksums = [f.result() for f in self._pending]  # in order; the jobs never raise
             self._pending = []
-            bucket.nonfinite += [name for name, finite, _ in done if not finite]
-            if self.checksums:
-                bucket.checksums = [cs for _, _, cs in done]
         self.stats.buckets += 1
         self.stats.tensors += len(bucket)
         self.stats.bytes += bucket.nbytes
@@ -445,9 +465,10 @@ class Resharder:
             for f in self._pending:
                 f.result()
             self._pending = []
-            if self._worker is not None:
-                self._worker.shutdown(wait=True)
-                self._worker = None
+            for attr in ("_worker", "_copier"):
+                if getattr(self, attr) is not None:
+                    getattr(self, attr).shutdown(wait=True)
+                    setattr(self, attr, None)
             for buf in self._bufs.values():
                 self.meter.release(buf)
             self._bufs.clear()
@@ -458,50 +479,84 @@ class Resharder:
         self.meter.release(*self._temps)
         self._temps = []
 
-    def _finish_tensor(self, bucket: Bucket, hf_name: str, t: torch.Tensor) -> None:
-        """The checks of one tensor just written (in cache) and the sink's put, split between this
-        thread and the helper so that the next tensor's conversion overlaps them: with checksums,
-        finiteness here and the checksum (and the put, which may verify it) there; without, the
-        finiteness check (and the put) there. The bucket collects the results in order (``_flush``)."""
-        if not (self.check_finite or self.checksums):
+    def _write(self, dest: torch.Tensor, pieces: list[Piece]) -> bool:
+        """Write the pieces into ``dest`` and check what was written for NaN / inf while it is in
+        cache; returns whether it is finite (True without ``check_finite``). A large CPU tensor is
+        done in two halves, one on the copy helper thread (:func:`_halves`), joined."""
+        halves = _halves(dest, pieces) if _splits(dest) else None
+        if halves is None:
+            return self._write_part([((dest if r is None else r(dest)), src) for r, src in pieces])
+        f = self._copy_pool().submit(self._write_part, halves[1])
+        try:
+            ok = self._write_part(halves[0])
+        finally:
+            ok = f.result() and ok
+        return ok
+
+    def _write_part(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        t0 = time.perf_counter()
+        for dst, src in parts:
+            dst.copy_(src)
+        t1 = time.perf_counter()
+        ok = not self.check_finite or all(all_finite(dst) for dst, _ in parts)
+        self.phases.add("convert", t1 - t0)
+        if self.check_finite:
+            self.phases.add("finite", time.perf_counter() - t1)
+        return ok
+
+    def _check_view(self, t: torch.Tensor) -> bool:
+        """Finiteness of a tensor that was not written (a view of the parameter), split like _write."""
+        if not self.check_finite:
+            return True
+        halves = _halves(t, [(None, t)]) if _splits(t) else None
+        if halves is None:
+            with self.phases("finite"):
+                return all_finite(t)
+
+        def check(parts):
+            t0 = time.perf_counter()
+            ok = all(all_finite(d) for d, _ in parts)
+            self.phases.add("finite", time.perf_counter() - t0)
+            return ok
+
+        f = self._copy_pool().submit(check, halves[1])
+        try:
+            ok = check(halves[0])
+        finally:
+            ok = f.result() and ok
+        return ok
+
+    def _finish_tensor(self, bucket: Bucket, hf_name: str, t: torch.Tensor, finite: bool) -> None:
+        """Record the finiteness found by the writer; the checksum and the sink's put (which may
+        verify it) go to the helper thread, in tensor order, while the next tensor is converted.
+        The bucket collects the results in order (``_flush``)."""
+        if not finite:
+            bucket.nonfinite.append(hf_name)
+        if not self.checksums:
             if self.sink is not None:
                 with self.phases("stage"):
                     self.sink.put(hf_name, t, None)
             return
-        finite_here = self.check_finite and self.checksums
-        if finite_here:
-            with self.phases("finite"):
-                if not all_finite(t):
-                    bucket.nonfinite.append(hf_name)
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smd-sync-check")
-        self._pending.append(self._worker.submit(self._check_job, hf_name, t, self.check_finite and not finite_here))
+        self._pending.append(self._worker.submit(self._check_job, hf_name, t))
 
-    def _check_job(self, hf_name: str, t: torch.Tensor, finite_check: bool) -> tuple[str, bool, int | None]:
-        """On the helper thread: finiteness (``finite_check``), the checksum, then the sink's put
-        (which may verify it). Returns ``(name, finite, checksum)``. Errors are recorded
-        (``self.errors``), never raised: the TP group must stay in step. Its seconds overlap the
-        conversion's, so phases no longer add up to the wall clock."""
+    def _check_job(self, hf_name: str, t: torch.Tensor) -> int | None:
+        """On the helper thread: the checksum, then the sink's put (which may verify it). Errors are
+        recorded (``self.errors``), never raised: the TP group must stay in step. Its seconds
+        overlap the conversion's, so phases do not add up to the wall clock."""
         try:
-            ph = self.phases
-            finite = True
-            if finite_check:
-                t0 = time.perf_counter()
-                finite = all_finite(t)
-                ph.add("finite", time.perf_counter() - t0)
-            cs = None
-            if self.checksums:
-                t0 = time.perf_counter()
-                cs = tensor_checksum(t)
-                ph.add("checksum", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            cs = tensor_checksum(t)
+            t1 = time.perf_counter()
+            self.phases.add("checksum", t1 - t0)
             if self.sink is not None:
-                t0 = time.perf_counter()
                 self.sink.put(hf_name, t, cs)
-                ph.add("stage", time.perf_counter() - t0)
-            return hf_name, finite, cs
+                self.phases.add("stage", time.perf_counter() - t1)
+            return cs
         except Exception as e:
-            self.errors.append(f"checking {hf_name} (stage {self.stage}): {type(e).__name__}: {e}")
-            return hf_name, True, None
+            self.errors.append(f"checksum of {hf_name} (stage {self.stage}): {type(e).__name__}: {e}")
+            return None
 
     def _iter(self) -> Iterator[Bucket]:
         B, ph = self._limit, self.phases
@@ -539,15 +594,15 @@ class Resharder:
                         buf = self._buffer(self._pack_key(bucket), self._pack_capacity, p.device)
                     if nb > buf.numel():
                         buf = self._buffer(self._pack_key(bucket), nb, p.device)
-                    with ph("convert"):
-                        t = write_pieces(bucket.reserve(hf_name, shape, dt, buf), pieces)
+                    t = bucket.reserve(hf_name, shape, dt, buf)
+                    finite = self._write(t, pieces)
                 else:
                     if len(bucket) and bucket.nbytes % dt.itemsize:
                         yield self._flush(bucket)
                         bucket = self._next(bucket)
-                    t = self._unpacked(hf_name, shape, dt, pieces, gptr)
+                    t, finite = self._unpacked(hf_name, shape, dt, pieces, gptr)
                     bucket.add(hf_name, t)
-                self._finish_tensor(bucket, hf_name, t)
+                self._finish_tensor(bucket, hf_name, t, finite)
                 del t
             del shards, outs
         if self.is_sender and len(bucket) and not self._draining:
@@ -555,23 +610,29 @@ class Resharder:
             self._next(bucket)
 
     def _unpacked(self, hf_name: str, shape: tuple[int, ...], dt: torch.dtype, pieces: list[Piece],
-                  gptr: int | None) -> torch.Tensor:
-        """An HF tensor outside a packing buffer: the sink's slot, the parameter's own view, or a temporary."""
-        with self.phases("convert"):
-            if self.sink is not None:
-                dest = self.sink.slot(hf_name, shape, dt)
-                if dest is not None:
-                    return write_pieces(dest, pieces)
-            elif len(pieces) == 1 and pieces[0][0] is None:
-                src = pieces[0][1]
-                if (src.dtype == dt and src.is_contiguous() and tuple(src.shape) == tuple(shape)
-                        and src.untyped_storage().data_ptr() != gptr):
-                    return src  # a view of the learner's parameter: no copy
-            t = write_pieces(torch.empty(shape, dtype=dt, device=pieces[0][1].device), pieces)
+                  gptr: int | None) -> tuple[torch.Tensor, bool]:
+        """An HF tensor outside a packing buffer (the sink's slot, the parameter's own view, or a
+        temporary) and whether it is finite."""
+        if self.sink is not None:
+            dest = self.sink.slot(hf_name, shape, dt)
+            if dest is not None:
+                return dest, self._write(dest, pieces)
+        elif len(pieces) == 1 and pieces[0][0] is None:
+            src = pieces[0][1]
+            if (src.dtype == dt and src.is_contiguous() and tuple(src.shape) == tuple(shape)
+                    and src.untyped_storage().data_ptr() != gptr):
+                return src, self._check_view(src)  # a view of the learner's parameter: no copy
+        t = torch.empty(shape, dtype=dt, device=pieces[0][1].device)
+        finite = self._write(t, pieces)
         if self.sink is None:
             self.meter.hold(t)
             self._temps.append(t)
-        return t
+        return t, finite
+
+    def _copy_pool(self) -> ThreadPoolExecutor:
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smd-sync-copy")
+        return self._copier
 
     def _next(self, bucket: Bucket) -> Bucket:
         """After a bucket was consumed: the next one (an unpacked bucket's temporaries are freed)."""

@@ -234,13 +234,44 @@ class StagedUpdate:
                 raise self._fail(f"probe batch: engine logits differ from the learner's by {diff:.3g} "
                                  f"(tolerance {probe.atol:g})")
         t0 = time.perf_counter()
-        self.engine.load_weights(self._staged)  # names and shapes validated: cannot stop half-way
+        _load_weights(self.engine, self._staged)  # names and shapes validated: cannot stop half-way
         self._time("commit", t0)
         res = CommitResult(ok=True, version=self.version, message="committed", tensors=len(self._staged),
                            bytes=self.nbytes, checksums_verified=self.checksums_verified, probe_max_abs_diff=diff,
                            phases=dict(self.phases))
         self.discard()
         return res
+
+
+def _load_weights(engine, staged: dict[str, torch.Tensor]) -> None:
+    """``engine.load_weights(staged)``; a large CPU commit as two calls on disjoint halves (by bytes),
+    one on a helper thread, joined: the sync runs torch with one intra-op thread (OpenMP's spinning
+    barriers collapse on a busy machine, see ``WeightSync(threads=...)``), and two Python threads
+    joined by a blocking wait use a second core when it is free without that failure mode."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import bucket
+
+    SPLIT_BYTES = bucket.SPLIT_BYTES
+    sizes = {n: t.numel() * t.element_size() for n, t in staged.items()}
+    total = sum(sizes.values())
+    if (not SPLIT_BYTES or total < 2 * SPLIT_BYTES or len(staged) < 2
+            or any(t.device.type != "cpu" for t in staged.values())):
+        engine.load_weights(staged)
+        return
+    first, acc = {}, 0
+    for n, t in staged.items():
+        if acc >= total / 2:
+            break
+        first[n] = t
+        acc += sizes[n]
+    second = {n: t for n, t in staged.items() if n not in first}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="smd-sync-commit") as pool:
+        f = pool.submit(engine.load_weights, second)
+        try:
+            engine.load_weights(first)
+        finally:
+            f.result()
 
 
 # -------------------------------------------------------------------------------------- disk reload
