@@ -714,6 +714,11 @@ def _repeat_sync_job(port: int, tmp: str) -> dict:
     from megatron_smd.sync import (BroadcastTransport, InProcessTransport, WeightSync, WeightSyncError,
                                    learner_logits)
 
+    import megatron_smd.sync.bucket as bucket_mod
+
+    # every tensor of >= 1 KiB is written, checked and committed in two halves on two threads (the
+    # path large models take; the tiny model's tensors would all stay below the real threshold)
+    bucket_mod.SPLIT_BYTES = 1024
     name = "qwen2"
     arch = _arch(name)
     layout = ParallelLayout(world_size=1)
@@ -743,18 +748,19 @@ def _repeat_sync_job(port: int, tmp: str) -> dict:
     # a NaN without verify (the finiteness check then runs on the helper thread) and with it
     sums0 = _param_sums(engine)
     w = params["decoder.layers.1.self_attention.linear_proj.weight"]
-    with torch.no_grad():
-        w.view(-1)[5] = float("nan")
     out["nan"] = []
-    for verify in (False, True):
+    for verify, at in ((False, -5), (True, 5)):  # in the half the helper thread writes, then the other
+        with torch.no_grad():
+            saved = float(w.view(-1)[at])
+            w.view(-1)[at] = float("nan")
         try:
             WeightSync(learner.model, layout, arch, tr, bucket_bytes=BUCKET, verify=verify).sync(9)
             out["nan"].append(("no error", None))
         except WeightSyncError as e:
             out["nan"].append((str(e), e.engine_state))
+        with torch.no_grad():
+            w.view(-1)[at] = saved
     out["nan_unchanged"] = _param_sums(engine) == sums0
-    with torch.no_grad():
-        w.view(-1)[5] = 0.0
     # the raw-broadcast floor over a live group, then a sync, then shutdown
     btr = BroadcastTransport("127.0.0.1", port, 1, backend="gloo", timeout_s=60)
     ws = WeightSync(learner.model, layout, arch, btr, bucket_bytes=BUCKET)
@@ -781,8 +787,9 @@ def _repeat_receiver_job(port: int) -> dict:
 @pytest.mark.slow
 def test_kept_buffers_repeated_syncs_and_wire(tmp_path):
     """Syncs reuse the engine side's kept buffers (the same memory every time) and still leave the
-    engine exactly on the learner's current weights; a NaN is refused with and without checksums
-    (the engine bit-identical); the raw-broadcast 'wire' message works between syncs."""
+    engine exactly on the learner's current weights, with tensors written, checked and committed
+    in halves on two threads; a NaN is refused with and without checksums (the engine
+    bit-identical); the raw-broadcast 'wire' message works between syncs."""
     port = _two_free_ports()
     env = dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     res = _spawn([(_repeat_sync_job, (port, str(tmp_path)), env), (_repeat_receiver_job, (port,), {})],
