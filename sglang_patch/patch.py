@@ -369,15 +369,17 @@ def _score_decode(q, layer, managed) -> None:
         _MANAGER.decode_layer(st.rid, layer.layer_id, qv[b].float().cpu())
 
 
+def _make_extend(orig):
+    """Both backends: prefill runs unchanged, then each request's queries are captured."""
+    def forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs):
+        out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
+        _capture_extend(q, layer, forward_batch)
+        return out
+    return forward_extend
+
+
 def _hook_triton(TritonAttnBackend) -> None:
     """GPU backend: swap in the per-layer compacted ``kv_indptr`` / ``kv_indices``."""
-    def make_extend(orig):
-        def forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs):
-            out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
-            _capture_extend(q, layer, forward_batch)
-            return out
-        return forward_extend
-
     def make_decode(orig):
         def forward_decode(self, q, k, v, layer, forward_batch, *args, **kwargs):
             managed = _managed_rows(forward_batch)
@@ -397,20 +399,13 @@ def _hook_triton(TritonAttnBackend) -> None:
             return out
         return forward_decode
 
-    _wrap(TritonAttnBackend, "forward_extend", make_extend)
+    _wrap(TritonAttnBackend, "forward_extend", _make_extend)
     _wrap(TritonAttnBackend, "forward_decode", make_decode)
 
 
 def _hook_torch_native(TorchNativeAttnBackend) -> None:
     """CPU backend: its decode reads ``req_to_token[row, :seq_len]`` per request, so each layer
     gets a compacted table (one row per batch entry, its slot list) in place of the pool's."""
-    def make_extend(orig):
-        def forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs):
-            out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
-            _capture_extend(q, layer, forward_batch)
-            return out
-        return forward_extend
-
     def make_decode(orig):
         def forward_decode(self, q, k, v, layer, forward_batch, *args, **kwargs):
             global _DECODE_TABLE
@@ -443,7 +438,7 @@ def _hook_torch_native(TorchNativeAttnBackend) -> None:
                         *args, **kwargs)
         return _run_sdpa_forward_decode
 
-    _wrap(TorchNativeAttnBackend, "forward_extend", make_extend)
+    _wrap(TorchNativeAttnBackend, "forward_extend", _make_extend)
     _wrap(TorchNativeAttnBackend, "forward_decode", make_decode)
     _wrap(TorchNativeAttnBackend, "_run_sdpa_forward_decode", make_run_decode)
 

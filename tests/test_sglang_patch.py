@@ -176,18 +176,22 @@ class Server:
         for req, t in zip(reqs, tokens_next):
             req.output_ids.append(t)
 
-    def release(self, req) -> dict:
-        """``release_kv_cache(req, tree, checkpoint=True)``, step by step (see module docstring),
-        for a request that finished (SGLang sets ``finished_reason`` before it releases)."""
+    def release(self, req, *, finished: bool = True) -> dict:
+        """``release_kv_cache(req, tree, checkpoint=finished)``, step by step (see module docstring).
+
+        ``finished``: the request finished (SGLang sets ``finished_reason`` first); otherwise this
+        is a retraction's release of a running request, without a checkpoint."""
         from sglang.srt.managers.schedule_batch import FINISH_LENGTH
 
-        req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))
+        if finished:
+            req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))
         owned = req.kv.kv_committed_len
-        self.tree.checkpoint(req, up_to=owned)
+        if finished:
+            self.tree.checkpoint(req, up_to=owned)
         self.tree.free_kv_row(req.kv, [(req.kv.cache_protected_len, owned)])
         self.tree.unlock(req.lock)
         req.lock = None
-        self.tree.on_release(req, checkpointed=True)
+        self.tree.on_release(req, checkpointed=finished)
         self.rtp.free(req)
         req.kv.mark_kv_released()
         return self.mgr.pop_export(req.rid)
@@ -630,14 +634,7 @@ def test_release_before_finishing_exports_no_mask_and_frees_exactly(sg, model64,
             srv.decode(reqs, qkvs, [t.tokens[r.kv.kv_allocated_len + 1] for r, t in zip(reqs, trajs)])
         r0 = reqs[0]
         assert not r0.finished() and srv.mgr.is_managed(r0)
-        owned = r0.kv.kv_committed_len  # release_kv_cache(req, tree, checkpoint=False), step by step
-        srv.tree.free_kv_row(r0.kv, [(r0.kv.cache_protected_len, owned)])
-        srv.tree.unlock(r0.lock)
-        r0.lock = None
-        srv.tree.on_release(r0, checkpointed=False)
-        srv.rtp.free(r0)
-        r0.kv.mark_kv_released()
-        ex = srv.mgr.pop_export(r0.rid)
+        ex = srv.release(r0, finished=False)
         assert ex["evict"] is None and ex["replayable"] is False
         assert "before finishing" in ex["not_replayable_reason"]
         assert not srv.mgr.is_managed(r0) and srv.mgr.pop_export(r0.rid) is None

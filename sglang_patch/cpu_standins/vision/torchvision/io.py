@@ -2,6 +2,8 @@
 
 import enum
 
+from .transforms.functional import refusing
+
 
 class ImageReadMode(enum.Enum):
     UNCHANGED = 0
@@ -12,12 +14,4 @@ class ImageReadMode(enum.Enum):
     RGBA = 4
 
 
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-
-    def _unavailable(*args, **kwargs):
-        raise RuntimeError(f"torchvision.io.{name}: torchvision is not installed (megatron-smd CPU "
-                           f"stand-in); image inputs are not supported on this server")
-
-    return _unavailable
+__getattr__ = refusing(__name__)

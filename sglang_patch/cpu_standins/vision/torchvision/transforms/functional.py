@@ -1,12 +1,20 @@
 """``torchvision.transforms.functional`` stand-in: every function raises when called."""
 
 
-def __getattr__(name: str):
-    if name.startswith("__") or name == "InterpolationMode":
-        raise AttributeError(name)
+def refusing(module: str):
+    """A module ``__getattr__`` whose every name is a function that refuses to run."""
 
-    def _unavailable(*args, **kwargs):
-        raise RuntimeError(f"torchvision.transforms.functional.{name}: torchvision is not installed "
-                           f"(megatron-smd CPU stand-in); image inputs are not supported on this server")
+    def __getattr__(name: str):
+        if name.startswith("__") or name == "InterpolationMode":
+            raise AttributeError(name)
 
-    return _unavailable
+        def _unavailable(*args, **kwargs):
+            raise RuntimeError(f"{module}.{name}: torchvision is not installed (megatron-smd CPU stand-in); "
+                               f"image inputs are not supported on this server")
+
+        return _unavailable
+
+    return __getattr__
+
+
+__getattr__ = refusing(__name__)

@@ -1,12 +1,5 @@
 """``torchvision.transforms.v2.functional`` stand-in: every function raises when called."""
 
+from ..functional import refusing
 
-def __getattr__(name: str):
-    if name.startswith("__") or name == "InterpolationMode":
-        raise AttributeError(name)
-
-    def _unavailable(*args, **kwargs):
-        raise RuntimeError(f"torchvision.transforms.v2.functional.{name}: torchvision is not installed "
-                           f"(megatron-smd CPU stand-in); image inputs are not supported on this server")
-
-    return _unavailable
+__getattr__ = refusing(__name__)
