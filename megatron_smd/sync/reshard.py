@@ -483,7 +483,7 @@ class Resharder:
         """Write the pieces into ``dest`` and check what was written for NaN / inf while it is in
         cache; returns whether it is finite (True without ``check_finite``). A large CPU tensor is
         done in two halves, one on the copy helper thread (:func:`_halves`), joined."""
-        halves = _halves(dest, pieces) if _splits(dest) else None
+        halves = _halves(dest, pieces) if self._split(dest) else None
         if halves is None:
             return self._write_part([((dest if r is None else r(dest)), src) for r, src in pieces])
         f = self._copy_pool().submit(self._write_part, halves[1])
@@ -504,11 +504,16 @@ class Resharder:
             self.phases.add("finite", time.perf_counter() - t1)
         return ok
 
+    def _split(self, t: torch.Tensor) -> bool:
+        """Two threads for ``t``: a large CPU tensor, unless the transport overlaps (its wire then
+        keeps the second core busy while this thread packs)."""
+        return not self.overlap and _splits(t)
+
     def _check_view(self, t: torch.Tensor) -> bool:
         """Finiteness of a tensor that was not written (a view of the parameter), split like _write."""
         if not self.check_finite:
             return True
-        halves = _halves(t, [(None, t)]) if _splits(t) else None
+        halves = _halves(t, [(None, t)]) if self._split(t) else None
         if halves is None:
             with self.phases("finite"):
                 return all_finite(t)
