@@ -158,6 +158,9 @@ def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
     run_dir = Path(cfg.output_dir)
     model_dir = ensure_model_once(cfg)
     arch = read_arch(model_dir)
+    if cfg.rollout.backend == "sglang" and cfg.sync.transport != "sglang":  # on every rank, before any group
+        raise SMDError(f"rollout.backend=sglang needs sync.transport=sglang (the servers get the learner's "
+                       f"weights after every step), got {cfg.sync.transport!r}")
     if cfg.algorithm.distill.estimator == "full" and cfg.resources.tp > 1:
         raise SMDError("algorithm.distill.estimator=full needs the full vocabulary on one rank: use resources.tp=1, or k1/k3")
     layout = init_layout(cfg, arch)
@@ -196,9 +199,6 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
         dump_config(cfg, run_dir / "config.yaml")
         model = RefTransformer.from_pretrained(start)
         if cfg.rollout.backend == "sglang":
-            if cfg.sync.transport != "sglang":
-                raise SMDError(f"rollout.backend=sglang needs sync.transport=sglang (the servers get the "
-                               f"learner's weights after every step), got {cfg.sync.transport!r}")
             ctx.engine = sglang_client(cfg, arch.num_layers, rollout_policy(cfg))
         else:
             ctx.engine = ReferenceEngine(model, rollout_policy(cfg), kv_growth=cfg.rollout.kv_growth)
