@@ -309,6 +309,10 @@ class EvictionManager:
     def state_for_row(self, row: int) -> RequestEviction | None:
         return self._by_row.get(int(row))
 
+    def managing(self) -> bool:
+        """Whether any request is under eviction (the decode hooks' per-layer fast exit)."""
+        return bool(self._by_row)
+
     def is_managed(self, req) -> bool:
         return getattr(req, "rid", None) in self._reqs
 

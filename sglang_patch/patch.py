@@ -287,7 +287,7 @@ def _wrap(cls, name, make):
 
 def _managed_rows(forward_batch) -> list[tuple[int, int]]:
     """(batch index, req_pool_idx) of the managed requests in a decode batch."""
-    if _MANAGER is None or not _MANAGER.counts()["rows"]:  # (policy none never has rows)
+    if _MANAGER is None or not _MANAGER.managing():  # (policy none never manages a request)
         return []
     rows = forward_batch.req_pool_indices.tolist()
     return [(b, r) for b, r in enumerate(rows) if _MANAGER.state_for_row(r) is not None]
