@@ -52,6 +52,7 @@ def train(cfg: ExperimentConfig, *, resume: str | None = "auto") -> dict:
         if ctx.start_step == 0:
             log_eval_only(ctx, evaluate(ctx, 0))                         # the warm start's eval: step 0
         for step in range(ctx.start_step, cfg.train.steps):
+            raise_if_stop_requested()                                    # a SIGTERM whose raise was swallowed
             t = {}
             t0 = time.perf_counter()
             batch = rollout(ctx, step)                                   # sample with eviction
@@ -518,11 +519,25 @@ def save(ctx: Context, step: int) -> None:
     ctx.last_ckpt = str(path)
 
 
+_STOP_SIGNAL: int | None = None
+
+
 def install_signal_handlers() -> None:
     """SIGTERM (Slurm preemption, ``kill``) is handled like Ctrl-C: a clear message, exit code 130.
-    Checkpoints are atomic, so nothing already written is lost."""
+    Checkpoints are atomic, so nothing already written is lost.
+
+    The handler both records the signal and raises. Python swallows an exception raised while it
+    runs certain callbacks (a fork handler, a finaliser: "Exception ignored in ..."), so the loop
+    also asks :func:`raise_if_stop_requested` at every step boundary: a SIGTERM is never lost."""
 
     def _raise(signum, frame):
+        global _STOP_SIGNAL
+        _STOP_SIGNAL = signum
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _raise)
+
+
+def raise_if_stop_requested() -> None:
+    if _STOP_SIGNAL is not None:
+        raise KeyboardInterrupt(f"signal {_STOP_SIGNAL}")

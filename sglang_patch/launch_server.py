@@ -104,6 +104,7 @@ def _sglang_view_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp-size", "--tp", type=int, default=1)
     p.add_argument("--speculative-algorithm")
     p.add_argument("--enable-hierarchical-cache", action="store_true")
+    p.add_argument("--sleep-on-idle", action="store_true")
     return p
 
 
@@ -125,6 +126,10 @@ def cpu_defaults(sglang_argv: Sequence[str]) -> list[str]:
         add += ["--max-total-tokens", str(CPU_MAX_TOTAL_TOKENS)]
     if sg.dtype is None:
         add += ["--dtype", "float32"]  # SGLang's "auto" runs an fp32 checkpoint (and its KV) in fp16
+    if not sg.sleep_on_idle:
+        # an idle scheduler otherwise busy-polls its sockets: one core per server at 100%, which on a
+        # laptop-sized CPU starves the server that has work (and every other process)
+        add += ["--sleep-on-idle"]
     return add
 
 

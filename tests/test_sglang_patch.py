@@ -454,7 +454,7 @@ def test_launcher_fills_in_the_cpu_settings_and_keeps_the_users_own():
     assert flags["--attention-backend"] == "torch_native" and flags["--page-size"] == "1"
     assert flags["--cuda-graph-backend-decode"] == "disabled" and flags["--dtype"] == "float32"
     assert flags["--max-total-tokens"] == str(CPU_MAX_TOTAL_TOKENS) and "--disable-overlap-schedule" in rest
-    assert flags["--radix-cache-backend"] == "smd"
+    assert flags["--radix-cache-backend"] == "smd" and "--sleep-on-idle" in rest  # an idle server must not spin
     _, rest = parse_args(["--model-path", "m", "--device", "cpu", "--max-total-tokens", "4096", "--dtype", "bfloat16",
                           "--smd-policy", "none"], env={})
     assert rest.count("--max-total-tokens") == 1 and rest[rest.index("--max-total-tokens") + 1] == "4096"

@@ -105,6 +105,32 @@ def test_divergence_stops_with_clear_message_and_no_checkpoint(tmp_path, tiny_qw
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").glob("step_*"))
 
 
+def test_sigterm_swallowed_by_a_callback_still_stops_the_loop(monkeypatch):
+    """Python ignores an exception raised while it runs a fork handler or a finaliser; the SIGTERM
+    is recorded as well, and the loop's per-step check raises it then."""
+    import gc
+
+    from megatron_smd import trainer
+
+    monkeypatch.setattr(trainer, "_STOP_SIGNAL", None)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        trainer.install_signal_handlers()
+        trainer.raise_if_stop_requested()  # nothing recorded yet: no-op
+
+        class _Finalised:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here; its raise is "ignored"
+
+        _Finalised()
+        gc.collect()
+        assert trainer._STOP_SIGNAL == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="signal 15"):
+            trainer.raise_if_stop_requested()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_killed_run_keeps_complete_checkpoints_and_resumes(tmp_path, tiny_qwen2_dir):
     args = [sys.executable, "-m", "megatron_smd.cli", "train", "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
             f"model.path={tiny_qwen2_dir}", f"output_dir={tmp_path}", "sft.enabled=false", "task.num_pairs=6",
