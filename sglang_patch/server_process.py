@@ -133,15 +133,22 @@ class PatchedServer:
         lines = self.log_path.read_text(errors="replace").splitlines()[-n:]
         return f"\n--- last lines of {self.log_path} ---\n" + "\n".join(lines)
 
+    def terminate(self) -> None:
+        """SIGTERM the server process this object started (by its PID); do not wait. SGLang's own
+        handler then drains and stops its scheduler and detokenizer children; :meth:`stop` SIGKILLs
+        whatever of the process group is left."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM the process group this object started (by the child's PID), SIGKILL after ``timeout_s``."""
+        """SIGTERM the server (by the child's PID), SIGKILL its process group after ``timeout_s``."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            self.terminate()
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -158,3 +165,13 @@ class PatchedServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_all(servers, timeout_s: float = 30.0) -> None:
+    """Stop several servers at once: SIGTERM to every one first, then wait for each (SGLang's
+    shutdown takes seconds; one after the other that time adds up)."""
+    servers = list(servers)
+    for s in servers:
+        s.terminate()
+    for s in servers:
+        s.stop(timeout_s)

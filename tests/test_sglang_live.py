@@ -41,7 +41,7 @@ from megatron_smd.replay import gap_metrics, torch_replay_logprobs  # noqa: E402
 from megatron_smd.rollout.engine import SamplingParams  # noqa: E402
 from megatron_smd.rollout.io import RolloutBatch, save_rollouts  # noqa: E402
 from sglang_patch.client import SGLangClient  # noqa: E402
-from sglang_patch.server_process import PatchedServer  # noqa: E402
+from sglang_patch.server_process import PatchedServer, stop_all  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +79,7 @@ def servers(model_dir, tmp_path_factory):
               + ", ".join(f"{p} {s.startup_s:.1f}" for p, s in srvs.items()))
         yield srvs
     finally:
-        for s in srvs.values():
-            s.stop()
+        stop_all(srvs.values())
 
 
 @pytest.fixture(scope="module")
