@@ -193,6 +193,8 @@ class DistillConfig(_Strict):
     """Weight of the distillation term (0 = off: SMD then trains only the shadow policy)."""
     direction: Literal["sparse_to_dense", "dense_to_sparse", "both"] = "sparse_to_dense"
     estimator: Literal["k1", "k3", "full"] = "k1"
+    """``k1`` / ``k3``: per-token estimates on the sampled tokens; ``full``: the exact KL over the whole
+    vocabulary from both forwards' logits, computed vocabulary-parallel under TP (each rank its columns)."""
 
 
 class AlgorithmConfig(_Strict):

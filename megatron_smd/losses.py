@@ -45,7 +45,9 @@ Estimators of ``KL(shadow || dense)`` on tokens drawn from the sampler (= the sh
 ``log r = lp_dense - lp_shadow``: ``k1 = -log r``, ``k3 = r - 1 - log r`` (default: unbiased,
 non-negative, low variance; Schulman's estimator), ``full``: the exact full-vocabulary KL
 ``sum_v p_teacher (log p_teacher - log p_student)`` (needs both logits; costs ``O(V)`` memory per
-token).
+token). The trainer computes ``full`` on the vocab-parallel logits
+(:func:`megatron_smd.parallel.vocab_parallel.vocab_parallel_distill_kl`); the dense form here is the
+single-rank reference.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
     advantages ``[N]`` (broadcast over tokens) or ``[N, T]``; weights ``[N, T]`` (detached
     correction weights, e.g. truncated IS) multiply the per-token loss. Returns the scalar loss and
     detached statistics: ``clip_frac`` (fraction of action tokens where the clipped branch was
-    taken), ``ratio_mean``, ``ratio_max``, ``ratio_min``.
+    taken), ``clip_count`` and ``tokens`` (its numerator and denominator, for callers that reduce
+    over micro-batches and ranks), ``ratio_mean``, ``ratio_max``, ``ratio_min``.
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
@@ -129,8 +132,11 @@ def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
     with torch.no_grad():
         m = mask.bool()
         r = ratio[m]
+        n_clip, n_tok = int(((s2 < s1) & m).sum()), int(m.sum())
         stats = {
-            "clip_frac": float(((s2 < s1) & m).sum() / m.sum().clamp(min=1)),
+            "clip_frac": n_clip / max(n_tok, 1),
+            "clip_count": n_clip,
+            "tokens": n_tok,
             "ratio_mean": float(r.mean()) if r.numel() else 1.0,
             "ratio_max": float(r.max()) if r.numel() else 1.0,
             "ratio_min": float(r.min()) if r.numel() else 1.0,

@@ -40,6 +40,7 @@ from .errors import SMDError
 from .losses import (distill_kl, group_advantages, kl_penalty, mismatch_metrics, ppo_clip_loss, sparse_rl_filter,
                      truncated_is_weights)
 from .mask import kept_fraction
+from .parallel.vocab_parallel import vocab_parallel_distill_kl
 from .metrics import NullLogger, make_logger, mask_image
 from .rollout.io import RolloutBatch
 
@@ -162,8 +163,6 @@ def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
     if cfg.rollout.backend == "sglang" and cfg.sync.transport != "sglang":  # on every rank, before any group
         raise SMDError(f"rollout.backend=sglang needs sync.transport=sglang (the servers get the learner's "
                        f"weights after every step), got {cfg.sync.transport!r}")
-    if cfg.algorithm.distill.estimator == "full" and cfg.resources.tp > 1:
-        raise SMDError("algorithm.distill.estimator=full needs the full vocabulary on one rank: use resources.tp=1, or k1/k3")
     layout = init_layout(cfg, arch)
     try:
         return _setup_on_layout(cfg, layout, arch, model_dir, run_dir, resume)
@@ -339,8 +338,12 @@ def learn(ctx: Context, batch: RolloutBatch, adv: torch.Tensor, step: int) -> di
             ex = dict(extras, coef=coefficients(mask, ids, alg.aggregation))
             mine = ids[lay.dp_rank::lay.dp]
             mbs = learner.microbatches(batch, mine, modes, ex)
-            parts: dict = {}
-            st = learner.step(mbs, _loss_fn(alg, len(modes), parts, ctx.ref_learner is not None), temperature=temp)
+            parts = dict.fromkeys(_STAT_SUMS, 0.0)  # sums over this rank's micro-batches (last stage)
+            fn = _loss_fn(alg, len(modes), parts, ctx.ref_learner is not None, learner.arch.vocab_size, temp)
+            st = learner.step(mbs, fn, temperature=temp)
+            # every micro-batch of every DP (x CP) rank, taken from the last pipeline stage: the same
+            # numbers under any layout and micro-batch split (collective)
+            tot = learner.reduce_stats(parts)
             if not (math.isfinite(st["loss"]) and math.isfinite(st["grad_norm"])):
                 raise SMDError(f"non-finite loss ({st['loss']}) or grad norm ({st['grad_norm']}) at step {step + 1}, "
                                f"epoch {epoch}; nothing was saved for this step (last checkpoint: {ctx.last_ckpt})")
@@ -349,9 +352,11 @@ def learn(ctx: Context, batch: RolloutBatch, adv: torch.Tensor, step: int) -> di
                 first = False
             acc["grad_norm"].append(st["grad_norm"])
             acc["loss"].append(st["loss"])
-            for name in ("clip_frac", "distill_kl", "kl_ref"):
-                if name in parts:
-                    acc[name].append(parts[name])
+            acc["clip_frac"].append(tot["clip_count"] / max(tot["action_tokens"], 1.0))
+            if distill:
+                acc["distill_kl"].append(tot["distill_sum"] / max(tot["coef_sum"], 1e-12))
+            if ctx.ref_learner is not None and alg.kl_coef > 0:
+                acc["kl_ref"].append(tot["kl_ref_sum"] / max(tot["coef_sum"], 1e-12))
     for name, vals in acc.items():
         if vals:
             stats[f"train/{name}"] = sum(vals) / len(vals)
@@ -364,29 +369,45 @@ def learn(ctx: Context, batch: RolloutBatch, adv: torch.Tensor, step: int) -> di
     return stats
 
 
-def _loss_fn(alg, n_modes: int, parts: dict, with_ref: bool):
-    """The per-micro-batch loss (Megatron calls it on the last stage with ``logp [rows, s_local]``)."""
+# Per-micro-batch sums the loss callback accumulates; :meth:`Learner.reduce_stats` sums them over
+# every micro-batch and DP (x CP) rank. Ratios are formed only from the totals, so a statistic is
+# the same whatever the micro-batch split or the layout.
+_STAT_SUMS = ("clip_count", "action_tokens", "distill_sum", "kl_ref_sum", "coef_sum")
 
-    def loss_fn(logp: torch.Tensor, mb):
+
+def _loss_fn(alg, n_modes: int, parts: dict, with_ref: bool, vocab_size: int | None = None, temperature: float = 1.0):
+    """The per-micro-batch loss (Megatron calls it on the last stage with ``logp [rows, s_local]``;
+    ``logits`` are the vocab-parallel ``[rows, s_local, Vp/tp]`` logits at the temperature's scale,
+    used by the full-vocabulary distillation KL). ``parts`` accumulates :data:`_STAT_SUMS`."""
+    d = alg.distill
+
+    def loss_fn(logp: torch.Tensor, mb, logits: torch.Tensor | None = None):
         ex = mb.extras
         n = logp.shape[0] // n_modes
         lp = logp[:n]
         c, m = ex["coef"][:n], ex["coef"][:n] > 0
         loss, st = ppo_clip_loss(lp, ex["lp_old"][:n], ex["adv"][:n], m, clip_low=alg.clip_low,
                                  clip_high=alg.clip_high, weights=c * ex["w"][:n], aggregation="sum")
-        parts["clip_frac"] = st["clip_frac"]
+        parts["clip_count"] += st["clip_count"]
+        parts["action_tokens"] += st["tokens"]
+        parts["coef_sum"] += float(c.sum())
         if with_ref and alg.kl_coef > 0:
             kl = ((kl_penalty(lp, ex["lp_ref"][:n], alg.kl_estimator)) * c).sum()
-            parts["kl_ref"] = float(kl.detach()) / max(float(c.sum()), 1e-12)
+            parts["kl_ref_sum"] += float(kl.detach())
             loss = loss + alg.kl_coef * kl
         if n_modes == 2:
-            d = alg.distill
-            dk = distill_kl(lp, logp[n:], m, direction=d.direction, estimator=d.estimator if d.estimator != "full" else "k3",
-                            weights=c, aggregation="sum")
-            parts["distill_kl"] = float(dk.detach()) / max(float(c.sum()), 1e-12)
+            if d.estimator == "full":
+                per_tok = vocab_parallel_distill_kl(logits[:n], logits[n:], vocab_size=vocab_size,
+                                                    direction=d.direction, temperature=temperature)
+                dk = (per_tok * c * m).sum()
+            else:
+                dk = distill_kl(lp, logp[n:], m, direction=d.direction, estimator=d.estimator, weights=c,
+                                aggregation="sum")
+            parts["distill_sum"] += float(dk.detach())
             loss = loss + d.coef * dk
         return loss, int(m.sum())
 
+    loss_fn.wants_logits = d.estimator == "full" and n_modes == 2
     return loss_fn
 
 

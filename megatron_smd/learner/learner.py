@@ -224,6 +224,28 @@ class Learner:
         return {"loss": float(loss), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "update_ok": bool(ok), "logprobs": res.logprobs}
 
+    def reduce_stats(self, local: dict[str, float]) -> dict[str, float]:
+        """Sums of per-micro-batch statistics over the whole mini-batch. Collective.
+
+        ``local`` holds this rank's sums over its micro-batches (filled by a loss callback, which
+        runs on the last pipeline stage only, on this rank's DP share and CP tokens). The result
+        is summed over the data-parallel x context-parallel group of the last stage and broadcast
+        along the pipeline, so every rank (global rank 0 included) returns the same totals.
+        Tensor-parallel ranks computed identical values and are not summed.
+        """
+        from megatron.core import parallel_state
+
+        lay = self.layout
+        names = sorted(local)
+        t = torch.tensor([float(local[k]) for k in names], dtype=torch.float64)
+        if not lay.is_last_stage:
+            t.zero_()
+        if lay.dp * lay.cp > 1:
+            dist.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        if lay.pp > 1:
+            dist.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=lay.pp_group)
+        return {k: float(v) for k, v in zip(names, t.tolist())}
+
     # ----------------------------------------------------------------------------- weights
     def local_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.model.named_parameters()}

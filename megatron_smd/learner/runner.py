@@ -97,7 +97,9 @@ def _loss_step(output: torch.Tensor, *, mb: MicroBatch, vocab_size: int, tempera
     if loss_fn is None:
         loss, ntok = logp.sum() * 0.0, torch.tensor(0, dtype=torch.int)
     else:
-        loss, ntok = loss_fn(logp, mb)
+        # a loss that needs the whole distribution (the full-vocabulary distillation KL) gets this
+        # rank's vocab-parallel logits as well
+        loss, ntok = loss_fn(logp, mb, logits=output) if getattr(loss_fn, "wants_logits", False) else loss_fn(logp, mb)
         ntok = torch.as_tensor(ntok, dtype=torch.int)
     return loss, ntok, {"logprobs": logp.detach(), "loss": loss.detach().reshape(())}
 
@@ -155,7 +157,9 @@ def run_microbatches(model: torch.nn.Module, layout: ParallelLayout, microbatche
         vocab_size: the real vocabulary (padded logits are excluded from the softmax).
         forward_only: skip the backward pass.
         loss_fn: ``(logprobs [b, s_local], local micro-batch) -> (loss_sum, num_tokens)``; required
-            for a backward pass. Runs on the last stage, once per micro-batch.
+            for a backward pass. Runs on the last stage, once per micro-batch. A ``loss_fn`` with
+            a true ``wants_logits`` attribute is called ``loss_fn(logprobs, mb, logits=...)`` with
+            this rank's vocab-parallel logits ``[b, s_local, Vp / tp]`` as well.
         temperature: sampling temperature the log-probs are taken at.
     Returns:
         :class:`RunResult` on every rank.

@@ -82,3 +82,120 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
     out = _VocabParallelLogprob.apply(logits_shard.reshape(-1, v_local), targets.reshape(-1), rank * v_local,
                                       vocab_size, 1.0 / temperature, group)
     return out.view(lead)
+
+
+# ------------------------------------------------------------------------------ full-vocabulary KL
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the group in the forward; identity in the backward. Every rank then holds the same
+    total and computes the same loss from it, so ``d loss / d (this rank's part)`` is the gradient
+    with respect to the total, which each rank already has (Megatron's ``reduce_from_tensor_model_
+    parallel_region``, with an explicit group)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _AllReduceSumShared(torch.autograd.Function):
+    """Sum over the group in the forward *and* the backward: for a total that every rank then uses
+    in rank-local terms (the normaliser of a vocab-parallel softmax, which each rank's columns
+    use), each rank's backward only sees its own terms' part of ``d loss / d total``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def _group_sum(x: torch.Tensor, group, size: int, shared: bool = False) -> torch.Tensor:
+    if size == 1:
+        return x
+    return (_AllReduceSumShared if shared else _AllReduceSum).apply(x, group)
+
+
+def vocab_parallel_log_softmax(logits_shard: torch.Tensor, *, vocab_start: int, vocab_size: int,
+                               temperature: float = 1.0, group=None, size: int = 1) -> torch.Tensor:
+    """fp32 log-softmax over the real vocabulary of vocab-parallel logits, differentiable.
+
+    Returns ``[..., n_valid]``: this rank's columns that are real tokens (``vocab_start + j <
+    vocab_size``; padded columns are dropped, not set to ``-inf``, so nothing downstream multiplies
+    ``0 * inf``). Two reductions over ``group``: the max (no gradient needed: it cancels) and the
+    sum of exponentials (gradient through :class:`_AllReduceSumShared`: the normaliser is used by
+    every rank's columns, so its gradient is summed over the group too). Meant to be reduced by a
+    final :class:`_AllReduceSum` of per-rank terms (as :func:`vocab_parallel_distill_kl` does).
+    """
+    v_local = logits_shard.shape[-1]
+    n_valid = max(0, min(v_local, vocab_size - vocab_start))
+    x = logits_shard[..., :n_valid].float() / temperature
+    lead = x.shape[:-1]
+    with torch.no_grad():
+        m = x.max(dim=-1).values if n_valid else torch.full(lead, float("-inf"), device=x.device)
+        if size > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    s = torch.exp(x - m.unsqueeze(-1)).sum(dim=-1)
+    lse = torch.log(_group_sum(s, group, size, shared=True)) + m
+    return x - lse.unsqueeze(-1)
+
+
+def vocab_parallel_distill_kl(logits_shadow: torch.Tensor, logits_dense: torch.Tensor, *, vocab_size: int,
+                              direction: str = "sparse_to_dense", temperature: float = 1.0,
+                              group=None) -> torch.Tensor:
+    """Per-token exact full-vocabulary KL between the shadow-masked and the dense policy, with the
+    vocabulary split over the TP ``group`` (no rank ever holds a ``[tokens, vocab]`` tensor of the
+    whole vocabulary: each works on its ``Vp / tp`` columns; three ``[tokens]`` all-reduces).
+
+    ``direction`` (the distillation's student receives the gradient, the teacher is detached):
+
+    * ``sparse_to_dense``: ``KL(shadow || dense)``, gradient to the dense logits;
+    * ``dense_to_sparse``: ``KL(dense || shadow)``, gradient to the shadow logits;
+    * ``both``: ``KL(shadow || dense)``, gradient to both.
+
+    Args:
+        logits_shadow / logits_dense: ``[..., Vp / tp]`` this rank's columns of the two forwards of
+            the same tokens (Megatron's contiguous vocab-parallel layout); row ``t`` is the
+            distribution of the next token.
+        vocab_size: the real vocabulary ``V`` (padded columns are not tokens).
+        temperature: the sampler's; the logits are divided by it.
+        group: the TP group (default: Megatron's).
+    Returns:
+        fp32 ``[...]``, the same on every rank of the group.
+    """
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    if logits_shadow.shape != logits_dense.shape:
+        raise ValueError(f"vocab_parallel_distill_kl: shadow logits {list(logits_shadow.shape)} and dense "
+                         f"logits {list(logits_dense.shape)} differ")
+    v_local = logits_shadow.shape[-1]
+    if v_local * size < vocab_size:
+        raise ValueError(f"vocab_parallel_distill_kl: {size} shards of {v_local} columns cannot hold "
+                         f"vocab_size={vocab_size}")
+    if direction == "sparse_to_dense":
+        teacher, student = logits_shadow.detach(), logits_dense
+    elif direction == "dense_to_sparse":
+        teacher, student = logits_dense.detach(), logits_shadow
+    elif direction == "both":
+        teacher, student = logits_shadow, logits_dense
+    else:
+        raise ValueError(f"vocab_parallel_distill_kl: unknown direction {direction!r}")
+    kw = dict(vocab_start=rank * v_local, vocab_size=vocab_size, temperature=temperature, group=group, size=size)
+    lt = vocab_parallel_log_softmax(teacher, **kw)
+    ls = vocab_parallel_log_softmax(student, **kw)
+    local = (lt.exp() * (lt - ls)).sum(dim=-1)
+    return _group_sum(local, group, size)
