@@ -234,6 +234,12 @@ class LearnerConfig(_Strict):
     attention_backend: Literal["sdpa", "flex", "te"] = "sdpa"
     """sdpa: dense mask per layer (CPU, reference); flex: FlexAttention mask_mod (GPU); te: Transformer Engine (GPU)."""
     seed: int = 1234
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``fp32``: the exactness setting. ``bf16``: bf16 parameters and activations, fp32 main gradients
+    and fp32 optimizer state (main parameters, Adam moments); replay is exact only to bf16's floor, so
+    sample in bf16 too (``model.dtype: bfloat16``)."""
+    distributed_optimizer: bool = False
+    """Megatron's DistributedOptimizer: fp32 main parameters and Adam state sharded over the DP ranks."""
     megatron: dict[str, Any] = Field(default_factory=dict)
     """Extra TransformerConfig fields passed through unchanged (e.g. recompute_granularity)."""
 

@@ -100,7 +100,11 @@ def replay_torch(batch: RolloutBatch, model_dir=None, *, packed: bool = False) -
     """``smd replay`` with the pure-torch learner: ``{mode: metrics}``."""
     from .model.transformer import RefTransformer
 
-    model = RefTransformer.from_pretrained(model_dir or batch.meta["model_path"])
+    from .rollout.engine import torch_dtype
+
+    # replayed in the dtype the rollout was sampled in (meta.json: dtype; float32 when absent)
+    model = RefTransformer.from_pretrained(model_dir or batch.meta["model_path"],
+                                           dtype=torch_dtype(batch.meta.get("dtype") or "float32"))
     a = model.arch
     if batch.evict.shape[1] != a.num_layers:
         from .errors import MaskError

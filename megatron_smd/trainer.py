@@ -143,7 +143,8 @@ def learner_settings(cfg: ExperimentConfig, **over):
     lc = cfg.learner
     kw = dict(lr=lc.lr, weight_decay=lc.weight_decay, adam_beta1=lc.adam_beta1, adam_beta2=lc.adam_beta2,
               adam_eps=lc.adam_eps, grad_clip=lc.grad_clip, micro_batch_size=lc.micro_batch_size,
-              attention_backend=lc.attention_backend, megatron=lc.megatron)
+              attention_backend=lc.attention_backend, megatron=lc.megatron, precision=lc.precision,
+              distributed_optimizer=lc.distributed_optimizer)
     kw.update(over)
     return LearnerSettings(**kw)
 
@@ -197,7 +198,9 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
     if ctx.rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        model = RefTransformer.from_pretrained(start)
+        from .rollout.engine import torch_dtype
+
+        model = RefTransformer.from_pretrained(start, dtype=torch_dtype(cfg.model.dtype))  # model.dtype
         if cfg.rollout.backend == "sglang":
             ctx.engine = sglang_client(cfg, arch.num_layers, rollout_policy(cfg))
         else:

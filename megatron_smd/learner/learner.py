@@ -53,6 +53,23 @@ class LearnerSettings:
     micro_batch_size: int = 4
     attention_backend: str = "sdpa"
     megatron: dict | None = None
+    precision: str = "fp32"
+    """``fp32``: everything fp32 (the exactness setting). ``bf16``: bf16 parameters and activations,
+    fp32 main gradients (DDP reduces in fp32) and fp32 main parameters + Adam state in the optimizer."""
+    distributed_optimizer: bool = False
+    """Megatron's DistributedOptimizer: main parameters and Adam state sharded over the DP group
+    (gradients reduce-scattered, parameters all-gathered after the step)."""
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        if self.precision not in PRECISIONS:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"learner.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        return PRECISIONS[self.precision]
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _finalize_without_token_scaling(model, num_tokens=None, **kw):
@@ -60,6 +77,21 @@ def _finalize_without_token_scaling(model, num_tokens=None, **kw):
     from megatron.core.distributed import finalize_model_grads
 
     return finalize_model_grads(model, num_tokens=None, **kw)
+
+
+def _checkpoint_fully_reshardable(optimizer) -> None:
+    """Checkpoints of the DistributedOptimizer in Megatron's ``fully_reshardable`` format: the fp32
+    main parameters and Adam moments as whole per-parameter tensors (gathered on DP rank 0 to save,
+    sliced per rank on load), so a checkpoint loads under any TP / PP / DP layout, like the rest of
+    the checkpoint. (Megatron 0.16's default, ``fully_sharded_model_space``, writes
+    ``flattened_range`` tensors its own ``torch_dist`` strategy refuses.)"""
+    orig = optimizer.sharded_state_dict
+
+    def sharded_state_dict(model_sharded_state_dict, is_loading: bool = False, metadata=None, **kw):
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable", **(metadata or {})}
+        return orig(model_sharded_state_dict, is_loading=is_loading, metadata=metadata, **kw)
+
+    optimizer.sharded_state_dict = sharded_state_dict
 
 
 class Learner:
@@ -78,22 +110,29 @@ class Learner:
 
             raise ConfigError("learner.megatron.calculate_per_token_loss cannot be overridden: losses arrive "
                               "pre-normalised over the whole mini-batch (see megatron_smd.learner.learner)")
-        self.model = build_gpt_model(arch, attention_backend=settings.attention_backend, **extra)
+        dtype = settings.params_dtype
+        self.model = build_gpt_model(arch, attention_backend=settings.attention_backend, params_dtype=dtype, **extra)
         if weights is not None:
             load_hf_into_model(self.model, weights, layout)
         self.optimizer = None
         self.ddp = self.model
         if train:
             cfg = self.model.config
+            dist_opt = bool(settings.distributed_optimizer)
+            # fp32 main gradients in every precision (grad_reduce_in_fp32); the bf16 optimizer keeps
+            # fp32 main parameters and Adam moments (Megatron's Float16OptimizerWithFloat16Params, or
+            # the DistributedOptimizer's sharded fp32 copies)
             ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                    use_distributed_optimizer=False)
+                                                    use_distributed_optimizer=dist_opt)
             self.ddp = DistributedDataParallel(config=cfg, ddp_config=ddp_cfg, module=self.model)
             opt_cfg = OptimizerConfig(optimizer="adam", lr=settings.lr, min_lr=settings.lr,
                                       weight_decay=settings.weight_decay, adam_beta1=settings.adam_beta1,
                                       adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
-                                      clip_grad=settings.grad_clip, bf16=False, fp16=False,
-                                      params_dtype=torch.float32, use_distributed_optimizer=False)
+                                      clip_grad=settings.grad_clip, bf16=dtype == torch.bfloat16, fp16=False,
+                                      params_dtype=dtype, use_distributed_optimizer=dist_opt)
             self.optimizer = get_megatron_optimizer(opt_cfg, [self.ddp])
+            if dist_opt:
+                _checkpoint_fully_reshardable(self.optimizer)
             cfg.finalize_model_grads_func = _finalize_without_token_scaling
             cfg.no_sync_func = self.ddp.no_sync
             cfg.grad_scale_func = None

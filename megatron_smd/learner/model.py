@@ -229,6 +229,13 @@ def build_gpt_model(arch: ModelArch, *, attention_backend: str = "sdpa",
     )
     model.arch = arch
     model.vocab_divisor = vocab_divisor
+    if params_dtype != torch.float32:
+        # Without apex/TE the local spec's norms are torch's, created in fp32 whatever params_dtype
+        # says; Megatron's Float16Module would cast them. Cast parameters only (buffers such as
+        # RoPE's inv_freq stay fp32), before DDP and the optimizer see them.
+        for p in model.parameters():
+            if p.dtype != params_dtype and p.is_floating_point():
+                p.data = p.data.to(params_dtype)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

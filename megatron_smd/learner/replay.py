@@ -24,8 +24,11 @@ from ..errors import SMDError
 
 
 def replay_megatron(rollouts, *, tp: int = 1, pp: int = 1, cp: int = 1, packed: bool = False,
-                    backend: str = "sdpa", model_dir=None, timeout_s: int = 1800) -> dict:
-    """Launch the distributed replay and return ``{mode: metrics}``."""
+                    backend: str = "sdpa", model_dir=None, timeout_s: int = 1800, precision: str | None = None) -> dict:
+    """Launch the distributed replay and return ``{mode: metrics}``.
+
+    ``precision``: the learner's (``fp32`` | ``bf16``); default: the dtype the rollout was sampled
+    in (``meta.json: dtype``; float32 when absent), so a bf16 rollout is replayed in bf16."""
     from ..model.hf import read_arch
     from ..parallel.layout import ParallelLayout
     from ..rollout.io import load_rollouts
@@ -33,6 +36,8 @@ def replay_megatron(rollouts, *, tp: int = 1, pp: int = 1, cp: int = 1, packed: 
     batch = load_rollouts(rollouts)  # validate here: errors surface in this process, not in a worker
     model_dir = model_dir or batch.meta["model_path"]
     arch = read_arch(model_dir)
+    if precision is None:
+        precision = rollout_precision(batch)
     world = tp * pp * cp
     lay = ParallelLayout(world_size=world, tp=tp, pp=pp, cp=cp)
     lay.validate(arch)
@@ -44,7 +49,7 @@ def replay_megatron(rollouts, *, tp: int = 1, pp: int = 1, cp: int = 1, packed: 
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
                f"--master_port={port}", "-m", "megatron_smd.learner.replay", "--rollouts", str(rollouts),
                "--model", str(model_dir), "--tp", str(tp), "--pp", str(pp), "--cp", str(cp), "--backend", backend,
-               "--out", str(out)] + (["--packed"] if packed else [])
+               "--precision", precision, "--out", str(out)] + (["--packed"] if packed else [])
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         env.setdefault("OMP_NUM_THREADS", "1")
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
@@ -52,6 +57,11 @@ def replay_megatron(rollouts, *, tp: int = 1, pp: int = 1, cp: int = 1, packed: 
             tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
             raise SMDError(f"megatron replay (tp={tp}, pp={pp}, cp={cp}) failed with exit code {proc.returncode}:\n{tail}")
         return json.loads(out.read_text())
+
+
+def rollout_precision(batch) -> str:
+    """The learner precision matching the rollout's compute dtype (``meta.json: dtype``)."""
+    return {"bfloat16": "bf16", "float32": "fp32", None: "fp32"}[batch.meta.get("dtype")]
 
 
 def worker(argv=None) -> None:
@@ -71,6 +81,7 @@ def worker(argv=None) -> None:
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--backend", default="sdpa")
     p.add_argument("--packed", action="store_true")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
@@ -79,12 +90,14 @@ def worker(argv=None) -> None:
     lay = ParallelLayout.from_env(tp=a.tp, pp=a.pp, cp=a.cp)
     lay.initialize()
     try:
-        learner = Learner(arch, lay, LearnerSettings(micro_batch_size=a.micro_batch_size, attention_backend=a.backend),
+        learner = Learner(arch, lay, LearnerSettings(micro_batch_size=a.micro_batch_size, attention_backend=a.backend,
+                                                     precision=a.precision),
                           weights=a.model, train=False)
         temp = learner_temperature(batch)
         res = {m: gap_metrics(learner.logprobs(batch, m, temperature=temp, packed=a.packed), batch) for m in MODES}
         if lay.rank == 0:
-            res["layout"] = {"tp": a.tp, "pp": a.pp, "cp": a.cp, "packed": a.packed, "backend": a.backend}
+            res["layout"] = {"tp": a.tp, "pp": a.pp, "cp": a.cp, "packed": a.packed, "backend": a.backend,
+                             "precision": a.precision}
             atomic_write_json(a.out, res)
         torch.distributed.barrier()
     finally:

@@ -55,7 +55,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x ``[B, H, T, hd]``, cos/sin ``[B, T, hd]``."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)  # fp32 tables, model-dtype math (as HF)
     return x * cos + _rotate_half(x) * sin
 
 
@@ -92,7 +92,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
     qg = q.view(B, Hkv, G, Tq, hd)
     scores = torch.einsum("bkgqd,bktd->bkgqt", qg, k) / math.sqrt(hd)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # fp32 softmax (as HF's eager)
     out = torch.einsum("bkgqt,bktd->bkgqd", probs, v).reshape(B, H, Tq, hd)
     if return_probs:
         return out, probs.reshape(B, H, Tq, -1)

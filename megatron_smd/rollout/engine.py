@@ -113,6 +113,16 @@ class _Rows:
     obs_pos: torch.Tensor | None = None  # [B, w] (-1 = empty)
 
 
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` (config spelling) or a torch dtype -> the torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r} (float32 | bfloat16)")
+    return names[dtype]
+
+
 class ReferenceEngine:
     """Batched sampling from an HF-format Qwen2/Llama model with per-layer KV eviction."""
 
@@ -126,8 +136,12 @@ class ReferenceEngine:
         self.dtype, self.device = p.dtype, p.device
 
     @classmethod
-    def from_pretrained(cls, model_dir, policy: PolicyConfig | None = None, **kw) -> "ReferenceEngine":
-        return cls(RefTransformer.from_pretrained(model_dir), policy, **kw)
+    def from_pretrained(cls, model_dir, policy: PolicyConfig | None = None, *,
+                        dtype: torch.dtype | str = torch.float32, **kw) -> "ReferenceEngine":
+        """``dtype``: the compute dtype (weights, activations and KV cache; ``"bfloat16"`` or
+        ``"float32"`` as in ``model.dtype``). Sampling and log-probs are taken in fp32 from the
+        model-dtype logits."""
+        return cls(RefTransformer.from_pretrained(model_dir, dtype=torch_dtype(dtype)), policy, **kw)
 
     @torch.no_grad()
     def load_weights(self, named: dict[str, torch.Tensor]) -> None:

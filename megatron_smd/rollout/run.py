@@ -83,7 +83,8 @@ def make_engine(cfg: ExperimentConfig, model_dir: Path, arch=None):
     client of the patched SGLang servers. Both sample with the same ``generate`` signature."""
     if cfg.rollout.backend == "sglang":
         return sglang_client(cfg, (arch or read_arch(model_dir)).num_layers)
-    return ReferenceEngine.from_pretrained(model_dir, cfg.rollout.policy, kv_growth=cfg.rollout.kv_growth)
+    return ReferenceEngine.from_pretrained(model_dir, cfg.rollout.policy, kv_growth=cfg.rollout.kv_growth,
+                                           dtype=cfg.model.dtype)
 
 
 def run_rollout(cfg: ExperimentConfig, out_dir: str | Path, *, engine: ReferenceEngine | None = None,
@@ -103,6 +104,8 @@ def run_rollout(cfg: ExperimentConfig, out_dir: str | Path, *, engine: Reference
     meta = {
         "model_path": str(model_dir), "num_layers": a.num_layers, "num_kv_heads": a.num_kv_heads,
         "backend": cfg.rollout.backend,
+        # the compute dtype the sampler ran in (replay uses it); SGLang servers choose their own
+        "dtype": cfg.model.dtype if cfg.rollout.backend == "reference" else None,
         "policy": cfg.rollout.policy.model_dump(mode="json"),
         "sampling": {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k,
                      "max_new_tokens": sp.max_new_tokens, "seed": sp.seed, "group_size": cfg.rollout.group_size,
