@@ -79,6 +79,24 @@ def _finalize_without_token_scaling(model, num_tokens=None, **kw):
     return finalize_model_grads(model, num_tokens=None, **kw)
 
 
+def _init_empty_adam_state(optimizer) -> None:
+    """Give a fresh (never stepped) torch Adam behind the DistributedOptimizer its state tensors,
+    ``step`` included, before a checkpoint is loaded into it: without apex/TE, Megatron 0.16's
+    ``DistributedOptimizer.state_dict`` reads ``step`` from every parameter's state (and asserts
+    they agree), and its own ``init_state_fn`` creates only the moments. The loaded values then
+    overwrite all of it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if not st:
+                    st["exp_avg"] = torch.zeros_like(p.data)
+                    st["exp_avg_sq"] = torch.zeros_like(p.data)
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0)
+
+
 def _checkpoint_fully_reshardable(optimizer) -> None:
     """Checkpoints of the DistributedOptimizer in Megatron's ``fully_reshardable`` format: the fp32
     main parameters and Adam moments as whole per-parameter tensors (gathered on DP rank 0 to save,
@@ -88,10 +106,50 @@ def _checkpoint_fully_reshardable(optimizer) -> None:
     orig = optimizer.sharded_state_dict
 
     def sharded_state_dict(model_sharded_state_dict, is_loading: bool = False, metadata=None, **kw):
+        if is_loading:
+            _init_empty_adam_state(optimizer)
         metadata = {"distrib_optim_sharding_type": "fully_reshardable", **(metadata or {})}
         return orig(model_sharded_state_dict, is_loading=is_loading, metadata=metadata, **kw)
 
     optimizer.sharded_state_dict = sharded_state_dict
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        _restore_without_step(opt)
+
+
+def _restore_without_step(dopt) -> None:
+    """Two fixes to Megatron 0.16's DistributedOptimizer checkpoint load with torch's Adam.
+
+    Without apex/TE the inner optimizer is torch's Adam, which keeps ``step`` in every
+    parameter's state. Megatron restores it from the checkpoint's param groups, but its
+    ``fully_reshardable`` loader then copies every state key of the parameter from the saved
+    per-parameter tensors, which have no ``step`` (KeyError). Leave ``step`` out of that copy."""
+    orig = dopt._set_main_param_and_optimizer_states
+
+    def set_states(model_param, tensors):
+        gi, go = dopt.model_param_group_index_map[model_param]
+        st = dopt.optimizer.state[dopt.optimizer.param_groups[gi]["params"][go]]
+        step = st.pop("step", None) if "step" not in tensors else None
+        try:
+            orig(model_param, tensors)
+        finally:
+            if step is not None:
+                st["step"] = step
+
+    dopt._set_main_param_and_optimizer_states = set_states
+
+    # Megatron's non-apex load path gives every parameter the *same* ``step`` tensor, and torch's
+    # Adam increments each parameter's ``step`` in place: after one more step the count would be
+    # off by the number of parameters (a wrong bias correction, so no exact resume). Un-share it.
+    orig_load = dopt.load_state_dict
+
+    def load_state_dict(state_dict):
+        out = orig_load(state_dict)
+        for st in dopt.optimizer.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+        return out
+
+    dopt.load_state_dict = load_state_dict
 
 
 class Learner:
