@@ -395,17 +395,52 @@ def sdpa_shadow_attention(
 
 
 _COMPILED_FLEX: Optional[Callable] = None
+#: ``torch.compile`` backend of the flex kernel (tests swap in a graph-counting backend).
+FLEX_COMPILE_BACKEND: Any = "inductor"
 
 
 def _flex_kernel(device: torch.device, compile_flex: Optional[bool]) -> Callable:
-    """Compiled ``flex_attention`` on CUDA (the eager version is an unfused reference)."""
+    """Compiled ``flex_attention`` on CUDA (the eager version is an unfused reference).
+
+    Static shapes (``dynamic=False``: fixed-size kernels, no symbolic-shape guards), fed only
+    bucketed row lengths (:func:`flex_bucket_length`), so a run compiles one graph per bucket and
+    batch shape instead of one per row length (past dynamo's recompile limit torch would fall back
+    to eager flex, which materialises the whole score matrix)."""
     global _COMPILED_FLEX
     use_compile = (device.type == "cuda") if compile_flex is None else compile_flex
     if not use_compile:
         return flex_attention
     if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False, backend=FLEX_COMPILE_BACKEND)
     return _COMPILED_FLEX
+
+
+def flex_bucket_length(seq_len: int, block: int) -> int:
+    """The padded row length flex runs at: the smallest ``2^k`` or ``3 * 2^(k-1)`` that holds
+    ``seq_len``, rounded up to a multiple of the block size. At most 1.5x the row (a third of
+    the work padding in the worst case, under a quarter on average) and two buckets per octave:
+    rows from 100 to 4000 tokens compile 10 graphs at block 128, whatever their lengths."""
+    b = max(1, int(block))
+    p = 1
+    while p < seq_len:
+        p *= 2
+    target = p if p // 4 * 3 < seq_len or p < 4 else p // 4 * 3
+    return -(-max(target, seq_len) // b) * b
+
+
+def pad_rows_for_flex(q: Tensor, k: Tensor, v: Tensor, evict_eff: Optional[Tensor], padded: int
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pad ``[s, b, h, hn]`` q/k/v with zero rows to ``padded`` and the effective mask with padded
+    keys that are their own document (``evict = padded``): a real query ``i < s`` never sees a
+    padded key (causal), a padded query sees only padded keys (a real key's ``evict <= s``), so
+    the real rows' outputs are unchanged and the padded ones finite."""
+    s = q.shape[0]
+    extra = padded - s
+    pad = lambda t: torch.cat([t, t.new_zeros((extra, *t.shape[1:]))], 0)  # noqa: E731
+    if evict_eff is None:  # causal: every key stays visible to all later rows
+        evict_eff = torch.full((q.shape[1], s), s, dtype=EVICT_DTYPE, device=q.device)
+    tail = torch.full((*evict_eff.shape[:-1], extra), padded, dtype=evict_eff.dtype, device=evict_eff.device)
+    return pad(q), pad(k), pad(v), torch.cat([evict_eff, tail], -1)
 
 
 def flex_shadow_attention(
@@ -884,5 +919,11 @@ class ShadowCoreAttention(MegatronModule):
                 return sdpa_shadow_attention(q, k, v, evict_eff, q_pos, self.softmax_scale)
             # torch refuses CPU inputs that require grad even under no_grad; nothing needs grad here.
             q, k, v = q.detach(), k.detach(), v.detach()
+        if q_pos is None:  # no CP: run at a bucketed length (a handful of compiled kernels per run)
+            padded = flex_bucket_length(seq_len, self.flex_block_size)
+            if padded != seq_len:
+                q, k, v, evict_eff = pad_rows_for_flex(q, k, v, evict_eff, padded)
+                block_mask = self._block_mask(mask_source, evict_eff, None, padded, q.shape[2])
+                return flex_shadow_attention(q, k, v, block_mask, self.softmax_scale, self.flex_compile)[:seq_len]
         block_mask = self._block_mask(mask_source, evict_eff, q_pos, seq_len, q.shape[2])
         return flex_shadow_attention(q, k, v, block_mask, self.softmax_scale, self.flex_compile)
