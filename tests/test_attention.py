@@ -474,3 +474,71 @@ def test_flex_compiles_a_handful_of_graphs_for_20_row_lengths(monkeypatch):
     torch._dynamo.reset()
     assert len(graphs) <= len(buckets) <= 6
     assert worst <= TOL
+
+
+# ------------------------------------------------------------------------------------------------
+# TE mask form: chosen once by trying what TE accepts, score_mod -> bias -> arbitrary
+# ------------------------------------------------------------------------------------------------
+
+
+class _RefusingTE:
+    """Stand-in for TE's DotProductAttention: refuses the mask forms in ``refuse`` the way TE does
+    when no backend takes the inputs, and records the forms it was called with."""
+
+    def __init__(self, refuse):
+        self.refuse, self.calls = set(refuse), []
+
+    def forward(self, q, k, v, score_mod=None, **kw):  # has score_mod: a TE >= 2.17 signature
+        raise AssertionError("called through __call__")
+
+    def __call__(self, q, k, v, **kw):
+        form = ("score_mod" if "score_mod" in kw else "bias" if "core_attention_bias" in kw
+                else "arbitrary" if kw.get("attn_mask_type") == "arbitrary" else "causal")
+        self.calls.append(form)
+        if form in self.refuse:
+            raise ValueError("No dot product attention backend is available for the provided inputs.")
+        return torch.zeros(q.shape[0], q.shape[1], q.shape[2] * q.shape[3], dtype=q.dtype)
+
+
+@pytest.mark.parametrize("refuse,want", [((), "score_mod"), (("score_mod",), "bias"),
+                                         (("score_mod", "bias"), "arbitrary")])
+def test_te_fallback_order_against_a_refusing_stand_in(refuse, want, caplog):
+    from megatron_smd.learner.attention import te_form_candidates, te_select_form, te_shadow_attention
+
+    gen = torch.Generator().manual_seed(3)
+    s = 12
+    evict = random_evict(gen, [[s]], None)[:, 0]
+    q, k, v = [t.to(torch.bfloat16) for t in qkv(gen, s, 1, requires_grad=False)]
+    te = _RefusingTE(refuse)
+    cands, skipped = te_form_candidates(torch.bfloat16, has_score_mod=True)
+    assert cands == ["score_mod", "bias", "arbitrary"] and not skipped
+
+    def run(form):  # the real call for bias / arbitrary; score_mod's needs cuDNN's graph API, so it is
+        if form == "score_mod":  # called directly (the stand-in only looks at the keyword)
+            return te(q, k, v, score_mod=1)
+        return te_shadow_attention(te, q, k, v, evict.to(torch.int32), None, form)
+
+    with caplog.at_level("WARNING"):
+        form, out = te_select_form(run, cands, skipped)
+    assert form == want and te.calls == list(cands[: cands.index(want) + 1])
+    assert out.shape == (s, 1, HQ * D)
+    for f in refuse:
+        assert f"{f!r} not used" in caplog.text and "No dot product attention backend" in caplog.text
+    assert f"using mask form {want!r}" in caplog.text
+
+
+def test_te_fallback_fp32_and_total_refusal():
+    from megatron_smd.learner.attention import te_form_candidates, te_select_form
+
+    cands, skipped = te_form_candidates(torch.float32, has_score_mod=True)
+    assert cands == ["bias", "arbitrary"] and "unfused" in skipped["score_mod"]
+    cands, skipped = te_form_candidates(torch.bfloat16, has_score_mod=False)
+    assert cands == ["bias", "arbitrary"] and "2.17" in skipped["score_mod"]
+    te = _RefusingTE({"bias", "arbitrary"})
+
+    def run(f):
+        return te(torch.zeros(2, 1, 1, 1), None, None, **({"core_attention_bias": 1} if f == "bias" else
+                                                            {"attn_mask_type": "arbitrary"}))
+
+    with pytest.raises(ConfigError, match=r"score_mod: .*2\.17.*bias: ValueError: No dot product.*arbitrary: ValueError"):
+        te_select_form(run, cands, skipped)

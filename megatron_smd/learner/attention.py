@@ -63,7 +63,11 @@ rows, ``s`` keys, ``hq`` local query heads):
   - ``"arbitrary"``: boolean mask of the same shape (1 byte per entry); TE runs it only on its
     unfused backend (``O(sq * s)`` scores in memory).
 
-  ``"auto"`` picks ``score_mod`` where available and the dtype is fp16/bf16, else ``bias``.
+  ``"auto"`` chooses once, on the first call for a dtype / head / mask layout, by trying what TE
+  accepts for these inputs: ``score_mod`` (fp16/bf16 and a TE that has it), then ``bias``, then
+  ``arbitrary``; every form left out or refused is logged with TE's reason
+  (:func:`te_select_form`), and a :class:`ConfigError` lists them all if TE refuses every one.
+  fp32 has no fused TE kernel: it runs TE's unfused attention (``O(sq * s)`` scores), logged.
   ``attention_mask=None`` without CP uses TE's own ``causal`` mask type (no mask tensor).
 
 **Tensor parallelism.** Each TP rank holds ``hq = np / tp`` query heads and ``ng / tp`` KV groups;
@@ -98,8 +102,9 @@ inside its fused softmax, so the product is the same.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +123,8 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from ..errors import ConfigError, MaskError, SMDError
 from ..mask import EVICT_DTYPE, layer_dense, seq_end_from_cu
 from ..parallel import cp as cp_utils
+
+_log = logging.getLogger(__name__)
 
 Backend = Literal["sdpa", "flex", "te"]
 TEMaskForm = Literal["auto", "score_mod", "bias", "arbitrary"]
@@ -518,6 +525,45 @@ def te_supports_score_mod(te_attention: Any) -> bool:
     return True
 
 
+#: ``te_mask_form: auto``'s choice per (dtype, heads, head dim, mask shape, row layout), made once
+#: by :func:`te_select_form` on the first call and reused by every layer after.
+_TE_FORM_CHOICE: dict = {}
+TE_FALLBACK_ORDER = ("score_mod", "bias", "arbitrary")
+
+
+def te_form_candidates(dtype: torch.dtype, has_score_mod: bool) -> tuple[list[str], dict[str, str]]:
+    """The forms ``auto`` tries, in order, and why any of :data:`TE_FALLBACK_ORDER` is left out."""
+    skipped = {}
+    if dtype not in (torch.float16, torch.bfloat16):
+        skipped["score_mod"] = (f"cuDNN score_mod needs fp16/bf16, tensors are {dtype} (TE has no fused "
+                                f"{dtype} attention: what it accepts runs unfused, O(sq * s) scores)")
+    elif not has_score_mod:
+        skipped["score_mod"] = "this Transformer Engine has no score_mod (needs TE >= 2.17 + nvidia-cudnn-frontend)"
+    return [f for f in TE_FALLBACK_ORDER if f not in skipped], skipped
+
+
+def te_select_form(run: Callable[[str], Tensor], candidates: Sequence[str], skipped: Optional[dict] = None
+                   ) -> tuple[str, Tensor]:
+    """Try ``run(form)`` for each candidate in order (score_mod -> post-scale bias -> arbitrary
+    mask); the first one Transformer Engine accepts wins. Every refusal (TE raises when no backend
+    takes the inputs: "No dot product attention backend is available ...") is logged with its
+    reason; if none is accepted, a :class:`ConfigError` lists them all."""
+    reasons = dict(skipped or {})
+    for form in candidates:
+        try:
+            out = run(form)
+        except (RuntimeError, ValueError, AssertionError, NotImplementedError, TypeError) as e:
+            reasons[form] = f"{type(e).__name__}: {e}"
+            continue
+        for f, why in reasons.items():
+            _log.warning("shadow attention (te): mask form %r not used: %s", f, why)
+        _log.warning("shadow attention (te): using mask form %r", form)
+        return form, out
+    raise ConfigError("Transformer Engine accepted none of the shadow-mask forms for these inputs: "
+                      + "; ".join(f"{f}: {why}" for f, why in reasons.items())
+                      + " (use backend 'flex' or 'sdpa')")
+
+
 def te_shadow_attention(
     te_attention: Any,
     q: Tensor,
@@ -904,8 +950,18 @@ class ShadowCoreAttention(MegatronModule):
         if self.backend == "sdpa":
             return sdpa_shadow_attention(q, k, v, evict_eff, q_pos, self.softmax_scale)
         if self.backend == "te":
-            form = self.te_mask_form
-            return te_shadow_attention(self._te_attention, q, k, v, evict_eff, q_pos, form)  # type: ignore[arg-type]
+            te = self._te_attention
+            if self.te_mask_form != "auto" or (evict_eff is None and q_pos is None):
+                return te_shadow_attention(te, q, k, v, evict_eff, q_pos, self.te_mask_form)  # type: ignore[arg-type]
+            key = (q.dtype, q.device.type, tuple(q.shape[2:]), k.shape[2], tuple(evict_eff.shape[1:-1])
+                   if evict_eff is not None else None, q_pos is None)
+            if key in _TE_FORM_CHOICE:
+                return te_shadow_attention(te, q, k, v, evict_eff, q_pos, _TE_FORM_CHOICE[key])
+            candidates, skipped = te_form_candidates(q.dtype, te_supports_score_mod(te))
+            form, out = te_select_form(lambda f: te_shadow_attention(te, q, k, v, evict_eff, q_pos, f),
+                                       candidates, skipped)
+            _TE_FORM_CHOICE[key] = form
+            return out
         # flex
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if q.device.type == "cpu":
