@@ -144,3 +144,95 @@ def load_checkpoint(ckpt: str | os.PathLike, model, optimizer=None) -> dict:
         with torch.no_grad():  # fp32 params: the optimizer copies into leaf views in place
             optimizer.load_state_dict(opt_state)
     return read_loop_state(ckpt)
+
+
+# ------------------------------------------------------------------------------------- resuming
+#: learner settings a resumed run applies to the restored optimizer (the checkpoint's values are
+#: replaced and the change is logged)
+OPTIMIZER_SETTINGS = ("lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")
+#: layout fields a resume must keep: the optimizer state is saved per TP / PP shard, and resuming it
+#: at another TP or PP degree is not supported (DP and CP replicas hold whole shards: they may change)
+FIXED_LAYOUT = ("tp", "pp")
+
+
+def run_identity(cfg, arch) -> dict:
+    """What a checkpoint was trained from (saved in its loop state, compared on resume)."""
+    from dataclasses import asdict
+
+    r = cfg.resources
+    return {"model_path": str(Path(cfg.model.path).resolve()), "arch": asdict(arch),
+            "layout": {"tp": r.tp, "pp": r.pp, "cp": r.cp, "dp": r.dp},
+            "learner": {k: getattr(cfg.learner, k) for k in OPTIMIZER_SETTINGS}}
+
+
+def _saved_identity(ckpt: Path, state: dict) -> dict:
+    """The checkpoint's identity: its loop state's, or (older checkpoints) what its config.yaml says."""
+    if isinstance(state.get("run"), dict):
+        return state["run"]
+    import yaml
+
+    try:
+        c = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    out: dict = {}
+    path = (c.get("model") or {}).get("path")
+    if path is not None:
+        out["model_path"] = str(Path(path).resolve())
+    res = c.get("resources") or {}
+    if all(k in res for k in ("tp", "pp", "cp", "dp")):
+        out["layout"] = {k: res[k] for k in ("tp", "pp", "cp", "dp")}
+    lrn = c.get("learner") or {}
+    out["learner"] = {k: lrn[k] for k in OPTIMIZER_SETTINGS if k in lrn}
+    return out
+
+
+def check_resume(ckpt: str | os.PathLike, cfg, arch) -> dict:
+    """Refuse to resume ``ckpt`` into a run of another model, architecture or TP/PP layout (naming
+    the checkpoint's value and the new one); returns the checkpoint's identity."""
+    from .errors import ConfigError
+
+    ckpt = Path(ckpt)
+    saved = _saved_identity(ckpt, read_loop_state(ckpt))
+    now = run_identity(cfg, arch)
+    how = (f"start fresh (--resume none, or another output_dir), or resume with the checkpoint's settings")
+    if "model_path" in saved and saved["model_path"] != now["model_path"]:
+        raise ConfigError(f"--resume: {ckpt} was trained from model.path={saved['model_path']}, this run has "
+                          f"model.path={now['model_path']}; {how}")
+    if "arch" in saved:
+        bad = [f"{k}: checkpoint {saved['arch'].get(k)!r}, now {v!r}" for k, v in now["arch"].items()
+               if saved["arch"].get(k) != v]
+        if bad:
+            raise ConfigError(f"--resume: {ckpt} was trained on another architecture than "
+                              f"{cfg.model.path}/config.json ({'; '.join(bad)}); {how}")
+    lay = saved.get("layout") or {}
+    bad = [f"resources.{k}: checkpoint {lay[k]}, now {now['layout'][k]}" for k in FIXED_LAYOUT
+           if k in lay and lay[k] != now["layout"][k]]
+    if bad:
+        raise ConfigError(f"--resume: {ckpt}: {'; '.join(bad)}: resuming the optimizer state at another "
+                          f"tensor/pipeline-parallel degree is not supported; resume with the checkpoint's "
+                          f"layout, or export its weights (smd export-hf) and start a new run from them "
+                          f"(model.path)")
+    return saved
+
+
+def apply_optimizer_settings(optimizer, lc, saved: dict | None = None) -> list[str]:
+    """Put ``learner.{lr, weight_decay, adam_beta1, adam_beta2, adam_eps, grad_clip}`` of ``lc`` (a
+    :class:`~megatron_smd.config.LearnerConfig`) into a restored Megatron optimizer, whose loaded
+    param groups carry the checkpoint's values. Per-group multipliers (``lr_mult``, ``wd_mult``:
+    no weight decay on norms and biases) are kept. Returns one line per setting that changed
+    (``saved``: the checkpoint's ``learner`` values)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lc.lr * g.get("lr_mult", 1.0)
+        for k in ("max_lr", "min_lr"):
+            if k in g:
+                g[k] = lc.lr
+        g["weight_decay"] = lc.weight_decay * g.get("wd_mult", 1.0)
+        g["betas"] = (lc.adam_beta1, lc.adam_beta2)
+        g["eps"] = lc.adam_eps
+    for o in (optimizer, *getattr(optimizer, "chained_optimizers", ())):
+        if getattr(o, "config", None) is not None:
+            o.config.clip_grad = lc.grad_clip
+    saved = saved or {}
+    return [f"learner.{k}: {saved[k]!r} -> {getattr(lc, k)!r}" for k in OPTIMIZER_SETTINGS
+            if k in saved and saved[k] != getattr(lc, k)]

@@ -50,10 +50,12 @@ def _cmd_init_model(a) -> int:
 def _cmd_rollout(a) -> int:
     from pathlib import Path
 
-    from .config import dump_config, load_config
-    from .rollout.run import run_rollout
+    from .config import apply_cpu_threads, check_runnable, dump_config, load_config
+    from .rollout.run import ensure_model, run_rollout
 
     cfg = load_config(a.config, a.overrides)
+    check_runnable(cfg, "rollout", ensure_model(cfg.model))
+    apply_cpu_threads(cfg)
     out = Path(a.out or Path(cfg.output_dir) / "rollout")
     batch = run_rollout(cfg, out)
     dump_config(cfg, out / "config.yaml")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .policies import PolicyConfig
@@ -52,21 +52,37 @@ class TinyInitConfig(_Strict):
 
 class ModelArchConfig(_Strict):
     """A model's architecture, copied from its public config.json: lets `smd plan` and the launch
-    scripts size a job for a model whose weights are not on this machine."""
+    scripts size a job for a model whose weights are not on this machine.
+
+    Every field is planning/launch only: a run always takes the architecture from the model
+    directory's config.json, and refuses to start when a field given here disagrees with it
+    (:func:`check_runnable`; `smd plan` checks the same)."""
 
     arch: Literal["qwen2", "llama"]
+    """Planning/launch only (checked against config.json's model_type when the directory exists)."""
     vocab_size: int = Field(ge=1)
+    """Planning/launch only (checked against config.json when the directory exists)."""
     hidden_size: int = Field(ge=1)
+    """Planning/launch only (checked against config.json when the directory exists)."""
     intermediate_size: int = Field(ge=1)
+    """Planning/launch only (checked against config.json when the directory exists)."""
     num_layers: int = Field(ge=1)
+    """Planning/launch only (checked against config.json when the directory exists)."""
     num_heads: int = Field(ge=1)
+    """Planning/launch only (checked against config.json when the directory exists)."""
     num_kv_heads: int = Field(ge=1)
+    """Planning/launch only (checked against config.json when the directory exists)."""
     head_dim: int | None = None
-    """Default: hidden_size // num_heads."""
+    """Planning/launch only (checked against config.json when the directory exists). Default:
+    hidden_size // num_heads."""
     rope_theta: float = 10000.0
+    """Planning/launch only (checked against config.json when the directory exists)."""
     rms_norm_eps: float = 1e-6
+    """Planning/launch only (checked against config.json when the directory exists)."""
     tie_word_embeddings: bool = False
+    """Planning/launch only (checked against config.json when the directory exists)."""
     max_position_embeddings: int = 32768
+    """Planning/launch only (checked against config.json when the directory exists)."""
 
     def to_model_arch(self):
         from .model.hf import ModelArch
@@ -86,11 +102,46 @@ class ModelConfig(_Strict):
     init: TinyInitConfig | None = None
     """If set and ``path`` does not exist, create a tiny random model there (``smd init-model``)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute dtype of the reference engine. Exactness claims are stated for float32."""
+    """Compute dtype of the reference engine (and of replay); `smd plan` sizes the rollout's weights
+    and KV cache with it. Exactness claims are stated for float32."""
     arch: ModelArchConfig | None = None
-    """Architecture for planning/launching when ``path`` is not on this machine (real-model presets)."""
+    """Architecture for planning/launching when ``path`` is not on this machine (real-model presets);
+    planning/launch only, checked against the directory's config.json by every run."""
     max_seq_len: int = Field(4096, ge=1)
-    """Longest prompt + completion the learner is sized for (`smd plan`, micro-batch padding)."""
+    """Longest prompt + completion a run may produce: `smd train`, `smd sft` and `smd rollout`
+    refuse to start when the task's prompts plus ``rollout.max_new_tokens`` (SFT: plus the
+    answer) could exceed it; `smd plan` sizes the learner and the rollout for it."""
+
+
+class FaultConfig(_Strict):
+    """How a run survives rollout-server faults (``rollout.backend: sglang``).
+
+    A failed generate request (unreachable, reset, timed out, HTTP error) or weight sync makes the
+    trainer wait for healthy servers, re-send its current weights in full, check them with the probe
+    trajectory, and redo the step's rollout from the same prompts; servers that do not come back are
+    left out and the others carry on (a server back later is re-admitted before a sync). The
+    ``server_*`` fields are launch settings: the launchers' supervisor restarts servers that exit or
+    hang (``python -m sglang_patch.supervise``)."""
+
+    request_timeout_s: float = Field(600.0, gt=0)
+    """HTTP timeout of one generate request; a server that does not answer in time counts as failed."""
+    max_attempts: int = Field(4, ge=1)
+    """Tries of one step's rollout, and of one weight sync, before the run stops naming the server."""
+    wait_healthy_s: float = Field(900.0, gt=0, le=1500)
+    """After a failure, how long to wait for at least one server's ``/health`` (a restarted server
+    loads the model again first). At most 1500 s: the other learner ranks wait in a collective
+    meanwhile, whose timeout is 30 minutes."""
+    mask_retries: int = Field(2, ge=0)
+    """Re-requests of a prompt whose returned mask fails validation (counted and logged; a sample
+    with an invalid mask is never trained on)."""
+    probe_atol: float | None = Field(None, gt=0)
+    """Largest |log-prob difference| of the post-sync probe trajectory (server vs learner under the
+    shadow mask); above it the sync counts as failed. None: 1e-4 for a float32 ``model.dtype``,
+    0.25 otherwise."""
+    server_max_restarts: int = Field(5, ge=0)
+    """Launch only: supervisor restarts of one server within an hour before it gives up."""
+    server_hang_timeout_s: float = Field(120.0, gt=0)
+    """Launch only: a healthy server that answers no ``/health`` for this long is killed and restarted."""
 
 
 class RolloutConfig(_Strict):
@@ -116,6 +167,8 @@ class RolloutConfig(_Strict):
     """KV eviction policy and budget (see megatron_smd.policies)."""
     kv_growth: int = Field(16, ge=1)
     """Tokens by which a layer's cache tensors grow when full (and the slack kept after compaction)."""
+    faults: FaultConfig = Field(default_factory=FaultConfig)
+    """Rollout-server fault handling (``backend: sglang``)."""
 
 
 class ResourcesConfig(_Strict):
@@ -134,24 +187,40 @@ class ResourcesConfig(_Strict):
     dp: int = Field(1, ge=1)
     """Data-parallel degree of the learner."""
     nodes: int = Field(1, ge=1)
-    """Learner nodes (Slurm)."""
+    """Planning/launch only: learner nodes (Slurm; the run itself sees only its torchrun world)."""
     gpus_per_node: int = Field(8, ge=0)
-    """GPUs per node; ``launch/slurm/submit.sh`` asks Slurm for them (``--gpus-per-node``). 0 = a CPU
+    """Planning/launch only: GPUs per node; ``launch/slurm/submit.sh`` asks Slurm for them (``--gpus-per-node``). 0 = a CPU
     cluster: no GPU is requested, the learner ranks are gloo processes spread evenly over
     ``nodes`` (``tp*pp*cp*dp`` must be a multiple of it); the rollout runs in-process, or with
     ``rollout.backend: sglang`` on patched SGLang CPU servers (``rollout_nodes`` of them, or one
     colocated on the first learner node when 0). One machine (``launch/local.sh``, ``smd train``)
     ignores it."""
     rollout_nodes: int = Field(0, ge=0)
-    """Nodes that run SGLang rollout servers (0 = colocated with the learner: the in-process reference
-    engine, or with ``rollout.backend: sglang`` one server on the first learner node)."""
+    """Planning/launch only: nodes that run SGLang rollout servers (0 = colocated with the learner: the in-process reference
+    engine, or with ``rollout.backend: sglang`` one server on the first learner node). With rollout
+    nodes the launchers run `smd train` against those servers, which needs ``rollout.backend:
+    sglang`` and ``sync.transport: sglang`` (`smd plan` refuses anything else)."""
     rollout_tp: int = Field(1, ge=1)
-    """Tensor-parallel degree of each rollout engine (SGLang --tp)."""
+    """Planning/launch only: tensor-parallel degree of each rollout engine (SGLang ``--tp-size``).
+    Must be 1: the patched SGLang server (``sglang_patch.launch_server``) refuses TP > 1 (each TP
+    rank would score only its own heads; the cross-rank reduction of eviction scores is not
+    built). Use more engines (one per GPU) instead."""
     gpu_memory_gb: float = Field(80.0, gt=0)
-    """Memory of one accelerator, for `smd plan` (80 GB H100 by default)."""
+    """Planning/launch only: memory of one accelerator, for `smd plan` (80 GB H100 by default)."""
     cpu_threads: int | None = Field(None, ge=1)
-    """torch intra-op threads per process (None: torch's default). Tiny CPU models run fastest with 1:
-    per-op threading overhead dominates their small matrices. Results depend on it at fp32 rounding."""
+    """torch intra-op threads per process (None: torch's default), set by `smd train`, `smd sft`
+    and `smd rollout`. Tiny CPU models run fastest with 1: per-op threading overhead dominates
+    their small matrices. Results depend on it at fp32 rounding."""
+
+    @field_validator("rollout_tp")
+    @classmethod
+    def _rollout_tp_one(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(
+                f"{v} is not supported: the patched SGLang server refuses --tp-size > 1 (each TP rank "
+                f"would score only its own KV heads; a cross-rank reduction of the eviction scores is not "
+                f"built). Use resources.rollout_tp: 1 (one engine per GPU, gpus_per_node engines per node)")
+        return v
 
     @property
     def learner_world_size(self) -> int:
@@ -274,9 +343,21 @@ class SyncConfig(_Strict):
     """Weight sync learner -> rollout engine (megatron_smd.sync)."""
 
     transport: Literal["inprocess", "broadcast", "sglang", "disk"] = "inprocess"
+    """How `smd train` ships weights: ``inprocess`` (the reference engine on rank 0), ``sglang``
+    (with ``rollout.backend: sglang``), ``disk`` (safetensors shards under ``dir``). ``broadcast``
+    is the wire protocol of external engine receivers
+    (:class:`~megatron_smd.sync.receiver.BroadcastReceiver`, the benchmarks); `smd train` has no
+    such receiver and refuses it (the ``sglang`` transport drives the same broadcast through
+    SGLang's ``update_weights_from_distributed``)."""
     bucket_mb: int = Field(512, ge=1)
+    """Bucket size of the weight stream, in MiB."""
     verify: bool = False
-    """After a sync, check per-tensor checksums (or probe logits) and fail loudly on mismatch."""
+    """After every sync, check per-tensor checksums (computed by the sender, compared by the engine
+    before it commits) and, for the staged transports (``inprocess``, ``disk``), compare the
+    engine's logits on a probe batch, computed on the staged weights, with the learner's (within
+    1e-5; logged as ``sync/probe_max_abs_logit_diff``); fail loudly on a mismatch. With
+    ``sglang`` the probe is the sampled-and-replayed trajectory the trainer checks after every
+    sync (``sync/probe_max_abs_logprob_diff``)."""
     dir: str | None = None
     """Directory for the ``disk`` transport."""
 
@@ -305,7 +386,11 @@ class ExperimentConfig(_Strict):
     sync: SyncConfig = Field(default_factory=SyncConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     sglang: dict[str, Any] = Field(default_factory=dict)
-    """Arguments passed through to SGLang servers unchanged (``--key value``)."""
+    """Planning/launch only: arguments passed through to the SGLang servers the launchers start
+    (``--key value``); `smd plan` reads ``mem_fraction_static`` and ``kv_cache_dtype``. The
+    patched server needs, on GPU, ``attention_backend: triton``, ``page_size: 1``,
+    ``disable_overlap_schedule: true`` and ``cuda_graph_backend_decode: disabled`` (the presets
+    carry them; `smd plan` checks the servers' command line with the patch's own rules)."""
     output_dir: str = "runs/default"
     """Where commands write their outputs unless told otherwise."""
 
@@ -456,3 +541,197 @@ def dump_config(cfg: BaseModel, path: str | os.PathLike) -> None:
 
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     _atomic_write_bytes(Path(path), text.encode())
+
+
+# ---------------------------------------------------------------------------- what every field does
+RUN = "run"
+"""The field changes what a run computes or writes (rollouts, updates, logs, checkpoints)."""
+PLAN = "plan"
+"""Planning/launch only: read by `smd plan` and the launch scripts, never by a run (the field's
+docstring says "Planning/launch only")."""
+
+#: Every field of :class:`ExperimentConfig` (dotted, leaves; a ``dict`` passthrough is one entry)
+#: -> its class and what it reaches. ``tests/test_settings.py`` checks that this covers the schema
+#: exactly, that planning/launch-only fields say so in their docstrings, and that every field is
+#: seen to take effect: a run field by changing it and comparing runs bit for bit (rollout tensors,
+#: TensorBoard scalars, weights or written files), a planning field by changing `smd plan`'s
+#: result or the launchers' variables.
+SETTINGS: dict[str, tuple[str, str]] = {
+    "preset": (RUN, "loading: the model preset layered under the experiment"),
+    "model.path": (RUN, "weights and tokenizer of every engine and learner"),
+    **{f"model.init.{k}": (RUN, "the tiny model created when model.path is missing")
+       for k in ("arch", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                 "tie_word_embeddings", "seed")},
+    "model.dtype": (RUN, "the reference engine's compute dtype; smd plan"),
+    **{f"model.arch.{k}": (PLAN, "smd plan / launchers; checked against config.json by every run")
+       for k in ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
+                 "max_position_embeddings")},
+    "model.max_seq_len": (RUN, "refuses runs whose sequences could be longer; smd plan"),
+    **{f"task.{k}": (RUN, "prompts, answers and rewards")
+       for k in ("name", "num_pairs", "num_queries", "seed", "key_digits", "value_digits", "modulus", "max_depth",
+                 "literal_prob")},
+    "rollout.backend": (RUN, "the rollout engine"),
+    "rollout.sglang_urls": (RUN, "the servers the sglang engine and transport talk to"),
+    **{f"rollout.{k}": (RUN, "rollout tensors")
+       for k in ("num_prompts", "group_size", "max_new_tokens", "temperature", "top_p", "top_k", "seed")},
+    "rollout.stop_at_eos": (RUN, "rollout tensors and the periodic evals"),
+    "rollout.kv_growth": (RUN, "KV statistics of the rollout and of the periodic evals"),
+    **{f"rollout.faults.{k}": (RUN, "retries against failing rollout servers (backend sglang)")
+       for k in ("request_timeout_s", "max_attempts", "wait_healthy_s", "mask_retries", "probe_atol")},
+    **{f"rollout.faults.{k}": (PLAN, "the launchers' server supervisor")
+       for k in ("server_max_restarts", "server_hang_timeout_s")},
+    **{f"rollout.policy.{k}": (RUN, "eviction in the rollout (shadow masks), the compressed eval, the servers' --smd-*")
+       for k in ("name", "budget", "granularity", "sinks", "window", "pool_kernel", "pooling", "buffer", "rkv_lambda")},
+    **{f"algorithm.{k}": (RUN, "the learner's loss")
+       for k in ("correction", "clip_low", "clip_high", "aggregation", "normalize_adv_std", "epochs", "minibatches",
+                 "kl_coef", "kl_estimator", "tis_cap", "sparse_rl.reject_min", "sparse_rl.reject_mean",
+                 "sparse_rl.weight_min", "sparse_rl.weight_max", "distill.coef", "distill.direction",
+                 "distill.estimator")},
+    **{f"learner.{k}": (RUN, "the learner's optimizer and forward (and SFT's)")
+       for k in ("lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip", "micro_batch_size",
+                 "attention_backend", "seed", "precision", "distributed_optimizer", "megatron")},
+    **{f"resources.{k}": (RUN, "the learner's process layout (torchrun world)") for k in ("tp", "pp", "cp", "dp")},
+    **{f"resources.{k}": (PLAN, "smd plan / launchers")
+       for k in ("nodes", "gpus_per_node", "rollout_nodes", "rollout_tp", "gpu_memory_gb")},
+    "resources.cpu_threads": (RUN, "torch intra-op threads of smd train / sft / rollout"),
+    "train.steps": (RUN, "the RL loop"),
+    "train.eval_every": (RUN, "when the periodic evals run"),
+    "train.eval_prompts": (RUN, "the periodic evals"),
+    "train.save_every": (RUN, "when checkpoints are written"),
+    "train.keep_checkpoints": (RUN, "which checkpoints are kept"),
+    **{f"sft.{k}": (RUN, "the SFT warm start") for k in ("enabled", "out", "steps", "batch_size", "lr", "warmup_steps",
+                                                         "target_reward", "eval_every")},
+    "sync.transport": (RUN, "the weight sync"),
+    "sync.bucket_mb": (RUN, "the weight sync's buckets"),
+    "sync.verify": (RUN, "the weight sync's checks"),
+    "sync.dir": (RUN, "where the disk transport writes"),
+    "logging.tensorboard": (RUN, "TensorBoard events"),
+    "logging.mask_images": (RUN, "TensorBoard images"),
+    "logging.sample_text": (RUN, "TensorBoard text"),
+    "logging.progress_bar": (RUN, "the progress bar"),
+    "sglang": (PLAN, "the SGLang servers' command line (launchers); smd plan"),
+    "output_dir": (RUN, "where a run writes"),
+}
+
+
+def schema_fields(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf fields of ``model`` -> their pydantic ``FieldInfo`` (nested models flattened)."""
+    import typing
+
+    out: dict[str, Any] = {}
+    for name, f in model.model_fields.items():
+        sub = [a for a in (f.annotation, *typing.get_args(f.annotation))
+               if isinstance(a, type) and issubclass(a, BaseModel)]
+        if sub:
+            out.update(schema_fields(sub[0], f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = f
+    return out
+
+
+# ---------------------------------------------------------------------------- run-time checks
+#: learner.megatron keys a run sets itself from the model directory, the layout or the learner's
+#: precision: a passthrough value would silently disagree with the weights the engine runs.
+MEGATRON_OWNED = {
+    "num_layers": "config.json", "hidden_size": "config.json", "ffn_hidden_size": "config.json",
+    "num_attention_heads": "config.json", "num_query_groups": "config.json", "kv_channels": "config.json",
+    "layernorm_epsilon": "config.json (rms_norm_eps)", "add_qkv_bias": "config.json",
+    "normalization": "the architecture", "gated_linear_unit": "the architecture",
+    "activation_func": "the architecture", "params_dtype": "learner.precision (fp32 or bf16)",
+    "pipeline_dtype": "learner.precision (fp32 or bf16)", "fp16": "learner.precision (fp32 or bf16)",
+    "bf16": "learner.precision (fp32 or bf16)",
+    "tensor_model_parallel_size": "resources.tp", "pipeline_model_parallel_size": "resources.pp",
+    "context_parallel_size": "resources.cp", "calculate_per_token_loss": "the learner (losses arrive normalised)",
+    "core_attention": "learner.attention_backend", "pre_process": "the pipeline layout",
+    "post_process": "the pipeline layout",
+}
+
+
+def check_megatron_passthrough(lc: LearnerConfig) -> None:
+    """``learner.megatron`` must name ``TransformerConfig`` fields the run does not set itself,
+    with values YAML can express (a dtype or a function cannot come from a config file)."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TransformerConfig)}
+    for k, v in lc.megatron.items():
+        key = f"learner.megatron.{k}"
+        if k in MEGATRON_OWNED:
+            raise ConfigError(f"{key}={v!r}: set by the run from {MEGATRON_OWNED[k]}, not passed through to "
+                              f"Megatron; remove it")
+        if k in ("recompute", "vocab_divisor"):  # build_gpt_model's own switches
+            if not isinstance(v, bool if k == "recompute" else int) or (k == "vocab_divisor" and v < 1):
+                raise ConfigError(f"{key}={v!r}: expected {'true/false' if k == 'recompute' else 'a positive integer'}")
+            continue
+        if k not in fields:
+            raise ConfigError(f"{key}: not a field of Megatron-Core's TransformerConfig (a typo?)")
+        t = str(fields[k].type)
+        if "dtype" in t or "Callable" in t:
+            raise ConfigError(f"{key}={v!r}: a TransformerConfig field of type {t} cannot come from a config file")
+
+
+def check_runnable(cfg: ExperimentConfig, command: str, model_dir: str | os.PathLike | None = None) -> None:
+    """Refuse, before anything is built, a config whose settings a run would not honour.
+
+    ``command``: ``train``, ``sft`` or ``rollout``. ``model_dir``: the model directory the run
+    uses (its config.json is compared with ``model.arch``). Raises :class:`ConfigError` naming
+    the key, why, and what to use instead.
+    """
+    from .tasks import make_task
+
+    if command == "train":
+        if cfg.sync.transport == "broadcast":
+            raise ConfigError(
+                "sync.transport=broadcast: smd train has no broadcast receiver (that transport feeds external "
+                "engine receivers, megatron_smd.sync.receiver). Use sync.transport=inprocess for the reference "
+                "engine, or rollout.backend=sglang with sync.transport=sglang (the same broadcast, through "
+                "SGLang's update_weights_from_distributed)")
+        if cfg.rollout.backend == "sglang" and cfg.sync.transport != "sglang":
+            raise ConfigError(f"rollout.backend=sglang needs sync.transport=sglang (the servers get the learner's "
+                              f"weights after every step), got {cfg.sync.transport!r}")
+        if cfg.sync.transport == "sglang" and cfg.rollout.backend != "sglang":
+            raise ConfigError("sync.transport=sglang feeds SGLang servers, but rollout.backend="
+                              f"{cfg.rollout.backend}: set rollout.backend=sglang, or use sync.transport=inprocess")
+    if command in ("train", "sft"):
+        check_megatron_passthrough(cfg.learner)
+    task = make_task(cfg.task)
+    prompt = task.approx_prompt_tokens()
+    if command == "sft":
+        need, what = prompt + task.max_answer_tokens(), "the answer and <eos>"
+    else:
+        need, what = prompt + cfg.rollout.max_new_tokens, f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}"
+    if need > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"model.max_seq_len={cfg.model.max_seq_len}: the task's prompts ({prompt} tokens at most) plus {what} "
+            f"need up to {need} tokens; raise model.max_seq_len to {need}, or shorten the task (task.num_pairs) "
+            f"or the completion")
+    if model_dir is not None and cfg.model.arch is not None:
+        check_arch_matches(cfg, model_dir)
+
+
+def check_arch_matches(cfg: ExperimentConfig, model_dir: str | os.PathLike):
+    """``model.arch`` against ``model_dir/config.json``, every field; returns the directory's arch."""
+    from .model.hf import read_arch
+
+    disk = read_arch(model_dir)
+    if cfg.model.arch is None:
+        return disk
+    declared = cfg.model.arch.to_model_arch()
+    names = ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+             "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings")
+    bad = [f"{f}: model.arch={getattr(declared, f)!r}, config.json={getattr(disk, f)!r}"
+           for f in names if getattr(declared, f) != getattr(disk, f)]
+    if bad:
+        raise ConfigError(f"model.arch disagrees with {Path(model_dir) / 'config.json'}: " + "; ".join(bad)
+                          + " (the run uses config.json; fix model.arch or remove it)")
+    return disk
+
+
+def apply_cpu_threads(cfg: ExperimentConfig) -> None:
+    """``resources.cpu_threads``: torch's intra-op threads for this process."""
+    if cfg.resources.cpu_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.resources.cpu_threads)

@@ -34,12 +34,12 @@ layer ``V_p D / t`` (untied, or tied with ``p > 1``, where Megatron keeps a sync
 
 **Weights, gradients, optimizer** (bytes per parameter; Rajbhandari et al. 2020, *ZeRO*, arXiv
 1910.02054, sec. 3.1; Megatron-LM ``docs/source/api-guide/dist_optimizer.md``): the learner today
-trains in fp32 (the replay-exactness setting): 4 (weights) + 4 (gradients) + 8 (Adam's two fp32
+trains in fp32 by default (the replay-exactness setting): 4 (weights) + 4 (gradients) + 8 (Adam's two fp32
 moments; the fp32 weights are the master copy) = 16. With Megatron bf16 mixed precision
-(``learner.megatron.bf16: true``): 2 + 4 (fp32 gradient buffer, ``grad_reduce_in_fp32``) + 12 (fp32
+(``learner.precision: bf16``): 2 + 4 (fp32 gradient buffer, ``grad_reduce_in_fp32``) + 12 (fp32
 master + two moments) = 18. A distributed optimizer (ZeRO-1) divides the optimizer term by ``n_dp``;
-the learner uses Megatron's non-distributed optimizer, so the plan counts it unsharded and also
-reports the sharded figure. A reference model (``algorithm.kl_coef > 0``) adds one more copy of the
+with ``learner.distributed_optimizer: true`` the plan counts it sharded, otherwise unsharded (and
+reports the sharded figure too). A reference model (``algorithm.kl_coef > 0``) adds one more copy of the
 weights.
 
 **Activations** (Korthikanti et al. 2022, *Reducing Activation Recomputation in Large Transformer
@@ -141,7 +141,8 @@ def resolve_arch(cfg) -> tuple[ModelArch, str]:
     """The model's architecture and where it came from.
 
     ``model.arch`` (real-model presets) wins when the directory is absent; when both exist they must
-    agree on every size field (a preset describing a different model than the directory is a bug).
+    agree on every field (a preset describing a different model than the directory is a bug; the
+    runs refuse it too).
     A tiny preset whose directory does not exist yet is sized from its ``model.init`` section.
     """
     m = cfg.model
@@ -149,13 +150,9 @@ def resolve_arch(cfg) -> tuple[ModelArch, str]:
     disk = read_arch(path) if (path / "config.json").is_file() else None
     declared = m.arch.to_model_arch() if m.arch is not None else None
     if disk is not None and declared is not None:
-        fields = ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                  "num_kv_heads", "head_dim", "tie_word_embeddings")
-        bad = [f"{f}: model.arch={getattr(declared, f)!r}, config.json={getattr(disk, f)!r}"
-               for f in fields if getattr(declared, f) != getattr(disk, f)]
-        if bad:
-            raise ConfigError(f"model.arch disagrees with {path / 'config.json'}: " + "; ".join(bad))
-        return disk, str(path / "config.json")
+        from .config import check_arch_matches
+
+        return check_arch_matches(cfg, path), str(path / "config.json")  # every field, as the runs check it
     if disk is not None:
         return disk, str(path / "config.json")
     if declared is not None:
@@ -258,17 +255,6 @@ def validate_layout(cfg, arch: ModelArch) -> None:
                 f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks cannot "
                 f"be spread evenly over resources.nodes={r.nodes} (resources.gpus_per_node=0: a CPU cluster "
                 f"runs the same number of gloo ranks on every node)")
-        # rollout: in-process (backend reference, rollout_nodes 0), one CPU SGLang server colocated on
-        # the first learner node (backend sglang, rollout_nodes 0), or one per rollout node
-        if r.rollout_nodes > 0 and cfg.rollout.backend != "sglang":
-            raise ConfigError(
-                f"layout cannot work: resources.rollout_nodes={r.rollout_nodes} runs SGLang servers, but "
-                f"rollout.backend={cfg.rollout.backend}: set rollout.backend=sglang (one CPU server per rollout "
-                f"node), or resources.rollout_nodes=0 (the learner ranks run the in-process reference engine)")
-        if cfg.rollout.backend == "sglang" and r.rollout_tp != 1:
-            raise ConfigError(
-                f"layout cannot work: resources.rollout_tp={r.rollout_tp} on a CPU cluster "
-                f"(resources.gpus_per_node=0): a CPU SGLang server runs with TP 1")
     elif r.nodes > 1 and world != cap:
         raise ConfigError(
             f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks, but "
@@ -278,6 +264,14 @@ def validate_layout(cfg, arch: ModelArch) -> None:
         raise ConfigError(
             f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks do not fit "
             f"on resources.nodes*gpus_per_node = {r.nodes}*{r.gpus_per_node} = {cap} GPUs")
+    # rollout: in-process (backend reference, rollout_nodes 0), one CPU SGLang server colocated on
+    # the first learner node (CPU cluster, backend sglang, rollout_nodes 0), or servers on the rollout nodes
+    if r.rollout_nodes > 0 and cfg.rollout.backend != "sglang":
+        raise ConfigError(
+            f"layout cannot work: resources.rollout_nodes={r.rollout_nodes} starts SGLang servers, but "
+            f"rollout.backend={cfg.rollout.backend}: smd train would sample in-process and never use them; set "
+            f"rollout.backend=sglang (and sync.transport=sglang), or resources.rollout_nodes=0 (the learner "
+            f"ranks run the in-process reference engine)")
     rt = r.rollout_tp
     if arch.num_heads % rt:
         raise ConfigError(f"layout cannot work: num_attention_heads={arch.num_heads} is not divisible by "
@@ -298,8 +292,8 @@ def validate_layout(cfg, arch: ModelArch) -> None:
 
 # ------------------------------------------------------------------------------------ learner
 def learner_precision(cfg) -> str:
-    """``fp32`` (what the Learner does today) or ``bf16`` (``learner.megatron.bf16: true``)."""
-    return "bf16" if cfg.learner.megatron.get("bf16") else "fp32"
+    """``learner.precision``: ``fp32`` or ``bf16`` (bf16 parameters, fp32 main gradients and optimizer)."""
+    return cfg.learner.precision
 
 
 def recompute_mode(cfg) -> str | None:
@@ -412,14 +406,15 @@ def learner_memory(cfg, arch: ModelArch) -> dict[str, Any]:
         mb_saved, transient = microbatch_activation_bytes(arch, stage=k, pp=pp, **kw)
         P = sp_.total
         weights, grads, optim = P * pbytes, P * 4, P * opt_bytes
+        optim_resident = math.ceil(optim / dp) if cfg.learner.distributed_optimizer else optim
         acts = in_flight * mb_saved
-        total = weights + grads + optim + (weights if with_ref else 0) + acts + transient
+        total = weights + grads + optim_resident + (weights if with_ref else 0) + acts + transient
         stages.append(dict(stage=k, layers=sp_.layers, params=P, weights_bytes=weights, grads_bytes=grads,
-                           optimizer_bytes=optim, optimizer_bytes_distributed=math.ceil(optim / dp),
+                           optimizer_bytes=optim_resident, optimizer_bytes_distributed=math.ceil(optim / dp),
                            ref_weights_bytes=weights if with_ref else 0, microbatches_in_flight=in_flight,
                            activations_bytes=acts, transient_bytes=transient, total_bytes=total))
     peak = max(stages, key=lambda st: st["total_bytes"])
-    return dict(precision=prec, bytes_per_param=pbytes + 4 + opt_bytes, distributed_optimizer=False,
+    return dict(precision=prec, bytes_per_param=pbytes + 4 + opt_bytes, distributed_optimizer=cfg.learner.distributed_optimizer,
                 recompute=recompute, attention_backend=cfg.learner.attention_backend, sequence_parallel=sp,
                 seq_len=seq, rows_per_microbatch=rows, microbatches_per_step=n_micro,
                 layer_activation_bytes=layer_saved, stages=stages, peak_stage=peak["stage"],
@@ -638,6 +633,21 @@ def policy_flags(pol: PolicyConfig) -> list[str]:
     return out
 
 
+def check_server_args(argv: list[str], *, cpu: bool) -> None:
+    """The servers' command line against the eviction patch's own rules
+    (:func:`sglang_patch.launch_server.parse_args`): a setting the patch would refuse at start-up
+    (attention backend, page size, overlap scheduler, CUDA graphs, TP, ...) stops the launch here,
+    before any node is touched. CPU servers get ``--device cpu`` (which supplies the CPU settings)."""
+    from sglang_patch.launch_server import parse_args
+
+    try:
+        parse_args(list(argv) + (["--device", "cpu"] if cpu else []), env={})
+    except ConfigError as e:
+        raise ConfigError(f"the SGLang servers would refuse this config ({e}); set the flags under the config's "
+                          f"sglang: section (attention_backend: triton, page_size: 1, disable_overlap_schedule: "
+                          f"true, cuda_graph_backend_decode: disabled on GPU)") from None
+
+
 def launch_vars(cfg) -> dict[str, Any]:
     """What the launch scripts need, validated (the layout is checked before any GPU is touched).
 
@@ -650,6 +660,8 @@ def launch_vars(cfg) -> dict[str, Any]:
     pol = cfg.rollout.policy if cfg.algorithm.correction != "dense" else PolicyConfig()
     sgl = ["--model-path", cfg.model.path, "--tp-size", str(r.rollout_tp), *_sglang_flags(cfg.sglang),
            *policy_flags(pol)]
+    if r.rollout_nodes > 0 or cfg.rollout.backend == "sglang":
+        check_server_args(sgl, cpu=r.gpus_per_node == 0)
     return dict(
         SMD_TP=r.tp, SMD_PP=r.pp, SMD_CP=r.cp, SMD_DP=r.dp, SMD_LEARNER_WORLD=r.learner_world_size,
         SMD_NODES=r.nodes, SMD_GPUS_PER_NODE=r.gpus_per_node,
@@ -661,6 +673,9 @@ def launch_vars(cfg) -> dict[str, Any]:
         SMD_ENGINES_PER_NODE=(r.gpus_per_node // r.rollout_tp if r.gpus_per_node else 1) if r.rollout_nodes else 0,
         SMD_MODEL_PATH=cfg.model.path, SMD_OUTPUT_DIR=cfg.output_dir, SMD_SGLANG_ARGS=sgl,
         SMD_ROLLOUT_BACKEND=cfg.rollout.backend,
+        # every server runs under python -m sglang_patch.supervise (restart on exit or hang)
+        SMD_SUPERVISE_ARGS=["--max-restarts", str(cfg.rollout.faults.server_max_restarts),
+                            "--hang-timeout-s", str(cfg.rollout.faults.server_hang_timeout_s)],
     )
 
 

@@ -6,7 +6,8 @@ result is a Hugging Face directory (``sft.out``), written atomically and reused 
 (``smd train`` calls :func:`ensure_sft`, so the main job works on a fresh machine).
 
 Loss: token-mean cross-entropy on the answer and the final ``<eos>`` (the prompt is context only),
-Adam with linear warm-up, greedy eval on held-out prompts every ``eval_every`` steps; stops early
+Megatron Adam with the ``learner.*`` settings (``sft.lr`` instead of ``learner.lr``, with linear
+warm-up), greedy eval on held-out prompts every ``eval_every`` steps; stops early
 once eval reward reaches ``target_reward``.
 """
 
@@ -66,14 +67,17 @@ def run_sft(cfg: ExperimentConfig, layout, model_dir: Path, out: Path, *, log=pr
     from .model.hf import read_arch, read_tokenizer_files, save_model_dir
     from .model.transformer import RefTransformer
     from .rollout.run import load_tokenizer
+    from .config import check_runnable
     from .tasks import make_task
     from .trainer import coefficients, learner_settings
 
     sc = cfg.sft
+    check_runnable(cfg, "sft", model_dir)
     arch = read_arch(model_dir)
     tok = load_tokenizer(model_dir)
     task = make_task(cfg.task)
-    learner = Learner(arch, layout, learner_settings(cfg, lr=sc.lr, grad_clip=1.0), weights=str(model_dir))
+    # every learner.* setting but the learning rate (sft.lr, with warm-up) applies to SFT too
+    learner = Learner(arch, layout, learner_settings(cfg, lr=sc.lr), weights=str(model_dir))
     rank0 = layout.rank == 0
     history = []
     t0 = time.perf_counter()
@@ -129,11 +133,16 @@ FINGERPRINT = "smd_sft.json"
 
 
 def sft_fingerprint(cfg: ExperimentConfig, model_dir: Path) -> dict:
-    """What an SFT model was trained from and on; a cached one is reused only if this matches."""
+    """What an SFT model was trained from and on; a cached one is reused only if this matches: the
+    base model, the task, the ``sft.*`` settings and the ``learner.*`` settings SFT uses (all but
+    ``learner.lr``: SFT's rate is ``sft.lr``)."""
     sc = cfg.sft.model_dump(mode="json")
     sc.pop("out", None)
     sc.pop("enabled", None)
-    return {"base_model": str(Path(model_dir).resolve()), "task": cfg.task.model_dump(mode="json"), "sft": sc}
+    lc = cfg.learner.model_dump(mode="json")
+    lc.pop("lr", None)
+    return {"base_model": str(Path(model_dir).resolve()), "task": cfg.task.model_dump(mode="json"), "sft": sc,
+            "learner": lc}
 
 
 def ensure_sft(cfg: ExperimentConfig, layout, model_dir: Path) -> Path:

@@ -127,7 +127,7 @@ def test_a_layout_that_does_not_fit_is_flagged():
     ("resources.tp=3", ["num_attention_heads=28", "tp=3"]),
     ("resources.pp=5", ["num_hidden_layers=28", "pp=5"]),
     ("resources.cp=3", ["model.max_seq_len=8192", "2*cp = 6"]),
-    ("resources.rollout_tp=3", ["num_attention_heads=28", "rollout_tp=3"]),
+    ("resources.rollout_tp=3", ["resources.rollout_tp", "3 is not supported: the patched SGLang server"]),
     ("resources.nodes=2", ["4*1*1*2 = 8", "2*8 = 16"]),
 ])
 def test_layouts_that_cannot_work_are_rejected_with_the_numbers(override, needles):
@@ -155,11 +155,13 @@ def test_arch_must_agree_with_the_model_directory(tiny_qwen2_dir):
     a = read_arch(tiny_qwen2_dir)
     arch = dict(arch=a.arch, vocab_size=a.vocab_size, hidden_size=a.hidden_size,
                 intermediate_size=a.intermediate_size, num_layers=a.num_layers, num_heads=a.num_heads,
-                num_kv_heads=a.num_kv_heads, tie_word_embeddings=a.tie_word_embeddings)
+                num_kv_heads=a.num_kv_heads, tie_word_embeddings=a.tie_word_embeddings, head_dim=a.head_dim,
+                rope_theta=a.rope_theta, rms_norm_eps=a.rms_norm_eps,
+                max_position_embeddings=a.max_position_embeddings)
     ok = load_config(TINY, [f"model.path={tiny_qwen2_dir}", f"model.arch={json.dumps(arch)}"])
     assert plan(ok)["model"]["source"].endswith("config.json")
     bad = load_config(TINY, [f"model.path={tiny_qwen2_dir}", f"model.arch={json.dumps(dict(arch, num_layers=2 * a.num_layers))}"])
-    with pytest.raises(ConfigError, match=rf"num_layers: model.arch={2 * a.num_layers}, config.json={a.num_layers}$"):
+    with pytest.raises(ConfigError, match=rf"num_layers: model.arch={2 * a.num_layers}, config.json={a.num_layers} \(the run uses config.json"):
         plan(bad)
 
 
@@ -170,11 +172,13 @@ def test_launch_vars_round_trip_through_bash(tmp_path):
     v = launch_vars(cfg)
     script = format_shell(v) + '\nprintf "%s\\n" "$SMD_NPROC_PER_NODE" "$SMD_ENGINES_PER_NODE" "${SMD_SGLANG_ARGS[@]}"\n'
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out[:2] == ["8", "2"]
+    assert out[:2] == ["8", "8"]  # one engine per GPU of a rollout node
     from megatron_smd.plan import policy_flags
 
-    assert out[2:] == ["--model-path", f"{tmp_path}/dir with 'quotes' and spaces", "--tp-size", "4",
-                       "--mem-fraction-static", "0.85", *policy_flags(cfg.rollout.policy)]
+    assert out[2:] == ["--model-path", f"{tmp_path}/dir with 'quotes' and spaces", "--tp-size", "1",
+                       "--mem-fraction-static", "0.85", "--attention-backend", "triton", "--page-size", "1",
+                       "--disable-overlap-schedule", "--cuda-graph-backend-decode", "disabled",
+                       *policy_flags(cfg.rollout.policy)]
     # the whole policy reaches the servers, not only its name and budget
     flags = dict(zip(out[2:], out[3:]))
     p = cfg.rollout.policy
