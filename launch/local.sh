@@ -88,7 +88,14 @@ resources.rollout_tp=$SMD_ROLLOUT_TP (lower dp, or use resources.rollout_nodes=0
             export SMD_ROLLOUT_URL=${URLS[0]}
         fi
         export SMD_ROLLOUT_SERVERS="${URLS[*]}"
+        # the plan only lets rollout nodes through with rollout.backend=sglang: sample from every
+        # server, push the learner's weights to them after each step
+        url_list=$(IFS=,; echo "${URLS[*]}")
+        TRAIN_OVERRIDES=("rollout.sglang_urls=[$url_list]" "sync.transport=sglang")
     else
+        [[ $SMD_ROLLOUT_BACKEND != sglang ]] || smd_die "rollout.backend=sglang with resources.rollout_nodes=0 on \
+GPUs: the learner's GPUs leave none for an SGLang server; set resources.rollout_nodes >= 1 (servers on the GPUs \
+after the learner's), or use rollout.backend=reference"
         smd_log "GPU: learner on GPUs 0-$((W - 1)), rollout colocated"
     fi
 fi
