@@ -3,9 +3,12 @@
 # One machine. CPU (no GPU found): `smd train` under torchrun with tp*pp*cp*dp gloo ranks from the
 # config's resources; the rollout in-process, or with rollout.backend=sglang on one patched SGLang
 # CPU server (started, health-checked, fed the learner's weights after every step through the
-# sglang transport, stopped by PID at exit). GPUs: the learner on GPUs 0..W-1 (W = tp*pp*cp*dp);
-# with resources.rollout_nodes > 0, patched SGLang servers on the remaining GPUs (rollout_tp each),
-# behind a router when there are several, started and health-checked first.
+# sglang transport, stopped by PID at exit). Every server runs under python -m sglang_patch.supervise:
+# restarted when it exits or hangs (rollout.faults.server_*), its PID in <log dir>/sglang-PORT.pid. GPUs: the learner on GPUs 0..W-1 (W = tp*pp*cp*dp);
+# with resources.rollout_nodes > 0, patched SGLang servers on the remaining GPUs (one each: the
+# patch runs TP 1), behind a router when there are several, started and health-checked first; smd
+# train then samples from every server and pushes its weights to them (rollout.sglang_urls=[...]
+# sync.transport=sglang after the user's overrides; the plan requires rollout.backend=sglang).
 # Knobs: SMD_NUM_GPUS (default: count from nvidia-smi), SMD_LOG_DIR (default <output_dir>/launch),
 # SMD_DRY_RUN=1 (print the commands, start nothing), and those of launch/slurm/common.sh.
 set -euo pipefail
@@ -47,7 +50,9 @@ no GPU found (on CPU use resources.rollout_nodes=0 and rollout.backend=sglang fo
         fi
         port=$SMD_SERVER_PORT
         url="http://127.0.0.1:$port"
-        smd_start "sglang:$port" "$LOG_DIR/sglang-$port.log" \
+        smd_start "sglang:$port" "$LOG_DIR/sglang-$port.supervise.log" \
+            "$SMD_PYTHON" -m sglang_patch.supervise "${SMD_SUPERVISE_ARGS[@]}" --pid-file "$LOG_DIR/sglang-$port.pid" \
+            --server-log "$LOG_DIR/sglang-$port.log" -- \
             "$SMD_PYTHON" -m sglang_patch.launch_server "${SMD_SGLANG_ARGS[@]}" --device cpu --skip-tokenizer-init \
             --host 127.0.0.1 --port "$port"
         smd_wait_healthy "sglang $url" "$url/health" "$SMD_LAST_PID"
@@ -69,8 +74,10 @@ resources.rollout_tp=$SMD_ROLLOUT_TP (lower dp, or use resources.rollout_nodes=0
         for ((k = 0; k < ENGINES; k++)); do
             first=$((W + k * SMD_ROLLOUT_TP))
             port=$((SMD_SERVER_PORT + 10 * k))
-            smd_start "sglang:$port" "$LOG_DIR/sglang-$port.log" \
+            smd_start "sglang:$port" "$LOG_DIR/sglang-$port.supervise.log" \
                 env CUDA_VISIBLE_DEVICES="$(seq_csv "$first" "$((first + SMD_ROLLOUT_TP))")" \
+                "$SMD_PYTHON" -m sglang_patch.supervise "${SMD_SUPERVISE_ARGS[@]}" \
+                --pid-file "$LOG_DIR/sglang-$port.pid" --server-log "$LOG_DIR/sglang-$port.log" -- \
                 "$SMD_PYTHON" -m sglang_patch.launch_server "${SMD_SGLANG_ARGS[@]}" --host 127.0.0.1 --port "$port"
             URLS+=("http://127.0.0.1:$port")
             PIDS+=("$SMD_LAST_PID")

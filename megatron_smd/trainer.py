@@ -42,6 +42,7 @@ from .losses import (distill_kl, group_advantages, kl_penalty, mismatch_metrics,
 from .mask import kept_fraction
 from .parallel.vocab_parallel import vocab_parallel_distill_kl
 from .metrics import NullLogger, make_logger, mask_image
+from .rollout.faults import ServerFault, ServerFaults, set_drill_step
 from .rollout.io import RolloutBatch
 
 
@@ -54,6 +55,7 @@ def train(cfg: ExperimentConfig, *, resume: str | None = "auto") -> dict:
             log_eval_only(ctx, evaluate(ctx, 0))                         # the warm start's eval: step 0
         for step in range(ctx.start_step, cfg.train.steps):
             raise_if_stop_requested()                                    # a SIGTERM whose raise was swallowed
+            set_drill_step(step + 1)
             t = {}
             t0 = time.perf_counter()
             batch = rollout(ctx, step)                                   # sample with eviction
@@ -95,6 +97,8 @@ class Context:
     bar: object = None
     last_ckpt: str | None = None
     sync: object = None
+    probe_tokens: torch.Tensor | None = None  # sync.verify: the probe batch of every staged sync
+    faults: ServerFaults | None = None  # rollout.backend: sglang
 
     @property
     def rank0(self) -> bool:
@@ -158,12 +162,12 @@ def rollout_policy(cfg: ExperimentConfig):
 def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
     from .model.hf import read_arch
 
+    from .config import check_runnable
+
     run_dir = Path(cfg.output_dir)
     model_dir = ensure_model_once(cfg)
+    check_runnable(cfg, "train", model_dir)  # on every rank, before any group: settings a run would not honour
     arch = read_arch(model_dir)
-    if cfg.rollout.backend == "sglang" and cfg.sync.transport != "sglang":  # on every rank, before any group
-        raise SMDError(f"rollout.backend=sglang needs sync.transport=sglang (the servers get the learner's "
-                       f"weights after every step), got {cfg.sync.transport!r}")
     layout = init_layout(cfg, arch)
     try:
         return _setup_on_layout(cfg, layout, arch, model_dir, run_dir, resume)
@@ -173,7 +177,7 @@ def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
 
 
 def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Path, resume) -> Context:
-    from .checkpoint import find_checkpoint, load_checkpoint
+    from .checkpoint import apply_optimizer_settings, check_resume, find_checkpoint, load_checkpoint
     from .config import dump_config
     from .learner.learner import Learner
     from .model.transformer import RefTransformer
@@ -193,8 +197,15 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
     ctx.tok = load_tokenizer(Path(model_dir))
     ckpt = find_checkpoint(ctx.ckpt_root, resume)
     if ckpt is not None:
+        saved = check_resume(ckpt, cfg, arch)  # another model, architecture or TP/PP layout: refused
         state = load_checkpoint(ckpt, learner.model, learner.optimizer)
         ctx.start_step, ctx.history, ctx.last_ckpt = int(state["step"]), list(state.get("history", [])), str(ckpt)
+        # this run's optimizer settings, not the checkpoint's, drive the steps from here
+        changed = apply_optimizer_settings(learner.optimizer, cfg.learner, saved.get("learner"))
+        if changed and layout.rank == 0:
+            print(f"[smd] resuming {ckpt} with changed optimizer settings (applied to the restored optimizer): "
+                  + "; ".join(changed), flush=True)
+    ctx.probe_tokens = verify_probe(ctx)
     if ctx.rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -205,7 +216,7 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
             ctx.engine = sglang_client(cfg, arch.num_layers, rollout_policy(cfg))
         else:
             ctx.engine = ReferenceEngine(model, rollout_policy(cfg), kv_growth=cfg.rollout.kv_growth)
-        ctx.eval_engines = {"dense": ReferenceEngine(model, None), "compressed": ReferenceEngine(model, cfg.rollout.policy)}
+        ctx.eval_engines = eval_engines(cfg, model)
         ctx.logger = make_logger("tensorboard" if cfg.logging.tensorboard else "none", run_dir / "tensorboard")
         if cfg.logging.progress_bar:
             from tqdm import tqdm
@@ -213,6 +224,8 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
             ctx.bar = tqdm(total=cfg.train.steps, initial=ctx.start_step, desc=f"train[{cfg.algorithm.correction}]",
                            dynamic_ncols=True)
     ctx.sync = make_weight_sync(ctx, arch)
+    if cfg.rollout.backend == "sglang":
+        ctx.faults = make_server_faults(ctx)
     if ckpt is not None or cfg.rollout.backend == "sglang":
         # the engine must sample from the learner's policy: a restored checkpoint, or (servers
         # started from model.path) the warm start
@@ -220,14 +233,51 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
     return ctx
 
 
+def eval_engines(cfg: ExperimentConfig, model) -> dict:
+    """The periodic evals' engines, dense and with the configured compression (``rollout.kv_growth``
+    applies to both)."""
+    from .rollout.engine import ReferenceEngine
+
+    g = cfg.rollout.kv_growth
+    return {"dense": ReferenceEngine(model, None, kv_growth=g),
+            "compressed": ReferenceEngine(model, cfg.rollout.policy, kv_growth=g)}
+
+
+def verify_probe(ctx: Context) -> torch.Tensor | None:
+    """``sync.verify`` with a staged transport (``inprocess``, ``disk``): the probe batch whose logits
+    the engine computes on the staged weights and compares with the learner's before it commits
+    (to servers, the probe trajectory after every sync plays that part). The same tokens on every
+    rank (the first eval prompt)."""
+    cfg = ctx.cfg
+    if not cfg.sync.verify or cfg.sync.transport not in ("inprocess", "disk"):
+        return None
+    ex = ctx.task.sample(1, seed=10_000_019 + cfg.task.seed)[0]
+    return torch.tensor([ctx.tok.encode(ex.prompt)], dtype=torch.int64)
+
+
 def make_weight_sync(ctx: Context, arch):
+    from .rollout.run import sglang_urls
     from .sync import WeightSync
 
     cfg = ctx.cfg
-    sglang = {"urls": cfg.rollout.sglang_urls or [os.environ.get("SMD_ROLLOUT_URL", "")]} \
-        if cfg.sync.transport == "sglang" else None
+    sglang = {"urls": sglang_urls(cfg)} if cfg.sync.transport == "sglang" else None
     return WeightSync.from_config(cfg.sync, ctx.learner.model, ctx.layout, arch,
                                   engine=ctx.engine if ctx.rank0 else None, sglang=sglang)
+
+
+def make_server_faults(ctx: Context) -> ServerFaults:
+    """Retries of failed rollouts and syncs against the servers (``rollout.faults``)."""
+    from .rollout.run import sglang_urls
+
+    def retarget(urls):
+        ctx.sync.retarget(urls)  # every rank: the next sync builds a new weight-update group
+        if ctx.rank0:
+            ctx.engine.urls = list(urls)
+            ctx.engine.check_policy(rollout_policy(ctx.cfg).model_dump(mode="json"))
+
+    return ServerFaults(ctx.cfg.rollout.faults, sglang_urls(ctx.cfg), rank0=ctx.rank0,
+                        bcast=lambda obj: _broadcast(obj, ctx), retarget=retarget,
+                        last_checkpoint=lambda: ctx.last_ckpt)
 
 
 def ensure_model_once(cfg: ExperimentConfig):
@@ -255,21 +305,30 @@ def _broadcast(obj, ctx: Context):
 
 
 def rollout(ctx: Context, step: int) -> RolloutBatch:
-    """Rank 0 samples ``num_prompts x group_size`` trajectories; every rank gets the batch."""
+    """Rank 0 samples ``num_prompts x group_size`` trajectories; every rank gets the batch. From
+    servers, a failed attempt is discarded whole and the step's prompts sampled again after a
+    re-sync (:class:`~megatron_smd.rollout.faults.ServerFaults`)."""
+    if ctx.faults is None:
+        return _broadcast(_sample(ctx, step) if ctx.rank0 else None, ctx)
+    return ctx.faults.rollout(step + 1, lambda: _sample(ctx, step), resync=lambda: sync_weights(ctx, step))
+
+
+def _sample(ctx: Context, step: int) -> RolloutBatch:
     from .rollout.run import generate_scored, sampling_params
 
     cfg = ctx.cfg
-    batch = None
-    if ctx.rank0:
-        examples = ctx.task.sample(cfg.rollout.num_prompts, seed=cfg.task.seed * 1_000_003 + step)
-        sp = sampling_params(cfg, ctx.tok.eos_id)
-        sp.seed = cfg.rollout.seed * 7919 + step
+    examples = ctx.task.sample(cfg.rollout.num_prompts, seed=cfg.task.seed * 1_000_003 + step)
+    sp = sampling_params(cfg, ctx.tok.eos_id)
+    sp.seed = cfg.rollout.seed * 7919 + step
+    try:
         trajs, st, rewards = generate_scored(ctx.engine, ctx.task, ctx.tok, examples, cfg.rollout.group_size, sp)
-        meta = {"sampling": {"temperature": sp.temperature}, "rewards": rewards, "stats": st.as_dict(),
-                "texts": [ctx.tok.decode(t.tokens[t.prompt_len:]) for t in trajs[: cfg.logging.sample_text]],
-                "prompts": [e.prompt for e in examples[: cfg.logging.sample_text]]}
-        batch = RolloutBatch.from_trajectories(trajs, meta)
-    return _broadcast(batch, ctx)
+    finally:
+        if ctx.faults is not None:
+            ctx.faults.counts["invalid_masks"] = ctx.engine.invalid_outputs
+    meta = {"sampling": {"temperature": sp.temperature}, "rewards": rewards, "stats": st.as_dict(),
+            "texts": [ctx.tok.decode(t.tokens[t.prompt_len:]) for t in trajs[: cfg.logging.sample_text]],
+            "prompts": [e.prompt for e in examples[: cfg.logging.sample_text]]}
+    return RolloutBatch.from_trajectories(trajs, meta)
 
 
 def advantages(ctx: Context, batch: RolloutBatch) -> torch.Tensor:
@@ -427,38 +486,68 @@ def _first_step_ratio(lp_rows: torch.Tensor, mb, n_modes: int) -> dict:
 
 def sync_weights(ctx: Context, version: int = 0) -> dict:
     """Learner shards -> rollout engine through :mod:`megatron_smd.sync` (streaming, bucketed,
-    staged and committed all-or-nothing; ``sync.verify`` adds checksums). Collective."""
+    staged and committed all-or-nothing; ``sync.verify`` adds checksums). Collective. To servers,
+    every sync ends with the probe compare, and a failed one is retried after the servers answer
+    again (``rollout.faults``)."""
     from .sync.staging import WeightSyncError
 
+    if ctx.faults is not None:
+        return ctx.faults.sync(version, lambda: _sync_and_probe(ctx, version))
     try:
-        report = ctx.sync.sync(version)
+        report = ctx.sync.sync(version, probe_tokens=ctx.probe_tokens)
     except WeightSyncError as e:  # staged updates commit all-or-nothing: the engine is unchanged
         raise SMDError(f"weight sync after step {version} failed ({e}); the engine keeps its previous "
                        f"weights (engine state: {getattr(e, 'engine_state', 'unknown')}; last checkpoint: "
                        f"{ctx.last_ckpt})") from None
     out = report.metrics()
-    if ctx.cfg.rollout.backend == "sglang":
-        out.update(probe_engine(ctx, version))
+    if report.probe_max_abs_diff is not None:  # sync.verify's probe batch
+        out["sync/probe_max_abs_logit_diff"] = report.probe_max_abs_diff
     return out
 
 
+def _sync_and_probe(ctx: Context, version: int) -> dict:
+    out = ctx.sync.sync(version).metrics()
+    out.update(probe_engine(ctx, version))
+    return out
+
+
+def probe_atol(cfg: ExperimentConfig) -> float:
+    return cfg.rollout.faults.probe_atol or (1e-4 if cfg.model.dtype == "float32" else 0.25)
+
+
 def probe_engine(ctx: Context, version: int) -> dict:
-    """After a sync to remote servers: sample one probe trajectory there and replay it with the
-    learner under its shadow mask. Equal log-probs (the fp32 floor, ~1e-6) prove the servers
-    hold the learner's weights. Collective."""
+    """After a sync to remote servers: sample one probe trajectory on every server and replay it
+    with the learner under its shadow mask. Equal log-probs (the fp32 floor, ~1e-6) prove the
+    servers hold the learner's weights; a gap above ``rollout.faults.probe_atol`` raises
+    :class:`ServerFault` on every rank. Collective."""
     from .rollout.run import sampling_params
 
     probe = None
     if ctx.rank0:
         ex = ctx.task.sample(1, seed=20_000_003 + version)
         sp = sampling_params(ctx.cfg, ctx.tok.eos_id)
-        trajs, _ = ctx.engine.generate([ctx.tok.encode(ex[0].prompt)], n=1, sampling=sp)
-        probe = RolloutBatch.from_trajectories(trajs, {"sampling": {"temperature": sp.temperature}})
-    probe = _broadcast(probe, ctx)
-    temp = float(probe.meta["sampling"]["temperature"]) or 1.0
-    lp = ctx.learner.logprobs(probe, "shadow", temperature=temp)
-    m = mismatch_metrics(lp, probe.sampler_logprobs, action_mask(probe))
-    return {"sync/probe_max_abs_logprob_diff": m["max_abs_logprob_diff"]}
+        urls = list(ctx.engine.urls)
+        try:  # one prompt per server (the client spreads prompts round-robin)
+            trajs, _ = ctx.engine.generate([ctx.tok.encode(ex[0].prompt)] * len(urls), n=1, sampling=sp)
+            probe = ("ok", RolloutBatch.from_trajectories(trajs, {"sampling": {"temperature": sp.temperature},
+                                                                  "urls": urls}))
+        except ServerFault as e:
+            probe = ("fault", (f"probe after weight sync v{version}: {e}", e.url))
+    kind, val = _broadcast(probe, ctx)
+    if kind == "fault":
+        raise ServerFault(*val)
+    temp = float(val.meta["sampling"]["temperature"]) or 1.0
+    lp = ctx.learner.logprobs(val, "shadow", temperature=temp)
+    act = action_mask(val)
+    diff = (lp.detach().double() - val.sampler_logprobs.double()).abs()
+    gap_rows = torch.where(act, diff, torch.zeros_like(diff)).amax(dim=1)
+    gap, worst = float(gap_rows.max()), int(gap_rows.argmax())
+    atol = probe_atol(ctx.cfg)
+    if _broadcast(gap > atol, ctx):
+        raise ServerFault(f"probe after weight sync v{version}: {val.meta['urls'][worst]} samples log-probs "
+                          f"{gap:.2e} away from the learner's (> rollout.faults.probe_atol {atol:.0e}): it does "
+                          f"not hold the learner's weights", val.meta["urls"][worst])
+    return {"sync/probe_max_abs_logprob_diff": gap}
 
 
 def evaluate(ctx: Context, step: int) -> dict:
@@ -470,17 +559,16 @@ def evaluate(ctx: Context, step: int) -> dict:
     if ctx.cfg.rollout.backend != "reference":
         # the weight sync feeds remote servers; the local eval engines get the learner's weights here
         from .model.transformer import RefTransformer
-        from .rollout.engine import ReferenceEngine
 
         sd = ctx.learner.gather_hf_state()  # collective
         if ctx.rank0:
             model = RefTransformer.from_state_dict(ctx.learner.arch, sd)
-            ctx.eval_engines = {"dense": ReferenceEngine(model, None),
-                                "compressed": ReferenceEngine(model, ctx.cfg.rollout.policy)}
+            ctx.eval_engines = eval_engines(ctx.cfg, model)
     if ctx.rank0:
         cfg = ctx.cfg
         examples = ctx.task.sample(cfg.train.eval_prompts, seed=10_000_019 + cfg.task.seed)
-        sp = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0, stop_token_ids=(ctx.tok.eos_id,))
+        sp = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0,
+                            stop_token_ids=(ctx.tok.eos_id,) if cfg.rollout.stop_at_eos else ())
         for name, eng in ctx.eval_engines.items():
             _, st, rs = generate_scored(eng, ctx.task, ctx.tok, examples, 1, sp)
             out[f"reward/eval_{name}"] = sum(rs) / len(rs)
@@ -534,12 +622,13 @@ def log_eval_only(ctx: Context, stats: dict) -> None:
 
 
 def save(ctx: Context, step: int) -> None:
-    from .checkpoint import save_checkpoint
+    from .checkpoint import run_identity, save_checkpoint
 
     cfg_yaml = yaml.safe_dump(ctx.cfg.model_dump(mode="json"), sort_keys=False)
     # history only travels on rank 0; the loop state written by rank 0 is the one that counts
+    state = {"history": ctx.history, "run": run_identity(ctx.cfg, ctx.learner.arch)}  # compared on resume
     path = save_checkpoint(ctx.ckpt_root, step, ctx.learner.model, ctx.learner.optimizer,
-                           {"history": ctx.history}, cfg_yaml, keep=ctx.cfg.train.keep_checkpoints)
+                           state, cfg_yaml, keep=ctx.cfg.train.keep_checkpoints)
     ctx.last_ckpt = str(path)
 
 

@@ -25,7 +25,9 @@ refuses), 0 on prompt positions, as in the reference engine.
 
 from __future__ import annotations
 
+import http.client
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,9 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_smd.errors import FormatError, SMDError
+from megatron_smd.errors import FormatError, MaskError, SMDError
 from megatron_smd.mask import validate_evict
 from megatron_smd.rollout.engine import RolloutStats, SamplingParams, Trajectory
+from megatron_smd.rollout.faults import ServerFault, drill_point
 
 from .eviction import decode_mask
 from .patch import META_KEY
@@ -52,6 +55,13 @@ class SGLangClient:
         timeout_s: per-request HTTP timeout.
         require_replayable: raise if a server reports a trajectory whose K/V were recomputed
             (retraction); otherwise such trajectories are listed in ``last_not_replayable``.
+        mask_retries: re-requests of a prompt whose output fails validation (a malformed answer,
+            a mask of the wrong shape or with an out-of-range entry); each is counted in
+            ``invalid_outputs``. Past them the request counts as failed.
+
+    A server that cannot be reached, resets the connection, times out, answers HTTP 5xx or keeps
+    returning invalid output raises :class:`~megatron_smd.rollout.faults.ServerFault` (with its
+    URL) once every request of the call has ended: the caller discards the whole call's samples.
     """
 
     urls: list[str]
@@ -62,6 +72,8 @@ class SGLangClient:
     #: per trajectory of the last ``generate``: the export's extra fields (``peak_private_slots``,
     #: ``evictions``, ``prompt_state``, ...), the mask itself removed.
     last_export_info: list[dict] = field(default_factory=list)
+    mask_retries: int = 2
+    invalid_outputs: int = 0
 
     def __post_init__(self):
         if not self.urls:
@@ -76,9 +88,19 @@ class SGLangClient:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
-            raise SMDError(f"{url}/generate: HTTP {e.code}: {e.read()[:500]!r}") from None
+            msg = f"{url}/generate: HTTP {e.code}: {e.read()[:500]!r}"
+            if e.code >= 500:
+                raise ServerFault(msg, url) from None
+            raise SMDError(msg) from None
         except urllib.error.URLError as e:
-            raise SMDError(f"{url}/generate: cannot reach the server ({e.reason})") from None
+            raise ServerFault(f"{url}/generate: cannot reach the server ({e.reason})", url) from None
+        except TimeoutError:
+            raise ServerFault(f"{url}/generate: no answer within {self.timeout_s:.0f} s "
+                              f"(rollout.faults.request_timeout_s)", url) from None
+        except (OSError, http.client.HTTPException) as e:  # reset, closed mid-answer
+            raise ServerFault(f"{url}/generate: the connection failed mid-request ({e!r})", url) from None
+        except ValueError as e:  # a truncated or non-JSON body
+            raise ServerFault(f"{url}/generate: unreadable answer ({e})", url) from None
 
     @staticmethod
     def request_payload(prompt: list[int], n: int, sp: SamplingParams, prompt_index: int) -> dict:
@@ -131,24 +153,59 @@ class SGLangClient:
         if n < 1 or not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("need n >= 1 and non-empty prompts")
         t0 = time.perf_counter()
-        jobs = [(self.urls[i % len(self.urls)], self.request_payload(p, n, sp, i)) for i, p in enumerate(prompts)]
-        with ThreadPoolExecutor(max_workers=min(32, len(jobs))) as ex:
-            outs = list(ex.map(lambda j: self._post(*j), jobs))
-        trajs: list[Trajectory] = []
+        urls = list(self.urls)
+        lock = threading.Lock()
         self.last_not_replayable = []
         self.last_export_info = []
-        for pi, (prompt, out) in enumerate(zip(prompts, outs)):
-            items = out if isinstance(out, list) else [out]
-            if len(items) != n:
-                raise FormatError(f"{jobs[pi][0]}/generate: {len(items)} outputs for prompt {pi}, asked n={n}")
-            for si, item in enumerate(items):
-                trajs.append(self.to_trajectory(prompt, item, pi, si, where=f"{jobs[pi][0]} prompt {pi} sample {si}"))
+
+        def one(pi: int) -> tuple[list[Trajectory], list[dict]]:
+            url = urls[pi % len(urls)]
+            payload = self.request_payload(prompts[pi], n, sp, pi)
+            for attempt in range(self.mask_retries + 1):
+                out = self._post(url, payload)
+                items = out if isinstance(out, list) else [out]
+                info: list[dict] = []
+                try:
+                    if len(items) != n:
+                        raise FormatError(f"{url}/generate: {len(items)} outputs for prompt {pi}, asked n={n}")
+                    trajs = [self.to_trajectory(prompts[pi], item, pi, si, where=f"{url} prompt {pi} sample {si}",
+                                                info=info) for si, item in enumerate(items)]
+                    return trajs, info
+                except (FormatError, MaskError) as e:
+                    with lock:
+                        self.invalid_outputs += 1
+                    if attempt == self.mask_retries:
+                        raise ServerFault(f"{e} ({attempt + 1} tries; the group is never trained on)", url) from None
+            raise AssertionError("unreachable")
+
+        with ThreadPoolExecutor(max_workers=min(32, len(prompts))) as ex:
+            futs = [ex.submit(one, i) for i in range(len(prompts))]
+            drill_point("rollout")  # a fault drill kills a server while these requests are in flight
+            errors = []
+            for f in futs:  # every request ends (bounded by timeout_s) before anything is raised
+                try:
+                    f.result()
+                except ServerFault as e:
+                    errors.append(e)
+        if errors:
+            first = errors[0]
+            more = f" (and {len(errors) - 1} more failed request(s))" if len(errors) > 1 else ""
+            raise ServerFault(f"{first}{more}; all {len(prompts) * n} samples of this call are discarded",
+                              first.url)
+        trajs: list[Trajectory] = []
+        for f in futs:
+            ts, info = f.result()
+            for t, i in zip(ts, info):
+                if not i.get("replayable", True):
+                    self.last_not_replayable.append(len(trajs))
+                trajs.append(t)
+                self.last_export_info.append(i)
         stats = RolloutStats(generated_tokens=sum(t.seq_len - t.prompt_len for t in trajs),
                              seconds=time.perf_counter() - t0)
         return trajs, stats
 
     def to_trajectory(self, prompt: list[int], item: dict, prompt_index: int, sample_index: int,
-                      *, where: str = "response") -> Trajectory:
+                      *, where: str = "response", info: list[dict] | None = None) -> Trajectory:
         """Convert one SGLang output object into a :class:`Trajectory` (validated)."""
         try:
             out_ids = [int(t) for t in item["output_ids"]]
@@ -172,8 +229,7 @@ class SGLangClient:
             if self.require_replayable:
                 raise SMDError(f"{where}: not replayable ({ex.get('not_replayable_reason') or 'unknown'}): "
                                f"its K/V were recomputed (retraction); enlarge the KV pool")
-            self.last_not_replayable.append(len(self.last_not_replayable))
-        self.last_export_info.append({k: v for k, v in ex.items() if k != "evict"})
+        (self.last_export_info if info is None else info).append({k: v for k, v in ex.items() if k != "evict"})
         evict = decode_mask(ex["evict"], name=f"{where}: meta_info['{META_KEY}']")
         validate_evict(evict, seq_end=T, num_layers=self.num_layers, name=f"{where}: {META_KEY}")
         lp = torch.zeros(T, dtype=torch.float32)

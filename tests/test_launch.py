@@ -127,10 +127,26 @@ def fake(tmp_path):
     return Fake
 
 
+SUPERVISE = ["python", "-m", "sglang_patch.supervise"]
+
+
+def unsupervised(cmd: list[str]) -> list[str]:
+    """Servers run under the supervisor: check its options (the config's restart settings, a PID
+    file and a server log), return the server command it runs."""
+    if cmd[:3] != SUPERVISE:
+        return cmd
+    cut = cmd.index("--")
+    opts = cmd[3:cut]
+    assert opts[:4] == ["--max-restarts", "5", "--hang-timeout-s", "120.0"], opts
+    assert "--pid-file" in opts and "--server-log" in opts, opts
+    return cmd[cut + 1:]
+
+
 def split_srun(argv: list[str]) -> tuple[list[str], list[str]]:
-    """srun's own options (all written --opt=value by the scripts) and the command it runs."""
+    """srun's own options (all written --opt=value by the scripts) and the command it runs (a
+    supervised server: the server command, see :func:`unsupervised`)."""
     i = next(i for i, a in enumerate(argv) if not a.startswith("-"))
-    return argv[:i], argv[i:]
+    return argv[:i], unsupervised(argv[i:])
 
 
 def per_node(records: list[dict]) -> dict[str, list[list[str]]]:
@@ -163,41 +179,49 @@ POLICY_2048 = ["--smd-policy", "h2o", "--smd-budget", "2048", "--smd-granularity
                "--smd-rkv-lambda", "0.1"]
 
 
-def server_cmd(port: int) -> list[str]:
-    return ["python", "-m", "sglang_patch.launch_server", "--model-path", "models/Qwen2.5-32B-Instruct",
-            "--tp-size", "4", "--mem-fraction-static", "0.85", *POLICY_2048, "--host", "0.0.0.0", "--port", str(port)]
+# what the eviction patch requires of a GPU server (the presets' sglang: section)
+PATCH_FLAGS = ["--attention-backend", "triton", "--page-size", "1", "--disable-overlap-schedule",
+               "--cuda-graph-backend-decode", "disabled"]
 
 
-ROUTER_CMD = ["python", "-m", "sglang_router.launch_router", "--worker-urls", "http://gpu-03:30000",
-              "http://gpu-03:30010", "http://gpu-04:30000", "http://gpu-04:30010", "--host", "0.0.0.0",
+def server_cmd(port: int, model: str = "models/Qwen2.5-32B-Instruct", host: str = "0.0.0.0") -> list[str]:
+    return ["python", "-m", "sglang_patch.launch_server", "--model-path", model, "--tp-size", "1",
+            "--mem-fraction-static", "0.85", *PATCH_FLAGS, *POLICY_2048, "--host", host, "--port", str(port)]
+
+
+PORTS = [30000 + 10 * k for k in range(8)]  # one engine per GPU: the patched server runs TP 1
+URLS_32B = [f"http://gpu-0{h}:{p}" for h in (3, 4) for p in PORTS]
+ROUTER_CMD = ["python", "-m", "sglang_router.launch_router", "--worker-urls", *URLS_32B, "--host", "0.0.0.0",
               "--port", "30500"]
 TORCHRUN = ["python", "-m", "torch.distributed.run"]  # the learner's launcher, under SMD_PYTHON
+# the learner samples from every server and pushes its weights to them
 LEARNER_32B = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d",
                "--rdzv_endpoint=gpu-01:29500", f"--rdzv_id={JOB}", "-m", "megatron_smd.cli", "train",
-               "--config", "configs/models/qwen2.5-32b.yaml", "train.steps=3"]
+               "--config", "configs/models/qwen2.5-32b.yaml", "train.steps=3",
+               f"rollout.sglang_urls=[{','.join(URLS_32B)}]", "sync.transport=sglang"]
 CONTAINER = ["--container-image=nvcr.io/acme/smd:1.0", f"--container-mounts={REPO}:{REPO}",
              f"--container-workdir={REPO}"]
 
 
 # ============================================================================ Slurm: 4 nodes
 def test_slurm_launch_runs_the_exact_commands_on_each_node(fake):
-    """qwen2.5-32b: learner tp=8 x pp=2 on gpu-01,02; 2 engines x tp=4 on each of gpu-03,04 + router."""
+    """qwen2.5-32b: learner tp=8 x pp=2 on gpu-01,02; 8 engines (one per GPU) on each of gpu-03,04 + router."""
     r = fake.sbatch("configs/models/qwen2.5-32b.yaml", "train.steps=3", SMD_CONTAINER_IMAGE="nvcr.io/acme/smd:1.0")
     assert r.returncode == 0, r.stdout + r.stderr
     rec = fake.records()
     assert per_node(rec) == {
         "gpu-01": [LEARNER_32B],
         "gpu-02": [LEARNER_32B],
-        "gpu-03": sorted([server_cmd(30000), server_cmd(30010), ROUTER_CMD]),
-        "gpu-04": sorted([server_cmd(30000), server_cmd(30010)]),
+        "gpu-03": sorted([*map(server_cmd, PORTS), ROUTER_CMD]),
+        "gpu-04": sorted(map(server_cmd, PORTS)),
     }
     logs = fake.logs / JOB
     steps = [split_srun(x["argv"]) for x in rec if x["prog"] == "srun" and "argv" in x]
     for opts, cmd in steps:
         if "sglang_patch.launch_server" in cmd:
             host = opts[2].split("=")[1]
-            assert opts == ["--nodes=1", "--ntasks=1", f"--nodelist={host}", "--gpus-per-task=4", "--exact",
-                            "--cpus-per-task=32", f"--output={logs}/sglang-{host}-{cmd[-1]}.log", *CONTAINER]
+            assert opts == ["--nodes=1", "--ntasks=1", f"--nodelist={host}", "--gpus-per-task=1", "--exact",
+                            "--cpus-per-task=8", f"--output={logs}/sglang-{host}-{cmd[-1]}.supervise.log", *CONTAINER]
         elif cmd == ROUTER_CMD:
             assert opts == ["--nodes=1", "--ntasks=1", "--nodelist=gpu-03", "--overlap",
                             f"--output={logs}/router-gpu-03.log", *CONTAINER]
@@ -209,16 +233,14 @@ def test_slurm_launch_runs_the_exact_commands_on_each_node(fake):
     order = ["learner" if "torch.distributed.run" in x["argv"] else x["prog"] for x in rec if "argv" in x]
     assert order.index("learner") == len(order) - 1
     health = sorted({x["argv"][-1] for x in rec if x["prog"] == "curl"})
-    assert health == sorted([f"http://gpu-0{h}:{p}/health" for h in (3, 4) for p in (30000, 30010)]
-                            + ["http://gpu-03:30500/health"])
+    assert health == sorted([f"{u}/health" for u in URLS_32B] + ["http://gpu-03:30500/health"])
     learner = next(x for x in rec if x["prog"] == "srun" and "argv" in x and "torch.distributed.run" in x["argv"])
-    assert learner["env"] == {"SMD_ROLLOUT_URL": "http://gpu-03:30500", "SMD_ROLLOUT_SERVERS":
-                              "http://gpu-03:30000 http://gpu-03:30010 http://gpu-04:30000 http://gpu-04:30010"}
-    # teardown stopped exactly the five long-running steps (by PID), after the learner finished
+    assert learner["env"] == {"SMD_ROLLOUT_URL": "http://gpu-03:30500", "SMD_ROLLOUT_SERVERS": " ".join(URLS_32B)}
+    # teardown stopped exactly the 17 long-running steps (by PID), after the learner finished
     stopped = sorted(split_srun(x["terminated"])[1] for x in rec if "terminated" in x)
-    assert stopped == sorted([server_cmd(30000), server_cmd(30000), server_cmd(30010), server_cmd(30010), ROUTER_CMD])
+    assert stopped == sorted([*map(server_cmd, PORTS), *map(server_cmd, PORTS), ROUTER_CMD])
     assert "learner exited with status 0" in r.stdout
-    assert assert_started_steps_were_stopped(r.stdout) == 5
+    assert assert_started_steps_were_stopped(r.stdout) == 17
 
 
 def test_dry_run_prints_the_same_steps_and_runs_nothing(fake):
@@ -226,26 +248,28 @@ def test_dry_run_prints_the_same_steps_and_runs_nothing(fake):
     assert r.returncode == 0, r.stderr
     assert fake.records() == []  # no srun, no curl
     printed = [shlex.split(line[len("[dry-run] "):]) for line in r.stdout.splitlines() if line.startswith("[dry-run] srun ")]
-    assert [split_srun(p[1:])[1] for p in printed] == [server_cmd(30000), server_cmd(30010), server_cmd(30000),
-                                                      server_cmd(30010), ROUTER_CMD, LEARNER_32B]
+    assert [split_srun(p[1:])[1] for p in printed] == [*map(server_cmd, PORTS), *map(server_cmd, PORTS),
+                                                      ROUTER_CMD, LEARNER_32B]
     nodes = [next(o for o in split_srun(p[1:])[0] if o.startswith("--nodelist=")) for p in printed]
-    assert nodes == ["--nodelist=gpu-03"] * 2 + ["--nodelist=gpu-04"] * 2 + ["--nodelist=gpu-03",
+    assert nodes == ["--nodelist=gpu-03"] * 8 + ["--nodelist=gpu-04"] * 8 + ["--nodelist=gpu-03",
                                                                             "--nodelist=gpu-01,gpu-02"]
     waits = [line.split()[-1] for line in r.stdout.splitlines() if line.startswith("[dry-run] wait for ")]
-    assert waits[-1] == "http://gpu-03:30500/health" and len(waits) == 5
+    assert waits[-1] == "http://gpu-03:30500/health" and len(waits) == 17
 
 
 def test_one_engine_needs_no_router_and_a_learner_failure_is_the_job_status(fake):
-    """llama3.1-8b with rollout_tp=8: one engine on gpu-02, no router; the learner step fails (status 3)."""
-    r = fake.sbatch("configs/models/llama3.1-8b.yaml", "resources.rollout_tp=8", hosts=HOSTS[:2], FAKE_SRUN_RC="3")
+    """One rollout node of a CPU cluster: one engine on gpu-02, no router; the learner step fails (status 3)."""
+    over = ("resources.gpus_per_node=0", "resources.rollout_nodes=1", "rollout.backend=sglang")
+    r = fake.sbatch("configs/tiny-cpu.yaml", *over, hosts=HOSTS[:2], FAKE_SRUN_RC="3")
     assert r.returncode == 3, r.stdout + r.stderr
     nodes = per_node(fake.records())
-    assert nodes["gpu-02"] == [["python", "-m", "sglang_patch.launch_server", "--model-path",
-                                "models/Llama-3.1-8B-Instruct", "--tp-size", "8", "--mem-fraction-static", "0.85",
-                                *POLICY_2048, "--host", "0.0.0.0", "--port", "30000"]]
-    assert nodes["gpu-01"] == [[*TORCHRUN, "--nnodes=1", "--nproc_per_node=8", "--rdzv_backend=c10d",
+    (srv,) = nodes["gpu-02"]
+    assert srv[:3] == ["python", "-m", "sglang_patch.launch_server"] and srv[-4:] == ["--host", "0.0.0.0", "--port",
+                                                                                      "30000"]
+    assert nodes["gpu-01"] == [[*TORCHRUN, "--nnodes=1", "--nproc_per_node=1", "--rdzv_backend=c10d",
                                 "--rdzv_endpoint=gpu-01:29500", f"--rdzv_id={JOB}", "-m", "megatron_smd.cli", "train",
-                                "--config", "configs/models/llama3.1-8b.yaml", "resources.rollout_tp=8"]]
+                                "--config", "configs/tiny-cpu.yaml", *over,
+                                "rollout.sglang_urls=[http://gpu-02:30000]", "sync.transport=sglang"]]
     learner = [x for x in fake.records() if "argv" in x and "torch.distributed.run" in x["argv"]][0]
     assert learner["env"] == {"SMD_ROLLOUT_URL": "http://gpu-02:30000", "SMD_ROLLOUT_SERVERS": "http://gpu-02:30000"}
     assert "learner exited with status 3" in r.stdout
@@ -254,7 +278,7 @@ def test_one_engine_needs_no_router_and_a_learner_failure_is_the_job_status(fake
 
 def test_colocated_layout_runs_only_the_learner_on_every_node(fake):
     r = fake.sbatch("configs/models/qwen2.5-7b.yaml", "resources.rollout_nodes=0", "resources.nodes=4",
-                    "resources.dp=8", SMD_DRY_RUN="1")
+                    "resources.dp=8", "rollout.backend=reference", "sync.transport=inprocess", SMD_DRY_RUN="1")
     assert r.returncode == 0, r.stderr
     printed = [shlex.split(line[len("[dry-run] "):]) for line in r.stdout.splitlines() if line.startswith("[dry-run]")]
     assert len(printed) == 1
@@ -269,7 +293,7 @@ def test_a_server_that_never_gets_healthy_stops_the_job_before_the_learner(fake)
     assert "http://gpu-02:30000/health not healthy after 0s" in r.stderr
     rec = fake.records()
     assert not any("torch.distributed.run" in x.get("argv", []) for x in rec)
-    assert assert_started_steps_were_stopped(r.stdout) == 4  # all four engines, not only the one checked
+    assert assert_started_steps_were_stopped(r.stdout) == 8  # all eight engines, not only the one checked
 
 
 def test_allocation_and_layout_errors_stop_before_any_step(fake):
@@ -334,11 +358,11 @@ def test_cpu_cluster_layouts(fake):
     r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", "resources.nodes=2", hosts=HOSTS[:2])
     assert r.returncode == 2 and "1 learner ranks cannot be spread evenly over resources.nodes=2" in r.stderr
     r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", "resources.rollout_nodes=1", hosts=HOSTS[:2])
-    assert r.returncode == 2 and "resources.rollout_nodes=1 runs SGLang servers, but rollout.backend=reference" \
+    assert r.returncode == 2 and "resources.rollout_nodes=1 starts SGLang servers, but rollout.backend=reference" \
         in r.stderr
     r = fake.sbatch("configs/tiny-cpu.yaml", "resources.gpus_per_node=0", "rollout.backend=sglang",
                     "resources.rollout_tp=2", hosts=HOSTS[:1])
-    assert r.returncode == 2 and "a CPU SGLang server runs with TP 1" in r.stderr
+    assert r.returncode == 2 and "2 is not supported: the patched SGLang server refuses --tp-size > 1" in r.stderr
     r = fake.sbatch("configs/models/llama3.1-8b.yaml", "resources.rollout_nodes=0", "rollout.backend=sglang",
                     hosts=HOSTS[:1])
     assert r.returncode == 2 and "rollout.backend=sglang with resources.rollout_nodes=0 on GPUs" in r.stderr
@@ -361,7 +385,7 @@ def test_cpu_cluster_with_sglang_servers(fake):
     assert srv[:len(TINY_SERVER)] == TINY_SERVER and "--smd-window" in srv  # the config's whole policy
     assert srv[-7:] == ["--device", "cpu", "--skip-tokenizer-init", "--host", "127.0.0.1", "--port", "30000"]
     assert srv_opts == ["--nodes=1", "--ntasks=1", "--nodelist=gpu-01", "--overlap", "--cpus-per-task=64",
-                        f"--output={fake.logs / JOB}/sglang-gpu-01-30000.log"]
+                        f"--output={fake.logs / JOB}/sglang-gpu-01-30000.supervise.log"]
     assert not any(o.startswith("--gpus") for o in srv_opts + lrn_opts)
     assert lrn[-4:] == ["resources.gpus_per_node=0", "rollout.backend=sglang",
                         "rollout.sglang_urls=[http://127.0.0.1:30000]", "sync.transport=sglang"]
@@ -385,13 +409,15 @@ def test_cpu_cluster_with_sglang_servers(fake):
 
 
 def test_gpu_servers_are_handed_to_the_learner_with_rollout_backend_sglang(fake):
-    r = fake.sbatch("configs/models/llama3.1-8b.yaml", "resources.rollout_tp=4", "rollout.backend=sglang",
-                    hosts=HOSTS[:2])
+    r = fake.sbatch("configs/models/llama3.1-8b.yaml", hosts=HOSTS[:2])
     assert r.returncode == 0, r.stdout + r.stderr
     nodes = per_node(fake.records())
     assert all(c[-4:-2] == ["--host", "0.0.0.0"] and "--device" not in c for c in nodes["gpu-02"])
     (lrn,) = nodes["gpu-01"]
-    assert lrn[-2:] == ["rollout.sglang_urls=[http://gpu-02:30000,http://gpu-02:30010]", "sync.transport=sglang"]
+    assert lrn[-2:] == [f"rollout.sglang_urls=[{','.join(f'http://gpu-02:{p}' for p in PORTS)}]",
+                        "sync.transport=sglang"]
+    servers = [c for c in nodes["gpu-02"] if "sglang_patch.launch_server" in c]
+    assert len(servers) == 8 and all(c[:-4] == server_cmd(0, "models/Llama-3.1-8B-Instruct")[:-4] for c in servers)  # the patch's flags and the whole policy on every server
 
 
 def test_the_learner_runs_under_smd_python_and_a_failure_names_its_log(fake):
@@ -424,23 +450,30 @@ def test_local_cpu_runs_smd_train_under_torchrun_with_the_config_world(fake):
 
 
 def test_local_gpu_splits_the_gpus_between_learner_and_servers(fake):
+    """A GPU preset with rollout nodes on one 8-GPU machine: the learner on GPUs 0-3, one patched server
+    per remaining GPU with the patch's flags and the config's whole policy, a router, and smd train
+    pointed at every server (rollout.sglang_urls, sync.transport=sglang)."""
     (fake.path / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
     (fake.path / "nvidia-smi").chmod(0o755)
     r = fake.run("launch/local.sh", "configs/models/qwen2.5-7b.yaml", "resources.dp=1", SMD_DRY_RUN="1")
     assert r.returncode == 0, r.stderr
     lines = [shlex.split(x[len("[dry-run] "):]) for x in r.stdout.splitlines()
              if x.startswith("[dry-run] ") and not x.startswith("[dry-run] wait")]
-    server = ["python", "-m", "sglang_patch.launch_server", "--model-path", "models/Qwen2.5-7B-Instruct", "--tp-size",
-              "2", "--mem-fraction-static", "0.85", *POLICY_2048, "--host", "127.0.0.1", "--port"]
+    lines = [ln[:2] + unsupervised(ln[2:]) if ln[0] == "env" else ln for ln in lines]
+    urls = [f"http://127.0.0.1:{p}" for p in PORTS[:4]]
     assert lines == [
-        ["env", "CUDA_VISIBLE_DEVICES=4,5", *server, "30000"],
-        ["env", "CUDA_VISIBLE_DEVICES=6,7", *server, "30010"],
-        ["python", "-m", "sglang_router.launch_router", "--worker-urls", "http://127.0.0.1:30000",
-         "http://127.0.0.1:30010", "--host", "127.0.0.1", "--port", "30500"],
+        *[["env", f"CUDA_VISIBLE_DEVICES={4 + k}", *server_cmd(p, "models/Qwen2.5-7B-Instruct", "127.0.0.1")]
+          for k, p in enumerate(PORTS[:4])],
+        ["python", "-m", "sglang_router.launch_router", "--worker-urls", *urls, "--host", "127.0.0.1", "--port",
+         "30500"],
         ["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "torchrun", "--nnodes=1", "--nproc_per_node=4", "--rdzv_backend=c10d",
          "--rdzv_endpoint=127.0.0.1:29500", "-m", "megatron_smd.cli", "train", "--config",
-         "configs/models/qwen2.5-7b.yaml", "resources.dp=1"],
+         "configs/models/qwen2.5-7b.yaml", "resources.dp=1", f"rollout.sglang_urls=[{','.join(urls)}]",
+         "sync.transport=sglang"],
     ]
+    r = fake.run("launch/local.sh", "configs/models/qwen2.5-7b.yaml", "resources.rollout_nodes=0", "resources.dp=1",
+                 SMD_DRY_RUN="1")
+    assert r.returncode == 2 and "rollout.backend=sglang with resources.rollout_nodes=0 on GPUs" in r.stderr
 
 
 # ============================================================================ hygiene

@@ -57,13 +57,10 @@ def generate_scored(engine, task, tok, examples, n: int, sp: SamplingParams):
     return trajs, stats, rewards
 
 
-def sglang_client(cfg: ExperimentConfig, num_layers: int, policy=None):
-    """The client of the patched SGLang servers of ``rollout.sglang_urls`` (or ``SMD_ROLLOUT_URL``,
-    set by the launchers after their health checks), checked to run ``policy`` (default: the
-    config's ``rollout.policy``). The servers own the policy (``--smd-*`` at launch)."""
+def sglang_urls(cfg: ExperimentConfig) -> list[str]:
+    """The servers of ``rollout.sglang_urls``, or ``SMD_ROLLOUT_URL`` set by the launchers after
+    their health checks."""
     import os
-
-    from sglang_patch.client import SGLangClient
 
     from ..errors import SMDError
 
@@ -73,7 +70,17 @@ def sglang_client(cfg: ExperimentConfig, num_layers: int, policy=None):
     if not urls:
         raise SMDError("rollout.backend=sglang needs rollout.sglang_urls (the servers' base URLs), "
                        "or SMD_ROLLOUT_URL from the launchers")
-    client = SGLangClient(urls, num_layers)
+    return urls
+
+
+def sglang_client(cfg: ExperimentConfig, num_layers: int, policy=None):
+    """The client of the patched SGLang servers (:func:`sglang_urls`), checked to run ``policy``
+    (default: the config's ``rollout.policy``). The servers own the policy (``--smd-*`` at launch);
+    requests time out and invalid masks are re-requested as ``rollout.faults`` says."""
+    from sglang_patch.client import SGLangClient
+
+    f = cfg.rollout.faults
+    client = SGLangClient(sglang_urls(cfg), num_layers, timeout_s=f.request_timeout_s, mask_retries=f.mask_retries)
     client.check_policy((policy or cfg.rollout.policy).model_dump(mode="json"))
     return client
 

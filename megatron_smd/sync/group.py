@@ -39,7 +39,7 @@ def init_weight_update_group(master_address: str, master_port: int, rank: int, w
         master_address / master_port: where group rank 0 (the learner-side sender) hosts the
             rendezvous store.
         rank: this process's rank in the group (0 = sender, engines ``1..world_size-1``).
-        group_name: unique per process (one group per pipeline stage: ``smd-sync-pp{stage}``).
+        group_name: unique per group (one per pipeline stage and connection: ``smd-sync-pp{stage}-<random>``).
         backend: ``"nccl"`` for GPU tensors, ``"gloo"`` for CPU tensors.
         timeout_s: how long a collective on this group may wait (a dead peer on gloo is noticed at
             once; on nccl, and for a peer that hangs, this is the bound).

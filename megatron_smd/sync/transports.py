@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import threading
@@ -57,6 +58,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.hf import ModelArch
+from ..rollout.faults import drill_point
 from ..parallel.layout import ParallelLayout
 from .bucket import CHECKSUM_ALGORITHM, Bucket, empty_bytes, fsync_dir, stage_bucket, write_safetensors
 from .group import bcast_object, destroy_group, init_weight_update_group, recv_object, send_object
@@ -635,6 +637,14 @@ def _own_address() -> str:
             return "127.0.0.1"
 
 
+def _free_port() -> int:
+    """A port the OS has free now (the rendezvous of a rebuilt weight-update group; its store
+    listens on every interface)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 class SGLangTransport(Transport):
     """SGLang servers through their weight-update HTTP API (SGLang 0.5.23).
 
@@ -656,7 +666,10 @@ class SGLangTransport(Transport):
         urls: server base URLs.
         mode: ``"distributed"`` or ``"tensor"``.
         master_address: this sender's address for the rendezvous (default: the outgoing interface).
-        master_port: stage ``p`` uses ``master_port + p``.
+        master_port: stage ``p`` uses ``master_port + p`` (None, the default: a port the OS has
+            free at each connect, so runs sharing a host and a group rebuilt after a server
+            failure never collide; set it where only chosen ports are open to the servers; a
+            rebuilt group then uses a free port anyway).
         ranks_per_server: engine ranks per server (default: the server's ``tp_size`` from ``/server_info``).
     """
 
@@ -664,7 +677,7 @@ class SGLangTransport(Transport):
     staged = False
 
     def __init__(self, urls: Sequence[str], *, mode: str = "distributed", master_address: str | None = None,
-                 master_port: int = 29650, backend: str | None = None, ranks_per_server: int | None = None,
+                 master_port: int | None = None, backend: str | None = None, ranks_per_server: int | None = None,
                  timeout_s: float = 600.0, group_prefix: str = "smd-sync"):
         if mode not in ("distributed", "tensor"):
             raise ValueError(f"sglang transport: mode must be 'distributed' or 'tensor', got {mode!r}")
@@ -677,12 +690,15 @@ class SGLangTransport(Transport):
                              "on CPU use mode 'distributed' (a gloo group)")
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         backend = backend or ("nccl" if cuda else "gloo")
-        self.mode, self.master_address, self.master_port = mode, master_address, int(master_port)
+        self.mode, self.master_address = mode, master_address
+        self.master_port = None if master_port is None else int(master_port)
         self.backend, self.ranks_per_server, self.timeout_s = backend, ranks_per_server, timeout_s
         self.group_prefix = group_prefix
         self.pg = None
         self._ranks: list[int] = []
         self._sent = 0
+        self._generation = 0  # bumped by retarget(): a rebuilt group always takes a free port
+        self._group_name: str | None = None
 
     # ------------------------------------------------------------------------------------------
     def _server_ranks(self) -> list[int]:
@@ -727,18 +743,32 @@ class SGLangTransport(Transport):
             return
         world = 1 + sum(self._ranks)
         addr = self.master_address or (LOOPBACK if all(_is_loopback(u) for u in self.urls) else _own_address())
-        port = self.master_port + ctx.stage
-        name = f"{self.group_prefix}-pp{ctx.stage}"
+        # unique per connection: a long-lived server keeps the groups of earlier runs (a trainer that
+        # crashed never destroyed its own) and refuses a name it already has
+        name = f"{self.group_prefix}-pp{ctx.stage}-{secrets.token_hex(4)}"
+        port = _free_port() if self.master_port is None or self._generation else self.master_port + ctx.stage
         offsets = [1 + sum(self._ranks[:i]) for i in range(len(self.urls))]
         payloads = [{"master_address": addr, "master_port": port, "rank_offset": off, "world_size": world,
                      "group_name": name, "backend": self.backend} for off in offsets]
-        out: dict = {}
-        t = threading.Thread(target=lambda: out.update(r=self._all("/init_weights_update_group", payloads)),
-                             daemon=True)
-        t.start()  # the servers join while this sender hosts the rendezvous
-        self.pg = init_weight_update_group(addr, port, 0, world, name, backend=self.backend, timeout_s=self.timeout_s)
+        joined: dict = {}
+
+        def join():  # this sender hosts the rendezvous while the servers join over HTTP
+            try:
+                joined["pg"] = init_weight_update_group(addr, port, 0, world, name, backend=self.backend,
+                                                        timeout_s=self.timeout_s)
+            except Exception as e:
+                joined["error"] = e
+
+        t = threading.Thread(target=join, daemon=True, name="smd-sync-join")
+        t.start()
+        # a server that refuses to join answers at once: fail now, not at the rendezvous timeout (the
+        # abandoned rendezvous thread ends at its own timeout)
+        self._check("/init_weights_update_group", self._all("/init_weights_update_group", payloads), "unknown")
         t.join()
-        self._check("/init_weights_update_group", out["r"], "unknown")
+        if "error" in joined:
+            raise WeightSyncError(f"sglang transport: weight-update group {name} at {addr}:{port}: "
+                                  f"{joined['error']}", "unknown")
+        self.pg, self._group_name = joined["pg"], name
 
     def begin(self, ctx: SenderContext) -> None:
         self._sent = 0
@@ -754,14 +784,24 @@ class SGLangTransport(Transport):
             if self.mode == "distributed":
                 h = bucket.header()
                 payload = {"names": h["names"], "dtypes": h["dtypes"], "shapes": h["shapes"],
-                           "group_name": f"{self.group_prefix}-pp{ctx.stage}", "flush_cache": False,
+                           "group_name": self._group_name, "flush_cache": False,
                            "load_format": "flattened_bucket"}
                 out: dict = {}
                 t = threading.Thread(target=lambda: out.update(
                     r=self._all("/update_weights_from_distributed", [payload] * len(self.urls))), daemon=True)
                 t.start()
                 try:
-                    dist.broadcast(flat, group=self.pg, group_src=0)
+                    work = dist.broadcast(flat, group=self.pg, group_src=0, async_op=True)
+                    while not work.is_completed():
+                        # a server that refused the bucket never joins the broadcast: do not wait
+                        # for the group's timeout, fail now (the group is rebuilt before a retry)
+                        if not t.is_alive() and any(not ok for ok, _ in out.get("r", [])):
+                            self._check(f"/update_weights_from_distributed (bucket {bucket.index}, stage "
+                                        f"{ctx.stage}; the broadcast is abandoned)", out["r"], state)
+                        time.sleep(0.002)
+                    work.wait()
+                except WeightSyncError:
+                    raise
                 except Exception as e:
                     raise WeightSyncError(f"sglang transport: broadcast of bucket {bucket.index} of stage "
                                           f"{ctx.stage} failed ({e}); the servers hold partially updated "
@@ -769,6 +809,8 @@ class SGLangTransport(Transport):
                 t.join()
                 self._check(f"/update_weights_from_distributed (bucket {bucket.index}, stage {ctx.stage})",
                             out["r"], state)
+                if bucket.index == 0 and ctx.coordinator:
+                    drill_point("sync")  # a fault drill kills a server between loaded buckets and the commit
             else:
                 from sglang.srt.utils import MultiprocessingSerializer
                 from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
@@ -807,7 +849,28 @@ class SGLangTransport(Transport):
         return CommitResult(ok=True, version=ctx.version, message=f"updated {len(self.urls)} server(s)",
                             receiver=self.name)
 
-    def close(self) -> None:
+    def retarget(self, urls: Sequence[str]) -> None:
+        """Point the next sync at ``urls`` (after a server failed or came back): the weight-update
+        group is rebuilt, under a new name and port, at the next :meth:`connect`. Servers of the old
+        group that are still up are asked to close any open weight-update session and to drop the
+        old group (best effort: a server that cannot is restarted by its supervisor when it hangs)."""
+        keep = [u.rstrip("/") for u in urls]
+        self._release([u for u in keep if u in self.urls], end_session=True)
+        self.urls = keep
+        self._ranks = []
+        self._generation += 1
+
+    def _release(self, urls: Sequence[str], *, end_session: bool = False) -> None:
+        name, self._group_name = self._group_name, None
         if self.pg is not None:
             destroy_group(self.pg)
             self.pg = None
+        if name:  # this rank built a group with the servers (a stage sender)
+            for u in urls:
+                if end_session:
+                    _post(u, "/end_weight_update", {}, 30)  # "no session is open" is the normal answer
+                _post(u, "/destroy_weights_update_group", {"group_name": name}, 30)
+
+    def close(self) -> None:
+        """Drop this run's weight-update group, here and on the servers (which outlive the run)."""
+        self._release(self.urls)

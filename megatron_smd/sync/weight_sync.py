@@ -254,6 +254,14 @@ class WeightSync:
                                                      "peak_live_bytes", "seconds", "phases")} for e in senders],
                           phases=all_phases)
 
+    def retarget(self, urls) -> None:
+        """Point the transport at other engine URLs (rollout-server failover); the next :meth:`sync`
+        connects afresh. Call on every rank with the same ``urls``."""
+        if not hasattr(self.transport, "retarget"):
+            raise ValueError(f"the {self.transport.name} transport cannot change its engines")
+        self.transport.retarget(urls)
+        self._connected = False
+
     def close(self) -> None:
         """Release the transport (stops broadcast receivers)."""
         self.transport.close()
