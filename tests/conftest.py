@@ -27,3 +27,13 @@ def tiny_llama_dir(tmp_path_factory):
     from megatron_smd.model.tiny import init_model_dir
 
     return init_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama", "llama", seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny in-process runs: their matmuls are microseconds, and
+    on a shared 2-core machine extra threads only contend (25x slower measured). Restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -60,14 +60,7 @@ MEASURE_TOL = 0.10
 SEQ, ROWS = 64, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny engine's matmuls are microseconds; on a shared 2-core machine intra-op threads only
-    # contend (25x slower measured). Restored afterwards for the rest of the session.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ============================================================================ presets

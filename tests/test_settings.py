@@ -40,12 +40,7 @@ TINY = REPO / "configs" / "tiny-cpu.yaml"
 NOISE = re.compile(r"^(time/|perf/|sync/seconds|sync/gb_per_s)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
