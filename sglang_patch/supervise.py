@@ -145,9 +145,9 @@ class Supervisor:
         except subprocess.TimeoutExpired:
             pass
 
-    def healthy(self) -> bool:
+    def healthy(self, timeout_s: float | None = None) -> bool:
         try:
-            with urllib.request.urlopen(self.health_url, timeout=self.probe_timeout_s) as r:
+            with urllib.request.urlopen(self.health_url, timeout=timeout_s or self.probe_timeout_s) as r:
                 return r.status == 200
         except (OSError, urllib.error.URLError, ValueError):
             return False
@@ -159,7 +159,11 @@ class Supervisor:
             time.sleep(min(0.2, max(0.0, end - time.monotonic())))
 
     def _run_once(self) -> str | None:
-        """Start the server and watch it; return why it had to be restarted (None: asked to stop)."""
+        """Start the server and watch it; return why it had to be restarted (None: asked to stop).
+
+        Once healthy, a server is declared hung when no ``/health`` answered for
+        ``hang_timeout_s``: probes and waits are cut to that deadline, so a hang is acted on within
+        the timeout of the last good answer, not a probe timeout and an interval later."""
         self._start()
         t0 = time.monotonic()
         up = False
@@ -167,22 +171,27 @@ class Supervisor:
         while not self._stopping:
             rc = self.proc.poll()
             if rc is not None:
+                self._kill_group(signal.SIGKILL)  # children the dead leader left behind
                 return f"exited with status {rc}" + ("" if up else " during start-up")
+            left = last_ok + self.hang_timeout_s - time.monotonic() if up else self.probe_timeout_s
+            ok = self.healthy(timeout_s=max(0.2, min(self.probe_timeout_s, left)))
             now = time.monotonic()
-            if self.healthy():
+            if ok:
                 if not up:
                     log(f"server PID {self.proc.pid} healthy after {now - t0:.1f} s")
-                up, last_ok = True, time.monotonic()
+                up, last_ok = True, now
+                self._sleep(self.health_interval_s)
             elif not up and now - t0 > self.startup_timeout_s:
                 self._kill_group(signal.SIGKILL)
                 self.proc.wait(30)
                 return f"not healthy within {self.startup_timeout_s:.0f} s of its start; killed (SIGKILL)"
-            elif up and now - last_ok > self.hang_timeout_s:
+            elif up and now - last_ok >= self.hang_timeout_s:
                 self._kill_group(signal.SIGKILL)
                 self.proc.wait(30)
-                return (f"hung: no /health answer for {now - last_ok:.0f} s (limit {self.hang_timeout_s:.0f} s); "
+                return (f"hung: no /health answer for {now - last_ok:.1f} s (limit {self.hang_timeout_s:.0f} s); "
                         f"killed (SIGKILL)")
-            self._sleep(self.health_interval_s if up else 0.5)
+            else:
+                self._sleep(min(self.health_interval_s, max(0.1, last_ok + self.hang_timeout_s - now)) if up else 0.5)
         return None
 
     def run(self) -> int:

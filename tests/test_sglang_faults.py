@@ -209,3 +209,59 @@ def test_supervisor_gives_up_after_its_restart_budget(tmp_path):
     assert "giving up: 3 failures" in p.stdout and "http://127.0.0.1:1/health stays down" in p.stdout, p.stdout
     assert (tmp_path / "server.log").read_text().count("\nboom\n") == 3
     assert not (tmp_path / "server.pid").exists()
+
+
+HEALTH_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[2])), H).serve_forever()
+"""
+
+
+def test_supervisor_replaces_a_hung_server_within_the_timeout(tmp_path):
+    """A process that answers /health, then is stopped (SIGSTOP): the supervisor kills its group
+    within --hang-timeout-s of the last answer and starts it again (a new PID, healthy again)."""
+    import os
+    import signal
+    import time
+
+    from sglang_patch.server_process import free_port
+
+    port, pid_file, log, hang = free_port(), tmp_path / "server.pid", tmp_path / "supervise.log", 3.0
+    cmd = [sys.executable, "-m", "sglang_patch.supervise", "--hang-timeout-s", str(hang), "--health-interval-s", "1",
+           "--probe-timeout-s", "5", "--backoff-s", "0.1", "--pid-file", str(pid_file), "--",
+           sys.executable, "-c", HEALTH_SERVER, "--port", str(port)]
+    with open(log, "w") as out:
+        sup = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        def wait_for(cond, what, limit=60.0):
+            end = time.monotonic() + limit
+            while time.monotonic() < end:
+                if cond():
+                    return
+                time.sleep(0.05)
+            pytest.fail(f"{what} within {limit} s:\n{log.read_text()}")
+
+        wait_for(lambda: log.read_text().count("healthy after") == 1, "healthy")  # the supervisor saw it up
+        first = int(pid_file.read_text())
+        os.kill(first, signal.SIGSTOP)
+        t0 = time.monotonic()
+        wait_for(lambda: log.read_text().count("healthy after") == 2, "replaced and healthy again", limit=30)
+        replaced_after = time.monotonic() - t0
+    finally:
+        sup.terminate()
+        sup.wait(60)
+    out = log.read_text()
+    assert sup.returncode == 0, out
+    m = re.search(r"hung: no /health answer for ([\d.]+) s \(limit 3 s\); killed \(SIGKILL\)", out)
+    assert m and float(m.group(1)) <= hang + 0.5, out
+    assert replaced_after <= hang + 5.0, (replaced_after, out)  # detection + back-off + the restart itself
+    assert "restart 1/5" in out and "stopped" in out and int(pid_file.read_text() if pid_file.exists() else 0) != first
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)  # the hung process is gone, not left stopped
+    print(f"\nhung process replaced (healthy again) {replaced_after:.1f} s after SIGSTOP (hang limit {hang:.0f} s)")
