@@ -175,7 +175,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return out
 
     def stop(self) -> None:
-        """SIGTERM each daemon by the PID in its PID file (slurmd, slurmctld, then munged), SIGKILL after 15 s."""
+        """SIGTERM each daemon by the PID in its PID file (slurmd, slurmctld, then munged), SIGKILL after
+        15 s; then SIGKILL whatever of this cluster is left (a job a failed test never saw end: its
+        slurmstepd and steps carry this cluster's SLURM_CONF in their environment)."""
         pids = self.pids()
         for name in ("slurmd", "slurmctld", "munged"):
             pid = pids.get(name)
@@ -185,6 +187,25 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if not _wait(lambda: not _alive(pid), timeout=15):
                 os.kill(pid, signal.SIGKILL)
                 _wait(lambda: not _alive(pid), timeout=5)
+        for pid in self.leftover_processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def leftover_processes(self) -> list[int]:
+        """PIDs (not this test process) whose environment carries this cluster's SLURM_CONF."""
+        want = f"SLURM_CONF={self.conf}".encode()
+        out = []
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit() or int(p.name) == os.getpid():
+                continue
+            try:
+                if want in (p / "environ").read_bytes().split(b"\0") and _alive(int(p.name)):
+                    out.append(int(p.name))
+            except OSError:
+                continue
+        return out
 
     # ------------------------------------------------------------------ jobs
     def job(self, job_id: str) -> dict[str, str]:
