@@ -101,7 +101,7 @@ def test_local_launcher_trains_against_a_patched_cpu_server(tmp_path, tiny_qwen2
     assert sup.count("exited with status -9; log: ") == 2 and "restart 3/5" in sup, sup
     hung = re.search(r"hung: no /health answer for ([\d.]+) s \(limit (\d+) s\)", sup)
     assert hung and int(hung.group(2)) == HANG_TIMEOUT_S, sup
-    assert float(hung.group(1)) <= HANG_TIMEOUT_S + 1.0, sup  # acted on within the timeout of the last answer
+    assert float(hung.group(1)) <= HANG_TIMEOUT_S + 2.0, sup  # within the timeout of the last answer (+ slack)
     assert sc["faults/rollout_failures"][STEPS] == 2 and sc["faults/sync_failures"][STEPS] == 1
     print(f"  supervisor: {sup.count('] start ')} starts; hang detected after {hung.group(1)} s "
           f"(limit {HANG_TIMEOUT_S} s)")
