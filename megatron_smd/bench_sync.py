@@ -51,7 +51,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import statistics
 import tempfile
 import time
@@ -60,6 +59,7 @@ from pathlib import Path
 import torch
 
 from .model.hf import ModelArch
+from .parallel.layout import free_port
 
 MiB = 1 << 20
 
@@ -77,12 +77,6 @@ def _tiny_arch() -> ModelArch:
     return tiny_arch("qwen2", vocab_size=tok.vocab_size, hidden_size=64, num_layers=4, num_heads=4,
                      num_kv_heads=2, intermediate_size=176, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                      pad_token_id=tok.pad_id)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Copier:
@@ -246,7 +240,7 @@ def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, buc
     if "broadcast" in transports:
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         proc = ctx.Process(target=_receiver_main, args=(arch, dtype, port, q), daemon=True)
         proc.start()
         tr = BroadcastTransport("127.0.0.1", port, 1, backend="gloo", timeout_s=600)
@@ -295,7 +289,7 @@ def bench_sync(*, large: bool = True, bucket_mb: int = 512, repeats: int = 7,
         raise SMDError("smd bench sync starts its own one-rank process group; run it in a fresh process")
     keys = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}  # restored below: later runs in this process must not
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     layout = ParallelLayout(world_size=1)                  # mistake themselves for torchrun ranks
     try:
         layout.initialize(seed=seed)

@@ -20,8 +20,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     from .config import ExperimentConfig
     from .learner.learner import Learner, LearnerSettings
     from .model.hf import read_arch, read_tokenizer_files, save_model_dir
-    from .parallel.layout import ParallelLayout
-    from .trainer import _free_port
+    from .parallel.layout import ParallelLayout, free_port
 
     # a checkpoint directory, or a run's checkpoint root (then the newest complete checkpoint)
     given = Path(ckpt)
@@ -34,7 +33,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     cfg = ExperimentConfig.model_validate(yaml.safe_load(cfg_path.read_text()))
     model_dir = Path(cfg.sft.out) if cfg.sft.enabled and (Path(cfg.sft.out) / "config.json").is_file() else Path(cfg.model.path)
     arch = read_arch(model_dir)
-    os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ["MASTER_PORT"] = str(free_port())
     layout = ParallelLayout(world_size=1)
     layout.initialize()
     try:

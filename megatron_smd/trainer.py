@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,14 +112,8 @@ class Context:
         self.layout.destroy()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_layout(cfg: ExperimentConfig, arch):
-    from .parallel.layout import ParallelLayout
+    from .parallel.layout import ParallelLayout, free_port
 
     r = cfg.resources
     if r.cpu_threads is not None:
@@ -128,7 +121,7 @@ def init_layout(cfg: ExperimentConfig, arch):
     if "WORLD_SIZE" not in os.environ:
         # Single process, not under torchrun: the rendezvous port only has to be free, and a port
         # inherited from a parent (or left by an earlier run in this process) may not be.
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     layout = ParallelLayout.from_env(tp=r.tp, pp=r.pp, cp=r.cp)
     if layout.dp != r.dp:
         from .errors import ConfigError

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megatron_smd.errors import SMDError
+from megatron_smd.rollout.faults import healthy
 
 
 def free_port() -> int:
@@ -113,11 +114,7 @@ class PatchedServer:
                        f"{self._log_tail()}")
 
     def healthy(self, timeout_s: float = 2.0) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=timeout_s) as r:
-                return r.status == 200
-        except (OSError, urllib.error.URLError):
-            return False
+        return healthy(self.url, timeout_s)
 
     def pool_state(self) -> dict:
         """The patch's pool counters (``/server_info`` → ``internal_states[0]["smd"]``)."""

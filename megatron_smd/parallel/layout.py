@@ -21,6 +21,7 @@ Usage (inside each process, e.g. under ``torchrun``)::
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -29,6 +30,13 @@ import torch
 from ..errors import ConfigError
 from ..model.hf import ModelArch
 from . import cpu_shim
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the OS has free on ``host`` now (``""``: every interface), for a rendezvous."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

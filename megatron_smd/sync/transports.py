@@ -59,7 +59,7 @@ import torch.distributed as dist
 
 from ..model.hf import ModelArch
 from ..rollout.faults import drill_point
-from ..parallel.layout import ParallelLayout
+from ..parallel.layout import ParallelLayout, free_port
 from .bucket import CHECKSUM_ALGORITHM, Bucket, empty_bytes, fsync_dir, stage_bucket, write_safetensors
 from .group import bcast_object, destroy_group, init_weight_update_group, recv_object, send_object
 from .reshard import LiveBytes, PhaseTimer
@@ -637,14 +637,6 @@ def _own_address() -> str:
             return "127.0.0.1"
 
 
-def _free_port() -> int:
-    """A port the OS has free now (the rendezvous of a rebuilt weight-update group; its store
-    listens on every interface)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 class SGLangTransport(Transport):
     """SGLang servers through their weight-update HTTP API (SGLang 0.5.23).
 
@@ -697,7 +689,6 @@ class SGLangTransport(Transport):
         self.pg = None
         self._ranks: list[int] = []
         self._sent = 0
-        self._generation = 0  # bumped by retarget(): a rebuilt group always takes a free port
         self._group_name: str | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -746,7 +737,7 @@ class SGLangTransport(Transport):
         # unique per connection: a long-lived server keeps the groups of earlier runs (a trainer that
         # crashed never destroyed its own) and refuses a name it already has
         name = f"{self.group_prefix}-pp{ctx.stage}-{secrets.token_hex(4)}"
-        port = _free_port() if self.master_port is None or self._generation else self.master_port + ctx.stage
+        port = free_port("") if self.master_port is None else self.master_port + ctx.stage  # store: every interface
         offsets = [1 + sum(self._ranks[:i]) for i in range(len(self.urls))]
         payloads = [{"master_address": addr, "master_port": port, "rank_offset": off, "world_size": world,
                      "group_name": name, "backend": self.backend} for off in offsets]
@@ -858,7 +849,7 @@ class SGLangTransport(Transport):
         self._release([u for u in keep if u in self.urls], end_session=True)
         self.urls = keep
         self._ranks = []
-        self._generation += 1
+        self.master_port = None  # the old group's store may still hold its port: a rebuilt group takes a free one
 
     def _release(self, urls: Sequence[str], *, end_session: bool = False) -> None:
         name, self._group_name = self._group_name, None
