@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import tempfile
 from collections import deque
 from dataclasses import dataclass
@@ -315,3 +316,29 @@ def test_environment_check_sees_reads_and_edits():
     assert flagged("from os import getenv\nr = getenv('RANK')\n")
     assert not flagged("import os\nx = os.environ.get('SMD_FAULT_DRILL')\n")
     assert not flagged("env = {'RANK': '0'}\n")  # a child's environment built from scratch
+
+
+def test_launcher_helpers(monkeypatch):
+    """The helpers the environment check points to (``parallel/layout.py``) do what they say."""
+    from megatron_smd.parallel import layout
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    assert layout.env_rank() == 0 and not layout.launched_by_torchrun()
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    assert layout.env_rank() == 3 and layout.launched_by_torchrun()
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_PORT": "29500", "MASTER_ADDR": "h", "PATH": "/b"}
+    assert layout.clean_launcher_env(env) == {"MASTER_ADDR": "h", "PATH": "/b"}
+    with layout.one_process_env():
+        assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+        assert int(os.environ["MASTER_PORT"]) > 0
+    assert (layout.env_rank(), os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == (3, "4", "10.0.0.1")
+    assert "MASTER_PORT" not in os.environ and "LOCAL_RANK" not in os.environ
+    try:
+        with layout.one_process_env():
+            raise KeyError("x")
+    except KeyError:
+        pass
+    assert os.environ["RANK"] == "3" and "MASTER_PORT" not in os.environ

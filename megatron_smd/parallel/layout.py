@@ -4,7 +4,10 @@
 model and the sequence length with errors that name the numbers, and :meth:`~ParallelLayout.initialize`
 sets up ``torch.distributed`` (gloo on CPU, nccl on GPU) and Megatron's
 ``parallel_state.initialize_model_parallel``. Nothing else in the project reads ``WORLD_SIZE`` /
-``RANK`` or builds process groups: code that needs a rank or a group asks the layout.
+``RANK`` / ``LOCAL_RANK`` or builds process groups: code that needs a rank or a group asks the
+layout, and code that must know about the launcher before a layout exists uses this module's
+helpers (:func:`env_rank`, :func:`launched_by_torchrun`, :func:`clean_launcher_env`,
+:func:`one_process_env`; ``tests/test_structure.py`` checks this).
 
 Megatron's rank order is ``tp-cp-ep-dp-pp`` (TP fastest): with ``world=4, tp=2, pp=2`` ranks 0,1
 are stage 0 and ranks 2,3 are stage 1.
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -37,6 +42,49 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------- the launcher's environment
+#: What ``torchrun`` tells each process about its place in the job.
+LAUNCHER_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def env_rank() -> int:
+    """This process's global rank as the launcher set it (``RANK``; 0 when not launched by
+    ``torchrun``). For decisions taken before the layout is initialized (who creates a shared
+    directory); afterwards use :attr:`ParallelLayout.rank`."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one rank of a launcher's job (``WORLD_SIZE`` is set)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def clean_launcher_env(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of ``env`` for a child that runs its own launcher: without this process's rank
+    variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and rendezvous port (``MASTER_PORT``),
+    which the child's ``torchrun`` sets for its own ranks."""
+    return {k: v for k, v in env.items() if k not in (*LAUNCHER_RANK_VARS, "MASTER_PORT")}
+
+
+@contextmanager
+def one_process_env() -> Iterator[None]:
+    """Within the block, the environment of a one-rank job (``RANK=0``, ``WORLD_SIZE=1``, the
+    rendezvous at ``127.0.0.1`` on a free port), for a process group of this process alone; the
+    previous values are restored on leaving it (also on an error), so that later runs in the same
+    process do not mistake themselves for launcher ranks."""
+    keys = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @dataclass(frozen=True)
