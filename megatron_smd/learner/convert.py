@@ -32,7 +32,9 @@ hidden, ``F`` MLP width, ``Vp`` padded vocabulary, ``tp`` TP size; shapes are on
 
 :data:`RULES` is the single table; :func:`hf_to_megatron` (one rank's local state dict),
 :func:`iter_hf_from_local` (one gathered parameter -> HF tensors, for a streaming weight-sync
-resharder) and :func:`megatron_to_hf` (all ranks -> the HF dict) all read it. This module is pure
+resharder) and :func:`megatron_to_hf` (all ranks -> the HF dict) all read it, through
+:func:`resolve_rule` (a Megatron parameter name -> its rule and layer) and :func:`hf_names` (a rule
+-> its HF tensor names), which the weight sync's resharder uses too. This module is pure
 tensor code; :func:`load_hf_into_model` only copies into an already-built model.
 """
 
@@ -108,7 +110,9 @@ def _rules_for(arch: ModelArch) -> list[Rule]:
     return [r for r in RULES if arch.qkv_bias or not r.qwen2_only]
 
 
-def _hf_names(rule: Rule, arch: ModelArch, i: int | None = None) -> tuple[str, ...]:
+def hf_names(rule: Rule, arch: ModelArch, i: int | None = None) -> tuple[str, ...]:
+    """The HF tensor name(s) ``rule``'s Megatron parameter is made of, for global layer ``i``
+    (``output_layer.weight`` of a tied model is ``model.embed_tokens.weight``)."""
     if rule.mcore == "output_layer.weight" and arch.tie_word_embeddings:
         return ("model.embed_tokens.weight",)
     return tuple(n.format(i=i) for n in rule.hf)
@@ -211,8 +215,8 @@ def unshard_to_hf(rule: Rule, shards: Sequence[torch.Tensor], arch: ModelArch) -
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve(name: str, arch: ModelArch, pp_rank: int, pp_size: int) -> tuple[Rule, int | None]:
-    """Local Megatron name -> (rule, global layer index or None).
+def resolve_rule(name: str, arch: ModelArch, pp_rank: int, pp_size: int) -> tuple[Rule, int | None]:
+    """Stage-local Megatron parameter name -> (its rule in :data:`RULES`, global layer index or None).
 
     A leading ``module.`` (Megatron DDP / Float16Module wrappers) is ignored.
     """
@@ -260,7 +264,7 @@ def hf_to_megatron(hf_sd: Mapping[str, torch.Tensor], arch: ModelArch, tp_rank: 
             continue
         layers = [(l, pp_rank * n + l) for l in range(n)] if rule.scope == "layer" else [(None, None)]
         for local, glob in layers:
-            src = [hf_sd[h] for h in _hf_names(rule, arch, glob)]
+            src = [hf_sd[h] for h in hf_names(rule, arch, glob)]
             shards = shard_hf(rule, src, arch, tp_size, vocab_divisor)
             out[rule.mcore.format(l=local)] = shards[tp_rank]
     return out
@@ -283,11 +287,10 @@ def iter_hf_from_local(name: str, tp_shards: Sequence[torch.Tensor] | torch.Tens
     """
     if isinstance(tp_shards, torch.Tensor):
         tp_shards = [tp_shards]
-    rule, glob = _resolve(name, arch, pp_rank, pp_size)
+    rule, glob = resolve_rule(name, arch, pp_rank, pp_size)
     if rule.mcore == "output_layer.weight" and arch.tie_word_embeddings:
         return
-    hf_names = _hf_names(rule, arch, glob)
-    for hf_name, t in zip(hf_names, unshard_to_hf(rule, tp_shards, arch)):
+    for hf_name, t in zip(hf_names(rule, arch, glob), unshard_to_hf(rule, tp_shards, arch)):
         yield hf_name, t
 
 

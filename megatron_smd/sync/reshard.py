@@ -66,7 +66,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from ..learner.convert import _hf_names, _resolve, local_param_names
+from ..learner.convert import hf_names, local_param_names, resolve_rule
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
 from . import bucket as _bucket
@@ -213,10 +213,10 @@ def hf_pieces(name: str, shards: list[torch.Tensor], arch: ModelArch, *, pp_rank
     (the tests compare the two byte for byte): copying every piece's source into its region of an
     empty ``hf_shape`` tensor gives that function's tensor, with one copy and no temporary.
     """
-    rule, glob = _resolve(name, arch, pp_rank, pp_size)
+    rule, glob = resolve_rule(name, arch, pp_rank, pp_size)
     if rule.mcore == "output_layer.weight" and arch.tie_word_embeddings:
         return []
-    names = _hf_names(rule, arch, glob)
+    names = hf_names(rule, arch, glob)
     tp, s0 = len(shards), shards[0]
     rest = tuple(s0.shape[1:])
     kind = rule.kind
