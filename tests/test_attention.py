@@ -1,4 +1,4 @@
-"""ShadowCoreAttention (megatron_smd/learner/attention.py) against an independent reference.
+"""ShadowCoreAttention (megatron_smd/learner/attention/) against an independent reference.
 
 The reference is written out here: for every (batch, query head) it builds the allowed set
 ``{(i, j): j <= i < evict[j]}`` with Python loops, takes ``softmax(q k^T * scale)`` over it with
@@ -446,6 +446,7 @@ def test_flex_compiles_a_handful_of_graphs_for_20_row_lengths(monkeypatch):
     bucketed lengths, so dynamo builds one graph per bucket (counted by a stand-in backend that
     runs each captured graph eagerly), and every output equals SDPA on the unpadded rows."""
     from megatron_smd.learner import attention as A
+    from megatron_smd.learner.attention import kernels  # where the compile switches live
 
     graphs = []
 
@@ -454,8 +455,8 @@ def test_flex_compiles_a_handful_of_graphs_for_20_row_lengths(monkeypatch):
         return gm.forward
 
     torch._dynamo.reset()
-    monkeypatch.setattr(A, "_COMPILED_FLEX", None)
-    monkeypatch.setattr(A, "FLEX_COMPILE_BACKEND", counting_backend)
+    monkeypatch.setattr(kernels, "_COMPILED_FLEX", None)
+    monkeypatch.setattr(kernels, "FLEX_COMPILE_BACKEND", counting_backend)
     gen = torch.Generator().manual_seed(21)
     lengths = torch.randperm(181, generator=gen)[:20].add(20).tolist()
     assert len(set(lengths)) == 20
@@ -542,3 +543,26 @@ def test_te_fallback_fp32_and_total_refusal():
 
     with pytest.raises(ConfigError, match=r"score_mod: .*2\.17.*bias: ValueError: No dot product.*arbitrary: ValueError"):
         te_select_form(run, cands, skipped)
+
+
+# ------------------------------------------------------------------------------------------------
+# package layout: the mask math and the kernels load without Megatron-Core
+# ------------------------------------------------------------------------------------------------
+
+
+def test_masks_and_kernels_import_without_megatron():
+    """A fresh interpreter importing the mask math, the kernels and the package has no ``megatron``
+    module loaded; ``ShadowCoreAttention`` (the Megatron module) loads it on first access."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import megatron_smd.learner.attention.masks, megatron_smd.learner.attention.kernels\n"
+        "import megatron_smd.learner.attention as A\n"
+        "assert not [m for m in sys.modules if m == 'megatron' or m.startswith('megatron.')], sorted(sys.modules)\n"
+        "cls = A.ShadowCoreAttention\n"
+        "assert 'megatron.core' in sys.modules and cls.__module__ == 'megatron_smd.learner.attention.core'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
