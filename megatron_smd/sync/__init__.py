@@ -6,10 +6,13 @@ and packs buckets of ``sync.bucket_mb``; no rank ever holds the whole model. The
 
 =====================  ==========================================================================
 :mod:`.reshard`        :class:`Resharder` (TP gather, conversion straight into the bucket, memory
-                       accounting, per-phase timing), :func:`learner_logits` (probe forward)
+                       accounting, per-phase timing)
+:mod:`.pieces`         the conversion of one parameter's TP shards into HF tensors, as pieces to copy
+:mod:`.probe`          :func:`learner_logits` (the learner's probe forward)
 :mod:`.bucket`         :class:`Bucket`, SGLang's flattened wire layout, checksums, finiteness,
                        safetensors shards
-:mod:`.transports`     ``inprocess``, ``broadcast``, ``sglang``, ``disk`` behind :class:`Transport`
+:mod:`.transports`     ``inprocess``, ``broadcast``, ``sglang``, ``disk`` behind :class:`Transport`, one
+                       module each
 :mod:`.receiver`       :class:`BroadcastReceiver`: a reference engine receiving in another process
 :mod:`.staging`        engine side: stage in a shadow copy (kept across syncs), verify, commit atomically
 :mod:`.group`          the learner <-> engine weight-update process group
@@ -18,8 +21,9 @@ and packs buckets of ``sync.bucket_mb``; no rank ever holds the whole model. The
 """
 
 from .bucket import Bucket, all_finite, tensor_checksum
+from .probe import learner_logits
 from .receiver import BroadcastReceiver
-from .reshard import LiveBytes, PhaseTimer, Resharder, learner_logits, param_order
+from .reshard import LiveBytes, PhaseTimer, Resharder, param_order
 from .staging import CommitResult, Probe, ShadowBuffers, StagedUpdate, WeightSyncError, stage_from_disk
 from .transports import (BroadcastTransport, DiskTransport, InProcessTransport, SGLangTransport, Transport,
                          latest_snapshot)

@@ -13,8 +13,8 @@ Who does what (ranks in Megatron's ``tp-cp-ep-dp-pp`` order, one :class:`Paralle
   shards to HF tensors following the project's one conversion table (:data:`convert.RULES`: QKV
   de-interleaved per query group, ``[gate_r; up_r]`` rechunked, vocabulary padding trimmed, the tied
   last-stage copy of the embedding skipped) *straight into their destination*: every HF tensor is
-  a set of pieces (views of the shards) copied once into place, so the conversion is the packing
-  copy. Destinations, by mode:
+  a set of pieces (views of the shards, :func:`~megatron_smd.sync.pieces.hf_pieces`) copied once
+  into place, so the conversion is the packing copy. Destinations, by mode:
 
   - ``pack=True`` (wire transports): the bucket's slice of one packing buffer, in SGLang's
     flattened wire layout, so sending the bucket copies nothing more;
@@ -57,7 +57,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,20 +66,18 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from ..learner.convert import hf_names, local_param_names, resolve_rule
+from ..learner.convert import local_param_names
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
 from . import bucket as _bucket
 from .bucket import Bucket, all_finite, empty_bytes, tensor_checksum
+from .pieces import Piece, hf_pieces, write_pieces
+from .probe import learner_logits, unwrap_model
+
+__all__ = ["LiveBytes", "PhaseTimer", "Piece", "ReshardStats", "Resharder", "Sink", "hf_pieces", "learner_logits",
+           "param_order", "unwrap_model", "write_pieces"]
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside Megatron's DDP / Float16Module wrappers (``.module`` chains)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
 
 
 def param_order(arch: ModelArch, pp_rank: int, pp_size: int) -> list[str]:
@@ -184,98 +182,6 @@ class Sink(Protocol):
     def slot(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None: ...
 
     def put(self, name: str, t: torch.Tensor, checksum: int | None) -> None: ...
-
-
-#: One piece of an HF tensor: ``(region, source)``; ``region(dest)`` is the view of the destination
-#: that ``source`` (a view of one shard) fills, or None for the whole destination.
-Piece = tuple[Callable[[torch.Tensor], torch.Tensor] | None, torch.Tensor]
-
-
-def _concat_rows(shards: list[torch.Tensor], start: int, length: int) -> list[tuple[int, torch.Tensor]]:
-    """Rows ``[start, start + length)`` of ``cat(shards, 0)`` as ``(offset in the range, shard view)``."""
-    out, base = [], 0
-    for s in shards:
-        n = s.shape[0]
-        lo, hi = max(start, base), min(start + length, base + n)
-        if lo < hi:
-            out.append((lo - start, s[lo - base:hi - base]))
-        base += n
-    return out
-
-
-def hf_pieces(name: str, shards: list[torch.Tensor], arch: ModelArch, *, pp_rank: int,
-              pp_size: int) -> list[tuple[str, tuple[int, ...], list[Piece]]]:
-    """One Megatron parameter's TP shards (rank order) -> its HF tensors as pieces to copy.
-
-    Returns ``[(hf_name, hf_shape, pieces)]`` in the order of
-    :func:`megatron_smd.learner.convert.iter_hf_from_local`, which this mirrors rule by rule
-    (``replicated``, ``row``, ``vocab``, ``qkv`` / ``qkv_bias``, ``gate_up``), with the same result
-    (the tests compare the two byte for byte): copying every piece's source into its region of an
-    empty ``hf_shape`` tensor gives that function's tensor, with one copy and no temporary.
-    """
-    rule, glob = resolve_rule(name, arch, pp_rank, pp_size)
-    if rule.mcore == "output_layer.weight" and arch.tie_word_embeddings:
-        return []
-    names = hf_names(rule, arch, glob)
-    tp, s0 = len(shards), shards[0]
-    rest = tuple(s0.shape[1:])
-    kind = rule.kind
-    if kind == "replicated":
-        return [(names[0], tuple(s0.shape), [(None, s0)])]
-    if kind == "row":
-        if tp == 1:
-            return [(names[0], tuple(s0.shape), [(None, s0)])]
-        w = s0.shape[1]
-        return [(names[0], (s0.shape[0], w * tp, *s0.shape[2:]),
-                 [(lambda d, a=r * w, b=(r + 1) * w: d[:, a:b], s) for r, s in enumerate(shards)])]
-    if kind == "vocab":
-        v = arch.vocab_size
-        return [(names[0], (v, *rest), [((None if off == 0 and len(src) == v else
-                                          (lambda d, a=off, n=len(src): d[a:a + n])), src)
-                                        for off, src in _concat_rows(shards, 0, v)])]
-    if kind in ("qkv", "qkv_bias"):
-        ng, hn = arch.num_kv_heads, arch.head_dim
-        qpg = arch.num_heads // ng
-        G = (qpg + 2) * hn  # rows of one query group in the interleaved layout
-        parts = [(names[0], qpg * hn, 0), (names[1], hn, qpg * hn), (names[2], hn, (qpg + 1) * hn)]
-        out = []
-        if ng % tp == 0 and all(s.shape[0] == ng // tp * G for s in shards):  # whole groups per rank
-            gr = ng // tp
-            for hf_name, rows, at in parts:
-                pieces: list[Piece] = []
-                for r, s in enumerate(shards):
-                    src = s.view(gr, G, *rest)[:, at:at + rows]
-                    if tp == 1:
-                        pieces.append((lambda d, rows=rows: d.view(ng, rows, *rest), src))
-                    else:
-                        pieces.append((lambda d, rows=rows, a=r * gr: d.view(ng, rows, *rest)[a:a + gr], src))
-                out.append((hf_name, (ng * rows, *rest), pieces))
-            return out
-        for hf_name, rows, at in parts:  # groups split across ranks (ng < tp): row ranges
-            pieces = []
-            for g in range(ng):
-                for off, src in _concat_rows(shards, g * G + at, rows):
-                    pieces.append((lambda d, a=g * rows + off, n=len(src): d[a:a + n], src))
-            out.append((hf_name, (ng * rows, *rest), pieces))
-        return out
-    if kind == "gate_up":
-        f = s0.shape[0] // 2
-        out = []
-        for i, hf_name in enumerate(names):
-            if tp == 1:
-                out.append((hf_name, (f, *rest), [(None, s0[i * f:(i + 1) * f])]))
-            else:
-                out.append((hf_name, (f * tp, *rest),
-                            [(lambda d, a=r * f: d[a:a + f], s[i * f:(i + 1) * f]) for r, s in enumerate(shards)]))
-        return out
-    raise AssertionError(kind)
-
-
-def write_pieces(dest: torch.Tensor, pieces: list[Piece]) -> torch.Tensor:
-    """Copy every piece into its region of ``dest`` (casting to ``dest``'s dtype); returns ``dest``."""
-    for region, src in pieces:
-        (dest if region is None else region(dest)).copy_(src)
-    return dest
 
 
 def _splits(t: torch.Tensor) -> bool:
@@ -650,63 +556,3 @@ def _numel(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
-
-
-# ------------------------------------------------------------------------------------------- probe
-@torch.no_grad()
-def learner_logits(model: torch.nn.Module, layout: ParallelLayout, arch: ModelArch,
-                   tokens: torch.Tensor) -> torch.Tensor | None:
-    """The learner's full-vocabulary logits ``[B, T, V]`` (fp32) on global rank 0; None elsewhere.
-
-    A plain pipelined forward of the ``dp_rank 0 / cp_rank 0`` replica (causal attention,
-    positions ``0..T-1``): stage ``p`` receives the hidden states ``[T, B, D]`` from stage ``p-1``
-    over the pipeline group, the last stage all-gathers its vocabulary shards ``[B, T, Vp/tp]``
-    over TP and trims the padding, and its ``tp_rank 0`` sends the result to global rank 0. Every
-    rank of the world may call it (non-participants return at once); every participant must.
-    Needs ``cp == 1`` and no sequence parallelism (a probe is a few short rows).
-    """
-    if layout.cp != 1:
-        raise ValueError("learner_logits: context parallelism splits the sequence; run the probe with cp=1 "
-                         "(or verify by checksums)")
-    if not (layout.dp_rank == 0 and layout.cp_rank == 0):
-        return None
-    m = unwrap_model(model)
-    if getattr(m.config, "sequence_parallel", False):
-        raise ValueError("learner_logits: sequence parallelism is not supported by the probe forward")
-    was_training = m.training
-    m.eval()
-    try:
-        B, T = tokens.shape
-        p = next(m.parameters())
-        dev = p.device
-        tok = tokens.to(dev)
-        pos = torch.arange(T, device=dev).expand(B, T).contiguous()
-        pp, stage = layout.pp, layout.pp_rank
-        if stage > 0:
-            h = torch.empty(T, B, arch.hidden_size, dtype=m.config.params_dtype, device=dev)
-            dist.recv(h, group=layout.pp_group, group_src=stage - 1)
-            m.set_input_tensor(h)
-        out = m(tok, pos, None)
-        if stage < pp - 1:
-            dist.send(out.contiguous(), group=layout.pp_group, group_dst=stage + 1)
-            if stage > 0 or layout.tp_rank != 0:
-                return None
-            full = torch.empty(B, T, arch.vocab_size, dtype=torch.float32, device=dev)
-            dist.recv(full, group=layout.pp_group, group_src=pp - 1)
-            return full.cpu()
-        shard = out.float().contiguous()  # [B, T, Vp/tp]
-        if layout.tp > 1:
-            parts = [torch.empty_like(shard) for _ in range(layout.tp)]
-            dist.all_gather(parts, shard, group=layout.tp_group)
-            shard = torch.cat(parts, dim=-1)
-        full = shard[..., :arch.vocab_size].contiguous()
-        if layout.tp_rank != 0:
-            return None
-        if pp > 1:
-            dist.send(full, group=layout.pp_group, group_dst=0)
-            return None
-        return full.cpu()
-    finally:
-        if layout.pp > 1 and layout.pp_rank > 0:
-            m.set_input_tensor(None)
-        m.train(was_training)

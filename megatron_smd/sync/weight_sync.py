@@ -6,7 +6,7 @@
 What :meth:`WeightSync.sync` does, on every rank of the learner world:
 
 1. optionally computes the learner's logits on a probe batch (``probe_tokens``; a collective
-   forward of the ``dp 0 / cp 0`` replica, see :func:`~megatron_smd.sync.reshard.learner_logits`);
+   forward of the ``dp 0 / cp 0`` replica, see :func:`~megatron_smd.sync.probe.learner_logits`);
 2. streams the weights: the :class:`~megatron_smd.sync.reshard.Resharder` of each stage converts
    them on the stage's sender straight into the bucket (or, in process, into the engine's staging),
    checking each tensor for non-finite values (and taking its checksum) right after writing it, and
@@ -40,7 +40,8 @@ import torch.distributed as dist
 
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
-from .reshard import LiveBytes, PhaseTimer, Resharder, learner_logits, unwrap_model
+from .probe import learner_logits, unwrap_model
+from .reshard import LiveBytes, PhaseTimer, Resharder
 from .staging import CommitResult, Probe, WeightSyncError
 from .transports import (BroadcastTransport, DiskTransport, InProcessTransport, SenderContext, SGLangTransport,
                          Transport)

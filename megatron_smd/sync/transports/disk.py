@@ -1,0 +1,200 @@
+"""``disk``: safetensors shards and an index, published atomically, then the engine reloads
+(see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ..bucket import CHECKSUM_ALGORITHM, Bucket, fsync_dir, write_safetensors
+from ..staging import CommitResult, WeightSyncError, stage_from_disk
+from .base import SenderContext, Transport, result_from_error
+from .sglang import post_sglang
+
+
+def latest_snapshot(root: str | os.PathLike) -> Path | None:
+    """The newest complete snapshot under a ``disk`` transport root (``LATEST``), or None."""
+    p = Path(root) / "LATEST"
+    if not p.is_file():
+        return None
+    snap = Path(root) / p.read_text().strip()
+    return snap if (snap / "model.safetensors.index.json").is_file() else None
+
+
+class DiskTransport(Transport):
+    """Safetensors shards + index, written atomically, then the engine reloads.
+
+    Args:
+        root: the directory (``sync.dir``), visible to every sender and to the engine.
+        engine: a ReferenceEngine on the coordinator to reload into (staged and verified), or None.
+        sglang_urls: SGLang servers to tell ``/update_weights_from_disk`` (they must see ``root``).
+        keep: complete snapshots to keep (older ones are deleted after a successful sync, in the
+            background: :meth:`wait` waits for that).
+    """
+
+    name = "disk"
+
+    def __init__(self, root: str | os.PathLike, *, engine=None, sglang_urls: Sequence[str] = (), keep: int = 2,
+                 timeout_s: float = 600.0):
+        self.root = Path(root)
+        self.engine, self.sglang_urls, self.keep, self.timeout_s = engine, list(sglang_urls), max(1, keep), timeout_s
+        self._files: list[dict] = []
+        self._fsyncs: list[_Fsync] = []
+        self._pruning: threading.Thread | None = None
+
+    def packs(self, ctx: SenderContext) -> bool:
+        return False  # a shard is written tensor by tensor, mostly straight from the parameters
+
+    @staticmethod
+    def snapshot_name(version: int) -> str:
+        return f"v{version:08d}"
+
+    def _partial(self, version: int) -> Path:
+        return self.root / f".{self.snapshot_name(version)}.partial"
+
+    def wait(self) -> None:
+        """Wait for the background deletion of snapshots older than ``keep`` (the next sync, and
+        :meth:`close`, wait for it too)."""
+        if self._pruning is not None:
+            self._pruning.join()
+            self._pruning = None
+
+    def close(self) -> None:
+        self.wait()
+
+    def begin(self, ctx: SenderContext) -> None:
+        self.wait()
+        self._files, self._fsyncs = [], []
+        part = self._partial(ctx.version)
+        if ctx.coordinator:
+            shutil.rmtree(part, ignore_errors=True)  # a leftover of an earlier failed attempt
+            part.mkdir(parents=True)
+        if ctx.num_stages > 1:
+            dist.barrier(group=ctx.senders_group)  # the directory exists before anyone writes
+
+    def send(self, ctx: SenderContext, bucket: Bucket) -> None:
+        fname = f"model-pp{ctx.stage:02d}-{bucket.index:05d}.safetensors"
+        path = self._partial(ctx.version) / fname
+        with ctx.phases("write"):
+            write_safetensors(path, bucket, {"format": "pt", "smd_sync_version": str(ctx.version)}, fsync=False)
+        # made durable in the background while the next shard is converted and written; finish()
+        # waits for every shard before anything is published
+        self._fsyncs.append(_Fsync(path))
+        self._files.append({"file": fname, "names": list(bucket.names), "nbytes": bucket.nbytes,
+                            "checksums": bucket.checksums})
+
+    def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
+        with ctx.phases("fsync"):  # what is left of the shards' fsyncs
+            for t in self._fsyncs:
+                t.join()
+        bad = [t.error for t in self._fsyncs if t.error]
+        self._fsyncs = []
+        if bad and not failed:
+            failed = "; ".join(bad)
+        mine = {"stage": ctx.stage, "failed": failed, "files": self._files}
+        if ctx.num_stages > 1:
+            got = [None] * ctx.num_stages if ctx.coordinator else None
+            dist.gather_object(mine, got, group=ctx.senders_group, group_dst=0)
+        else:
+            got = [mine]
+        if not ctx.coordinator:
+            return None
+        errs = [f"stage {g['stage']}: {g['failed']}" for g in got if g["failed"]]
+        if errs:
+            return CommitResult(ok=False, version=ctx.version, receiver=self.name,
+                                message="not written: " + "; ".join(errs))
+        with ctx.phases("publish"):
+            snap = self._publish(ctx, got)
+        return self._reload(ctx, snap)
+
+    def _publish(self, ctx: SenderContext, got: list[dict]) -> Path:
+        part = self._partial(ctx.version)
+        weight_map, sums, total = {}, {}, 0
+        for g in got:
+            for f in g["files"]:
+                total += f["nbytes"]
+                for i, name in enumerate(f["names"]):
+                    weight_map[name] = f["file"]
+                    if f["checksums"] is not None:
+                        sums[name] = str(f["checksums"][i])
+        index = {"metadata": {"total_size": total, "smd_sync_version": ctx.version, "smd_checksums": sums,
+                              "smd_checksum_algorithm": CHECKSUM_ALGORITHM},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (part / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+        (part / "config.json").write_text(json.dumps(ctx.arch.to_hf_config(), indent=2) + "\n")
+        for name in ("model.safetensors.index.json", "config.json"):
+            with open(part / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(part)
+        final = self.root / self.snapshot_name(ctx.version)
+        if final.exists():  # re-sync of the same version: replace it
+            old = self.root / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        part.rename(final)
+        tmp = self.root / ".LATEST.tmp"
+        tmp.write_text(final.name + "\n")
+        os.replace(tmp, self.root / "LATEST")
+        fsync_dir(self.root)
+        return final
+
+    def _prune(self, keep_name: str) -> None:
+        snaps = sorted(p for p in self.root.glob("v[0-9]*") if p.is_dir())
+        for p in snaps[:-self.keep]:
+            if p.name != keep_name:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _reload(self, ctx: SenderContext, snap: Path) -> CommitResult:
+        if self.engine is not None:
+            st = stage_from_disk(self.engine, snap, version=ctx.version, verify_checksums=ctx.verify)
+            try:
+                res = st.commit(ctx.probe)
+            except WeightSyncError as e:
+                return result_from_error(ctx.version, e, self.name)
+        elif self.sglang_urls:
+            msgs = []
+            for url in self.sglang_urls:
+                ok, msg = post_sglang(url, "/update_weights_from_disk",
+                                {"model_path": str(snap.resolve()), "weight_version": str(ctx.version)}, self.timeout_s)
+                if not ok:
+                    return CommitResult(ok=False, version=ctx.version, receiver=self.name, engine_state="partial",
+                                        message=f"{url}/update_weights_from_disk: {msg} (SGLang rolls back to its "
+                                                f"previous weights when loading fails; servers before {url} in the "
+                                                f"list took the new ones)")
+                msgs.append(msg)
+            res = CommitResult(ok=True, version=ctx.version, message="; ".join(msgs), receiver="sglang")
+        else:
+            res = CommitResult(ok=True, version=ctx.version, message=f"written to {snap} (no engine attached)",
+                               receiver=self.name)
+        res.message = f"{res.message} [{snap}]"
+        # older snapshots are deleted in the background (the trainer's next step runs meanwhile)
+        self._pruning = threading.Thread(target=self._prune, args=(snap.name,), daemon=True,
+                                         name="smd-sync-prune")
+        self._pruning.start()
+        return res
+
+
+class _Fsync(threading.Thread):
+    """fsync one written shard in the background (the disk works while the sender converts)."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True, name=f"fsync {path.name}")
+        self.path, self.error = path, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self.error = f"fsync of {self.path} failed ({e})"

@@ -1,0 +1,128 @@
+"""``inprocess``: the reference engine in the coordinator's process (see the package docstring)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..bucket import Bucket, stage_bucket
+from ..group import recv_object, send_object
+from ..staging import CommitResult, ShadowBuffers, StagedUpdate, WeightSyncError
+from .base import SenderContext, Transport, result_from_error
+
+
+class InProcessTransport(Transport):
+    """The reference engine in the coordinator's process (the CPU default).
+
+    Args:
+        engine: the :class:`~megatron_smd.rollout.engine.ReferenceEngine`, on global rank 0 (the
+            coordinator); None on every other rank.
+        keep_buffers: keep the staging memory (one model's worth, in the engine's dtype) across
+            syncs, so that no sync after the first faults in fresh pages; False frees it after
+            every sync.
+    """
+
+    name = "inprocess"
+
+    def __init__(self, engine=None, *, keep_buffers: bool = True):
+        self.engine = engine
+        self.keep_buffers = keep_buffers
+        self.buffers = ShadowBuffers()
+        self.staging: StagedUpdate | None = None
+        self._sent = 0
+        self._sinking = False  # this sync's own tensors reach the staging through the sink
+
+    def packs(self, ctx: SenderContext) -> bool:
+        return not ctx.coordinator  # the coordinator's own tensors go straight into the staging (sink)
+
+    def sink(self, ctx: SenderContext):
+        if not ctx.coordinator or self.staging is None:
+            return None
+        self._sinking = True
+        return _StagingSink(self.staging, self.buffers)
+
+    def begin(self, ctx: SenderContext) -> None:
+        self._sent, self._sinking = 0, False
+        if ctx.coordinator:
+            if self.engine is None:
+                raise WeightSyncError("inprocess transport: no engine on the coordinator (global rank 0)", "unknown")
+            self.staging = StagedUpdate(self.engine, ctx.version, verify_checksums=ctx.verify)
+
+    def send(self, ctx: SenderContext, bucket: Bucket) -> None:
+        if ctx.coordinator:
+            if not self._sinking:  # a resharder that was not given the sink: stage the bucket here
+                sums = bucket.checksums or [None] * len(bucket)
+                for name, t, cs in zip(bucket.names, bucket.tensors, sums):
+                    self.staging.add(name, t, cs, copy=True)
+            return  # else the sink staged every tensor as it was written
+        flat = bucket.flatten()
+        send_object({"op": "bucket", "version": ctx.version, **bucket.header()}, 0, ctx.senders_group)
+        dist.send(flat, group=ctx.senders_group, group_dst=0)
+        self._sent += 1
+
+    def _drain_stage(self, stage: int, ctx: SenderContext) -> None:
+        """Receive stage ``stage``'s messages until its end marker, staging them."""
+        st, g, n = self.staging, ctx.senders_group, 0
+        while True:
+            hdr = recv_object(stage, g)
+            if hdr["op"] == "bucket":
+                flat = self.buffers.recv((stage, n), hdr["nbytes"], torch.device("cpu"))
+                t0 = time.perf_counter()
+                dist.recv(flat, group=g, group_src=stage)
+                ctx.phases.add("recv", time.perf_counter() - t0)
+                n += 1
+                if hdr["version"] != ctx.version:
+                    st.problem(f"stage {stage} sent a bucket of version {hdr['version']}")
+                    continue
+                with ctx.phases("stage"):
+                    stage_bucket(st, flat, hdr, stage)
+            elif hdr["op"] == "end":
+                if hdr["buckets"] != n:
+                    st.problem(f"stage {stage} announced {hdr['buckets']} buckets, {n} arrived")
+                return
+            else:  # abort
+                st.problem(f"stage {stage} sender failed: {hdr['reason']}")
+                return
+
+    def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
+        if not ctx.coordinator:
+            msg = {"op": "abort", "reason": failed} if failed else {"op": "end", "buckets": self._sent}
+            send_object(msg, 0, ctx.senders_group)
+            return None
+        st = self.staging
+        if st is None:  # begin itself failed
+            return CommitResult(ok=False, version=ctx.version, message=failed or "not started", receiver=self.name)
+        if failed:
+            st.problem(f"stage 0 sender failed: {failed}")
+        for stage in range(1, ctx.num_stages):
+            self._drain_stage(stage, ctx)
+        try:
+            return st.commit(ctx.probe)
+        except WeightSyncError as e:
+            return result_from_error(ctx.version, e, self.name)
+        finally:
+            st.discard()
+            self.staging = None
+            if not self.keep_buffers:
+                self.buffers.clear()
+
+
+class _StagingSink:
+    """The in-process engine's staging as a resharder sink: each HF tensor is converted into its
+    kept slot (when the engine has that tensor, in that shape and dtype) and staged right away."""
+
+    def __init__(self, staging: StagedUpdate, buffers: ShadowBuffers):
+        self.staging, self.buffers = staging, buffers
+
+    def slot(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor | None:
+        st = self.staging
+        p = st._params.get(name)
+        if (p is None or name in st._staged or tuple(p.shape) != tuple(shape) or p.dtype != dtype
+                or (name == "lm_head.weight" and st.engine.arch.tie_word_embeddings)):
+            return None  # the staging casts, refuses or ignores the tensor in add()
+        return self.buffers.slot(name, shape, dtype, p.device)
+
+    def put(self, name: str, t: torch.Tensor, checksum: int | None) -> None:
+        self.staging.add(name, t, checksum, copy=False)
