@@ -87,17 +87,6 @@ def one_process_env() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def launched() -> bool:
-    """Whether a launcher (``torchrun``) started this process as one of a job: ``WORLD_SIZE`` is set."""
-    return "WORLD_SIZE" in os.environ
-
-
-def launcher_rank() -> int:
-    """This process's global rank as the launcher set it (``RANK``; 0 when not launched), readable
-    before any process group exists."""
-    return int(os.environ.get("RANK", "0"))
-
-
 @dataclass(frozen=True)
 class ParallelLayout:
     """Degrees of parallelism of the learner.
