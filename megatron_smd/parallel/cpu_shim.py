@@ -6,9 +6,13 @@ creates side streams, and hard-codes ``device="cuda"`` in a few bookkeeping tens
 calls redirected, the whole of GPTModel / TP / PP / the 1F1B schedule / DDP / the distributed
 optimizer runs on CPU over gloo, which is what lets the parallel layouts be tested on a laptop.
 
-:func:`apply` installs the stubs below. It is idempotent and does nothing when CUDA is available
-(``torch.cuda.is_available()``), so GPU runs never see it. Call it before building a model; the
-layout (:meth:`megatron_smd.parallel.layout.ParallelLayout.initialize`) does.
+:func:`apply` installs the stubs below and :func:`undo` removes them again: every patched
+attribute is recorded as it was (including "not set on this class", e.g. ``torch.Tensor.cuda``,
+which ``Tensor`` inherits from its C base) and put back exactly; ``with active(): ...`` does both
+around a block. :func:`apply` is idempotent (a second call changes nothing) and does nothing when
+CUDA is available (``torch.cuda.is_available()``), so GPU runs never see it. Call it before
+building a model; the layout (:meth:`megatron_smd.parallel.layout.ParallelLayout.initialize`)
+does, for the life of the process.
 
 Stub -> the Megatron code (``megatron/core/...``, 0.16.1) it stands in for
 ------------------------------------------------------------------------------
@@ -32,10 +36,17 @@ Global ``torch.cuda`` entries (harmless on a CPU-only build, where the originals
   ``model_parallel_cuda_manual_seed`` (the dropout RNG tracker; ``fork`` swaps the CPU generator's
   state in and out exactly as it would the GPU's). Side effect: ``model_parallel_cuda_manual_seed
   (seed)`` (called by ``ParallelLayout.initialize``) seeds the CPU generator, as it would the GPU's.
-* ``torch.Tensor.cuda`` -> returns the tensor unchanged:
+* ``torch.Tensor.cuda`` -> returns the tensor unchanged, but only when the caller is
+  megatron-core's own code (the module of the calling frame is ``megatron.core`` or below it):
   ``models/common/language_module/language_module.py:LanguageModule.setup_embeddings_and_output_layer``
   (``weight.data.cuda()`` before the tied-embedding all-reduce under PP > 1),
-  ``optimizer/distrib_optimizer.py:DistributedOptimizer`` checkpoint exchange.
+  ``optimizer/distrib_optimizer.py:DistributedOptimizer.get_parameter_state_dp_zero`` (checkpoint
+  exchange), ``tensor_parallel/data.py:broadcast_data``, ``optimizer/optimizer.py:
+  Float16OptimizerWithFloat16Params.restore_from_cpu``, ``optimizer/grad_scaler.py:
+  DynamicGradScaler.load_state_dict``, ``utils.py:check_param_hashes_across_dp_replicas``. A
+  ``.cuda()`` from anywhere else (this project's code included) raises a ``RuntimeError`` naming
+  the caller, as it would fail without the shim: code outside megatron-core places tensors with
+  ``.to(device)`` (``ParallelLayout.device``), never by assuming a GPU.
 
 Module-scoped stand-ins (only the named module sees them):
 
@@ -69,13 +80,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 _APPLIED = False
+_MISSING = object()  # "the owner had no attribute of this name in its own __dict__"
+#: What :func:`apply` changed, in order: ``(owner, name, previous value in vars(owner) or _MISSING)``.
+_PATCHED: list[tuple[Any, str, Any]] = []
+#: Callers (module ``__name__``) whose ``Tensor.cuda()`` the shim answers with the tensor itself.
+_CUDA_CALLER_PACKAGE = "megatron.core"
 
 # Megatron modules that hard-code device="cuda" in tensor factories.
 _CUDA_DEVICE_MODULES = (
@@ -98,6 +115,11 @@ def is_needed() -> bool:
 
 def is_applied() -> bool:
     return _APPLIED
+
+
+def patched_attributes() -> list[tuple[Any, str]]:
+    """``(owner, name)`` of every attribute the active shim replaced (empty when not applied)."""
+    return [(owner, name) for owner, name, _ in _PATCHED]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,20 +234,45 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        prev = torch.Tensor.type
+        prev = vars(torch.Tensor).get("type", _MISSING)  # normally inherited from the C base class
         torch.Tensor.type = _cuda_named_type
         try:
             return fn(*args, **kwargs)
         finally:
-            torch.Tensor.type = prev
+            if prev is _MISSING:
+                del torch.Tensor.type
+            else:
+                torch.Tensor.type = prev
 
     wrapper._smd_cpu_shim = True  # type: ignore[attr-defined]
     return wrapper
 
 
+def _tensor_cuda(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``Tensor.cuda`` for megatron-core's own calls (the tensor stays where it is); any other
+    caller gets an error naming it, since there is no CUDA device to move to."""
+    frame = sys._getframe(1)
+    module = frame.f_globals.get("__name__") or "?"
+    if module == _CUDA_CALLER_PACKAGE or module.startswith(_CUDA_CALLER_PACKAGE + "."):
+        return self
+    code = frame.f_code
+    raise RuntimeError(
+        f"Tensor.cuda() called from {module} ({code.co_filename}:{frame.f_lineno}, in {code.co_name}) on a "
+        "machine without CUDA. The CPU shim (megatron_smd.parallel.cpu_shim) keeps tensors on CPU only for "
+        f"{_CUDA_CALLER_PACKAGE}'s own .cuda() calls; place tensors with .to(device) (ParallelLayout.device)"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
-# apply
+# apply / undo
 # ----------------------------------------------------------------------------------------------
+
+
+def _patch(owner: Any, name: str, value: Any) -> None:
+    """``setattr(owner, name, value)``, remembering what ``vars(owner)`` held for :func:`undo`."""
+    if not any(o is owner and n == name for o, n, _ in _PATCHED):
+        _PATCHED.append((owner, name, vars(owner).get(name, _MISSING)))
+    setattr(owner, name, value)
 
 
 def apply() -> bool:
@@ -236,41 +283,84 @@ def apply() -> bool:
     if not is_needed():
         return False
 
-    cuda = torch.cuda
-    cuda.current_device = lambda: "cpu"
-    cuda.synchronize = lambda device=None: None
-    cuda.Stream = _NullStream
-    cuda.stream = _stream_ctx
-    cuda.current_stream = lambda device=None: _NullStream()
-    cuda.default_stream = lambda device=None: _NullStream()
-    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-
+    # Import everything first: a failed import leaves nothing half-patched.
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.tensor_parallel import random as tp_random
 
-    tp_random._get_cuda_rng_state = _cpu_get_rng_state
-    tp_random._set_cuda_rng_state = _cpu_set_rng_state
+    device_modules = [importlib.import_module(name) for name in _CUDA_DEVICE_MODULES]
+    rope_modules = [importlib.import_module(f"megatron.core.models.common.embeddings.{name}")
+                    for name in ("rope_utils", "rotary_pos_embedding", "yarn_rotary_pos_embedding")]
 
-    proxy = _CpuTorchProxy()
-    for name in _CUDA_DEVICE_MODULES:
-        importlib.import_module(name).torch = proxy
+    try:
+        cuda = torch.cuda
+        _patch(cuda, "current_device", lambda: "cpu")
+        _patch(cuda, "synchronize", lambda device=None: None)
+        _patch(cuda, "Stream", _NullStream)
+        _patch(cuda, "stream", _stream_ctx)
+        _patch(cuda, "current_stream", lambda device=None: _NullStream())
+        _patch(cuda, "default_stream", lambda device=None: _NullStream())
+        _patch(cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state())
+        _patch(cuda, "set_rng_state", lambda new_state, device="cuda": torch.set_rng_state(new_state))
+        _patch(cuda, "manual_seed", lambda seed: torch.manual_seed(seed))
+        _patch(torch.Tensor, "cuda", _tensor_cuda)
 
-    for name in ("rope_utils", "rotary_pos_embedding", "yarn_rotary_pos_embedding"):
-        mod = importlib.import_module(f"megatron.core.models.common.embeddings.{name}")
-        mod.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
+        _patch(tp_random, "_get_cuda_rng_state", _cpu_get_rng_state)
+        _patch(tp_random, "_set_cuda_rng_state", _cpu_set_rng_state)
 
-    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+        proxy = _CpuTorchProxy()
+        for mod in device_modules:
+            _patch(mod, "torch", proxy)
+        for mod in rope_modules:
+            _patch(mod, "get_pos_emb_on_this_cp_rank", get_pos_emb_on_this_cp_rank)
 
-    optimizer.Float16OptimizerWithFloat16Params.__init__ = _with_cuda_type_names(
-        optimizer.Float16OptimizerWithFloat16Params.__init__)
-    dopt = distrib_optimizer.DistributedOptimizer
-    build = dopt.__dict__["_build_model_and_main_param_groups"]  # a classmethod object
-    dopt._build_model_and_main_param_groups = classmethod(_with_cuda_type_names(build.__func__))
-    wrapped_clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
-    clip_grads.clip_grad_by_total_norm_fp32 = wrapped_clip
-    optimizer.clip_grad_by_total_norm_fp32 = wrapped_clip
+        f16 = optimizer.Float16OptimizerWithFloat16Params
+        _patch(f16, "__init__", _with_cuda_type_names(vars(f16)["__init__"]))
+        dopt = distrib_optimizer.DistributedOptimizer
+        build = vars(dopt)["_build_model_and_main_param_groups"]  # a classmethod object
+        _patch(dopt, "_build_model_and_main_param_groups", classmethod(_with_cuda_type_names(build.__func__)))
+        wrapped_clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+        _patch(clip_grads, "clip_grad_by_total_norm_fp32", wrapped_clip)
+        _patch(optimizer, "clip_grad_by_total_norm_fp32", wrapped_clip)
+    except BaseException:
+        _restore()
+        raise
 
     _APPLIED = True
     return True
+
+
+def _restore() -> None:
+    """Put back every recorded attribute, newest first (an attribute absent from ``vars(owner)``
+    before is deleted again, so the inherited one shows through as it did)."""
+    while _PATCHED:
+        owner, name, previous = _PATCHED.pop()
+        if previous is _MISSING:
+            if name in vars(owner):
+                delattr(owner, name)
+        else:
+            setattr(owner, name, previous)
+
+
+def undo() -> bool:
+    """Remove the stand-ins :func:`apply` installed, restoring every patched attribute exactly
+    (the same objects). Returns True if the shim was active. Megatron objects built under the
+    shim keep the CPU tensors they were built with."""
+    global _APPLIED
+    if not _APPLIED:
+        return False
+    _restore()
+    _APPLIED = False
+    return True
+
+
+@contextlib.contextmanager
+def active() -> Iterator[bool]:
+    """``with active() as on:`` the shim is applied inside the block (``on``: whether it is active)
+    and undone on exit, unless it was already applied before the block (then it is left on)."""
+    was_applied = _APPLIED
+    on = apply()
+    try:
+        yield on
+    finally:
+        if on and not was_applied:
+            undo()
