@@ -1,9 +1,15 @@
 """Advantages, policy losses, correction modes and the SMD distillation term: pure tensor functions.
 
-Shapes: ``N`` trajectories, ``T`` padded positions. Per-token tensors are ``[N, T]`` aligned with the
-rollout's ``tokens`` (entry ``t`` is about ``tokens[t]`` given ``tokens[<t]``); ``mask [N, T]`` is
-True on completion tokens (the actions). Cross-rank reductions are *not* done here: every function
-returns local sums or means and the caller reduces (STYLE.md practice 3).
+Shapes: ``N`` trajectories, ``T`` padded positions. Per-token tensors are ``[N, T]``, all of one
+alignment (the trainer passes the learner's, :mod:`megatron_smd.learner.batch`: entry ``t`` is the
+prediction of ``tokens[t + 1]``); ``mask [N, T]`` is True on completion tokens (the actions).
+Cross-rank reductions are *not* done here: every function returns local sums or means and the
+caller reduces.
+
+The trainer's whole loss path is :func:`apply_correction` (once per rollout, before the update: the
+PPO ratio's old log-probs, the correction weights, Sparse-RL's rejection) and :func:`correction_loss`
+(per micro-batch: PPO-clip with those weights, the KL to the reference model, SMD's distillation),
+with :func:`minibatch_coefficients` normalising over a mini-batch split across micro-batches and ranks.
 
 Correction modes (DESIGN.md §4). Let ``lp`` be the learner's current log-prob (dense forward, or
 shadow-masked forward in ``smd``), ``lp_s`` the sampler's, ``lp_do`` the learner's *dense* log-prob
@@ -52,9 +58,14 @@ single-rank reference.
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import AlgorithmConfig
 
 Aggregation = Literal["token_mean", "seq_mean", "sum"]
 Direction = Literal["sparse_to_dense", "dense_to_sparse", "both"]
@@ -144,14 +155,20 @@ def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
     return loss, stats
 
 
-def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, kind: Literal["k1", "k3"] = "k3") -> torch.Tensor:
-    """Per-token estimate of ``KL(pi_theta || pi_ref)`` on tokens from (approximately) pi_theta."""
-    log_r = logp_ref - logp
+def kl_estimate(log_r: torch.Tensor, kind: Literal["k1", "k3"] = "k3") -> torch.Tensor:
+    """Per-token estimate of ``KL(p || q)`` on tokens drawn from ``p``, with ``log_r = log q - log p``:
+    ``k1 = -log r``, ``k3 = r - 1 - log r`` (Schulman's: unbiased, non-negative). The one estimator
+    behind :func:`kl_penalty`, :func:`distill_kl` and :func:`mismatch_metrics`."""
     if kind == "k1":
         return -log_r
     if kind == "k3":
         return torch.expm1(log_r) - log_r
     raise ValueError(f"unknown KL estimator {kind!r}")
+
+
+def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, kind: Literal["k1", "k3"] = "k3") -> torch.Tensor:
+    """Per-token estimate of ``KL(pi_theta || pi_ref)`` on tokens from (approximately) pi_theta."""
+    return kl_estimate(logp_ref - logp, kind)
 
 
 # ------------------------------------------------------------------------------------- corrections
@@ -176,11 +193,115 @@ def sparse_rl_filter(logp_dense_old: torch.Tensor, logp_sampler: torch.Tensor, m
     min_log_xi = torch.where(m, log_xi, torch.full_like(log_xi, big)).min(-1).values
     n = m.sum(-1).clamp(min=1)
     mean_log_xi = torch.where(m, log_xi, torch.zeros_like(log_xi)).sum(-1) / n
-    import math
-
     keep = (min_log_xi >= math.log(reject_min)) & (mean_log_xi.abs() <= math.log(reject_mean)) & m.any(-1)
     w = log_xi.exp().clamp(weight_min, weight_max) * (m & keep.unsqueeze(-1))
     return keep, w
+
+
+def learner_mode(correction: str) -> str:
+    """The learner forward a correction mode trains: ``shadow`` (the rollout's mask replayed) for
+    ``smd``, ``dense`` for every other mode."""
+    return "shadow" if correction == "smd" else "dense"
+
+
+@dataclass
+class Correction:
+    """A correction mode applied to one rollout (:func:`apply_correction`); ``[N, T]`` tensors.
+
+    Attributes:
+        lp_old: the PPO ratio's denominator.
+        weights: detached per-token weights of the PPO term (1 where the mode has none).
+        mask: the action tokens that train (Sparse-RL's rejected sequences removed).
+        stats: ``correction/*`` statistics.
+    """
+
+    lp_old: torch.Tensor
+    weights: torch.Tensor
+    mask: torch.Tensor
+    stats: dict = field(default_factory=dict)
+
+
+def apply_correction(alg: "AlgorithmConfig", *, lp_sampler: torch.Tensor, lp_dense_old: torch.Tensor,
+                     mask: torch.Tensor) -> Correction:
+    """The correction mode ``alg.correction`` (module docstring's table) before the update: which old
+    log-probs the PPO ratio uses, the TIS weights, Sparse-RL's rejection and reweighting. ``lp_dense_old``
+    is the learner's dense log-prob at the parameters that sampled (used by ``tis`` and
+    ``sparse_rl``). SMD's distillation term is per micro-batch, in :func:`correction_loss`."""
+    mode = alg.correction
+    weights = torch.ones_like(lp_sampler)
+    lp_old = lp_sampler
+    stats = {}
+    if mode == "tis":
+        lp_old, weights = lp_dense_old, truncated_is_weights(lp_dense_old, lp_sampler, alg.tis_cap)
+    elif mode == "sparse_rl":
+        sr = alg.sparse_rl
+        keep, weights = sparse_rl_filter(lp_dense_old, lp_sampler, mask, reject_min=sr.reject_min,
+                                         reject_mean=sr.reject_mean, weight_min=sr.weight_min,
+                                         weight_max=sr.weight_max)
+        lp_old, mask = lp_dense_old, mask & keep.view(-1, 1)
+        stats["correction/rejection_rate"] = 1.0 - float(keep.float().mean())
+    elif mode not in ("dense", "naive", "smd"):
+        raise ValueError(f"unknown correction mode {mode!r}")
+    if mode in ("tis", "sparse_rl"):
+        w = weights[mask]
+        stats["correction/weight_mean"] = float(w.mean()) if w.numel() else 0.0
+    return Correction(lp_old=lp_old, weights=weights, mask=mask, stats=stats)
+
+
+def distills(alg: "AlgorithmConfig") -> bool:
+    """Whether the update carries SMD's distillation term (then every micro-batch holds the shadow
+    and the dense forward of the same tokens)."""
+    return alg.correction == "smd" and alg.distill.coef > 0
+
+
+def correction_loss(alg: "AlgorithmConfig", lp: torch.Tensor, *, lp_old: torch.Tensor, adv: torch.Tensor,
+                    coef: torch.Tensor, weights: torch.Tensor, lp_ref: torch.Tensor | None = None,
+                    lp_dense: torch.Tensor | None = None, full_kl_per_token: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict, int]:
+    """One micro-batch's loss, a plain sum with the mini-batch's coefficients ``coef``
+    (:func:`minibatch_coefficients`; > 0 exactly on the action tokens):
+
+    PPO-clip of ``lp`` against ``lp_old`` with the correction ``weights``, plus ``alg.kl_coef`` times
+    the KL to the reference model (``lp_ref``, when given and ``kl_coef > 0``), plus, when
+    distilling (``lp_dense``: the dense forward of the same tokens), ``alg.distill.coef`` times the
+    distillation KL between ``lp`` (shadow) and ``lp_dense``; for ``estimator: full`` its per-token
+    value is ``full_kl_per_token`` (computed by the caller on the vocabulary-parallel logits).
+
+    Returns ``(loss, sums, action_tokens)``; ``sums`` holds this micro-batch's ``clip_count``,
+    ``action_tokens``, ``coef_sum`` and, when present, ``kl_ref_sum`` and ``distill_sum``.
+    """
+    c, m = coef, coef > 0
+    loss, st = ppo_clip_loss(lp, lp_old, adv, m, clip_low=alg.clip_low, clip_high=alg.clip_high,
+                             weights=c * weights, aggregation="sum")
+    sums = {"clip_count": st["clip_count"], "action_tokens": st["tokens"], "coef_sum": float(c.sum())}
+    if lp_ref is not None and alg.kl_coef > 0:
+        kl = ((kl_penalty(lp, lp_ref, alg.kl_estimator)) * c).sum()
+        sums["kl_ref_sum"] = float(kl.detach())
+        loss = loss + alg.kl_coef * kl
+    if lp_dense is not None:
+        d = alg.distill
+        if d.estimator == "full":
+            dk = (full_kl_per_token * c * m).sum()
+        else:
+            dk = distill_kl(lp, lp_dense, m, direction=d.direction, estimator=d.estimator, weights=c,
+                            aggregation="sum")
+        sums["distill_sum"] = float(dk.detach())
+        loss = loss + d.coef * dk
+    return loss, sums, int(m.sum())
+
+
+def minibatch_coefficients(mask: torch.Tensor, ids: list[int], how: str) -> torch.Tensor:
+    """Per-token loss coefficients ``[N, T]`` over the mini-batch ``ids`` (0 elsewhere), so that
+    their plain sum over any split of the mini-batch is its ``token_mean`` or ``seq_mean``."""
+    c = torch.zeros(mask.shape)
+    m = mask[ids].float()
+    if how == "token_mean":
+        c[ids] = m / m.sum().clamp(min=1.0)
+    else:  # seq_mean
+        n_tok = m.sum(-1, keepdim=True)
+        n_seq = (n_tok > 0).sum().clamp(min=1)
+        c[ids] = m / n_tok.clamp(min=1.0) / n_seq
+    return c
 
 
 # ------------------------------------------------------------------------------------- distillation
@@ -195,31 +316,47 @@ def distill_kl(lp_shadow: torch.Tensor, lp_dense: torch.Tensor, mask: torch.Tens
     model's temperature). ``weights [N, T]`` (detached) multiply the per-token term.
     """
     w = 1.0 if weights is None else weights.detach()
-    if direction == "sparse_to_dense":
-        s, d = lp_shadow.detach(), lp_dense
-    elif direction == "dense_to_sparse":
-        s, d = lp_shadow, lp_dense.detach()
-    elif direction == "both":
-        s, d = lp_shadow, lp_dense
-    else:
-        raise ValueError(f"unknown distillation direction {direction!r}")
+    s, d = detach_teacher(lp_shadow, lp_dense, direction)
     if estimator in ("k1", "k3"):
-        log_r = d - s  # log pi_dense / pi_shadow on tokens drawn from pi_shadow
-        per_tok = -log_r if estimator == "k1" else torch.expm1(log_r) - log_r
-        return aggregate(per_tok * w, mask, aggregation)
+        # log pi_dense / pi_shadow on tokens drawn from pi_shadow
+        return aggregate(kl_estimate(d - s, estimator) * w, mask, aggregation)
     if estimator != "full":
         raise ValueError(f"unknown distillation estimator {estimator!r}")
     if logits_shadow is None or logits_dense is None:
         raise ValueError("estimator 'full' needs logits_shadow and logits_dense [N, T, V]")
     ls, ld = torch.log_softmax(logits_shadow.float(), -1), torch.log_softmax(logits_dense.float(), -1)
-    if direction == "sparse_to_dense":  # teacher shadow: KL(shadow || dense)
-        t, st = ls.detach(), ld
-    elif direction == "dense_to_sparse":  # teacher dense: KL(dense || shadow)
-        t, st = ld.detach(), ls
-    else:  # symmetric pull: KL(shadow || dense), gradient to both
-        t, st = ls, ld
-    per_tok = (t.exp() * (t - st)).sum(-1)
-    return aggregate(per_tok * w, mask, aggregation)
+    t, st = teacher_student(ls, ld, direction)
+    return aggregate(full_kl(t, st) * w, mask, aggregation)
+
+
+DIRECTIONS = ("sparse_to_dense", "dense_to_sparse", "both")
+
+
+def detach_teacher(shadow: torch.Tensor, dense: torch.Tensor, direction: Direction
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(shadow, dense)`` with the side that only teaches detached (module docstring)."""
+    if direction == "sparse_to_dense":
+        return shadow.detach(), dense
+    if direction == "dense_to_sparse":
+        return shadow, dense.detach()
+    if direction == "both":
+        return shadow, dense
+    raise ValueError(f"unknown distillation direction {direction!r}")
+
+
+def teacher_student(shadow: torch.Tensor, dense: torch.Tensor, direction: Direction
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-vocabulary KL's ``(teacher, student)``: ``KL(shadow || dense)`` for
+    ``sparse_to_dense`` and ``both``, ``KL(dense || shadow)`` for ``dense_to_sparse``; the teacher
+    is detached except for ``both``."""
+    s, d = detach_teacher(shadow, dense, direction)
+    return (d, s) if direction == "dense_to_sparse" else (s, d)
+
+
+def full_kl(logp_teacher: torch.Tensor, logp_student: torch.Tensor) -> torch.Tensor:
+    """``sum_v p_teacher (log p_teacher - log p_student)`` over the last axis (log-softmaxed inputs;
+    under TP a rank's columns, summed over the group by the caller)."""
+    return (logp_teacher.exp() * (logp_teacher - logp_student)).sum(-1)
 
 
 # ------------------------------------------------------------------------------------- mismatch metrics
@@ -232,6 +369,6 @@ def mismatch_metrics(logp_learner: torch.Tensor, logp_sampler: torch.Tensor, mas
     return {
         "max_abs_logprob_diff": float(d.abs().max()),
         "mean_abs_logprob_diff": float(d.abs().mean()),
-        "kl_k1": float((-d).mean()),
-        "kl_k3": float((torch.expm1(d) - d).mean()),
+        "kl_k1": float(kl_estimate(d, "k1").mean()),
+        "kl_k3": float(kl_estimate(d, "k3").mean()),
     }

@@ -21,12 +21,15 @@ import torch.distributed as dist
 
 from .config import ExperimentConfig
 from .errors import SMDError
+from .learner.batch import TrainBatch
+from .learner.settings import learner_settings
+from .losses import minibatch_coefficients
 from .mask import never_evicted
-from .rollout.io import RolloutBatch
 
 
-def sft_batch(examples, tok, num_layers: int) -> RolloutBatch:
-    """prompt + answer + <eos> as a (dense-mask) batch; the answer part counts as the target."""
+def sft_batch(examples, tok, num_layers: int) -> TrainBatch:
+    """prompt + answer + <eos> as a (dense-mask) batch, no sampler; the answer part (the batch's
+    completion) is the target."""
     seqs, plens = [], []
     for e in examples:
         p = tok.encode(e.prompt)
@@ -40,15 +43,8 @@ def sft_batch(examples, tok, num_layers: int) -> RolloutBatch:
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = torch.tensor(s)
         evict[i, :, : len(s)] = never_evicted(num_layers, len(s))
-    return RolloutBatch(tokens=tokens, prompt_lens=torch.tensor(plens), seq_lens=torch.tensor([len(s) for s in seqs]),
-                        sampler_logprobs=torch.zeros(N, T), evict=evict,
-                        prompt_index=torch.arange(N), sample_index=torch.zeros(N, dtype=torch.int64), meta={})
-
-
-def _target_mask(batch: RolloutBatch) -> torch.Tensor:
-    T = batch.tokens.shape[1]
-    t = torch.arange(T).view(1, T)
-    return ((t >= batch.prompt_lens.view(-1, 1)) & (t < batch.seq_lens.view(-1, 1))).float()
+    return TrainBatch(tokens=tokens, prompt_lens=torch.tensor(plens), seq_lens=torch.tensor([len(s) for s in seqs]),
+                      evict=evict)
 
 
 def greedy_eval(model, task, tok, n: int, seed: int, max_new_tokens: int, policy=None) -> float:
@@ -69,7 +65,6 @@ def run_sft(cfg: ExperimentConfig, layout, model_dir: Path, out: Path, *, log=pr
     from .rollout.run import load_tokenizer
     from .config import check_runnable
     from .tasks import make_task
-    from .trainer import coefficients, learner_settings
 
     sc = cfg.sft
     check_runnable(cfg, "sft", model_dir)
@@ -88,9 +83,8 @@ def run_sft(cfg: ExperimentConfig, layout, model_dir: Path, out: Path, *, log=pr
         for g in learner.optimizer.param_groups:
             g["lr"] = lr
         batch = sft_batch(task.sample(sc.batch_size, seed=7_000_003 + step), tok, arch.num_layers)
-        mask = _target_mask(batch)
         ids = list(range(len(batch)))
-        coef = coefficients(mask.bool(), ids, "token_mean")
+        coef = minibatch_coefficients(batch.completion_mask, ids, "token_mean")
         mine = ids[layout.dp_rank::layout.dp]
         mbs = learner.microbatches(batch, mine, ["dense"], {"coef": coef})
         st = learner.step(mbs, lambda logp, mb: (-(logp * mb.extras["coef"]).sum(), int((mb.extras["coef"] > 0).sum())))

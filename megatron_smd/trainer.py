@@ -29,20 +29,36 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import yaml
 
 from .config import ExperimentConfig
-from .errors import SMDError
-from .losses import (distill_kl, group_advantages, kl_penalty, mismatch_metrics, ppo_clip_loss, sparse_rl_filter,
-                     truncated_is_weights)
+from .errors import ConfigError, SMDError
+from .learner.batch import TrainBatch, as_train_batch, from_trajectories
+from .learner.settings import learner_settings
+from .losses import (apply_correction, correction_loss, distills, group_advantages, learner_mode,
+                     minibatch_coefficients, mismatch_metrics)
 from .mask import kept_fraction
-from .parallel.vocab_parallel import vocab_parallel_distill_kl
 from .metrics import NullLogger, make_logger, mask_image
-from .rollout.faults import ServerFault, ServerFaults, set_drill_step
+from .parallel.layout import ParallelLayout, free_port, launched_by_torchrun
+from .rollout.drills import set_drill_step
+from .rollout.engine import RolloutStats
+from .rollout.engine_api import RemoteRolloutEngine, RolloutEngine
+from .rollout.faults import ServerFault, ServerFaults
 from .rollout.io import RolloutBatch
+from .rollout.run import ensure_model_once, rollout_policy  # noqa: F401  (ensure_model_once: smd sft too)
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from .learner.learner import Learner
+    from .model.tokenizer import CharTokenizer
+    from .rollout.engine import ReferenceEngine
+    from .sync import WeightSync
+    from .tasks import Task
 
 
 # ============================================================================================ loop
@@ -57,11 +73,11 @@ def train(cfg: ExperimentConfig, *, resume: str | None = "auto") -> dict:
             set_drill_step(step + 1)
             t = {}
             t0 = time.perf_counter()
-            batch = rollout(ctx, step)                                   # sample with eviction
+            ro = rollout(ctx, step)                                      # sample with eviction
             t["rollout"] = time.perf_counter() - t0
-            adv = advantages(ctx, batch)                                 # reward -> group-relative advantages
+            adv = advantages(ctx, ro.batch)                              # reward -> group-relative advantages
             t1 = time.perf_counter()
-            stats = learn(ctx, batch, adv, step)                         # PPO/GRPO update on the learner
+            stats = learn(ctx, ro.batch, adv, step)                      # PPO/GRPO update on the learner
             t["learn"] = time.perf_counter() - t1
             t2 = time.perf_counter()
             stats.update(sync_weights(ctx, step + 1))                    # learner shards -> rollout engine
@@ -69,7 +85,7 @@ def train(cfg: ExperimentConfig, *, resume: str | None = "auto") -> dict:
             last = step + 1 == cfg.train.steps
             if last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0):
                 stats.update(evaluate(ctx, step + 1))                    # greedy, dense and compressed
-            log_step(ctx, step + 1, batch, stats, t)
+            log_step(ctx, step + 1, ro, stats, t)
             if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
                 save(ctx, step + 1)                                      # model + optimizer + loop state
         return {"history": ctx.history, "final": ctx.history[-1] if ctx.history else {}}
@@ -81,21 +97,21 @@ def train(cfg: ExperimentConfig, *, resume: str | None = "auto") -> dict:
 @dataclass
 class Context:
     cfg: ExperimentConfig
-    layout: object
-    learner: object
-    ref_learner: object | None
-    engine: object | None  # rank 0 only
-    eval_engines: dict = field(default_factory=dict)
-    task: object = None
-    tok: object = None
-    logger: object = field(default_factory=NullLogger)
+    layout: ParallelLayout
+    learner: Learner
+    ref_learner: Learner | None  # algorithm.kl_coef > 0
+    engine: RolloutEngine | None  # rank 0 only
+    eval_engines: dict[str, ReferenceEngine] = field(default_factory=dict)  # rank 0 only
+    task: Task | None = None
+    tok: CharTokenizer | None = None
+    logger: NullLogger = field(default_factory=NullLogger)  # a TensorBoardLogger on rank 0
     start_step: int = 0
-    history: list = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
     ckpt_root: Path = Path(".")
     run_dir: Path = Path(".")
-    bar: object = None
+    bar: tqdm | None = None
     last_ckpt: str | None = None
-    sync: object = None
+    sync: WeightSync | None = None
     probe_tokens: torch.Tensor | None = None  # sync.verify: the probe batch of every staged sync
     faults: ServerFaults | None = None  # rollout.backend: sglang
 
@@ -112,20 +128,16 @@ class Context:
         self.layout.destroy()
 
 
-def init_layout(cfg: ExperimentConfig, arch):
-    from .parallel.layout import ParallelLayout, free_port
-
+def init_layout(cfg: ExperimentConfig, arch) -> ParallelLayout:
     r = cfg.resources
     if r.cpu_threads is not None:
         torch.set_num_threads(r.cpu_threads)
-    if "WORLD_SIZE" not in os.environ:
+    if not launched_by_torchrun():
         # Single process, not under torchrun: the rendezvous port only has to be free, and a port
         # inherited from a parent (or left by an earlier run in this process) may not be.
         os.environ["MASTER_PORT"] = str(free_port())
     layout = ParallelLayout.from_env(tp=r.tp, pp=r.pp, cp=r.cp)
     if layout.dp != r.dp:
-        from .errors import ConfigError
-
         raise ConfigError(
             f"resources: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {r.learner_world_size} learner ranks, but this job "
             f"has {layout.world_size} process(es) (launch with torchrun --nproc_per_node {r.learner_world_size})")
@@ -134,28 +146,9 @@ def init_layout(cfg: ExperimentConfig, arch):
     return layout
 
 
-def learner_settings(cfg: ExperimentConfig, **over):
-    from .learner.learner import LearnerSettings
-
-    lc = cfg.learner
-    kw = dict(lr=lc.lr, weight_decay=lc.weight_decay, adam_beta1=lc.adam_beta1, adam_beta2=lc.adam_beta2,
-              adam_eps=lc.adam_eps, grad_clip=lc.grad_clip, micro_batch_size=lc.micro_batch_size,
-              attention_backend=lc.attention_backend, megatron=lc.megatron, precision=lc.precision,
-              distributed_optimizer=lc.distributed_optimizer)
-    kw.update(over)
-    return LearnerSettings(**kw)
-
-
-def rollout_policy(cfg: ExperimentConfig):
-    from .policies import PolicyConfig
-
-    return PolicyConfig() if cfg.algorithm.correction == "dense" else cfg.rollout.policy
-
-
 def setup(cfg: ExperimentConfig, *, resume: str | None) -> Context:
-    from .model.hf import read_arch
-
     from .config import check_runnable
+    from .model.hf import read_arch
 
     run_dir = Path(cfg.output_dir)
     model_dir = ensure_model_once(cfg)
@@ -174,7 +167,7 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
     from .config import dump_config
     from .learner.learner import Learner
     from .model.transformer import RefTransformer
-    from .rollout.engine import ReferenceEngine
+    from .rollout.engine import ReferenceEngine, torch_dtype
     from .rollout.run import load_tokenizer, sglang_client
     from .sft import ensure_sft
     from .tasks import make_task
@@ -202,8 +195,6 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
     if ctx.rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        from .rollout.engine import torch_dtype
-
         model = RefTransformer.from_pretrained(start, dtype=torch_dtype(cfg.model.dtype))  # model.dtype
         if cfg.rollout.backend == "sglang":
             ctx.engine = sglang_client(cfg, arch.num_layers, rollout_policy(cfg))
@@ -248,7 +239,7 @@ def verify_probe(ctx: Context) -> torch.Tensor | None:
     return torch.tensor([ctx.tok.encode(ex.prompt)], dtype=torch.int64)
 
 
-def make_weight_sync(ctx: Context, arch):
+def make_weight_sync(ctx: Context, arch) -> WeightSync:
     from .rollout.run import sglang_urls
     from .sync import WeightSync
 
@@ -265,27 +256,19 @@ def make_server_faults(ctx: Context) -> ServerFaults:
     def retarget(urls):
         ctx.sync.retarget(urls)  # every rank: the next sync builds a new weight-update group
         if ctx.rank0:
-            ctx.engine.urls = list(urls)
-            ctx.engine.check_policy(rollout_policy(ctx.cfg).model_dump(mode="json"))
+            engine = _remote(ctx)
+            engine.urls = list(urls)
+            engine.check_policy(rollout_policy(ctx.cfg).model_dump(mode="json"))
 
     return ServerFaults(ctx.cfg.rollout.faults, sglang_urls(ctx.cfg), rank0=ctx.rank0,
                         bcast=lambda obj: _broadcast(obj, ctx), retarget=retarget,
                         last_checkpoint=lambda: ctx.last_ckpt)
 
 
-def ensure_model_once(cfg: ExperimentConfig):
-    """Create the tiny model on rank 0 only (other ranks wait for the directory)."""
-    from .rollout.run import ensure_model
-
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        return ensure_model(cfg.model)
-    path = Path(cfg.model.path)
-    for _ in range(600):
-        if (path / "config.json").is_file():
-            return path
-        time.sleep(0.5)
-    raise SMDError(f"{path}: rank 0 did not create the model directory within 5 minutes")
+def _remote(ctx: Context) -> RemoteRolloutEngine:
+    """Rank 0's engine when it is the client of rollout servers (``rollout.backend: sglang``)."""
+    assert isinstance(ctx.engine, RemoteRolloutEngine), "rollout.backend sglang has a server client"
+    return ctx.engine
 
 
 # ============================================================================================ phases
@@ -297,7 +280,16 @@ def _broadcast(obj, ctx: Context):
     return box[0]
 
 
-def rollout(ctx: Context, step: int) -> RolloutBatch:
+@dataclass
+class StepRollout:
+    """One step's rollout as every rank receives it: the learner's batch and what the log shows."""
+
+    batch: TrainBatch
+    kv: RolloutStats  # the engine's KV memory and throughput
+    samples: list[tuple[str, str]]  # (prompt, completion) texts for the log (logging.sample_text)
+
+
+def rollout(ctx: Context, step: int) -> StepRollout:
     """Rank 0 samples ``num_prompts x group_size`` trajectories; every rank gets the batch. From
     servers, a failed attempt is discarded whole and the step's prompts sampled again after a
     re-sync (:class:`~megatron_smd.rollout.faults.ServerFaults`)."""
@@ -306,7 +298,7 @@ def rollout(ctx: Context, step: int) -> RolloutBatch:
     return ctx.faults.rollout(step + 1, lambda: _sample(ctx, step), resync=lambda: sync_weights(ctx, step))
 
 
-def _sample(ctx: Context, step: int) -> RolloutBatch:
+def _sample(ctx: Context, step: int) -> StepRollout:
     from .rollout.run import generate_scored, sampling_params
 
     cfg = ctx.cfg
@@ -317,45 +309,27 @@ def _sample(ctx: Context, step: int) -> RolloutBatch:
         trajs, st, rewards = generate_scored(ctx.engine, ctx.task, ctx.tok, examples, cfg.rollout.group_size, sp)
     finally:
         if ctx.faults is not None:
-            ctx.faults.counts["invalid_masks"] = ctx.engine.invalid_outputs
-    meta = {"sampling": {"temperature": sp.temperature}, "rewards": rewards, "stats": st.as_dict(),
-            "texts": [ctx.tok.decode(t.tokens[t.prompt_len:]) for t in trajs[: cfg.logging.sample_text]],
-            "prompts": [e.prompt for e in examples[: cfg.logging.sample_text]]}
-    return RolloutBatch.from_trajectories(trajs, meta)
+            ctx.faults.counts["invalid_masks"] = _remote(ctx).invalid_outputs
+    k = cfg.logging.sample_text
+    samples = list(zip([e.prompt for e in examples[:k]], [ctx.tok.decode(t.tokens[t.prompt_len:]) for t in trajs[:k]]))
+    return StepRollout(batch=from_trajectories(trajs, rewards=rewards, temperature=sp.temperature), kv=st,
+                       samples=samples)
 
 
-def advantages(ctx: Context, batch: RolloutBatch) -> torch.Tensor:
-    r = torch.tensor(batch.meta["rewards"], dtype=torch.float32)
-    return group_advantages(r, batch.prompt_index, normalize_std=ctx.cfg.algorithm.normalize_adv_std)
+def advantages(ctx: Context, batch: TrainBatch | RolloutBatch) -> torch.Tensor:
+    batch = as_train_batch(batch)
+    return group_advantages(batch.rewards, batch.group_ids, normalize_std=ctx.cfg.algorithm.normalize_adv_std)
 
 
-def action_mask(batch: RolloutBatch) -> torch.Tensor:
-    T = batch.tokens.shape[1]
-    t = torch.arange(T).view(1, T)
-    return (t >= batch.prompt_lens.view(-1, 1)) & (t < batch.seq_lens.view(-1, 1))
-
-
-def coefficients(mask: torch.Tensor, ids: list[int], how: str) -> torch.Tensor:
-    """Per-token loss coefficients over the mini-batch ``ids`` so that their plain sum is the mean."""
-    c = torch.zeros(mask.shape)
-    m = mask[ids].float()
-    if how == "token_mean":
-        c[ids] = m / m.sum().clamp(min=1.0)
-    else:  # seq_mean
-        n_tok = m.sum(-1, keepdim=True)
-        n_seq = (n_tok > 0).sum().clamp(min=1)
-        c[ids] = m / n_tok.clamp(min=1.0) / n_seq
-    return c
-
-
-def learn(ctx: Context, batch: RolloutBatch, adv: torch.Tensor, step: int) -> dict:
-    """PPO-clip epochs x mini-batches over the rollout with the configured correction mode."""
+def learn(ctx: Context, batch: TrainBatch | RolloutBatch, adv: torch.Tensor, step: int) -> dict:
+    """PPO-clip epochs x mini-batches over the rollout with the configured correction mode
+    (:func:`~megatron_smd.losses.apply_correction`, :func:`~megatron_smd.losses.correction_loss`).
+    Every per-token tensor here is in the learner's alignment (:mod:`megatron_smd.learner.batch`)."""
+    batch = as_train_batch(batch)
     cfg, alg, learner, lay = ctx.cfg, ctx.cfg.algorithm, ctx.learner, ctx.layout
-    temp = float(batch.meta["sampling"]["temperature"]) or 1.0
-    mode = alg.correction
-    lmode = "shadow" if mode == "smd" else "dense"
-    mask = action_mask(batch)
-    lp_s = batch.sampler_logprobs
+    temp = batch.temperature
+    lmode = learner_mode(alg.correction)
+    mask, lp_s = batch.completion_mask, batch.sampler_logprobs
     # The learner's own view of the rollout at the parameters that sampled it (first micro-step).
     lp_mode_old = learner.logprobs(batch, lmode, temperature=temp)
     stats = {f"mismatch/{k}": v for k, v in mismatch_metrics(lp_mode_old, lp_s, mask).items()}
@@ -363,23 +337,12 @@ def learn(ctx: Context, batch: RolloutBatch, adv: torch.Tensor, step: int) -> di
     if lmode == "shadow":
         lp_dense_old = learner.logprobs(batch, "dense", temperature=temp)
         stats.update({f"mismatch_dense/{k}": v for k, v in mismatch_metrics(lp_dense_old, lp_s, mask).items()})
-    weights = torch.ones_like(lp_s)
-    lp_old = lp_s
-    if mode == "tis":
-        lp_old, weights = lp_dense_old, truncated_is_weights(lp_dense_old, lp_s, alg.tis_cap)
-    elif mode == "sparse_rl":
-        sr = alg.sparse_rl
-        keep, weights = sparse_rl_filter(lp_dense_old, lp_s, mask, reject_min=sr.reject_min, reject_mean=sr.reject_mean,
-                                         weight_min=sr.weight_min, weight_max=sr.weight_max)
-        lp_old, mask = lp_dense_old, mask & keep.view(-1, 1)
-        stats["correction/rejection_rate"] = 1.0 - float(keep.float().mean())
-    if mode in ("tis", "sparse_rl"):
-        w = weights[mask]
-        stats["correction/weight_mean"] = float(w.mean()) if w.numel() else 0.0
-    extras = {"adv": adv.view(-1, 1).expand_as(lp_s).contiguous(), "lp_old": lp_old, "w": weights, "lp_s": lp_s}
+    corr = apply_correction(alg, lp_sampler=lp_s, lp_dense_old=lp_dense_old, mask=mask)
+    stats.update(corr.stats)
+    extras = {"adv": adv, "lp_old": corr.lp_old, "w": corr.weights, "lp_s": lp_s}  # adv: one per trajectory
     if ctx.ref_learner is not None:
         extras["lp_ref"] = ctx.ref_learner.logprobs(batch, lmode, temperature=temp)
-    distill = mode == "smd" and alg.distill.coef > 0
+    distill = distills(alg)
     modes = [lmode, "dense"] if distill else [lmode]
     acc = {"clip_frac": [], "grad_norm": [], "loss": [], "distill_kl": [], "kl_ref": []}
     N = len(batch)
@@ -390,11 +353,11 @@ def learn(ctx: Context, batch: RolloutBatch, adv: torch.Tensor, step: int) -> di
         size = math.ceil(N / alg.minibatches)
         for k in range(0, N, size):
             ids = perm[k:k + size]
-            ex = dict(extras, coef=coefficients(mask, ids, alg.aggregation))
+            ex = dict(extras, coef=minibatch_coefficients(corr.mask, ids, alg.aggregation))
             mine = ids[lay.dp_rank::lay.dp]
             mbs = learner.microbatches(batch, mine, modes, ex)
             parts = dict.fromkeys(_STAT_SUMS, 0.0)  # sums over this rank's micro-batches (last stage)
-            fn = _loss_fn(alg, len(modes), parts, ctx.ref_learner is not None, learner.arch.vocab_size, temp)
+            fn = _loss_fn(alg, len(modes), parts, learner.arch.vocab_size, temp)
             st = learner.step(mbs, fn, temperature=temp)
             # every micro-batch of every DP (x CP) rank, taken from the last pipeline stage: the same
             # numbers under any layout and micro-batch split (collective)
@@ -416,11 +379,11 @@ def learn(ctx: Context, batch: RolloutBatch, adv: torch.Tensor, step: int) -> di
         if vals:
             stats[f"train/{name}"] = sum(vals) / len(vals)
     stats["train/grad_norm_max"] = max(acc["grad_norm"])
-    r = torch.tensor(batch.meta["rewards"])
+    r = batch.rewards
     resp = (batch.seq_lens - batch.prompt_lens).float()
     stats.update({"reward/train": float(r.mean()), "accuracy/train": float((r >= 1.0).float().mean()),
                   "train/response_length": float(resp.mean()),
-                  "policy/entropy_mc": float(-(lp_s[action_mask(batch)]).mean())})
+                  "policy/entropy_mc": float(-(lp_s[batch.completion_mask]).mean())})
     return stats
 
 
@@ -430,39 +393,29 @@ def learn(ctx: Context, batch: RolloutBatch, adv: torch.Tensor, step: int) -> di
 _STAT_SUMS = ("clip_count", "action_tokens", "distill_sum", "kl_ref_sum", "coef_sum")
 
 
-def _loss_fn(alg, n_modes: int, parts: dict, with_ref: bool, vocab_size: int | None = None, temperature: float = 1.0):
+def _loss_fn(alg, n_modes: int, parts: dict, vocab_size: int | None = None, temperature: float = 1.0):
     """The per-micro-batch loss (Megatron calls it on the last stage with ``logp [rows, s_local]``;
     ``logits`` are the vocab-parallel ``[rows, s_local, Vp/tp]`` logits at the temperature's scale,
-    used by the full-vocabulary distillation KL). ``parts`` accumulates :data:`_STAT_SUMS`."""
+    used by the full-vocabulary distillation KL): :func:`~megatron_smd.losses.correction_loss` on
+    the micro-batch's rows. ``parts`` accumulates :data:`_STAT_SUMS`."""
+    from .parallel.vocab_parallel import vocab_parallel_distill_kl
+
     d = alg.distill
+    full = d.estimator == "full" and n_modes == 2
 
     def loss_fn(logp: torch.Tensor, mb, logits: torch.Tensor | None = None):
         ex = mb.extras
-        n = logp.shape[0] // n_modes
-        lp = logp[:n]
-        c, m = ex["coef"][:n], ex["coef"][:n] > 0
-        loss, st = ppo_clip_loss(lp, ex["lp_old"][:n], ex["adv"][:n], m, clip_low=alg.clip_low,
-                                 clip_high=alg.clip_high, weights=c * ex["w"][:n], aggregation="sum")
-        parts["clip_count"] += st["clip_count"]
-        parts["action_tokens"] += st["tokens"]
-        parts["coef_sum"] += float(c.sum())
-        if with_ref and alg.kl_coef > 0:
-            kl = ((kl_penalty(lp, ex["lp_ref"][:n], alg.kl_estimator)) * c).sum()
-            parts["kl_ref_sum"] += float(kl.detach())
-            loss = loss + alg.kl_coef * kl
-        if n_modes == 2:
-            if d.estimator == "full":
-                per_tok = vocab_parallel_distill_kl(logits[:n], logits[n:], vocab_size=vocab_size,
-                                                    direction=d.direction, temperature=temperature)
-                dk = (per_tok * c * m).sum()
-            else:
-                dk = distill_kl(lp, logp[n:], m, direction=d.direction, estimator=d.estimator, weights=c,
-                                aggregation="sum")
-            parts["distill_sum"] += float(dk.detach())
-            loss = loss + d.coef * dk
-        return loss, int(m.sum())
+        n = logp.shape[0] // n_modes  # rows [0, n): the trained forward; [n, 2n): the dense one (distillation)
+        loss, sums, ntok = correction_loss(
+            alg, logp[:n], lp_old=ex["lp_old"][:n], adv=ex["adv"][:n], coef=ex["coef"][:n], weights=ex["w"][:n],
+            lp_ref=ex["lp_ref"][:n] if "lp_ref" in ex else None, lp_dense=logp[n:] if n_modes == 2 else None,
+            full_kl_per_token=vocab_parallel_distill_kl(logits[:n], logits[n:], vocab_size=vocab_size,
+                                                        direction=d.direction, temperature=temperature) if full else None)
+        for k, v in sums.items():
+            parts[k] += v
+        return loss, ntok
 
-    loss_fn.wants_logits = d.estimator == "full" and n_modes == 2
+    loss_fn.wants_logits = full
     return loss_fn
 
 
@@ -485,7 +438,7 @@ def sync_weights(ctx: Context, version: int = 0) -> dict:
     from .sync.staging import WeightSyncError
 
     if ctx.faults is not None:
-        return ctx.faults.sync(version, lambda: _sync_and_probe(ctx, version))
+        return ctx.faults.sync(version, lambda: _sync_and_probe(ctx, version), sync_errors=(WeightSyncError,))
     try:
         report = ctx.sync.sync(version, probe_tokens=ctx.probe_tokens)
     except WeightSyncError as e:  # staged updates commit all-or-nothing: the engine is unchanged
@@ -519,27 +472,25 @@ def probe_engine(ctx: Context, version: int) -> dict:
     if ctx.rank0:
         ex = ctx.task.sample(1, seed=20_000_003 + version)
         sp = sampling_params(ctx.cfg, ctx.tok.eos_id)
-        urls = list(ctx.engine.urls)
+        urls = list(_remote(ctx).urls)
         try:  # one prompt per server (the client spreads prompts round-robin)
             trajs, _ = ctx.engine.generate([ctx.tok.encode(ex[0].prompt)] * len(urls), n=1, sampling=sp)
-            probe = ("ok", RolloutBatch.from_trajectories(trajs, {"sampling": {"temperature": sp.temperature},
-                                                                  "urls": urls}))
+            probe = ("ok", (from_trajectories(trajs, temperature=sp.temperature), urls))
         except ServerFault as e:
             probe = ("fault", (f"probe after weight sync v{version}: {e}", e.url))
     kind, val = _broadcast(probe, ctx)
     if kind == "fault":
         raise ServerFault(*val)
-    temp = float(val.meta["sampling"]["temperature"]) or 1.0
-    lp = ctx.learner.logprobs(val, "shadow", temperature=temp)
-    act = action_mask(val)
-    diff = (lp.detach().double() - val.sampler_logprobs.double()).abs()
-    gap_rows = torch.where(act, diff, torch.zeros_like(diff)).amax(dim=1)
+    batch, urls = val
+    lp = ctx.learner.logprobs(batch, "shadow", temperature=batch.temperature)
+    diff = (lp.detach().double() - batch.sampler_logprobs.double()).abs()
+    gap_rows = torch.where(batch.completion_mask, diff, torch.zeros_like(diff)).amax(dim=1)
     gap, worst = float(gap_rows.max()), int(gap_rows.argmax())
     atol = probe_atol(ctx.cfg)
     if _broadcast(gap > atol, ctx):
-        raise ServerFault(f"probe after weight sync v{version}: {val.meta['urls'][worst]} samples log-probs "
+        raise ServerFault(f"probe after weight sync v{version}: {urls[worst]} samples log-probs "
                           f"{gap:.2e} away from the learner's (> rollout.faults.probe_atol {atol:.0e}): it does "
-                          f"not hold the learner's weights", val.meta["urls"][worst])
+                          f"not hold the learner's weights", urls[worst])
     return {"sync/probe_max_abs_logprob_diff": gap}
 
 
@@ -570,14 +521,13 @@ def evaluate(ctx: Context, step: int) -> dict:
     return _broadcast(out, ctx)
 
 
-def log_step(ctx: Context, step: int, batch: RolloutBatch, stats: dict, t: dict) -> None:
+def log_step(ctx: Context, step: int, ro: StepRollout, stats: dict, t: dict) -> None:
     if not ctx.rank0:
         return
-    cfg = ctx.cfg
-    kv = batch.meta["stats"]
+    cfg, batch, kv = ctx.cfg, ro.batch, ro.kv
     stats = dict(stats)
-    stats.update({"kv/peak_bytes": kv["peak_kv_bytes"], "kv/peak_bytes_used": kv["peak_kv_bytes_used"],
-                  "perf/rollout_tokens_per_s": kv["tokens_per_s"]})
+    stats.update({"kv/peak_bytes": kv.peak_kv_bytes, "kv/peak_bytes_used": kv.peak_kv_bytes_used,
+                  "perf/rollout_tokens_per_s": kv.tokens_per_s})
     stats.update({f"time/{k}_s": v for k, v in t.items()})
     kf = torch.stack([kept_fraction(batch.evict_of(n), int(batch.prompt_lens[n])) for n in range(len(batch))]).mean(0)
     if kf.dim() > 1:
@@ -592,7 +542,7 @@ def log_step(ctx: Context, step: int, batch: RolloutBatch, stats: dict, t: dict)
         for li in sorted({0, L - 1}):
             e = ev[li] if ev.dim() == 2 else ev[li, 0]
             ctx.logger.image(f"mask/traj{n}_layer{li}", mask_image(e), step)
-    for i, (p, c) in enumerate(zip(batch.meta.get("prompts", []), batch.meta.get("texts", []))):
+    for i, (p, c) in enumerate(ro.samples):
         ctx.logger.text(f"samples/{i}", f"**prompt** `{p[-80:]}`  \n**completion** `{c}`", step)
     ctx.logger.flush()
     rec = {"step": step, **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}

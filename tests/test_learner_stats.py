@@ -56,7 +56,7 @@ def _cfg(model_dir, estimator, mbs, tp=1, pp=1, dp=1):
 
 def _reference(learner, batch, adv, cfg):
     """clip_frac and the k3 distillation KL by hand over the whole batch (token mean)."""
-    from megatron_smd.trainer import action_mask
+    from megatron_smd.rollout.io import completion_mask as action_mask
 
     alg = cfg.algorithm
     mask = action_mask(batch)

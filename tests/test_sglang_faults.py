@@ -32,11 +32,11 @@ pytest.importorskip("sglang", reason="sglang is not installed (README test comma
 from megatron_smd.config import load_config  # noqa: E402
 from megatron_smd.errors import SMDError  # noqa: E402
 from megatron_smd.plan import policy_flags  # noqa: E402
-from megatron_smd.rollout import faults  # noqa: E402
+from megatron_smd.rollout import drills as faults  # noqa: E402
 from megatron_smd.trainer import train  # noqa: E402
 from megatron_smd.rollout.engine import SamplingParams  # noqa: E402
 from megatron_smd.rollout.faults import ServerFault  # noqa: E402
-from sglang_patch.client import SGLangClient  # noqa: E402
+from megatron_smd.rollout.sglang_client import SGLangClient  # noqa: E402
 from sglang_patch.eviction import decode_mask, encode_mask  # noqa: E402
 from sglang_patch.patch import META_KEY  # noqa: E402
 from sglang_patch.server_process import PatchedServer, stop_all  # noqa: E402

@@ -2,7 +2,7 @@
 
 Each test starts ``python -m sglang_patch.launch_server`` on the tiny Qwen2 model (random
 weights, written by ``megatron_smd.model.tiny``; ``--skip-tokenizer-init``, token ids in and out)
-on a loopback port, samples GRPO groups through :class:`sglang_patch.client.SGLangClient`, stops
+on a loopback port, samples GRPO groups through :class:`megatron_smd.rollout.sglang_client.SGLangClient`, stops
 the server it started (by its own process id), and checks:
 
 * every policy generates, and every returned mask passes ``validate_evict``;
@@ -95,7 +95,7 @@ def _policy_args(name: str) -> list[str]:
 def _sample(model_dir, name: str):
     from megatron_smd.model.hf import read_arch
     from megatron_smd.rollout.engine import SamplingParams
-    from sglang_patch.client import SGLangClient
+    from megatron_smd.rollout.sglang_client import SGLangClient
 
     arch = read_arch(model_dir)
     srv = PatchedServer(model_dir, _policy_args(name))

@@ -40,7 +40,7 @@ from megatron_smd.model.transformer import RefTransformer  # noqa: E402
 from megatron_smd.replay import gap_metrics, torch_replay_logprobs  # noqa: E402
 from megatron_smd.rollout.engine import SamplingParams  # noqa: E402
 from megatron_smd.rollout.io import RolloutBatch, save_rollouts  # noqa: E402
-from sglang_patch.client import SGLangClient  # noqa: E402
+from megatron_smd.rollout.sglang_client import SGLangClient  # noqa: E402
 from sglang_patch.server_process import PatchedServer, stop_all  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -549,7 +549,7 @@ def test_client_converts_server_output_to_reference_trajectories(model64):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from megatron_smd.rollout.io import RolloutBatch
-    from sglang_patch.client import SGLangClient
+    from megatron_smd.rollout.sglang_client import SGLangClient
 
     policy = POLICIES["h2o"]
     prompts = [[5 + (3 * i) % 20 for i in range(20)], [7 + (5 * i) % 30 for i in range(18)]]
@@ -601,7 +601,7 @@ def test_client_converts_server_output_to_reference_trajectories(model64):
 
 def test_client_rejects_unpatched_server_output():
     from megatron_smd.errors import FormatError
-    from sglang_patch.client import SGLangClient
+    from megatron_smd.rollout.sglang_client import SGLangClient
 
     c = SGLangClient(["http://127.0.0.1:9"], num_layers=2)
     item = {"output_ids": [4], "meta_info": {"output_token_logprobs": [[-1.0, 4, None]],

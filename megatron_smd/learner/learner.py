@@ -2,16 +2,19 @@
 
 One :class:`Learner` per process, inside an initialized :class:`ParallelLayout`. It knows how to
 
-* turn a :class:`~megatron_smd.rollout.io.RolloutBatch` into micro-batches (padded rows, targets
+* turn a :class:`~megatron_smd.learner.batch.TrainBatch` into micro-batches (padded rows, targets
   shifted by one, the shadow mask or the dense mask per row),
 * compute per-token log-probs of a batch under the ``dense`` or ``shadow`` mask (forward only),
 * run one optimizer step over micro-batches with a loss callback (gradient accumulation over
   micro-batches, DDP reduction over DP x CP, global-norm clipping, Adam from Megatron-Core),
 * gather its weights as full HF-named tensors (for weight sync and HF export).
 
-Alignment convention (shared with the rollout format): a per-token tensor ``x [N, T]`` is about
-``tokens[t]`` given ``tokens[<t]``; the model's output at position ``t`` predicts ``t + 1``, so the
-learner's raw log-prob row is shifted right by one before it is returned.
+Alignment: per-token tensors in and out go with the batch they describe. For a ``TrainBatch`` that is
+the model's alignment (entry ``t`` is the prediction made at ``t``, of ``tokens[t + 1]``): log-probs
+come out and per-token extras go in as they are. A :class:`~megatron_smd.rollout.io.RolloutBatch`
+(tools that compare with a rollout file) is converted by
+:func:`~megatron_smd.learner.batch.from_rollout`, and its per-token tensors are in the file's
+alignment (entry ``t`` about ``tokens[t]``), shifted at this boundary.
 
 Padding: rows are padded to a common length ``S`` (a multiple of ``2 * cp``). Padded positions form
 their own "document": their ``evict`` is ``S`` (visible only to later padded queries), so real
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -37,39 +39,11 @@ from ..mask import EVICT_DTYPE
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
 from ..rollout.io import RolloutBatch
+from .batch import TrainBatch, as_train_batch, to_file_alignment, to_model_alignment
 from .runner import MicroBatch, run_microbatches
+from .settings import PRECISIONS, LearnerSettings, learner_settings  # noqa: F401  (the learner's names)
 
 Mode = str  # "dense" | "shadow"
-
-
-@dataclass
-class LearnerSettings:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    micro_batch_size: int = 4
-    attention_backend: str = "sdpa"
-    megatron: dict | None = None
-    precision: str = "fp32"
-    """``fp32``: everything fp32 (the exactness setting). ``bf16``: bf16 parameters and activations,
-    fp32 main gradients (DDP reduces in fp32) and fp32 main parameters + Adam state in the optimizer."""
-    distributed_optimizer: bool = False
-    """Megatron's DistributedOptimizer: main parameters and Adam state sharded over the DP group
-    (gradients reduce-scattered, parameters all-gathered after the step)."""
-
-    @property
-    def params_dtype(self) -> torch.dtype:
-        if self.precision not in PRECISIONS:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"learner.precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
-        return PRECISIONS[self.precision]
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _finalize_without_token_scaling(model, num_tokens=None, **kw):
@@ -202,16 +176,19 @@ class Learner:
         m = m * 8 // math.gcd(m, 8)
         return int(math.ceil(seq_len / m) * m)
 
-    def microbatches(self, batch: RolloutBatch, idx: Sequence[int], modes: Sequence[Mode],
+    def microbatches(self, batch: TrainBatch | RolloutBatch, idx: Sequence[int], modes: Sequence[Mode],
                      extras: dict[str, torch.Tensor] | None = None, S: int | None = None) -> list[MicroBatch]:
         """Micro-batches over trajectories ``idx``; every trajectory appears once per entry of
         ``modes`` in the same micro-batch (rows ``[m * b, (m + 1) * b)`` hold mode ``m``), so a
         distillation loss sees the shadow and the dense forward of the same tokens side by side.
 
-        extras: ``[N, T]`` per-token tensors in the rollout's alignment (about ``tokens[t]``); they
-        are shifted to the model's alignment (about the prediction made at ``t``) here.
+        extras: per-token ``[N, T]`` tensors in the batch's alignment (module docstring), or
+        per-trajectory ``[N]`` values (an advantage), spread over the trajectory's predictions.
         """
         extras = extras or {}
+        if isinstance(batch, RolloutBatch):
+            extras = {k: v if v.dim() == 1 else to_model_alignment(v) for k, v in extras.items()}
+        batch = as_train_batch(batch)
         S = S or self.row_length(int(batch.seq_lens.max()))
         L = self.arch.num_layers
         per_head = batch.per_head
@@ -241,11 +218,11 @@ class Learner:
                     else:
                         raise ValueError(f"unknown learner mode {mode!r}")
                     for name, v in extras.items():
-                        ex[name][row, : s - 1] = v[i, 1:s]
+                        ex[name][row, : s - 1] = v[i] if v.dim() == 1 else v[i, : s - 1]
             mbs.append(MicroBatch(tokens=tokens, position_ids=pos, targets=targets, evict=evict, extras=ex))
         return mbs
 
-    def packed_microbatches(self, batch: RolloutBatch, idx: Sequence[int], mode: Mode
+    def packed_microbatches(self, batch: TrainBatch | RolloutBatch, idx: Sequence[int], mode: Mode
                             ) -> tuple[list[MicroBatch], list[list[tuple[int, int, int]]]]:
         """THD-style packing: ``micro_batch_size`` trajectories end to end in one row of length ``S``.
 
@@ -253,6 +230,7 @@ class Learner:
         so causal + document + eviction masking is the one vector; RoPE positions restart at 0 for
         every sequence. Returns the micro-batches and, per micro-batch, ``(trajectory, start, len)``.
         """
+        batch = as_train_batch(batch)
         b = self.settings.micro_batch_size
         groups = [list(idx[k:k + b]) for k in range(0, len(idx), b)]
         S = self.row_length(max(int(batch.seq_lens[g].sum()) for g in groups))
@@ -282,9 +260,13 @@ class Learner:
 
     # ----------------------------------------------------------------------------- forward
     @torch.no_grad()
-    def logprobs(self, batch: RolloutBatch, mode: Mode, idx: Sequence[int] | None = None,
+    def logprobs(self, batch: TrainBatch | RolloutBatch, mode: Mode, idx: Sequence[int] | None = None,
                  temperature: float = 1.0, packed: bool = False) -> torch.Tensor:
-        """``[len(idx), T]`` log-probs of the batch's tokens (rollout alignment; 0 at t = 0)."""
+        """``[len(idx), T]`` log-probs of the batch's tokens, in the batch's alignment (module
+        docstring): for a ``TrainBatch`` entry ``t`` is ``log p(tokens[t + 1] | tokens[<= t])`` (0 from
+        ``seq_len - 1`` on); for a ``RolloutBatch`` the file's (0 at ``t = 0``)."""
+        if isinstance(batch, RolloutBatch):
+            return to_file_alignment(self.logprobs(as_train_batch(batch), mode, idx, temperature, packed))
         idx = list(range(len(batch))) if idx is None else list(idx)
         b = self.settings.micro_batch_size
         if packed:
@@ -302,7 +284,7 @@ class Learner:
         for lp, spans in zip(res.logprobs, where):
             for r, (i, off, s) in enumerate(spans):
                 row = 0 if packed else r
-                out[row_of[i], 1:s] = lp[row, off:off + s - 1]
+                out[row_of[i], : s - 1] = lp[row, off:off + s - 1]
         return out
 
     # ----------------------------------------------------------------------------- update

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..losses import DIRECTIONS, full_kl, teacher_student
+
 
 class _VocabParallelLogprob(torch.autograd.Function):
     @staticmethod
@@ -158,6 +160,10 @@ def vocab_parallel_distill_kl(logits_shadow: torch.Tensor, logits_dense: torch.T
     vocabulary split over the TP ``group`` (no rank ever holds a ``[tokens, vocab]`` tensor of the
     whole vocabulary: each works on its ``Vp / tp`` columns; three ``[tokens]`` all-reduces).
 
+    The same KL as :func:`megatron_smd.losses.distill_kl` with ``estimator="full"`` (the same
+    teacher/student choice and formula, :func:`~megatron_smd.losses.teacher_student` and
+    :func:`~megatron_smd.losses.full_kl`), the log-softmax taken vocabulary-parallel.
+
     ``direction`` (the distillation's student receives the gradient, the teacher is detached):
 
     * ``sparse_to_dense``: ``KL(shadow || dense)``, gradient to the dense logits;
@@ -186,16 +192,10 @@ def vocab_parallel_distill_kl(logits_shadow: torch.Tensor, logits_dense: torch.T
     if v_local * size < vocab_size:
         raise ValueError(f"vocab_parallel_distill_kl: {size} shards of {v_local} columns cannot hold "
                          f"vocab_size={vocab_size}")
-    if direction == "sparse_to_dense":
-        teacher, student = logits_shadow.detach(), logits_dense
-    elif direction == "dense_to_sparse":
-        teacher, student = logits_dense.detach(), logits_shadow
-    elif direction == "both":
-        teacher, student = logits_shadow, logits_dense
-    else:
+    if direction not in DIRECTIONS:
         raise ValueError(f"vocab_parallel_distill_kl: unknown direction {direction!r}")
+    teacher, student = teacher_student(logits_shadow, logits_dense, direction)
     kw = dict(vocab_start=rank * v_local, vocab_size=vocab_size, temperature=temperature, group=group, size=size)
     lt = vocab_parallel_log_softmax(teacher, **kw)
     ls = vocab_parallel_log_softmax(student, **kw)
-    local = (lt.exp() * (lt - ls)).sum(dim=-1)
-    return _group_sum(local, group, size)
+    return _group_sum(full_kl(lt, ls), group, size)

@@ -24,27 +24,20 @@ Fault drills: ``SMD_FAULT_DRILL="rollout@3,sync@5,rollout@7:stop"`` with
 ``SMD_FAULT_DRILL_PID_FILE=FILE`` makes rank 0 SIGKILL the process group whose PID is in FILE (the
 supervisor's ``--pid-file``) while step 3's rollout requests are in flight and during the weight
 sync after step 5, and SIGSTOP it (a hang) during step 7's rollout: a rehearsal of the failure
-handling on a real deployment. Each drill fires once.
+handling on a real deployment. Each drill fires once. The drills live in :mod:`.drills` (the
+weight-sync transports fire them without importing this module).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 from ..errors import SMDError
-
-DRILL_ENV = "SMD_FAULT_DRILL"
-DRILL_PID_ENV = "SMD_FAULT_DRILL_PID_FILE"
-_drill_step = 0
-_drills_fired: set[str] = set()
+from .drills import DRILL_ENV, DRILL_PID_ENV, drill_point, say, set_drill_step  # noqa: F401  (importable here too)
 
 
 class ServerFault(SMDError):
@@ -55,59 +48,7 @@ class ServerFault(SMDError):
         self.url = url
 
 
-# ---------------------------------------------------------------------------------------- drills
-def set_drill_step(step: int) -> None:
-    """The 1-based training step now running (drills name steps)."""
-    global _drill_step
-    _drill_step = int(step)
-
-
-def _drills() -> dict[str, str]:
-    """``SMD_FAULT_DRILL`` parsed: ``{"rollout@3": "kill", "sync@5": "stop", ...}``."""
-    out = {}
-    for item in (os.environ.get(DRILL_ENV) or "").split(","):
-        if not item.strip():
-            continue
-        point, _, action = item.strip().partition(":")
-        if action not in ("", "kill", "stop") or "@" not in point:
-            raise SMDError(f"{DRILL_ENV}: {item!r} is not PHASE@STEP[:kill|stop] (PHASE: rollout or sync)")
-        out[point] = action or "kill"
-    return out
-
-
-def drill_point(phase: str) -> None:
-    """Fire the drill ``phase@<current step>`` if ``SMD_FAULT_DRILL`` lists it (once): ``kill``
-    (default) sends SIGKILL, ``stop`` SIGSTOP (a hang), to the process group of the PID in
-    ``SMD_FAULT_DRILL_PID_FILE`` (the PID alone if it leads no group)."""
-    if not os.environ.get(DRILL_ENV):
-        return
-    key = f"{phase}@{_drill_step}"
-    action = _drills().get(key)
-    if action is None or key in _drills_fired:
-        return
-    _drills_fired.add(key)
-    pid_file = os.environ.get(DRILL_PID_ENV)
-    if not pid_file:
-        raise SMDError(f"{DRILL_ENV} needs {DRILL_PID_ENV} (a file with the PID to {action})")
-    try:
-        pid = int(Path(pid_file).read_text().split()[0])
-    except (OSError, ValueError, IndexError) as e:
-        raise SMDError(f"{DRILL_PID_ENV}={pid_file}: no PID to {action} ({e})") from None
-    sig = signal.SIGKILL if action == "kill" else signal.SIGSTOP
-    group = False
-    try:
-        group = os.getpgid(pid) == pid
-        (os.killpg if group else os.kill)(pid, sig)
-    except ProcessLookupError:
-        pass
-    say(f"fault drill {key}: {sig.name} to {'process group' if group else 'PID'} {pid}")
-
-
 # ---------------------------------------------------------------------------------------- health
-def say(msg: str) -> None:
-    print(f"[smd] {msg}", file=sys.stderr, flush=True)
-
-
 def healthy(url: str, timeout_s: float = 5.0) -> bool:
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s) as r:
@@ -192,11 +133,11 @@ class ServerFaults:
         raise self._stop(f"step {step}: the rollout failed {self.cfg.max_attempts} time(s) "
                          f"(rollout.faults.max_attempts)", last)
 
-    def sync(self, version: int, do_sync: Callable[[], dict]) -> dict:
-        """``do_sync()`` (collective; raises the same :class:`ServerFault` or ``WeightSyncError``
-        on every rank) with retries; servers that came back are re-admitted first."""
-        from ..sync.staging import WeightSyncError
-
+    def sync(self, version: int, do_sync: Callable[[], dict], *,
+             sync_errors: tuple[type[BaseException], ...] = ()) -> dict:
+        """``do_sync()`` (collective; raises the same :class:`ServerFault`, or one of ``sync_errors``
+        (the weight sync's ``WeightSyncError``), on every rank) with retries; servers that came back
+        are re-admitted first."""
         self.readmit()
         last: BaseException | str = ""
         for attempt in range(1, self.cfg.max_attempts + 1):
@@ -209,7 +150,7 @@ class ServerFaults:
                 out = do_sync()
                 out.update(self.metrics())
                 return out
-            except (ServerFault, WeightSyncError) as e:
+            except (ServerFault, *sync_errors) as e:
                 last = e
                 self.counts["sync"] += 1
                 if self.rank0:

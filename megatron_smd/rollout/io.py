@@ -44,6 +44,19 @@ TRAJ_FILE = "trajectories.safetensors"
 META_FILE = "meta.json"
 
 
+def completion_positions(prompt_lens: torch.Tensor, seq_lens: torch.Tensor, T: int, *, offset: int = 0) -> torch.Tensor:
+    """``[N, T]`` bool: True at entries about completion tokens. ``offset=0``: this format's
+    alignment (``prompt_len <= t < seq_len``); ``offset=1``: the learner's, one position earlier
+    (:mod:`megatron_smd.learner.batch`)."""
+    t = torch.arange(T).view(1, T) + offset
+    return (t >= prompt_lens.view(-1, 1)) & (t < seq_lens.view(-1, 1))
+
+
+def completion_mask(batch: "RolloutBatch") -> torch.Tensor:
+    """``[N, T]`` bool: where ``sampler_logprobs`` holds the completion tokens' log-probs."""
+    return completion_positions(batch.prompt_lens, batch.seq_lens, batch.tokens.shape[1])
+
+
 @dataclass
 class RolloutBatch:
     """Padded tensors of N trajectories (see module docstring) plus ``meta``."""

@@ -11,6 +11,7 @@ from ..config import ExperimentConfig, ModelConfig
 from ..errors import FormatError
 from ..model.hf import read_arch
 from .engine import ReferenceEngine, SamplingParams
+from .engine_api import RemoteRolloutEngine, RolloutEngine
 from .io import RolloutBatch, save_rollouts
 
 
@@ -28,6 +29,23 @@ def ensure_model(mc: ModelConfig) -> Path:
         raise FormatError(f"{path}: model directory does not exist (model.path)")
     read_arch(path)  # fail early, naming the file
     return path
+
+
+def ensure_model_once(cfg: ExperimentConfig) -> Path:
+    """:func:`ensure_model` on the job's rank 0 only; the other ranks wait for the directory."""
+    import time
+
+    from ..errors import SMDError
+    from ..parallel.layout import env_rank
+
+    if env_rank() == 0:
+        return ensure_model(cfg.model)
+    path = Path(cfg.model.path)
+    for _ in range(600):
+        if (path / "config.json").is_file():
+            return path
+        time.sleep(0.5)
+    raise SMDError(f"{path}: rank 0 did not create the model directory within 5 minutes")
 
 
 def load_tokenizer(model_dir: Path):
@@ -73,11 +91,19 @@ def sglang_urls(cfg: ExperimentConfig) -> list[str]:
     return urls
 
 
-def sglang_client(cfg: ExperimentConfig, num_layers: int, policy=None):
+def rollout_policy(cfg: ExperimentConfig):
+    """The eviction policy ``smd train`` samples with: none for ``algorithm.correction: dense``, else
+    ``rollout.policy``."""
+    from ..policies import PolicyConfig
+
+    return PolicyConfig() if cfg.algorithm.correction == "dense" else cfg.rollout.policy
+
+
+def sglang_client(cfg: ExperimentConfig, num_layers: int, policy=None) -> RemoteRolloutEngine:
     """The client of the patched SGLang servers (:func:`sglang_urls`), checked to run ``policy``
     (default: the config's ``rollout.policy``). The servers own the policy (``--smd-*`` at launch);
     requests time out and invalid masks are re-requested as ``rollout.faults`` says."""
-    from sglang_patch.client import SGLangClient
+    from .sglang_client import SGLangClient
 
     f = cfg.rollout.faults
     client = SGLangClient(sglang_urls(cfg), num_layers, timeout_s=f.request_timeout_s, mask_retries=f.mask_retries)
@@ -85,7 +111,7 @@ def sglang_client(cfg: ExperimentConfig, num_layers: int, policy=None):
     return client
 
 
-def make_engine(cfg: ExperimentConfig, model_dir: Path, arch=None):
+def make_engine(cfg: ExperimentConfig, model_dir: Path, arch=None) -> RolloutEngine:
     """The rollout engine ``rollout.backend`` names: the in-process reference engine, or the
     client of the patched SGLang servers. Both sample with the same ``generate`` signature."""
     if cfg.rollout.backend == "sglang":
@@ -94,7 +120,7 @@ def make_engine(cfg: ExperimentConfig, model_dir: Path, arch=None):
                                            dtype=cfg.model.dtype)
 
 
-def run_rollout(cfg: ExperimentConfig, out_dir: str | Path, *, engine: ReferenceEngine | None = None,
+def run_rollout(cfg: ExperimentConfig, out_dir: str | Path, *, engine: RolloutEngine | None = None,
                 batch_seed: int | None = None) -> RolloutBatch:
     """Sample ``num_prompts x group_size`` trajectories, score them, write ``out_dir``."""
     from ..tasks import make_task

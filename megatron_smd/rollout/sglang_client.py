@@ -1,9 +1,10 @@
 """Trainer-side client: sample GRPO groups from patched SGLang servers, return megatron_smd trajectories.
 
 ``rollout.backend: sglang`` uses this in place of :class:`megatron_smd.rollout.engine.ReferenceEngine`;
-:meth:`SGLangClient.generate` has the same signature and returns the same
-:class:`~megatron_smd.rollout.engine.Trajectory` objects, so :class:`RolloutBatch` and everything
-after it are unchanged.
+both are a :class:`~megatron_smd.rollout.engine_api.RolloutEngine`: :meth:`SGLangClient.generate`
+has the same signature and returns the same :class:`~megatron_smd.rollout.engine.Trajectory`
+objects, so everything after it is unchanged. The servers themselves are :mod:`sglang_patch`; this
+client needs only their wire format (the mask encoding and its ``meta_info`` key).
 
 Protocol (SGLang's native ``POST /generate``; sglang-router exposes the same route, so a router
 URL is just one more base URL)::
@@ -36,13 +37,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_smd.errors import FormatError, MaskError, SMDError
-from megatron_smd.mask import validate_evict
-from megatron_smd.rollout.engine import RolloutStats, SamplingParams, Trajectory
-from megatron_smd.rollout.faults import ServerFault, drill_point
+from sglang_patch.eviction import decode_mask  # the servers' wire format of a mask
+from sglang_patch.patch import META_KEY
 
-from .eviction import decode_mask
-from .patch import META_KEY
+from ..errors import FormatError, MaskError, SMDError
+from ..mask import validate_evict
+from .drills import drill_point
+from .engine import RolloutStats, SamplingParams, Trajectory
+from .faults import ServerFault
 
 
 @dataclass
