@@ -16,7 +16,8 @@ pytest process. Each rank, in order:
    learner (tied embeddings: the last stage's output weight is zero-filled, passed through
    megatron-core's ``weight.data.cuda()`` and all-reduced with the first stage's embedding) and runs
    a forward pass through Megatron's pipeline schedule;
-5. undoes the shim after that use and snapshots the patched attributes again.
+5. undoes the shim after that use and snapshots the patched attributes again;
+6. uses ``active()`` (undone on exit unless applied before the block).
 """
 
 from __future__ import annotations
@@ -207,6 +208,16 @@ def _shim_worker(rank: int, world: int) -> dict:
     keys_after = _key_values()
     res["keys_not_restored_after_use"] = sorted(k for k in keys_before if keys_after[k] is not keys_before[k])
     res["cuda_from_project_after_use"] = _cuda_from("megatron_smd.learner.runner", t)
+
+    # active(): on inside the block, off after it; left on when it was applied before the block
+    with cpu_shim.active() as on:
+        res["active_inside"] = (on, cpu_shim.is_applied(), _cuda_from("megatron.core.utils", t)[0])
+    res["active_after"] = (cpu_shim.is_applied(), [k for k in keys_before if _key_values()[k] is not keys_before[k]])
+    cpu_shim.apply()
+    with cpu_shim.active() as on:
+        pass
+    res["active_when_already_applied"] = (on, cpu_shim.is_applied())
+    cpu_shim.undo()
     return res
 
 
@@ -276,3 +287,10 @@ def test_undo_after_use_restores_every_patched_attribute(ranks):
         assert r["not_restored_after_use"] == [] and r["keys_not_restored_after_use"] == []
         same, err = r["cuda_from_project_after_use"]
         assert not same and "Tensor.cuda() called from" not in err
+
+
+def test_active_context_manager(ranks):
+    for r in ranks:
+        assert r["active_inside"] == (True, True, True)
+        assert r["active_after"] == (False, [])  # undone on exit, key attributes the originals again
+        assert r["active_when_already_applied"] == (True, True)  # not undone: applied before the block
