@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ...parallel.layout import free_port
-from ...rollout.faults import drill_point
+from ...rollout.drills import drill_point
 from ..bucket import Bucket
 from ..group import destroy_group, init_weight_update_group
 from ..staging import CommitResult, WeightSyncError
