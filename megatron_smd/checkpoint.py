@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import FormatError
-from .rollout.io import atomic_write_json, _atomic_write_bytes
+from .rollout.io import atomic_write_bytes, atomic_write_json
 
 LOOP_STATE = "loop_state.json"
 
@@ -79,12 +79,12 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, loop_s
         dist_checkpointing.save(opt_sd, str(tmp / "optim"))
     _barrier()
     if _is_rank0():
-        _atomic_write_bytes(tmp / "config.yaml", config_yaml.encode())
+        atomic_write_bytes(tmp / "config.yaml", config_yaml.encode())
         atomic_write_json(tmp / LOOP_STATE, {**loop_state, "step": step})
         if final.exists():  # a re-run of the same step: replace it only now that the new one is whole
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_write_bytes(root / "latest", (final.name + "\n").encode())
+        atomic_write_bytes(root / "latest", (final.name + "\n").encode())
         _prune(root, keep)
     _barrier()
     return final

@@ -123,3 +123,80 @@ def test_sum_aggregation_with_coefficients_equals_token_mean_split_across_microb
     d_parts = sum(Lo.distill_kl(lp[i:i + 2], lp_old[i:i + 2], m[i:i + 2], weights=coef[i:i + 2], aggregation="sum")
                   for i in (0, 2))
     assert d_parts.item() == pytest.approx(d_full.item(), rel=1e-6)
+
+
+def _alg(**kw):
+    from megatron_smd.config import AlgorithmConfig
+
+    return AlgorithmConfig.model_validate(kw)
+
+
+def test_apply_correction_every_mode_by_hand():
+    lp_s = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    lp_do = torch.log(torch.tensor([[0.5, 0.6, 0.4], [0.5, 0.0001, 0.5], [1.0, 1.0, 1.0]]))
+    m = torch.tensor([[True, True, True], [True, True, True], [False, True, True]])
+    for mode in ("dense", "naive", "smd"):  # the sampler's log-prob is the ratio's denominator, no weights
+        c = Lo.apply_correction(_alg(correction=mode), lp_sampler=lp_s, lp_dense_old=lp_do, mask=m)
+        assert torch.equal(c.lp_old, lp_s) and c.weights.eq(1).all() and torch.equal(c.mask, m) and c.stats == {}
+    c = Lo.apply_correction(_alg(correction="tis", tis_cap=1.5), lp_sampler=lp_s, lp_dense_old=lp_do, mask=m)
+    assert torch.equal(c.lp_old, lp_do) and torch.equal(c.mask, m)
+    assert torch.allclose(c.weights, torch.tensor([[1.0, 1.2, 0.8], [1.0, 2e-4, 1.0], [1.5, 1.5, 1.5]]), atol=1e-6)
+    assert c.stats["correction/weight_mean"] == pytest.approx((1 + 1.2 + 0.8 + 1 + 2e-4 + 1 + 1.5 + 1.5) / 8, rel=1e-6)
+    c = Lo.apply_correction(_alg(correction="sparse_rl", sparse_rl={"weight_max": 1.5}), lp_sampler=lp_s,
+                            lp_dense_old=lp_do, mask=m)
+    assert torch.equal(c.lp_old, lp_do)
+    assert c.mask.tolist() == [[True, True, True], [False, False, False], [False, True, True]]  # row 1 rejected
+    assert c.stats["correction/rejection_rate"] == pytest.approx(1 / 3)
+    assert c.stats["correction/weight_mean"] == pytest.approx((1 + 1.2 + 0.8 + 1.5 + 1.5) / 5, rel=1e-6)
+    assert Lo.learner_mode("smd") == "shadow" and Lo.learner_mode("tis") == "dense"
+    assert Lo.distills(_alg(correction="smd")) and not Lo.distills(_alg(correction="smd", distill={"coef": 0}))
+
+
+def test_correction_loss_is_the_sum_of_its_terms():
+    torch.manual_seed(1)
+    lp, lp_old, lp_ref, lp_de = (torch.randn(3, 5) * 0.2 - 1 for _ in range(4))
+    adv, w = torch.randn(3), torch.rand(3, 5) + 0.5
+    m = torch.rand(3, 5) > 0.3
+    coef = Lo.minibatch_coefficients(m, [0, 1, 2], "token_mean")
+    assert float(coef.sum()) == pytest.approx(1.0) and torch.equal(coef > 0, m)
+    full = torch.rand(3, 5)
+    for distill in ({"estimator": "k1"}, {"estimator": "k3", "direction": "both"}, {"estimator": "full"}):
+        alg = _alg(correction="smd", kl_coef=0.3, kl_estimator="k1", clip_low=0.1, clip_high=0.3,
+                   distill={"coef": 0.7, **distill})
+        got, sums, ntok = Lo.correction_loss(alg, lp, lp_old=lp_old, adv=adv, coef=coef, weights=w, lp_ref=lp_ref,
+                                             lp_dense=lp_de, full_kl_per_token=full)
+        ppo, st = Lo.ppo_clip_loss(lp, lp_old, adv, m, clip_low=0.1, clip_high=0.3, weights=coef * w, aggregation="sum")
+        kl = (Lo.kl_penalty(lp, lp_ref, "k1") * coef).sum()
+        dk = ((full * coef * m).sum() if distill["estimator"] == "full" else
+              Lo.distill_kl(lp, lp_de, m, estimator=distill["estimator"], weights=coef, aggregation="sum"))
+        assert got.item() == pytest.approx((ppo + 0.3 * kl + 0.7 * dk).item(), rel=1e-6)
+        assert ntok == int(m.sum()) and sums["action_tokens"] == ntok and sums["clip_count"] == st["clip_count"]
+        assert sums["kl_ref_sum"] == pytest.approx(kl.item()) and sums["distill_sum"] == pytest.approx(dk.item())
+    # no reference model, no distillation: the PPO term alone
+    got, sums, _ = Lo.correction_loss(_alg(correction="naive"), lp, lp_old=lp_old, adv=adv, coef=coef, weights=w)
+    assert got.item() == pytest.approx(Lo.ppo_clip_loss(lp, lp_old, adv, m, weights=coef * w, aggregation="sum")[0].item())
+    assert set(sums) == {"clip_count", "action_tokens", "coef_sum"}
+
+
+def test_train_batch_from_rollout_is_in_the_model_alignment():
+    """The sampler's log-prob of ``tokens[t]`` sits at entry ``t - 1`` (the prediction made there), the
+    completion mask covers exactly those entries, and nothing else changes."""
+    from megatron_smd.learner.batch import from_rollout, to_file_alignment, to_model_alignment
+    from megatron_smd.rollout.io import RolloutBatch, completion_mask
+
+    tokens = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    lps = torch.tensor([[0.0, 0.0, -0.1, -0.2, -0.3], [0.0, -0.4, -0.5, 0.0, 0.0]])
+    rb = RolloutBatch(tokens=tokens, prompt_lens=torch.tensor([2, 1]), seq_lens=torch.tensor([5, 3]),
+                      sampler_logprobs=lps, evict=torch.zeros(2, 1, 5, dtype=torch.int32),
+                      prompt_index=torch.tensor([0, 0]), sample_index=torch.tensor([0, 1]),
+                      meta={"rewards": [1.0, 0.5], "sampling": {"temperature": 0.0}})
+    tb = from_rollout(rb)
+    assert tb.completion_mask.tolist() == [[False, True, True, True, False], [True, True, False, False, False]]
+    assert torch.equal(tb.sampler_logprobs, torch.tensor([[0.0, -0.1, -0.2, -0.3, 0.0], [-0.4, -0.5, 0.0, 0.0, 0.0]]))
+    assert torch.equal(tb.sampler_logprobs[tb.completion_mask], rb.sampler_logprobs[completion_mask(rb)])
+    assert torch.equal(to_file_alignment(tb.sampler_logprobs), lps) and torch.equal(to_model_alignment(lps),
+                                                                                   tb.sampler_logprobs)
+    assert tb.rewards.dtype == torch.float32 and tb.rewards.tolist() == [1.0, 0.5]
+    assert tb.group_ids is rb.prompt_index and tb.temperature == 1.0  # greedy scores at temperature 1
+    assert from_rollout(rb, rewards=[0.0, 0.0], temperature=0.7).rewards.tolist() == [0.0, 0.0]
+    assert from_rollout(rb, temperature=0.7).temperature == 0.7

@@ -1,4 +1,6 @@
-"""The rollout directory format, read by the learner and by any other tool.
+"""The rollout directory format: what a sampler wrote, for the replay tools, the benchmarks and any
+other reader. The learner reads it through :func:`megatron_smd.learner.batch.from_rollout` (its own
+:class:`~megatron_smd.learner.batch.TrainBatch`, one position earlier in its alignment).
 
 ``DIR/trajectories.safetensors`` (N trajectories, padded to ``T = max seq_len``):
 
@@ -105,7 +107,8 @@ class RolloutBatch:
         )
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same directory, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -120,8 +123,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+_atomic_write_bytes = atomic_write_bytes  # the name other modules imported
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def save_rollouts(out_dir: str | os.PathLike, batch: RolloutBatch) -> Path:
@@ -137,7 +143,7 @@ def save_rollouts(out_dir: str | os.PathLike, batch: RolloutBatch) -> Path:
     }
     meta = dict(batch.meta)
     meta["format_version"] = FORMAT_VERSION
-    _atomic_write_bytes(out / TRAJ_FILE, save({k: v.contiguous() for k, v in tensors.items()}))
+    atomic_write_bytes(out / TRAJ_FILE, save({k: v.contiguous() for k, v in tensors.items()}))
     atomic_write_json(out / META_FILE, meta)
     return out
 
