@@ -159,7 +159,7 @@ def _format_errors(e: ValidationError, sources: dict[str, str], default_src: str
 
 def dump_config(cfg: BaseModel, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically), next to a command's outputs."""
-    from ..rollout.io import _atomic_write_bytes
+    from ..rollout.io import atomic_write_bytes
 
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    _atomic_write_bytes(Path(path), text.encode())
+    atomic_write_bytes(Path(path), text.encode())
