@@ -70,12 +70,10 @@ def _cmd_rollout(a) -> int:
 
 
 def _cmd_replay(a) -> int:
-    from .replay import replay_torch
+    from .replay import replay_megatron, replay_torch
     from .rollout.io import load_rollouts
 
     if a.learner != "torch":
-        from .learner.replay import replay_megatron
-
         res = replay_megatron(a.rollouts, tp=a.tp, pp=a.pp, cp=a.cp, packed=a.packed, backend=a.backend,
                               model_dir=a.model)
     else:

@@ -99,7 +99,7 @@ def test_cli_json(rollout_dirs):
 
 def test_impossible_layout_is_refused_with_numbers(rollout_dirs):
     from megatron_smd.errors import SMDError
-    from megatron_smd.learner.replay import replay_megatron
+    from megatron_smd.replay import replay_megatron
 
     with pytest.raises(SMDError, match="3"):
         replay_megatron(rollout_dirs[0], tp=3)
@@ -150,7 +150,7 @@ def test_gradients_match_independent_torch_reference(rollout_dirs):
     (4 ranks), equal the pure-torch model's autograd gradients (<= 1e-5 absolute; the loss is a
     token mean, so gradients are O(0.1) and fp32 summation order stays far below the tolerance)."""
     from megatron_smd.model.transformer import RefTransformer
-    from megatron_smd.replay import token_logprobs
+    from megatron_smd.replay import sequence_logprobs as token_logprobs
     from megatron_smd.rollout.io import load_rollouts
 
     d = rollout_dirs[1]  # per-head H2O
