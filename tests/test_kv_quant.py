@@ -293,6 +293,24 @@ def test_round_trips(name):
     assert quantize_kv(x, S_ODD, name).dtype == fdt and quantize_kv(x.bfloat16(), 1.0, name).shape == x.shape
 
 
+def test_fake_quant_gradient_is_straight_through():
+    """The gradient passes unchanged (autograd through the FP8 casts would round it to FP8), the
+    forward value is the no-grad one bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    for dtype in COMPUTE:
+        x = (torch.randn(64, generator=g) * 50).to(dtype).requires_grad_()
+        up = (torch.randn(64, generator=g) * 1e-3).to(dtype)  # far below FP8's resolution at these magnitudes
+        for scale in (None, S_ODD, 0.25):
+            y = fake_quant_kv(x, scale, "fp8_e4m3")
+            assert torch.equal(y.detach(), fake_quant_kv(x.detach(), scale, "fp8_e4m3"))
+            (grad,) = torch.autograd.grad(y, x, up)
+            assert torch.equal(grad, up)
+    k = torch.randn(1, 2, 3, 4, requires_grad=True)
+    fk, _ = KVQuantConfig("fp8_e5m2", (S_ODD,), (1.0,)).fake_quant(0, k, k)
+    (grad,) = torch.autograd.grad(fk.sum(), k)
+    assert torch.equal(grad, torch.ones_like(k))
+
+
 def test_quantize_arguments():
     x = torch.ones(4)
     with pytest.raises(ConfigError, match="fp8_e4m4"):

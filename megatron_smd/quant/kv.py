@@ -133,6 +133,7 @@ import os
 import re
 import struct
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -259,14 +260,30 @@ def dequantize_kv(q: torch.Tensor, scale: float | torch.Tensor | None, out_dtype
     return (q.to(torch.float32) * torch.tensor(s, dtype=torch.float32, device=q.device)).to(out_dtype)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the FP8 round trip; backward: the incoming gradient unchanged (straight through)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, dtype, division):
+        return dequantize_kv(quantize_kv(x, scale, dtype, division=division), scale, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
+
+
 def fake_quant_kv(x: torch.Tensor, scale: float | torch.Tensor | None, dtype: str = "fp8_e4m3", *,
                   division: str = "exact") -> torch.Tensor:
     """``dequantize_kv(quantize_kv(x, scale, dtype), scale, x.dtype)``: what attention reads for ``x``.
 
-    Not differentiable through the rounding (as the sampler's cache, it is a constant function of
-    ``x`` almost everywhere); the learner that needs a gradient through K/V uses a straight-through
-    estimator on top of it.
+    Differentiable with a straight-through gradient (d out / d x = 1, saturated values included):
+    autograd through the casts themselves would round the *gradient* to FP8 on its way back
+    (the backward of ``q.to(fp32)`` casts the gradient to ``q``'s dtype).
     """
+    if isinstance(scale, torch.Tensor):
+        scale = _check_scale(scale)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _StraightThrough.apply(x, scale, dtype, division)
     return dequantize_kv(quantize_kv(x, scale, dtype, division=division), scale, x.dtype)
 
 
@@ -390,16 +407,10 @@ def weights_fingerprint(weights: str | os.PathLike | Mapping[str, torch.Tensor])
                     where[name] = f
         except (SafetensorError, OSError) as e:
             raise FormatError(f"{f}: cannot read safetensors ({e})") from None
-    handles: dict[Path, Any] = {}
-    try:
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in sorted(set(where.values()))}
         for name in sorted(where):
-            f = where[name]
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt").__enter__()
-            _hash_tensor(h, name, handles[f].get_tensor(name))
-    finally:
-        for sf in handles.values():
-            sf.__exit__(None, None, None)
+            _hash_tensor(h, name, handles[where[name]].get_tensor(name))
     return "sha256:" + h.hexdigest()
 
 
