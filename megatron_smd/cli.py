@@ -144,20 +144,20 @@ def _cmd_export_hf(a) -> int:
 
 
 def _cmd_bench(a) -> int:
-    from . import bench
-
     if a.what == "rollout":
-        res = bench.bench_rollout()
+        from .bench.rollout import bench_rollout
+
+        res = bench_rollout()
     elif a.what == "attention":
-        from .learner.bench_attention import run_attention_bench
+        from .bench.attention import run_attention_bench
 
         res = run_attention_bench()
     elif a.what == "sync":
-        from .bench_sync import bench_sync
+        from .bench.sync import bench_sync
 
         res = bench_sync()
     else:
-        from .bench_all import bench_all, format_table
+        from .bench.all import bench_all, format_table
 
         res = bench_all(quick=a.quick)
         if not a.json:

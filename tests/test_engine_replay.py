@@ -119,7 +119,7 @@ def test_cache_never_exceeds_budget(qwen, name, kw):
 
 def test_memory_really_saved_at_quarter_budget(tiny_qwen2_dir):
     """Budget = 25% of the sequence on long generations: peak held KV bytes <= 30% of dense."""
-    from megatron_smd.bench import bench_rollout
+    from megatron_smd.bench.rollout import bench_rollout
 
     res = bench_rollout(model_dir=tiny_qwen2_dir, prompt_tokens=32, new_tokens=480, num_prompts=2, group_size=2,
                         policies=("streaming", "h2o", "rkv"))

@@ -184,7 +184,7 @@ def test_findings_from_hand_computed_numbers():
 
 
 def test_bench_all_quick_every_figure_has_its_baseline():
-    from megatron_smd.bench_all import bench_all
+    from megatron_smd.bench.all import bench_all
 
     rep = bench_all(quick=True, threads=1)
     sections = {f["section"] for f in rep["figures"]}

@@ -1,5 +1,5 @@
-"""Benchmarks. Every figure is a ratio against a baseline measured in the same run, or carries that
-baseline next to it. None of this is a timed test: the test suite only checks that they run."""
+"""``smd bench rollout``: the reference engine's peak KV bytes and tokens/s per eviction policy, against
+policy ``none`` on the same prompts in the same run (:func:`bench_rollout`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ POLICIES = ("streaming", "h2o", "snapkv", "rkv")
 
 
 def _policy_cfg(name: str, budget: int):
-    from .policies import PolicyConfig
+    from ..policies import PolicyConfig
 
     if name == "none":
         return PolicyConfig()
@@ -28,15 +28,15 @@ def bench_rollout(*, model_dir: str | Path | None = None, prompt_tokens: int = 6
     Long generations (no stop token) so that decode-time eviction dominates; SnapKV compresses only
     the prompt, so its decode cache grows like ``none`` (shown, not hidden).
     """
-    from .model.tiny import init_model_dir
-    from .rollout.engine import ReferenceEngine, SamplingParams
+    from ..model.tiny import init_model_dir
+    from ..rollout.engine import ReferenceEngine, SamplingParams
 
     tmp = None
     if model_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="smd-bench-")
         model_dir = init_model_dir(Path(tmp.name) / "tiny", "qwen2", seed=seed)
     g = torch.Generator().manual_seed(seed)
-    from .model.hf import read_arch
+    from ..model.hf import read_arch
 
     vocab = read_arch(model_dir).vocab_size
     prompts = [torch.randint(3, vocab, (prompt_tokens,), generator=g).tolist() for _ in range(num_prompts)]

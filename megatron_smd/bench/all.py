@@ -1,22 +1,22 @@
 """``smd bench all``: every benchmark in one run, each figure next to its baseline from the same run.
 
-    python -m megatron_smd.bench_all --json            # full sizes: < 10 minutes on a 2-core CPU
-    python -m megatron_smd.bench_all --quick           # seconds; what the test suite runs
+    smd bench all --json            # full sizes: < 10 minutes on a 2-core CPU
+    smd bench all --quick           # seconds; what the test suite runs
 
 Sections (DESIGN.md section 5):
 
 * ``rollout``: peak KV bytes actually allocated and tokens/s of the reference engine, per eviction
   policy at a budget of 1/4 of the sequence, against policy ``none`` on the same prompts
-  (:func:`megatron_smd.bench.bench_rollout`).
+  (:func:`megatron_smd.bench.rollout.bench_rollout`).
 * ``attention``: the learner's shadow-masked core attention forward + backward against plain causal
   SDPA of the same shape, per backend usable here
-  (:func:`megatron_smd.learner.bench_attention.run_attention_bench`; on CPU flex is forward-only,
+  (:func:`megatron_smd.bench.attention.run_attention_bench`; on CPU flex is forward-only,
   see its notes).
 * ``mask_bytes``: the int32 ``evict`` mask of one trajectory against a dense boolean mask and a
   dense bit mask of the same attention pattern (measured tensors where they fit in memory,
   marked ``measured``; the 28-layer figures scale the per-layer measurement by the layer count).
-* ``sync``: weight sync against a plain copy, from ``megatron_smd.bench_sync.bench_sync`` when that
-  module exists; otherwise the section says it is missing and why (never silently dropped).
+* ``sync``: weight sync per transport against its own floor and a plain copy
+  (:func:`megatron_smd.bench.sync.bench_sync`, its quick form under ``--quick``).
 
 The result's ``figures`` list is the summary: every entry has ``value``, ``baseline`` (what it is
 compared with), ``baseline_value`` and ``ratio = value / baseline_value`` (or, for figures taken
@@ -27,16 +27,11 @@ by side, are the meaningful part. ``torch.get_num_threads()`` is reported with t
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
-import inspect
 import json
 import math
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -75,14 +70,14 @@ def _timed(fn: Callable[[], dict]) -> tuple[dict, float]:
 
 # ------------------------------------------------------------------------------------------ sections
 def bench_rollout_rounds(rounds: int, **kw) -> dict:
-    """:func:`~megatron_smd.bench.bench_rollout` ``rounds`` times after an untimed warm-up; tokens/s
+    """:func:`~megatron_smd.bench.rollout.bench_rollout` ``rounds`` times after an untimed warm-up; tokens/s
     is the median over rounds per policy.
 
     Each round runs ``none`` and every policy back to back, so a burst of load from elsewhere on a
     shared CPU hits one round of all of them rather than one policy, and the median discards it.
     Peak KV bytes are a property of the run (same prompts, same seeds), identical in every round.
     """
-    from .bench import bench_rollout
+    from .rollout import bench_rollout
 
     bench_rollout(prompt_tokens=16, new_tokens=8, num_prompts=1, group_size=2)  # warm-up: lazy inits, kernels
     runs = [bench_rollout(**kw) for _ in range(rounds)]
@@ -125,13 +120,13 @@ def bench_mask_bytes(seq_lens: tuple[int, ...], *, budget: float = 0.25, num_lay
     """Bytes of one trajectory's shadow mask (int32 ``evict``) vs dense masks of the same pattern.
 
     Per layer, measured on real tensors: ``evict`` ``[T]`` int32 from a synthetic H2O-shaped schedule
-    (:func:`~megatron_smd.learner.bench_attention.synthetic_evict`) and its dense boolean form
+    (:func:`~megatron_smd.bench.attention.synthetic_evict`) and its dense boolean form
     ``[T, T]`` from :func:`megatron_smd.mask.to_dense` (which is also checked against ``evict`` on
     one row: the two must describe the same pattern). Beyond ``DENSE_MEASURE_MAX_T`` the boolean
     size is ``T*T`` bytes, marked ``measured: false``. The dense *bit* mask is ``ceil(T*T/8)``.
     """
-    from .learner.bench_attention import synthetic_evict
-    from .mask import to_dense
+    from .attention import synthetic_evict
+    from ..mask import to_dense
 
     rows = []
     for T in seq_lens:
@@ -168,24 +163,15 @@ def mask_figures(res: dict) -> list[dict]:
 
 
 def run_sync(quick: bool) -> dict:
-    """``megatron_smd.bench_sync.bench_sync()`` if the module exists; else a ``missing`` record."""
-    if importlib.util.find_spec("megatron_smd.bench_sync") is None:
-        return {"status": "missing",
-                "reason": "megatron_smd/bench_sync.py is not in this checkout: the weight-sync benchmark "
-                          "(learner layout -> rollout engine vs a plain copy) has not been written yet"}
-    mod = importlib.import_module("megatron_smd.bench_sync")
-    fn = getattr(mod, "bench_sync", None)
-    if fn is None:
-        return {"status": "missing", "reason": "megatron_smd.bench_sync has no bench_sync() function"}
-    kw = {"quick": quick} if "quick" in inspect.signature(fn).parameters else {}
-    return {"status": "ok", "quick_supported": bool(kw), "result": fn(**kw)}
+    """:func:`megatron_smd.bench.sync.bench_sync` (its quick form when ``quick``), under ``result``."""
+    from .sync import bench_sync
+
+    return {"status": "ok", "quick_supported": True, "result": bench_sync(quick=quick)}
 
 
 def sync_figures(res: dict) -> list[dict]:
     """Every dict inside the sync result that reports a ``ratio`` becomes a figure; the numbers
     reported beside it (its baseline among them) travel with it as ``context``."""
-    if res.get("status") != "ok":
-        return []
     out: list[dict] = []
 
     def walk(x: Any, path: str) -> None:
@@ -217,10 +203,10 @@ def bench_all(quick: bool = False, *, threads: int | None = None) -> dict:
 
     Keys: ``figures`` (the flat summary), ``sections`` (each benchmark's full output),
     ``seconds`` (per section and ``total``), ``limit_s``/``within_limit`` (the 10-minute bound,
-    meaningful for the full sizes), ``missing`` (sections that could not run, with the reason),
-    ``problems`` (anything that makes a figure unusable), ``environment``.
+    meaningful for the full sizes), ``missing`` (empty: every section always runs; the key keeps
+    the report's shape), ``problems`` (anything that makes a figure unusable), ``environment``.
     """
-    from .learner.bench_attention import run_attention_bench
+    from .attention import run_attention_bench
 
     if threads is not None:
         old = torch.get_num_threads()
@@ -242,18 +228,15 @@ def bench_all(quick: bool = False, *, threads: int | None = None) -> dict:
 
     figures = (rollout_figures(sections["rollout"]) + attention_figures(sections["attention"])
                + mask_figures(sections["mask_bytes"]) + sync_figures(sections["sync"]))
-    missing = {}
-    if sections["sync"]["status"] != "ok":
-        missing["sync"] = sections["sync"]["reason"]
     problems = [f"{f['section']}/{f['name']}: ratio is {f['ratio']}" for f in figures
                 if not (isinstance(f.get("ratio"), float) and math.isfinite(f["ratio"]))]
-    if sections["sync"]["status"] == "ok" and not any(f["section"] == "sync" for f in figures):
+    if not any(f["section"] == "sync" for f in figures):
         problems.append("sync: bench_sync() returned no entry with a 'ratio' next to its baseline")
     return {
         "benchmark": "all", "quick": quick,
         "figures": figures, "sections": sections, "seconds": seconds,
         "limit_s": LIMIT_S, "within_limit": seconds["total"] < LIMIT_S,
-        "missing": missing, "problems": problems,
+        "missing": {}, "problems": problems,
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": os.cpu_count(),
                         "machine": f"{platform.system()} {platform.machine()}", "python": platform.python_version()},
@@ -270,23 +253,7 @@ def format_table(rep: dict) -> str:
                          f"ratio {f['ratio']:.3g} vs {f['baseline']} ({f['baseline_value']:.4g})")
         else:
             lines.append(f"  {f['section']:>10}  {f['name']:<34} ratio {f['ratio']:.3g}  {f['context']}")
-    for k, why in rep["missing"].items():
-        lines.append(f"  MISSING {k}: {why}")
     for p in rep["problems"]:
         lines.append(f"  PROBLEM {p}")
     return "\n".join(lines)
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_smd.bench_all", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="toy sizes (seconds), for smoke tests")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own setting)")
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
-    rep = bench_all(quick=a.quick, threads=a.threads)
-    print(json.dumps(rep, indent=2) if a.json else format_table(rep))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -58,8 +58,8 @@ from pathlib import Path
 
 import torch
 
-from .model.hf import ModelArch
-from .parallel.layout import free_port
+from ..model.hf import ModelArch
+from ..parallel.layout import free_port
 
 MiB = 1 << 20
 
@@ -70,8 +70,8 @@ QWEN25_05B = ModelArch(arch="qwen2", vocab_size=151936, hidden_size=896, interme
 
 
 def _tiny_arch() -> ModelArch:
-    from .model.tiny import tiny_arch
-    from .model.tokenizer import CharTokenizer
+    from ..model.tiny import tiny_arch
+    from ..model.tokenizer import CharTokenizer
 
     tok = CharTokenizer.build()
     return tiny_arch("qwen2", vocab_size=tok.vocab_size, hidden_size=64, num_layers=4, num_heads=4,
@@ -119,8 +119,8 @@ def _raw_safetensors_seconds(tensors: dict[str, torch.Tensor], directory: str) -
 
 def _empty_engine(arch: ModelArch, dtype: torch.dtype):
     """A reference engine with uninitialised weights (every one is overwritten by the sync)."""
-    from .model.transformer import RefTransformer
-    from .rollout.engine import ReferenceEngine
+    from ..model.transformer import RefTransformer
+    from ..rollout.engine import ReferenceEngine
 
     with torch.device("meta"):
         model = RefTransformer(arch).to(dtype)
@@ -133,7 +133,7 @@ def _empty_engine(arch: ModelArch, dtype: torch.dtype):
 def _receiver_main(arch: ModelArch, dtype: torch.dtype, port: int, q) -> None:
     """The broadcast receiver process: an engine that takes syncs until the learner says stop."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from .sync import BroadcastReceiver
+    from ..sync import BroadcastReceiver
 
     try:
         engine = _empty_engine(arch, dtype)
@@ -179,8 +179,8 @@ def _summary(reports: list, floors: list[float], copies: list[float], floor_what
 
 def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, bucket_mb: int, repeats: int,
                  transports: tuple[str, ...], seed: int) -> dict:
-    from .learner.model import build_gpt_model
-    from .sync import BroadcastTransport, DiskTransport, InProcessTransport, WeightSync
+    from ..learner.model import build_gpt_model
+    from ..sync import BroadcastTransport, DiskTransport, InProcessTransport, WeightSync
 
     t0 = time.perf_counter()
     model = build_gpt_model(arch, params_dtype=dtype, perform_initialization=False)
@@ -197,9 +197,9 @@ def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, buc
     copier = _Copier(nbytes)
     kw = dict(bucket_bytes=bucket_mb * MiB)
 
-    def run(name: str, ws: WeightSync, floor, what: str, floor2=None, what2: str = "") -> None:
+    def run(name: str, ws: WeightSync, floor, what: str, what2: str = "") -> None:
         """``floor()`` -> seconds, or a tuple whose first item is the floor and second the
-        alternative floor ``floor2`` reports on (disk: without and with fsync)."""
+        alternative floor ``what2`` describes (disk: without and with fsync)."""
         first = ws.sync(1).seconds  # allocates the engine side's kept buffers
         floor()  # the floor's own first run (its buffers, the receiver's) is not measured either
         reports, floors, floors2, copies = [], [], [], []
@@ -261,6 +261,7 @@ def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, buc
         if status != "ok":
             out["transports"]["broadcast"]["receiver_error"] = detail
     out["copy"] = {"seconds": copier.seconds(), "gb_per_s": nbytes / copier.seconds() / 1e9}
+    # Every closure above has run by now; pyflakes, reading this del, reports their `hf` / `copier` as undefined.
     del model, engine, hf, copier
     return out
 
@@ -279,46 +280,31 @@ def bench_sync(*, large: bool = True, bucket_mb: int = 512, repeats: int = 7,
     """
     if quick:
         large, repeats = False, min(repeats, 3)
-    from .errors import SMDError
-    from .parallel.layout import ParallelLayout
+    from ..errors import SMDError
+    from ..parallel.layout import ParallelLayout, one_process_env
 
     if torch.cuda.is_available():
         raise SMDError("smd bench sync measures the CPU path: run it with CUDA_VISIBLE_DEVICES= "
                        "(GPU syncs go to SGLang through the sglang transport)")
     if torch.distributed.is_initialized():
         raise SMDError("smd bench sync starts its own one-rank process group; run it in a fresh process")
-    keys = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}  # restored below: later runs in this process must not
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    layout = ParallelLayout(world_size=1)                  # mistake themselves for torchrun ranks
-    try:
+    with one_process_env():  # restored afterwards: later runs in this process are no launcher ranks
+        layout = ParallelLayout(world_size=1)
         layout.initialize(seed=seed)
-    except BaseException:
-        _restore_env(saved)
-        raise
-    t0 = time.perf_counter()
-    try:
-        res = {"device": "cpu", "threads": torch.get_num_threads(), "layout": "tp=1 pp=1 (one gloo rank)",
-               "models": {}}
-        models = [("tiny", _tiny_arch(), torch.float32)]
-        if large:
-            models.append(("qwen2.5-0.5b", QWEN25_05B, torch.bfloat16))
-        for label, arch, dtype in models:
-            res["models"][label] = _bench_model(label, arch, dtype, layout, bucket_mb=bucket_mb, repeats=repeats,
-                                                transports=transports, seed=seed)
-        res["seconds"] = time.perf_counter() - t0
-        return res
-    finally:
-        layout.destroy()
-        _restore_env(saved)
-
-
-def _restore_env(saved: dict) -> None:
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        t0 = time.perf_counter()
+        try:
+            res = {"device": "cpu", "threads": torch.get_num_threads(), "layout": "tp=1 pp=1 (one gloo rank)",
+                   "models": {}}
+            models = [("tiny", _tiny_arch(), torch.float32)]
+            if large:
+                models.append(("qwen2.5-0.5b", QWEN25_05B, torch.bfloat16))
+            for label, arch, dtype in models:
+                res["models"][label] = _bench_model(label, arch, dtype, layout, bucket_mb=bucket_mb,
+                                                    repeats=repeats, transports=transports, seed=seed)
+            res["seconds"] = time.perf_counter() - t0
+            return res
+        finally:
+            layout.destroy()
 
 
 def format_sync_bench(res: dict) -> str:
