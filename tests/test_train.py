@@ -47,6 +47,23 @@ def test_every_mode_runs_and_logs(mode, tmp_path, tiny_qwen2_dir):
         assert "correction/rejection_rate" in h[0]
 
 
+def test_both_rollout_engines_are_what_the_trainer_asks_for(tiny_qwen2_dir):
+    """The reference engine and the SGLang client are RolloutEngines with the same generate()
+    signature; only the client is a RemoteRolloutEngine (servers to re-target and check)."""
+    import inspect
+
+    from megatron_smd.rollout.engine import ReferenceEngine
+    from megatron_smd.rollout.engine_api import RemoteRolloutEngine, RolloutEngine
+    from megatron_smd.rollout.sglang_client import SGLangClient
+
+    ref, client = ReferenceEngine.from_pretrained(tiny_qwen2_dir), SGLangClient(["http://127.0.0.1:9"], 4)
+    assert isinstance(ref, RolloutEngine) and not isinstance(ref, RemoteRolloutEngine)
+    assert isinstance(client, RemoteRolloutEngine)
+    want = list(inspect.signature(RolloutEngine.generate).parameters)
+    assert list(inspect.signature(ReferenceEngine.generate).parameters) == want
+    assert list(inspect.signature(SGLangClient.generate).parameters) == want
+
+
 def test_smd_is_on_policy_and_naive_is_not(tmp_path, tiny_qwen2_dir):
     """First micro-step of every update: SMD's gap sits at the fp32 floor and its ratio is 1; naive's does not."""
     smd = train(_cfg(tmp_path / "smd", tiny_qwen2_dir, **{"algorithm.correction": "smd"}), resume="none")["history"][1:]
