@@ -45,6 +45,7 @@ MEMORY_MODULES = (
     "sglang.srt.mem_cache.cache_init_params",
     "sglang.srt.mem_cache.base_prefix_cache",
     "sglang.srt.mem_cache.common",
+    "sglang.srt.mem_cache.prefill_budget",
     "sglang.srt.managers.schedule_batch",
     "sglang.srt.sampling.sampling_params",
 )

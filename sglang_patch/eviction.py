@@ -1,59 +1,56 @@
-"""Per-request, per-layer KV eviction bookkeeping on SGLang's memory classes.
+"""Per-request, per-layer KV eviction on SGLang's memory classes and the per-layer pool.
 
 This module is the part of the patch that decides and frees; :mod:`sglang_patch.patch` only calls
-it from SGLang's attention backend (per layer) and scheduler (per step). It imports nothing from
-SGLang: it works on the objects SGLang hands it — ``ReqToTokenPool`` (``req_to_token``),
-``TokenToKVPoolAllocator`` (``free``, ``free_group_begin/end``), ``MHATokenToKVPool``
-(``get_key_buffer``), ``RadixCache`` (``match_prefix``, ``lock``/``unlock``, ``_delete_leaf``) and
-``Req`` (``rid``, ``kv.req_pool_idx``, ``kv.cache_protected_len``, ``lock``, ``last_node``) — so the
-CPU tests drive it with the real classes on ``device="cpu"``.
+it from SGLang's attention backend (per layer, inside the forward) and scheduler (per step). It
+imports nothing from SGLang: it works on the objects SGLang hands it -- ``ReqToTokenPool``
+(``req_to_token``), the per-layer pool of :mod:`sglang_patch.kv_pool` (``PerLayerKVPool``: K/V
+buffers, the logical -> physical table ``l2p``, per-layer ``free_physical``; ``PerLayerAllocator``:
+logical ids), ``RadixCache`` (``match_prefix``, ``lock``/``unlock``, ``_delete_leaf``) and ``Req``
+(``rid``, ``kv.req_pool_idx``, ``kv.cache_protected_len``, ``lock``, ``last_node``) -- so the CPU
+tests drive it with the real classes on ``device="cpu"``.
 
-Decisions are :mod:`megatron_smd.policies`' (``should_compress`` / ``accumulate`` / ``select``),
-called exactly as the reference engine (:mod:`megatron_smd.rollout.engine`) calls them, so on the
-same attention inputs SGLang evicts the same positions and exports the same mask.
+Decisions are :mod:`megatron_smd.policies`' (``should_compress`` / ``select`` at prefill, the same
+formulas batched over requests by :mod:`sglang_patch.batched_policy` at decode), so on the same
+attention inputs SGLang evicts the same positions as the reference engine and exports the same mask.
 
-Model of one request (page size 1, one KV slot per logical position, shared by all layers)
----------------------------------------------------------------------------------------------
-* **Positions stay logical.** ``req_to_token[row, j]`` keeps mapping position ``j`` to its slot and
-  ``seq_lens`` is untouched, so RoPE positions are the original ones. What changes is the list of
-  positions each layer still attends: ``live[l]`` (int64, ascending). The attention backend gets
-  ``req_to_token[row, live[l]]`` as that layer's compacted KV index list
-  (:meth:`EvictionManager.kv_indices`).
-* **The mask.** ``evict[l, j]``: SnapKV-style prefill compression of a prompt of length ``P`` sets
+Model of one request (page size 1)
+----------------------------------
+* **Positions and ``req_to_token`` stay logical.** ``req_to_token[row, j]`` maps position ``j`` to
+  its logical token id, ``seq_lens`` is untouched, RoPE positions are the original ones. Layer
+  ``l`` stores token ``t`` in physical slot ``l2p[l, t]``.
+* **What each layer attends.** Per request and layer the live positions are a *table* of
+  ``n_tab`` positions (what the last compression kept, device tensor ``tab[l, row, :n_tab]``)
+  followed by the contiguous *tail* ``[tail_start, next_pos]`` of tokens appended since. ``n_tab``,
+  ``tail_start`` and ``next_pos`` are the same in every layer and known on the host without
+  reading the device: they follow from the prompt length, the policy and the step count
+  (``should_compress`` only looks at the live count). So every shape of a decode step is known on
+  the host before the forward; the per-layer work (index tables, H2O attention sums, observation
+  queries, the policy's scores, top-k, compaction of the table) is tensor ops with no host sync.
+* **The mask.** ``evict[l, j]``: prefill compression of a prompt of length ``P`` sets
   ``evict = P`` for dropped prompt keys; a decode eviction decided after the query at position
-  ``i`` ran sets ``evict = i + 1``; never evicted = the sequence length (at export). Exported as
-  base64 int32 ``[L, T]`` (:func:`encode_mask`).
-* **Private (decode) positions** ``j >= cache_protected_len``: the request owns the slot. Once ``j``
-  is evicted in *every* layer its slot goes back to the allocator at once (at the scheduler's
-  synced point, inside ``free_group_begin/end``) and ``req_to_token[row, j]`` is pointed at the
-  dummy slot 0, so a stale read can never see another request's K/V.
-* **The shared prompt** ``j < cache_protected_len`` is owned by the radix tree and shared by every
-  sample of the GRPO group (``RadixCache.checkpoint`` de-duplicates each sample's prompt onto the
-  same slots). Evicting a prompt position is per request and only a mask entry. Only when *every*
-  sharer has evicted position ``p`` in every layer, no request outside the group holds the
-  prompt's tree lock, and the prompt's tree path below ``p`` is a plain chain, does the group
-  *detach* ``[p, P)`` from the tree (:meth:`EvictionManager._maybe_detach`): the tree keeps the
-  intact prefix ``[0, p)`` (still matchable by later requests, which re-prefill the rest densely),
-  every sharer's lock moves to the node ending at ``p`` and its ``cache_protected_len`` becomes
-  ``p``; the group then owns ``[p, P)``, frees the positions every sharer dropped at once and the
-  rest when the last sharer finishes.
-* **Prompt work is shared.** The prompt's dense prefill state — per layer the kept positions after
+  ``i`` ran sets ``evict = i + 1``; never evicted = the sequence length (at export). The dropped
+  positions of a step reach the host once, after the forward (:meth:`EvictionManager.end_decode_step`).
+* **Private (generated) positions** ``j >= P``: the request owns the token. When layer ``l``
+  evicts it, layer ``l``'s physical slot is freed at once (at the scheduler's synced point); when
+  every layer has, its logical id is freed too and ``req_to_token[row, j]`` points at the dummy 0.
+* **The shared prompt** ``j < P`` is owned by the radix tree and shared by every sample of the
+  GRPO group (``RadixCache.checkpoint`` de-duplicates each sample's prompt onto the same tokens),
+  so it is stored once per layer. ``keep_count[l, p]`` counts the group members that still keep
+  prompt position ``p`` in layer ``l``. A tree-owned position must stay complete in every layer (a
+  later request may match it); so when some layer is no longer kept by anyone at a position ``p``,
+  the group *detaches* ``[p, P)`` from the tree (:meth:`EvictionManager._maybe_detach`) if no
+  request outside the group holds that part of the tree: the tree keeps the intact prefix ``[0,
+  p)``, every member's lock moves to the node ending at ``p``; the group then owns ``[p, P)`` and
+  frees each layer's slot of a position as soon as no member keeps it in that layer, its logical
+  id when no layer does (and the rest when its last member finishes).
+* **Prompt work is shared.** The prompt's dense prefill state -- per layer the kept positions after
   prefill compression (SnapKV, or any policy whose budget is below ``P``), the H2O attention sums
-  and the last ``window`` post-RoPE queries — is computed once per prompt
-  (:class:`PromptState`, cached by token ids) from the request that prefilled the whole prompt,
-  and copied by every later sample, which only re-extends the last prompt token (SGLang matches
-  at most ``input_len - 1`` tokens). A sample whose prefill saw fewer queries than the policy
-  needs and finds no cached state is scored on the queries it has and flagged
-  ``prompt_state="partial"`` in its export (its mask is still exact for replay: it records what
-  the sampler did).
-
-Per-layer *freeing* (a slot dead in some layers only) would need per-layer slot tables: one
-allocator and one translation table ``logical slot -> layer slot`` per layer (or per group of
-layers), as SGLang's hybrid sliding-window pools do with two pools (``SWAKVPool``,
-``SWATokenToKVPoolAllocator.free_swa``, ``full_to_swa_index_mapping``), generalised to ``L`` pools
-and read by the backend when it builds each layer's index list. It is not built: a slot is freed
-when its position is dead in every layer, and per-layer eviction is otherwise a mask plus a
-shorter attention index list.
+  and the last ``window`` post-RoPE queries -- is computed once per prompt (:class:`PromptState`,
+  cached by token ids) from the request that prefilled the whole prompt, and copied by every later
+  sample, which only re-extends the last prompt token (SGLang matches at most ``input_len - 1``
+  tokens). A sample whose prefill saw fewer queries than the policy needs and finds no cached
+  state is scored on the queries it has and flagged ``prompt_state="partial"`` in its export (its
+  mask is still exact for replay: it records what the sampler did).
 """
 
 from __future__ import annotations
@@ -63,11 +60,15 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
+from megatron_smd import kv_budget
 from megatron_smd.errors import ConfigError
 from megatron_smd.mask import EVICT_DTYPE
 from megatron_smd.policies import EvictionPolicy, PolicyConfig, accumulate_attention, make_policy, obs_attention
+
+from .batched_policy import accumulate_batched, dropped_batched, obs_attention_batched, select_batched
 
 #: ``evict`` value of a position nobody has evicted yet (clamped to the sequence length at export).
 NEVER = 2**62
@@ -170,7 +171,8 @@ def build_prompt_state(policy: EvictionPolicy, keys: list[torch.Tensor], queries
         raise ValueError(f"prefill queries cover [{q_start}, {q_start + n}), the prompt has {P} tokens")
     w = policy.obs_window
     partial = (policy.needs_attention and q_start > 0) or (w > 0 and n < min(w, P))
-    pos = torch.arange(P)
+    dev = keys[0].device
+    pos = torch.arange(P, device=dev)
     keep, accs, obs, obs_pos = [], [], [], None
     if w:
         o0 = max(q_start, P - w)
@@ -180,7 +182,7 @@ def build_prompt_state(policy: EvictionPolicy, keys: list[torch.Tensor], queries
         acc = None
         if policy.needs_attention:
             probs = obs_attention(k, pos.expand(H_kv, P), queries[li], pos[q_start:])  # [H_q, n, P]
-            acc = accumulate_attention(torch.zeros(H_kv, P), probs)
+            acc = accumulate_attention(torch.zeros(H_kv, P, device=dev), probs)
         oq = None
         if w:
             oq = queries[li][:, max(0, P - w - q_start):].to(torch.float32).clone()
@@ -198,19 +200,21 @@ def build_prompt_state(policy: EvictionPolicy, keys: list[torch.Tensor], queries
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-request state and the prompt groups
+# Per-request state, prompt groups, decode steps
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class RequestEviction:
-    """Eviction state of one running request (all tensors on the bookkeeping device, CPU here).
+    """Eviction state of one running request (host side; its tables live in the manager's tensors).
 
-    ``live[l]`` int64 ``[C_l]`` ascending positions layer ``l`` still attends; ``acc[l]`` float32
-    ``[H_kv, C_l]`` (h2o); ``obs_q[l]`` float32 ``[H_q, <=w, d]`` and ``obs_pos`` ``[<=w]`` (snapkv/
-    rkv); ``evict`` int64 ``[L, cap]`` (:data:`NEVER` = not evicted); ``dead`` int32 ``[cap]``
-    number of layers that evicted each position; ``freed`` bool ``[cap]`` private slots already
-    returned to the allocator. ``next_pos`` is the position of the next token fed to the model.
+    ``n_tab`` / ``tail_start`` / ``next_pos``: live positions of every layer are ``tab[l, row,
+    :n_tab]`` then ``[tail_start, next_pos]`` (``next_pos`` is the position of the next token fed to
+    the model). ``n_obs``: observation queries held (snapkv/rkv). ``evict`` int64 ``[L, cap]``
+    (:data:`NEVER` = not evicted); ``dead`` int16 ``[cap]`` number of layers that evicted each
+    private position; ``freed`` bool ``[cap]`` private positions whose logical id was returned;
+    ``keeps_prompt`` bool ``[L, P]`` prompt positions this request keeps per layer;
+    ``private_held`` int64 ``[L]`` generated tokens it holds per layer.
     """
 
     req: Any
@@ -218,32 +222,35 @@ class RequestEviction:
     row: int
     prompt_len: int
     group: "PromptGroup"
-    live: list[torch.Tensor]
-    acc: list[torch.Tensor | None]
-    obs_q: list[torch.Tensor | None]
-    obs_pos: torch.Tensor | None
-    evict: torch.Tensor
-    dead: torch.Tensor
-    freed: torch.Tensor
+    n_tab: int
+    tail_start: int
     next_pos: int
+    n_obs: int
+    evict: np.ndarray
+    dead: np.ndarray
+    freed: np.ndarray
+    keeps_prompt: np.ndarray
+    private_held: np.ndarray
     prompt_state: str = "shared"
     replayable: bool = True
     not_replayable_reason: str = ""
     evictions: int = 0
-    private_held: int = 0  # private (decode) slots currently allocated to this request
-    peak_private_held: int = 0  # their peak over the run: the request's own token-pool usage
-    step_open: list[bool] = field(default_factory=list)
+    peak_private_held: int = 0  # most generated tokens held in a layer over the run
+
+    def n_live(self) -> int:
+        """Live positions per layer once the token at ``next_pos`` is appended."""
+        return self.n_tab + self.next_pos - self.tail_start + 1
 
     def ensure_capacity(self, n: int) -> None:
         cap = self.evict.shape[1]
         if n <= cap:
             return
         new = max(n, 2 * cap)
-        ev = torch.full((self.evict.shape[0], new), NEVER, dtype=torch.int64)
+        ev = np.full((self.evict.shape[0], new), NEVER, dtype=np.int64)
         ev[:, :cap] = self.evict
-        dead = torch.zeros(new, dtype=torch.int32)
+        dead = np.zeros(new, dtype=np.int16)
         dead[:cap] = self.dead
-        freed = torch.zeros(new, dtype=torch.bool)
+        freed = np.zeros(new, dtype=bool)
         freed[:cap] = self.freed
         self.evict, self.dead, self.freed = ev, dead, freed
 
@@ -252,17 +259,44 @@ class RequestEviction:
 class PromptGroup:
     """The running requests that share one tree-owned prompt (a GRPO group, plus any latecomer).
 
-    ``protected`` is the tree-owned prefix length (``P``, or ``p`` after a detach); ``owned_slots``
-    int64 ``[P - protected]`` are the slots of the detached positions ``[protected, P)``, owned by
-    the group; ``owned_freed`` marks those already returned to the allocator.
+    ``protected``: the tree-owned prefix length (``P``, or ``p`` after a detach); positions
+    ``[protected, P)`` are owned by the group. ``slots`` int64 ``[P]``: the prompt's logical ids
+    (the same in every member's row). ``keep_count`` int32 ``[L, P]``: members keeping each position
+    per layer. ``phys_freed`` bool ``[L, P]`` / ``logical_freed`` bool ``[P]``: owned positions
+    already returned.
     """
 
     key: tuple
     prompt_len: int
+    slots: np.ndarray
+    keep_count: np.ndarray
+    phys_freed: np.ndarray
+    logical_freed: np.ndarray
     members: dict[str, RequestEviction] = field(default_factory=dict)
     protected: int = 0
-    owned_slots: torch.Tensor | None = None
-    owned_freed: torch.Tensor | None = None
+
+
+@dataclass
+class DecodeStep:
+    """Host-known plan of one decode forward (built once, before layer 0; see
+    :meth:`EvictionManager.begin_decode`). Device tensors are ``[bs]`` unless noted."""
+
+    bs: int
+    rows: torch.Tensor
+    n_tab: torch.Tensor
+    tail: torch.Tensor
+    n_live: torch.Tensor
+    W: int  # widest live list in the batch
+    managed: list[tuple[int, RequestEviction]]
+    man_idx: torch.Tensor | None  # batch indices of the managed rows (None: none managed)
+    man_rows: torch.Tensor | None
+    man_qpos: torch.Tensor | None  # [m, 1] position of each managed row's query
+    Wm: int  # widest live list among managed rows
+    comp: list[list[tuple[int, RequestEviction]]]  # compressing rows, grouped by (C, n_obs)
+    comp_meta: list[dict]
+    drops: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per comp group: layer -> [2, n, D]
+    layers_done: set = field(default_factory=set)
+    cur: tuple | None = None  # (layer, pos, slots, phys, valid) of the layer being run
 
 
 class EvictionManager:
@@ -271,8 +305,10 @@ class EvictionManager:
     Args:
         policy: a validated :class:`PolicyConfig` with ``granularity="layer"``.
         num_layers / num_q_heads / num_kv_heads / head_dim: the model's attention shape on this rank.
-        req_to_token_pool, allocator, kv_pool, tree_cache: SGLang's ``ReqToTokenPool``,
-            ``TokenToKVPoolAllocator`` (page size 1), ``MHATokenToKVPool`` and ``RadixCache``.
+        req_to_token_pool, allocator, kv_pool, tree_cache: SGLang's ``ReqToTokenPool``, the
+            :class:`~sglang_patch.kv_pool.PerLayerAllocator` and
+            :class:`~sglang_patch.kv_pool.PerLayerKVPool` (any pool for policy ``none``, which
+            manages nothing), and ``RadixCache``.
         prompt_cache_size: how many :class:`PromptState` are kept (LRU), keyed by prompt tokens;
             cleared by :meth:`clear_prompt_cache` whenever the weights change.
     """
@@ -289,6 +325,10 @@ class EvictionManager:
             )
         if getattr(tree_cache, "disable", False) is False and getattr(tree_cache, "page_size", 1) != 1:
             raise EvictionConfigError(f"radix cache page size {tree_cache.page_size} != 1")
+        if policy.name != "none" and not hasattr(kv_pool, "l2p"):
+            raise EvictionConfigError(
+                f"smd eviction policy {policy.name!r} needs the per-layer KV pool "
+                f"(sglang_patch.kv_pool.PerLayerKVPool), got {type(kv_pool).__name__}")
         self.cfg = policy
         self.policy = make_policy(policy)
         self.L, self.H_q, self.H_kv, self.d = num_layers, num_q_heads, num_kv_heads, head_dim
@@ -300,7 +340,20 @@ class EvictionManager:
         self._groups: dict[tuple, PromptGroup] = {}
         self._exports: dict[str, dict] = {}
         self._released_early: set[str] = set()
-        self.stats = {"private_slots_freed": 0, "prompt_slots_freed": 0, "detaches": 0, "released_early": 0}
+        self._step: DecodeStep | None = None
+        self.stats = {"private_slots_freed": 0, "prompt_slots_freed": 0, "detaches": 0, "released_early": 0,
+                      "physical_slots_freed": 0, "decode_steps": 0, "compressions": 0}
+        self.B = policy.budget or 0
+        self.w = self.policy.obs_window
+        dev = self.rtp.req_to_token.device
+        self.device = dev
+        R = self.rtp.req_to_token.shape[0]
+        # per-layer device tables of every request row (see RequestEviction)
+        self.tab = torch.zeros((self.L, R, max(1, self.B)), dtype=torch.int64, device=dev) if self.B else None
+        self.acc = (torch.zeros((self.L, R, num_kv_heads, self.B + 1), dtype=torch.float32, device=dev)
+                    if self.policy.needs_attention else None)
+        self.obs = (torch.zeros((self.L, R, num_q_heads, self.w, head_dim), dtype=torch.float32, device=dev)
+                    if policy.name == "rkv" else None)
 
     # ------------------------------------------------------------------ lookups
     def state(self, rid: str) -> RequestEviction:
@@ -310,7 +363,7 @@ class EvictionManager:
         return self._by_row.get(int(row))
 
     def managing(self) -> bool:
-        """Whether any request is under eviction (the decode hooks' per-layer fast exit)."""
+        """Whether any request is under eviction (the decode hooks' fast exit)."""
         return bool(self._by_row)
 
     def is_managed(self, req) -> bool:
@@ -320,21 +373,48 @@ class EvictionManager:
         """Drop every shared :class:`PromptState` (call on weight update / cache flush)."""
         self._prompt_cache.clear()
 
+    @property
+    def dense(self) -> bool:
+        """Policy ``none``: nothing is ever evicted, so requests are not managed at all (SGLang's
+        own paths and pool run untouched) and every export is the dense mask (:meth:`dense_export`)."""
+        return self.cfg.name == "none"
+
     # ------------------------------------------------------------------ pool access
     def _row_slots(self, row: int, positions: torch.Tensor) -> torch.Tensor:
         return self.rtp.req_to_token[row, positions.to(self.rtp.req_to_token.device)].to(torch.int64)
 
     def _keys(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """``[H_kv, C, d]`` keys of ``slots`` in ``layer``, read from the KV pool."""
-        kb = self.kv_pool.get_key_buffer(layer)  # [size + 1, H_kv, d]
-        return kb[slots.to(kb.device)].transpose(0, 1).cpu()
+        """``[H_kv, C, d]`` keys of logical ``slots`` in ``layer``, read from that layer's pool."""
+        kb = self.kv_pool.get_key_buffer(layer)
+        return kb[self.kv_pool.translate(layer, slots)].transpose(0, 1)
+
+    def live_positions(self, rid: str, layer: int) -> torch.Tensor:
+        """Positions ``layer`` of ``rid`` attends now (table, then tail up to ``next_pos - 1``)."""
+        st = self._reqs[rid]
+        tab = self.tab[layer, st.row, : st.n_tab].cpu() if st.n_tab else torch.empty(0, dtype=torch.int64)
+        return torch.cat([tab, torch.arange(st.tail_start, st.next_pos)])
+
+    def kv_indices(self, rid: str, layer: int) -> torch.Tensor:
+        """Physical slots of ``layer`` that ``rid`` attends now."""
+        st = self._reqs[rid]
+        return self.kv_pool.translate(layer, self._row_slots(st.row, self.live_positions(rid, layer))).cpu()
+
+    def running_reserve(self, req) -> int | None:
+        """Slots per layer a managed running request may still add (admission's reservation for
+        it, :func:`megatron_smd.kv_budget.running_reserve_tokens`); None if not managed."""
+        st = self._reqs.get(getattr(req, "rid", None))
+        if st is None:
+            return None
+        N = int(req.sampling_params.max_new_tokens)
+        return kv_budget.running_reserve_tokens(self.cfg, N, int(st.private_held.max()),
+                                                max(0, N - len(req.output_ids)))
 
     # ------------------------------------------------------------------ prefill
     def prepare_prompt(self, req, queries: list[torch.Tensor]) -> PromptState:
         """The shared :class:`PromptState` of ``req``'s prompt: cached, or built now from the pool.
 
         Needs the prompt's K/V in the pool (``req_to_token[row, :P]``) and this prefill's queries
-        (per layer ``[n, H_q, d]`` for positions ``[P - n, P)``). Called for every request whose
+        (per layer ``[n, H_q * d]`` for positions ``[P - n, P)``). Called for every request whose
         prefill completed, including SGLang's ``max_new_tokens=0`` prefix-caching request of a
         parallel-sampling group, so the group's samples (which re-extend one token) find it.
         """
@@ -348,7 +428,7 @@ class EvictionManager:
             slots = self._row_slots(int(req.kv.req_pool_idx), torch.arange(P))
             keys = [self._keys(li, slots) for li in range(self.L)]
             dt = keys[0].dtype if keys[0].dtype == torch.float64 else torch.float32
-            qs = [q.reshape(n, self.H_q, self.d).transpose(0, 1).to(dt) for q in queries]  # [H_q, n, d]
+            qs = [q.reshape(n, self.H_q, self.d).transpose(0, 1).to(keys[0].device, dt) for q in queries]
             ps = build_prompt_state(self.policy, keys, qs, P - n)
             self._prompt_cache[prompt] = ps
             while len(self._prompt_cache) > self.prompt_cache_size:
@@ -361,7 +441,8 @@ class EvictionManager:
         """Register a request whose prompt has just been prefilled and checkpointed into the tree.
 
         Call after SGLang's prefill checkpoint (``req.kv.cache_protected_len == P``: the whole
-        prompt is tree-owned) and before its first decode step.
+        prompt is tree-owned) and before its first decode step; then :meth:`after_prefill` once the
+        prefill batch's requests are registered (it frees what the group dropped at prefill).
 
         Args:
             req: SGLang ``Req`` (``rid``, ``origin_input_ids``, ``kv.req_pool_idx``, ``lock``,
@@ -379,42 +460,70 @@ class EvictionManager:
             raise ValueError(f"request {rid}: the tree owns {req.kv.cache_protected_len} of {P} prompt "
                              f"tokens after prefill (expected the whole prompt: page size 1, radix on)")
         ps = self.prepare_prompt(req, queries)
+        slots = self._row_slots(row, torch.arange(P)).cpu().numpy()
         gkey = (prompt, getattr(req, "extra_key", None), getattr(req, "cache_salt", None), id(req.last_node))
         group = self._groups.get(gkey)
         if group is None:
-            group = self._groups[gkey] = PromptGroup(key=gkey, prompt_len=P, protected=P)
+            group = self._groups[gkey] = PromptGroup(
+                key=gkey, prompt_len=P, slots=slots, keep_count=np.zeros((self.L, P), dtype=np.int32),
+                phys_freed=np.zeros((self.L, P), dtype=bool), logical_freed=np.zeros(P, dtype=bool), protected=P)
+        elif not np.array_equal(group.slots, slots):
+            raise RuntimeError(f"request {rid}: its prompt tokens differ from its group's (tree de-duplication)")
+        keeps = np.zeros((self.L, P), dtype=bool)
+        for li, keep in enumerate(ps.keep):
+            keeps[li, keep.cpu().numpy()] = True
+        compressed = not bool(keeps.all())
+        n_tab = int(ps.keep[0].numel()) if compressed else 0
+        if compressed and any(int(k.numel()) != n_tab for k in ps.keep):
+            raise RuntimeError("prefill compression kept different counts per layer (granularity 'layer')")
         cap = max(2 * P, P + 64)
         st = RequestEviction(
-            req=req, rid=rid, row=row, prompt_len=P, group=group,
-            live=[k.clone() for k in ps.keep],
-            acc=[None if a is None else a.clone() for a in ps.acc],
-            obs_q=[None if q is None else q.clone() for q in ps.obs_q],
-            obs_pos=None if ps.obs_pos is None else ps.obs_pos.clone(),
-            evict=torch.full((self.L, cap), NEVER, dtype=torch.int64),
-            dead=torch.zeros(cap, dtype=torch.int32), freed=torch.zeros(cap, dtype=torch.bool),
-            next_pos=P, prompt_state="partial" if ps.partial else "shared",
-            step_open=[False] * self.L,
-        )
-        dropped = _prefill_dropped(ps)
-        st.evict[:, :P][dropped] = P
-        st.dead[:P] += dropped.sum(0, dtype=torch.int32)
+            req=req, rid=rid, row=row, prompt_len=P, group=group, n_tab=n_tab,
+            tail_start=P if compressed else 0, next_pos=P, n_obs=0,
+            evict=np.full((self.L, cap), NEVER, dtype=np.int64), dead=np.zeros(cap, dtype=np.int16),
+            freed=np.zeros(cap, dtype=bool), keeps_prompt=keeps, private_held=np.zeros(self.L, dtype=np.int64),
+            prompt_state="partial" if ps.partial else "shared")
+        st.evict[:, :P][~keeps] = P
+        for li in range(self.L):
+            if compressed:
+                self.tab[li, row, :n_tab] = ps.keep[li].to(self.device)
+            if self.acc is not None:
+                a = ps.acc[li]
+                self.acc[li, row].zero_()
+                self.acc[li, row, :, : a.shape[1]] = a.to(self.device)
+            if self.obs is not None:
+                q = ps.obs_q[li]
+                st.n_obs = int(q.shape[1])
+                self.obs[li, row].zero_()
+                if st.n_obs:
+                    self.obs[li, row, :, self.w - st.n_obs:] = q.to(self.device, torch.float32)
+        group.keep_count += keeps
         group.members[rid] = st
         self._reqs[rid] = st
         self._by_row[row] = st
         return st
 
-    @property
-    def dense(self) -> bool:
-        """Policy ``none``: nothing is ever evicted, so requests are not managed at all (SGLang's
-        own paths run untouched) and every export is the dense mask (:meth:`dense_export`)."""
-        return self.cfg.name == "none"
+    def after_prefill(self, reqs: Iterable | None = None) -> None:
+        """After a prefill batch's requests were registered: free what their groups dropped at
+        prefill (detaching the prompt's tail from the tree where a layer keeps nothing)."""
+        groups = {}
+        for r in (reqs if reqs is not None else [s.req for s in self._reqs.values()]):
+            st = self._reqs.get(getattr(r, "rid", None))
+            if st is not None:
+                groups[id(st.group)] = st.group
+        if not groups:
+            return
+        with _free_group(self.allocator):
+            for g in groups.values():
+                self._maybe_detach(g)
+                self._release_owned(g)
 
     def dense_export(self, req) -> dict:
         """The export of a request under policy ``none``: every key seen by every later query."""
         P, T = len(req.origin_input_ids), len(req.origin_input_ids) + len(req.output_ids)
         return {"evict": encode_mask(torch.full((self.L, T), T, dtype=EVICT_DTYPE)), "prompt_state": "shared",
                 "replayable": True, "not_replayable_reason": "", "evictions": 0,
-                "peak_private_slots": T - P, "prompt_len": P, "policy": self.cfg.model_dump(mode="json")}
+                "peak_private_slots": max(0, T - P - 1), "prompt_len": P, "policy": self.cfg.model_dump(mode="json")}
 
     def finish_in_prefill(self, req, ps: PromptState) -> dict:
         """The export of a request that finished in its prefill (its first sampled token was a
@@ -424,173 +533,289 @@ class EvictionManager:
         T = len(req.origin_input_ids) + len(req.output_ids)
         ev = torch.full((self.L, max(T, P)), max(T, P), dtype=torch.int64)
         ev[:, :P][_prefill_dropped(ps)] = P
-        export = {"evict": encode_mask(ev[:, :T].clamp(max=T).to(EVICT_DTYPE)),
-                  "prompt_state": "partial" if ps.partial else "shared", "replayable": True,
-                  "not_replayable_reason": "", "evictions": 0, "peak_private_slots": 0, "prompt_len": P,
-                  "policy": self.cfg.model_dump(mode="json")}
-        return export
+        return {"evict": encode_mask(ev[:, :T].clamp(max=T).to(EVICT_DTYPE)),
+                "prompt_state": "partial" if ps.partial else "shared", "replayable": True,
+                "not_replayable_reason": "", "evictions": 0, "peak_private_slots": 0, "prompt_len": P,
+                "policy": self.cfg.model_dump(mode="json")}
 
-    # ------------------------------------------------------------------ decode (per layer)
-    def decode_layer(self, rid: str, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """One decode query of ``rid`` in ``layer``: add its own position, score, return KV slots.
+    # ------------------------------------------------------------------ decode: the step plan
+    def begin_decode(self, rids: list[str], rows: list[int], seq_lens: list[int],
+                     rows_dev: torch.Tensor | None = None) -> DecodeStep | None:
+        """Plan one decode forward of a batch (host only; called once, before its first layer).
 
-        Call from the attention backend after the new token's K/V was written to the pool
-        (``set_kv_buffer``) and before attention. Args: ``q`` ``[H_q, d]`` post-RoPE query of the
-        token at position ``i = next_pos``. Returns the int64 slots ``[C]`` this layer attends
-        (ascending positions, the new token last): the compacted KV index list for the backend.
-        For H2O the attention probabilities over those slots are computed here (explicit
-        softmax in fp32, as the policy accumulates them) and added to the accumulator.
+        ``rows`` / ``seq_lens``: each batch entry's ``req_pool_idx`` and sequence length *including*
+        the token being fed. Rows not under eviction attend their whole ``req_to_token`` prefix.
+        Returns None (and plans nothing) when no row is managed.
         """
-        st = self._reqs[rid]
-        i = st.next_pos
-        if st.step_open[layer]:
-            raise RuntimeError(f"request {rid}: layer {layer} already ran position {i} this step")
-        st.ensure_capacity(i + 1)
-        if layer == 0:
+        if self._step is not None:
+            raise RuntimeError("begin_decode: the previous decode step was not ended (end_decode_step)")
+        managed, n_tab, tail, n_live = [], [], [], []
+        for b, (rid, row, n) in enumerate(zip(rids, rows, seq_lens)):
+            st = self._by_row.get(int(row))
+            if st is not None and st.rid == rid:
+                if st.next_pos != int(n) - 1:
+                    raise RuntimeError(f"request {rid}: decode feeds position {int(n) - 1}, the eviction "
+                                       f"state expects {st.next_pos} (a step was skipped)")
+                managed.append((b, st))
+                n_tab.append(st.n_tab)
+                tail.append(st.tail_start)
+                n_live.append(st.n_live())
+            else:
+                n_tab.append(0)
+                tail.append(0)
+                n_live.append(int(n))
+        if not managed:
+            return None
+        dev = self.device
+        bs = len(rows)
+        comp_groups: dict[tuple, list] = {}
+        for b, st in managed:
+            if self.policy.should_compress(st.n_live(), "decode"):
+                comp_groups.setdefault((st.n_live(), st.n_obs), []).append((b, st))
+        comp, meta = [], []
+        for (C, n_obs), members in comp_groups.items():
+            comp.append(members)
+            nxt = torch.tensor([st.next_pos for _, st in members], dtype=torch.int64)
+            m = {"C": C, "n_obs": n_obs, "idx": torch.tensor([b for b, _ in members], device=dev),
+                 "rows": torch.tensor([st.row for _, st in members], device=dev)}
+            if self.obs is not None:
+                k = min(n_obs + 1, self.w)  # this step's query is appended before the decision
+                m["obs_k"] = k
+                m["obs_pos"] = (nxt.view(-1, 1) - k + 1 + torch.arange(k).view(1, -1)).to(dev)
+            meta.append(m)
+        all_managed = len(managed) == bs
+        step = DecodeStep(
+            bs=bs, rows=(rows_dev if rows_dev is not None else torch.tensor(rows)).to(dev, torch.int64),
+            n_tab=torch.tensor(n_tab, dtype=torch.int64, device=dev),
+            tail=torch.tensor(tail, dtype=torch.int64, device=dev),
+            n_live=torch.tensor(n_live, dtype=torch.int64, device=dev), W=max(n_live), managed=managed,
+            man_idx=None if all_managed else torch.tensor([b for b, _ in managed], device=dev),
+            man_rows=torch.tensor([st.row for _, st in managed], device=dev),
+            man_qpos=torch.tensor([[st.next_pos] for _, st in managed], dtype=torch.int64, device=dev),
+            Wm=max(st.n_live() for _, st in managed), comp=comp, comp_meta=meta,
+            drops=[{} for _ in comp])
+        self._step = step
+        return step
+
+    def layer_tables(self, step: DecodeStep, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s attention inputs for the step: physical slots ``[bs, W]`` (0 = padding; each
+        row its live positions in order, the new token last) and live counts ``[bs]``. Tensor ops."""
+        bs, W = step.bs, step.W
+        k = torch.arange(W, device=self.device).view(1, W)
+        nt = step.n_tab.view(bs, 1)
+        pos = step.tail.view(bs, 1) + k - nt
+        if self.tab is not None:
+            tab = self.tab[layer].index_select(0, step.rows)  # [bs, B]
+            tv = tab.gather(1, k.clamp(max=tab.shape[1] - 1).expand(bs, W))
+            pos = torch.where(k < nt, tv, pos)
+        valid = k < step.n_live.view(bs, 1)
+        pos = torch.where(valid, pos, torch.zeros_like(pos))
+        slots = self.rtp.req_to_token[step.rows.view(bs, 1), pos].to(torch.int64)
+        phys = self.kv_pool.l2p[layer - self.kv_pool.start_layer][slots]
+        phys = torch.where(valid, phys, torch.zeros_like(phys))
+        step.cur = (layer, pos, slots, phys, valid)
+        return phys, step.n_live
+
+    def layer_update(self, step: DecodeStep, layer: int, q: torch.Tensor) -> None:
+        """After ``layer``'s attention ran: H2O sums, observation queries, and the compression of
+        the rows that overflow (tensor ops; the dropped positions wait in ``step`` for
+        :meth:`end_decode_step`). ``q``: the batch's post-RoPE queries ``[bs, H_q * d]``."""
+        cur = step.cur
+        if cur is None or cur[0] != layer:
+            raise RuntimeError(f"layer_update({layer}) without layer_tables({layer})")
+        if layer in step.layers_done:
+            raise RuntimeError(f"layer {layer} ran twice in one decode step")
+        _, pos, slots, phys, valid = cur
+        qv = q.reshape(step.bs, self.H_q, self.d)
+        mi, mr, Wm = step.man_idx, step.man_rows, step.Wm
+
+        def man(t):  # managed rows, first Wm columns
+            t = t if mi is None else t.index_select(0, mi)
+            return t[:, :Wm]
+
+        kb = self.kv_pool.get_key_buffer(layer)
+        if self.acc is not None:
+            keys = kb[man(phys)].permute(0, 2, 1, 3)  # [m, H_kv, Wm, d]
+            qm = (qv if mi is None else qv.index_select(0, mi)).unsqueeze(2).to(keys.dtype)
+            probs = obs_attention_batched(keys, man(pos), qm, step.man_qpos, valid=man(valid))
+            acc = self.acc[layer]
+            acc[mr, :, :Wm] = accumulate_batched(acc[mr, :, :Wm], probs)
+        if self.obs is not None:
+            ob = self.obs[layer]
+            qm = (qv if mi is None else qv.index_select(0, mi)).unsqueeze(2).to(torch.float32)
+            ob[mr] = torch.cat([ob[mr][:, :, 1:], qm], dim=2)
+        for members, meta, drops in zip(step.comp, step.comp_meta, step.drops):
+            C, ci, cr = meta["C"], meta["idx"], meta["rows"]
+            posc = pos.index_select(0, ci)[:, :C]
+            physc = phys.index_select(0, ci)[:, :C]
+            slotc = slots.index_select(0, ci)[:, :C]
+            keys = acc_c = obs_q = obs_pos = None
+            if self.policy.name != "streaming" and self.acc is None:
+                keys = kb[physc].permute(0, 2, 1, 3).float()  # [n, H_kv, C, d]
+            if self.acc is not None:
+                acc_c = self.acc[layer][cr, :, :C]
+            if self.obs is not None:
+                kq = meta["obs_k"]
+                obs_q, obs_pos = self.obs[layer][cr][:, :, self.w - kq:], meta["obs_pos"]
+            keep = select_batched(self.policy, keys=keys, positions=posc, acc=acc_c, obs_queries=obs_q,
+                                  obs_positions=obs_pos)
+            B = keep.shape[1]
+            self.tab[layer][cr, :B] = posc.gather(1, keep)
+            if acc_c is not None:
+                newacc = torch.zeros_like(self.acc[layer][cr])
+                newacc[:, :, :B] = acc_c.gather(2, keep.unsqueeze(1).expand(-1, acc_c.shape[1], -1))
+                self.acc[layer][cr] = newacc
+            dr = dropped_batched(keep, C)
+            drops[layer] = torch.stack([posc.gather(1, dr), slotc.gather(1, dr)])  # [2, n, C - B]
+        step.layers_done.add(layer)
+
+    # ------------------------------------------------------------------ decode: the synced point
+    def end_decode_step(self, step: DecodeStep | None = None) -> None:
+        """After a decode forward finished (a synced point): record evictions, free, detach.
+
+        Reads the step's dropped positions to the host once (one transfer for every layer and
+        row), frees each layer's physical slot of a private token it dropped, the logical id once
+        every layer has, and the group-owned prompt tokens no member keeps; then tries to detach
+        prompts a layer no longer keeps.
+        """
+        step = step if step is not None else self._step
+        self._step = None
+        if step is None:
+            return
+        if len(step.layers_done) != self.L:
+            missing = sorted(set(range(self.L)) - step.layers_done)
+            raise RuntimeError(f"decode step: layers {missing} did not run the eviction hook")
+        host = [torch.stack([d[li] for li in range(self.L)]).cpu().numpy() if d else None for d in step.drops]
+        self.stats["decode_steps"] += 1
+        for _, st in step.managed:
+            st.next_pos += 1
             st.private_held += 1
-            st.peak_private_held = max(st.peak_private_held, st.private_held)
-        pos_i = torch.tensor([i], dtype=torch.int64)
-        st.live[layer] = torch.cat([st.live[layer], pos_i])
-        slots = self._row_slots(st.row, st.live[layer])
-        qf = q.reshape(self.H_q, 1, self.d)
-        if self.policy.needs_attention:
-            C = st.live[layer].numel()
-            keys = self._keys(layer, slots)
-            probs = obs_attention(keys, st.live[layer].expand(self.H_kv, C), qf.to(keys.dtype), pos_i)
-            acc = torch.cat([st.acc[layer], torch.zeros(self.H_kv, 1)], dim=1)
-            st.acc[layer] = self.policy.accumulate(acc, probs)
-        if self.policy.obs_window:
-            w = self.policy.obs_window
-            st.obs_q[layer] = torch.cat([st.obs_q[layer], qf.to(torch.float32).cpu()], dim=1)[:, -w:]
-            if layer == 0:
-                st.obs_pos = torch.cat([st.obs_pos, pos_i])[-w:]
-        st.step_open[layer] = True
-        return slots
-
-    def next_kv_indices(self, row: int, layer: int) -> torch.Tensor:
-        """Slots ``layer`` of the request in ``row`` attends in the decode step about to run:
-        its live positions plus the new token at ``next_pos`` (whose slot SGLang wrote into
-        ``req_to_token`` before the forward). Read-only; :meth:`decode_layer` commits the step."""
-        st = self._by_row[int(row)]
-        pos = torch.cat([st.live[layer], torch.tensor([st.next_pos], dtype=torch.int64)])
-        return self._row_slots(st.row, pos)
-
-    def kv_indices(self, rid: str, layer: int) -> torch.Tensor:
-        """The slots ``layer`` of ``rid`` currently attends (``req_to_token[row, live[layer]]``)."""
-        st = self._reqs[rid]
-        return self._row_slots(st.row, st.live[layer])
-
-    # ------------------------------------------------------------------ decode (per step, synced)
-    def end_decode_step(self, rids: Iterable[str]) -> None:
-        """After a decode forward finished (a synced point): evict, free dead slots, detach.
-
-        For every request, every layer must have run :meth:`decode_layer` for this step. Frees go
-        through ``allocator.free_group_begin/end`` so the batch's frees land together.
-        """
-        rids = list(rids)
-        self.allocator.free_group_begin()
-        try:
-            touched = []
-            for rid in rids:
-                st = self._reqs[rid]
-                if not all(st.step_open):
-                    missing = [li for li, o in enumerate(st.step_open) if not o]
-                    raise RuntimeError(f"request {rid}: layers {missing} did not run position {st.next_pos}")
-                st.step_open = [False] * self.L
-                i = st.next_pos
-                st.next_pos += 1
-                self._evict_after_decode(st, i)
-                touched.append(st.group)
-            for g in {id(g): g for g in touched}.values():
+            st.peak_private_held = max(st.peak_private_held, int(st.private_held.max()))
+            if self.obs is not None:
+                st.n_obs = min(self.w, st.n_obs + 1)
+        with _free_group(self.allocator):
+            lay_free, slot_free, logical_free = [], [], []
+            groups = {}
+            for members, D in zip(step.comp, host):
+                # D: [L, 2, n, C - B] (positions, logical ids)
+                for k, (_, st) in enumerate(members):
+                    pos, slot = D[:, 0, k, :], D[:, 1, k, :]
+                    self._record_drops(st, pos, slot, lay_free, slot_free, logical_free)
+                    groups[id(st.group)] = st.group
+            if lay_free:
+                lay = np.concatenate(lay_free)
+                self.kv_pool.free_physical(lay, np.concatenate(slot_free))
+                self.stats["physical_slots_freed"] += int(lay.size)
+            if logical_free:
+                ids = np.concatenate(logical_free)
+                self.allocator.free(torch.from_numpy(ids).to(self.allocator.device))
+                self.stats["private_slots_freed"] += int(ids.size)
+            for g in groups.values():
                 self._maybe_detach(g)
-        finally:
-            self.allocator.free_group_end()
+                self._release_owned(g)
 
-    def _evict_after_decode(self, st: RequestEviction, i: int) -> None:
-        n_live = st.live[0].numel()  # equal across layers (same budget everywhere)
-        if not self.policy.should_compress(n_live, "decode"):
-            return
-        newly_dead = []
-        for li in range(self.L):
-            live = st.live[li]
-            C = live.numel()
-            slots = self._row_slots(st.row, live)
-            keys = self._keys(li, slots).float()
-            obs_q = obs_pos = None
-            if self.policy.obs_window:
-                obs_q, obs_pos = st.obs_q[li], st.obs_pos
-            keep = self.policy.select(keys=keys, positions=live.expand(self.H_kv, C).clone(),
-                                      acc=st.acc[li], obs_queries=obs_q, obs_positions=obs_pos)[0]
-            dropped = torch.ones(C, dtype=torch.bool)
-            dropped[keep] = False
-            gone = live[dropped]
-            st.evict[li, gone] = i + 1
-            st.dead[gone] += 1
-            newly_dead.append(gone[st.dead[gone] == self.L])
-            st.live[li] = live[keep]
-            if st.acc[li] is not None:
-                st.acc[li] = st.acc[li][:, keep]
-            st.evictions += 1
-        dead = torch.cat(newly_dead)
-        private = dead[dead >= st.group.prompt_len]
-        if private.numel():
-            self._free_private(st, private)
-
-    def _free_private(self, st: RequestEviction, positions: torch.Tensor) -> None:
-        """Return the slots of private positions evicted in every layer to the allocator."""
-        positions = positions[~st.freed[positions]]
-        if positions.numel() == 0:
-            return
-        slots = self._row_slots(st.row, positions)
-        if bool((slots == DUMMY_SLOT).any()):
-            raise RuntimeError(f"request {st.rid}: private positions {positions.tolist()} map to the dummy slot")
-        self.allocator.free(slots.to(self.allocator.device))
-        st.freed[positions] = True
-        st.private_held -= int(positions.numel())
-        self.rtp.req_to_token[st.row, positions.to(self.rtp.req_to_token.device)] = DUMMY_SLOT
-        self.stats["private_slots_freed"] += int(positions.numel())
+    def _record_drops(self, st: RequestEviction, pos: np.ndarray, slot: np.ndarray, lay_free: list,
+                      slot_free: list, logical_free: list) -> None:
+        """One request's compression of this step, every layer: ``pos`` / ``slot`` ``[L, D]``."""
+        i = st.next_pos - 1  # the query that just ran was the last to see them
+        L, D = pos.shape
+        st.ensure_capacity(i + 1)
+        lay = np.repeat(np.arange(L), D)
+        p = pos.reshape(-1)
+        s = slot.reshape(-1)
+        st.evict[lay, p] = i + 1
+        st.n_tab, st.tail_start = self.B, i + 1
+        st.evictions += L
+        self.stats["compressions"] += L
+        P = st.group.prompt_len
+        priv = p >= P
+        if priv.any():
+            pl, pp, ps_ = lay[priv], p[priv], s[priv]
+            lay_free.append(pl)
+            slot_free.append(ps_)
+            st.private_held -= np.bincount(pl, minlength=L)
+            np.add.at(st.dead, pp, 1)
+            up = np.unique(pp)
+            done = up[st.dead[up] == L]
+            if done.size:
+                st.freed[done] = True
+                ids = self.rtp.req_to_token[st.row, torch.from_numpy(done).to(self.rtp.req_to_token.device)]
+                logical_free.append(ids.to(torch.int64).cpu().numpy())
+                self.rtp.req_to_token[st.row, torch.from_numpy(done).to(self.rtp.req_to_token.device)] = DUMMY_SLOT
+        if (~priv).any():
+            gl, gp = lay[~priv], p[~priv]
+            st.keeps_prompt[gl, gp] = False
+            np.subtract.at(st.group.keep_count, (gl, gp), 1)
 
     # ------------------------------------------------------------------ shared prompt
-    def _dead_for_all(self, g: PromptGroup, upto: int) -> torch.Tensor:
-        """bool ``[upto]``: prompt positions every current member evicted in every layer."""
-        out = torch.ones(upto, dtype=torch.bool)
-        for m in g.members.values():
-            out &= m.dead[:upto] == self.L
-        return out
+    def _release_owned(self, g: PromptGroup) -> None:
+        """Free group-owned prompt tokens (``[protected, P)``): each layer's slot once no member
+        keeps the token in that layer, the logical id once no layer does."""
+        a = g.protected
+        if a >= g.prompt_len:
+            return
+        unkept = g.keep_count[:, a:] == 0  # [L, P - a]
+        phys = unkept & ~g.phys_freed[:, a:]
+        if phys.any():
+            lay, k = np.nonzero(phys)
+            self.kv_pool.free_physical(lay.astype(np.int64), g.slots[a + k])
+            g.phys_freed[lay, a + k] = True
+            self.stats["physical_slots_freed"] += int(lay.size)
+        logical = unkept.all(axis=0) & ~g.logical_freed[a:]
+        if logical.any():
+            k = np.nonzero(logical)[0]
+            self.allocator.free(torch.from_numpy(g.slots[a + k]).to(self.allocator.device))
+            g.logical_freed[a + k] = True
+            self.stats["prompt_slots_freed"] += int(k.size)
 
     def _maybe_detach(self, g: PromptGroup) -> None:
-        """Free shared-prompt slots every sharer dropped (see the module docstring)."""
-        if not g.members:
+        """Detach the prompt's tail ``[p, P)`` from the tree when some layer keeps position ``p``
+        nowhere in the group (see the module docstring). ``p`` is the first such position, or the
+        start of the part of the tree path only this group holds, whichever is later."""
+        if not g.members or g.protected == 0:
             return
-        P = g.prompt_len
-        if g.protected < P and g.owned_slots is not None:  # already detached: free newly all-dead
-            dead = self._dead_for_all(g, P)[g.protected:] & ~g.owned_freed
-            if dead.any():
-                self.allocator.free(g.owned_slots[dead].to(self.allocator.device))
-                g.owned_freed |= dead
-                self.stats["prompt_slots_freed"] += int(dead.sum())
-        dead = self._dead_for_all(g, g.protected)
+        dead = (g.keep_count[:, : g.protected] == 0).any(axis=0)
         if not dead.any():
             return
-        p = int(dead.nonzero()[0])
+        p0 = int(np.argmax(dead))
         members = list(g.members.values())
         last = members[0].req.last_node
-        if any(m.req.last_node is not last for m in members) or last.lock_ref != len(members):
-            return  # a request outside the group holds the prompt: mask only
+        if any(m.req.last_node is not last for m in members):
+            return
+        # walk up from the prompt's last node while only this group holds the path
+        root = self.tree.root_node
+        node, prev, end, excl_start = last, None, g.protected, None
+        while node is not root and node is not None:
+            children = list(node.children.values())
+            own = (not children) if prev is None else (children == [prev])
+            if not own or node.lock_ref != len(members):
+                break
+            end -= len(node.key)
+            excl_start = end
+            prev, node = node, node.parent
+        if excl_start is None:
+            return  # the prompt's own node is shared: mask only for now
+        p = max(p0, excl_start)
+        if p >= g.protected:
+            return
         r0 = members[0].req
         RadixKey = type(self.tree.root_node.key)
-        ids = array("q", [int(t) for t in r0.origin_input_ids[:p]])
-        node_p = self.tree.match_prefix(_match_params(self.tree, RadixKey(ids, r0.extra_key, cache_salt=r0.cache_salt))).last_device_node if p > 0 else self.tree.root_node
+        if p > 0:
+            ids = array("q", [int(t) for t in r0.origin_input_ids[:p]])
+            key = RadixKey(ids, r0.extra_key, cache_salt=r0.cache_salt)
+            node_p = self.tree.match_prefix(_match_params(self.tree, key)).last_device_node
+        else:
+            node_p = root
         chain, node = [], last
         while node is not node_p:
-            if node is self.tree.root_node or node is None:
+            if node is root or node is None:
                 return  # not on one path (cannot happen for a prefix of the prompt)
             chain.append(node)
             node = node.parent
         for k, nd in enumerate(chain):
             children = list(nd.children.values())
             if (k == 0 and children) or (k > 0 and children != [chain[k - 1]]) or nd.lock_ref != len(members):
-                return  # another branch hangs below p, or a foreign lock: keep the prompt in the tree
+                return
         for m in members:
             self.tree.unlock(m.req.lock)
             m.req.lock = self.tree.lock(node_p)
@@ -600,31 +825,19 @@ class EvictionManager:
         for nd in chain:  # bottom-up: each is an unlocked leaf once its child is gone
             self.tree._delete_leaf(nd)
             self.tree.kv_events.record_remove(nd)
-        old = g.protected
-        slots = self._row_slots(members[0].row, torch.arange(p, P))
-        if g.owned_slots is None:
-            g.owned_slots, g.owned_freed = slots, torch.zeros(P - p, dtype=torch.bool)
-        else:
-            g.owned_slots = torch.cat([slots[: old - p], g.owned_slots])
-            g.owned_freed = torch.cat([torch.zeros(old - p, dtype=torch.bool), g.owned_freed])
         g.protected = p
         self.stats["detaches"] += 1
-        # re-key the group on its new tree anchor, then free what everybody dropped
+        # re-key the group on its new tree anchor
         self._groups.pop(g.key, None)
         g.key = g.key[:3] + (id(node_p), p)
         self._groups[g.key] = g
-        dead = self._dead_for_all(g, P)[p:] & ~g.owned_freed
-        if dead.any():
-            self.allocator.free(g.owned_slots[dead].to(self.allocator.device))
-            g.owned_freed |= dead
-            self.stats["prompt_slots_freed"] += int(dead.sum())
 
     # ------------------------------------------------------------------ release
     def filter_release_ranges(self, row: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Row-position ranges SGLang may still free for ``row``: drop freed and group-owned ones.
 
         SGLang's ``release_kv_cache`` frees ``[cache_protected_len, owned_kv_len)`` of the row;
-        for a managed request some of those slots were already returned (private positions
+        for a managed request some of those logical ids were already returned (private tokens
         evicted in every layer) and the detached prompt positions belong to the group.
         """
         st = self._by_row.get(int(row))
@@ -640,13 +853,12 @@ class EvictionManager:
             lo, hi = max(a, g.protected), min(b, g.prompt_len)
             if hi > lo:
                 keep[lo - a: hi - a] = False  # the group frees these
-            idx = keep.nonzero().flatten()
-            if idx.numel() == 0:
+            idx = np.nonzero(keep)[0]
+            if idx.size == 0:
                 continue
-            # split into maximal runs
-            breaks = (idx[1:] != idx[:-1] + 1).nonzero().flatten().tolist()
+            breaks = np.nonzero(idx[1:] != idx[:-1] + 1)[0].tolist()
             start = 0
-            for br in breaks + [idx.numel() - 1]:
+            for br in breaks + [idx.size - 1]:
                 out.append((a + int(idx[start]), a + int(idx[br]) + 1))
                 start = br + 1
         return out
@@ -664,6 +876,8 @@ class EvictionManager:
                 (:meth:`released_early`).
         Returns ``{"evict": encode_mask(...) | None, "prompt_state", "replayable", ...}``.
         """
+        if self._step is not None and any(s.rid == req.rid for _, s in self._step.managed):
+            raise RuntimeError(f"request {req.rid} released inside an open decode step")
         st = self._reqs.pop(req.rid)
         self._by_row.pop(st.row, None)
         T = seq_len if seq_len is not None else len(req.origin_input_ids) + len(req.output_ids)
@@ -679,16 +893,15 @@ class EvictionManager:
             export = self.export(st, T)
         g = st.group
         g.members.pop(st.rid, None)
-        if not g.members:
-            if g.owned_slots is not None:
-                rest = ~g.owned_freed
-                if rest.any():
-                    self.allocator.free(g.owned_slots[rest].to(self.allocator.device))
-                    self.stats["prompt_slots_freed"] += int(rest.sum())
-                    g.owned_freed |= rest
-            self._groups.pop(g.key, None)
-        else:
-            self._maybe_detach(g)
+        g.keep_count -= st.keeps_prompt
+        with _free_group(self.allocator):
+            if not g.members:
+                g.keep_count[:] = 0
+                self._release_owned(g)
+                self._groups.pop(g.key, None)
+            else:
+                self._maybe_detach(g)
+                self._release_owned(g)
         self._exports[st.rid] = export
         return export
 
@@ -711,7 +924,7 @@ class EvictionManager:
         return {"managed_requests": len(self._reqs), "rows": len(self._by_row),
                 "prompt_groups": len(self._groups), "pending_exports": len(self._exports),
                 "released_early_pending": len(self._released_early),
-                "prompt_states_cached": len(self._prompt_cache)}
+                "prompt_states_cached": len(self._prompt_cache), "open_decode_step": int(self._step is not None)}
 
     def mark_not_replayable(self, rid: str, reason: str) -> None:
         """Record that K/V of ``rid`` were (or will be) recomputed: its mask no longer replays."""
@@ -721,18 +934,18 @@ class EvictionManager:
 
     def export(self, st: RequestEviction, seq_len: int) -> dict:
         """The request's mask as int32 ``[L, T]`` (never evicted -> ``T``), base64-encoded."""
-        st.ensure_capacity(seq_len)
-        ev = st.evict[:, :seq_len].clamp(max=seq_len).to(EVICT_DTYPE)
-        return {"evict": encode_mask(ev), "prompt_state": st.prompt_state, "replayable": st.replayable,
-                "not_replayable_reason": st.not_replayable_reason, "evictions": st.evictions,
-                "peak_private_slots": st.peak_private_held, "prompt_len": st.prompt_len,
+        return {"evict": encode_mask(self._evict_of(st, seq_len)), "prompt_state": st.prompt_state,
+                "replayable": st.replayable, "not_replayable_reason": st.not_replayable_reason,
+                "evictions": st.evictions, "peak_private_slots": st.peak_private_held, "prompt_len": st.prompt_len,
                 "policy": self.cfg.model_dump(mode="json")}
+
+    def _evict_of(self, st: RequestEviction, seq_len: int) -> torch.Tensor:
+        st.ensure_capacity(seq_len)
+        return torch.from_numpy(np.minimum(st.evict[:, :seq_len], seq_len)).to(EVICT_DTYPE)
 
     def evict_tensor(self, rid: str, seq_len: int) -> torch.Tensor:
         """int32 ``[L, T]`` mask of a running request (tests / debugging)."""
-        st = self._reqs[rid]
-        st.ensure_capacity(seq_len)
-        return st.evict[:, :seq_len].clamp(max=seq_len).to(EVICT_DTYPE)
+        return self._evict_of(self._reqs[rid], seq_len)
 
 
 def _prefill_dropped(ps: PromptState) -> torch.Tensor:
@@ -741,6 +954,25 @@ def _prefill_dropped(ps: PromptState) -> torch.Tensor:
     for li, keep in enumerate(ps.keep):
         dropped[li, keep] = False
     return dropped
+
+
+class _free_group:
+    """``allocator.free_group_begin/end`` around a block, unless a group is already open (SGLang's
+    own release paths may run inside one): frees of the block then land in that group."""
+
+    def __init__(self, allocator):
+        self.allocator = allocator
+        self.opened = False
+
+    def __enter__(self):
+        if getattr(self.allocator, "free_group", None) is None:
+            self.allocator.free_group_begin()
+            self.opened = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.opened:
+            self.allocator.free_group_end()
 
 
 def _match_params(tree, key):

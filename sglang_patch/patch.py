@@ -21,24 +21,39 @@ target                                                          hook
                                                                 ``RadixCache`` (the server's default
                                                                 ``UnifiedRadixCache`` is not hooked;
                                                                 the launcher selects ``smd``)
+``mem_cache/kv_cache_configurator.py::KVCacheConfigurator``      evicting policies: the per-layer
+(``_build_mha_kv_pool``, ``_build_token_to_kv_pool_allocator``)  pool and its logical allocator
+                                                                (:mod:`sglang_patch.kv_pool`);
+                                                                ``none``: SGLang's pool, counted
 ``managers/scheduler.py::Scheduler.__init__``                   build the :class:`EvictionManager`
                                                                 on the scheduler's pools; re-check
                                                                 the resolved settings (refuse)
+``managers/schedule_policy.py::PrefillAdder.                    a running request under eviction
+_get_running_request_total_token_offset``                       reserves what its policy may still
+                                                                add per layer (the allocator's
+                                                                prefill budget does it for new ones)
 ``mem_cache/radix_cache.py::RadixCache.checkpoint``,             :mod:`sglang_patch.memory_hooks`
 ``mem_cache/base_prefix_cache.py::BasePrefixCache.free_kv_row``,  (release frees only what the
 ``...::BasePrefixCache.on_release``                              request still owns; export; an
                                                                 unfinished release = not replayable)
-``layers/attention/triton_backend.py::TritonAttnBackend``        GPU: capture prefill queries; per
-(``forward_extend``, ``forward_decode``)                        layer swap in the compacted
-                                                                ``kv_indptr`` / ``kv_indices``
-``layers/attention/torch_native_backend.py::                    CPU: capture prefill queries; per
-TorchNativeAttnBackend`` (``forward_extend``, ``forward_decode``, layer hand its decode a compacted
-``_run_sdpa_forward_decode``)                                   slot table (one row per request)
+``layers/attention/triton_backend.py::TritonAttnBackend``        GPU: plan the decode step once per
+(``init_forward_metadata``, ``forward_extend``,                  forward; extend reads translated
+``forward_decode``)                                             ``kv_indices``; decode per layer
+                                                                swaps in the live physical
+                                                                ``kv_indptr`` / ``kv_indices``, then
+                                                                the device eviction step
+``layers/attention/torch_native_backend.py::                    CPU: the same, handing each layer a
+TorchNativeAttnBackend`` (``init_forward_metadata``,             table of physical slots (extend:
+``forward_extend``, ``forward_decode``,                          the batch's rows translated;
+``_run_sdpa_forward_extend``, ``_run_sdpa_forward_decode``)       decode: one row of live slots per
+                                                                request)
 ``managers/scheduler_components/batch_result_processor.py::     prefill done: shared prompt state
 SchedulerBatchResultProcessor.process_batch_result_prefill``    + register (or export, if it
-                                                                finished in prefill); decode done
-``...::process_batch_result_decode``                            (synced, overlap off): evict + free
-``managers/schedule_batch.py::ScheduleBatch.retract_decode``    log the retraction
+                                                                finished in prefill), free what the
+                                                                groups dropped at prefill; decode
+``...::process_batch_result_decode``                            done (synced, overlap off): record
+                                                                the step's evictions, free per layer
+``managers/schedule_batch.py::ScheduleBatch.retract_decode``    log and count the retraction
 ``managers/scheduler.py::Scheduler.flush_cache``                weights changed: drop prompt states
 ``managers/scheduler_components/output_streamer.py::            ``meta_info["smd_evict"]``: the
 SchedulerOutputStreamer`` (``has_additional_customized_info``,   request-level base64 int32 mask
@@ -48,16 +63,30 @@ SchedulerInternalStateController.get_internal_state``           ``internal_state
                                                                 counters and bookkeeping sizes
 =============================================================  ====================================
 
-Supported: attention backends ``triton`` (GPU) and ``torch_native`` (CPU; prefill is dense and
-unchanged in both), page size 1, eager decode (CUDA graphs off: a captured graph bakes the index
+Memory (evicting policies): every layer stores only the tokens it keeps. The radix tree and
+``req_to_token`` hold logical token ids; layer ``l`` keeps token ``t`` in its own physical slot
+(:class:`sglang_patch.kv_pool.PerLayerKVPool`), freed as soon as no request keeps the token in that
+layer; a GRPO group's shared prompt is stored once per layer. ``--max-total-tokens`` is the
+physical slots per layer (the same K/V bytes as SGLang's dense pool), admission reserves what
+each policy holds (:mod:`megatron_smd.kv_budget`), so more requests run at once and a request that
+cannot fit waits instead of being retracted.
+
+Decode step: the eviction decision runs on the device inside the forward, batched over requests
+and heads (:meth:`EvictionManager.layer_update`: index tables, H2O sums, scores, top-k and
+compaction are tensor ops; every shape is known on the host beforehand); the step's dropped
+positions reach the host once, after the forward (:meth:`EvictionManager.end_decode_step`).
+
+Supported: attention backends ``triton`` (GPU) and ``torch_native`` (CPU; prefill is dense in
+both), page size 1, eager decode (CUDA graphs off: a captured graph bakes the index
 buffers' shapes), overlap scheduler off (frees happen in ``process_batch_result_decode`` after the
 forward finished: a synced point), no mixed chunks (decode tokens in an extend batch would skip
 the decode hook), tensor parallel size 1 (each TP rank sees only its heads, so per-rank scores would
 disagree; an all-reduce of scores is not built), no speculative decoding, no hierarchical cache
 (host copies would resurrect freed slots), Lean attention off (it reads ``seq_lens``, not the index
-lists). FA3 (rewrite ``metadata.page_table`` / ``cache_seqlens_int32`` / ``cu_seqlens_k`` per layer,
-as SGLang's ``mem_cache/sparsity/backend/backend_adaptor.py::FlashAttentionAdaptor`` does) and
-FlashInfer (one plan per layer) are not built and are refused by the launcher.
+lists), the plain MHA pool only (no page-major layout, FP4/MXFP8 KV, KV sharding). FA3 (rewrite
+``metadata.page_table`` / ``cache_seqlens_int32`` / ``cu_seqlens_k`` per layer, as SGLang's
+``mem_cache/sparsity/backend/backend_adaptor.py::FlashAttentionAdaptor`` does) and FlashInfer
+(one plan per layer) are not built and are refused by the launcher.
 
 Replay safety: positions stay logical; no K/V is recomputed for a managed request. A request
 released before it finished (retraction, which re-prefills it densely from its tokens, or an
@@ -104,9 +133,15 @@ TARGETS: tuple[tuple[str, str, str], ...] = (
     ("sglang.srt.managers.scheduler", "Scheduler", "flush_cache"),
     ("sglang.srt.mem_cache.radix_cache", "RadixCache", "checkpoint"),
     ("sglang.srt.mem_cache.base_prefix_cache", "BasePrefixCache", "on_release"),
+    ("sglang.srt.mem_cache.kv_cache_configurator", "KVCacheConfigurator", "_build_mha_kv_pool"),
+    ("sglang.srt.mem_cache.kv_cache_configurator", "KVCacheConfigurator", "_build_token_to_kv_pool_allocator"),
+    ("sglang.srt.managers.schedule_policy", "PrefillAdder", "_get_running_request_total_token_offset"),
+    ("sglang.srt.layers.attention.triton_backend", "TritonAttnBackend", "init_forward_metadata"),
     ("sglang.srt.layers.attention.triton_backend", "TritonAttnBackend", "forward_extend"),
     ("sglang.srt.layers.attention.triton_backend", "TritonAttnBackend", "forward_decode"),
+    ("sglang.srt.layers.attention.torch_native_backend", "TorchNativeAttnBackend", "init_forward_metadata"),
     ("sglang.srt.layers.attention.torch_native_backend", "TorchNativeAttnBackend", "forward_extend"),
+    ("sglang.srt.layers.attention.torch_native_backend", "TorchNativeAttnBackend", "_run_sdpa_forward_extend"),
     ("sglang.srt.layers.attention.torch_native_backend", "TorchNativeAttnBackend", "forward_decode"),
     ("sglang.srt.layers.attention.torch_native_backend", "TorchNativeAttnBackend", "_run_sdpa_forward_decode"),
     ("sglang.srt.mem_cache.base_prefix_cache", "BasePrefixCache", "free_kv_row"),
@@ -188,7 +223,7 @@ class _PrefillCapture:
 _MANAGER: EvictionManager | None = None
 _PREFILL: dict[int, _PrefillCapture] = {}  # req_pool_idx -> capture of the request prefilling there
 _PREFILL_DONE: dict[str, Any] = {}  # rid -> PromptState, while its prefill's results are processed
-_DECODE_TABLE: dict[str, Any] | None = None  # per-layer compacted table for torch_native decode
+_TABLE: dict[str, Any] | None = None  # per-layer physical slot table for torch_native extend / decode
 _APPLIED = False
 
 
@@ -285,15 +320,72 @@ def _wrap(cls, name, make):
     setattr(cls, name, new)
 
 
-def _managed_rows(forward_batch) -> list[tuple[int, int]]:
-    """(batch index, req_pool_idx) of the managed requests in a decode batch."""
-    if _MANAGER is None or not _MANAGER.managing():  # (policy none never manages a request)
-        return []
-    rows = forward_batch.req_pool_indices.tolist()
-    return [(b, r) for b, r in enumerate(rows) if _MANAGER.state_for_row(r) is not None]
+def _per_layer() -> bool:
+    """Whether this process serves an evicting policy on the per-layer pool (its reads translate)."""
+    return _MANAGER is not None and not _MANAGER.dense
+
+
+def _hook_pools(Configurator) -> None:
+    """Build the per-layer pool and its logical allocator (evicting policies), or SGLang's dense
+    pool with the counting allocator (``none``), where SGLang builds its plain MHA pool."""
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from megatron_smd import kv_budget
+
+    from .kv_pool import CountingAllocator, PerLayerAllocator, PerLayerKVPool
+
+    def make_pool(orig):
+        def _build_mha_kv_pool(self, *, max_total_num_tokens, mha_pool_class, quant_method=None):
+            policy = policy_from_env()
+            if policy is None or self.is_draft_worker or not kv_budget.evicts_per_layer(policy):
+                return orig(self, max_total_num_tokens=max_total_num_tokens, mha_pool_class=mha_pool_class,
+                            quant_method=quant_method)
+            errs = []
+            if mha_pool_class is not MHATokenToKVPool:
+                errs.append(f"KV pool class {mha_pool_class.__name__} (page-major / platform pools)")
+            if quant_method is not None:
+                errs.append("a quantized KV cache layout (fp4 / mxfp8)")
+            if getattr(self, "post_capture_kv_active", False):
+                errs.append("post-capture KV backing")
+            if getattr(self, "kv_shard_rank", None) is not None:
+                errs.append("KV cache sharding")
+            if errs:
+                raise EvictionConfigError("smd eviction: the per-layer KV pool cannot be built with "
+                                          + "; ".join(errs))
+            L = self.layer_info.num_effective_layers
+            logical = kv_budget.logical_slots(max_total_num_tokens, L, policy)
+            pool = orig(self, max_total_num_tokens=max_total_num_tokens,
+                        mha_pool_class=functools.partial(PerLayerKVPool, logical_size=logical), quant_method=None)
+            logger.info("smd: per-layer KV pool, %d physical slots per layer x %d layers, %d logical token ids",
+                        max_total_num_tokens, L, logical)
+            return pool
+        return _build_mha_kv_pool
+
+    def make_alloc(orig):
+        def _build_token_to_kv_pool_allocator(self, *, sizes, token_to_kv_pool, **kwargs):
+            policy = policy_from_env()
+            if policy is not None and isinstance(token_to_kv_pool, PerLayerKVPool) \
+                    and kwargs.get("token_to_kv_pool_allocator") is None:
+                return PerLayerAllocator(token_to_kv_pool.logical_size, dtype=self.kv_cache_dtype, device=self.device,
+                                         kvcache=token_to_kv_pool, need_sort=False, policy=policy)
+            alloc = orig(self, sizes=sizes, token_to_kv_pool=token_to_kv_pool, **kwargs)
+            if policy is not None and type(alloc) is TokenToKVPoolAllocator and not self.is_draft_worker:
+                alloc = CountingAllocator(alloc.size, alloc.dtype, alloc.device, alloc._kvcache, alloc.need_sort)
+            return alloc
+        return _build_token_to_kv_pool_allocator
+
+    _wrap(Configurator, "_build_mha_kv_pool", make_pool)
+    _wrap(Configurator, "_build_token_to_kv_pool_allocator", make_alloc)
+
+
+#: Scheduler-side counters every patched server reports (``none`` included).
+_COUNTERS = {"peak_running_requests": 0, "retractions": 0, "decode_batches": 0}
 
 
 def _hook_scheduler(Scheduler) -> None:
+    from .kv_pool import PerLayerKVPool
+
     def make_init(orig):
         def __init__(self, *args, **kwargs):
             global _MANAGER
@@ -305,13 +397,17 @@ def _hook_scheduler(Scheduler) -> None:
             if type(self.tree_cache).__name__ != "RadixCache":
                 raise EvictionConfigError(f"smd eviction: the scheduler built {type(self.tree_cache).__name__}, "
                                           f"not RadixCache (need --radix-cache-backend {RADIX_BACKEND})")
+            kv_pool = self.token_to_kv_pool_allocator.get_kvcache()
+            if policy.name != "none" and not isinstance(kv_pool, PerLayerKVPool):
+                raise EvictionConfigError(f"smd eviction: the scheduler's KV pool is {type(kv_pool).__name__}, not "
+                                          f"the per-layer pool (SGLang built another pool family for this model)")
             mc = self.model_config
             tp = 1
             _MANAGER = EvictionManager(
                 policy, num_layers=mc.num_hidden_layers, num_q_heads=mc.num_attention_heads // tp,
                 num_kv_heads=mc.get_num_kv_heads(tp), head_dim=mc.head_dim,
                 req_to_token_pool=self.req_to_token_pool, allocator=self.token_to_kv_pool_allocator,
-                kv_pool=self.token_to_kv_pool_allocator.get_kvcache(), tree_cache=self.tree_cache)
+                kv_pool=kv_pool, tree_cache=self.tree_cache)
             memory_hooks.register_manager(self.tree_cache, _MANAGER)
             logger.info("smd eviction active: %s", policy.model_dump())
         return __init__
@@ -328,118 +424,195 @@ def _hook_scheduler(Scheduler) -> None:
     _wrap(Scheduler, "flush_cache", make_flush)
 
 
+def _hook_admission(PrefillAdder) -> None:
+    """A running request under eviction reserves what it may still add per layer
+    (``kv_budget.running_reserve_tokens``), not its remaining ``max_new_tokens``."""
+    def make(orig):
+        def _get_running_request_total_token_offset(self, req):
+            if _per_layer():
+                r = _MANAGER.running_reserve(req)
+                if r is not None:
+                    return r
+            return orig(self, req)
+        return _get_running_request_total_token_offset
+
+    _wrap(PrefillAdder, "_get_running_request_total_token_offset", make)
+
+
+def _rows_cpu(forward_batch) -> list[int]:
+    cpu = getattr(forward_batch, "req_pool_indices_cpu", None)
+    return (cpu if cpu is not None else forward_batch.req_pool_indices).tolist()
+
+
+def _seq_lens_cpu(forward_batch) -> list[int]:
+    cpu = getattr(forward_batch, "seq_lens_cpu", None)
+    return (cpu if cpu is not None else forward_batch.seq_lens).tolist()
+
+
+def _begin_forward(forward_batch) -> None:
+    """Once per forward, before its first layer: plan the decode step (host-known shapes)."""
+    if not _per_layer():
+        return
+    if _MANAGER._step is not None:  # a decode forward whose results were never processed
+        raise RuntimeError("smd: a decode step is still open at the next forward")
+    if forward_batch.forward_mode.is_decode():
+        _MANAGER.begin_decode(list(forward_batch.rids), _rows_cpu(forward_batch), _seq_lens_cpu(forward_batch),
+                              rows_dev=forward_batch.req_pool_indices)
+
+
 def _capture_extend(q, layer, forward_batch) -> None:
     """Keep each request's prefill queries (token-major, split by extend lengths) for the shared
-    prompt state: SnapKV / R-KV observation window, H2O column sums."""
-    if _MANAGER is None or q is None or _MANAGER.dense:
+    prompt state: SnapKV / R-KV observation window, H2O column sums. Device tensors; no host copy."""
+    if not _per_layer() or q is None:
         return
     lens = forward_batch.extend_seq_lens_cpu
     starts = forward_batch.extend_prefix_lens_cpu
-    rows = forward_batch.req_pool_indices.tolist()
-    qs = q.reshape(q.shape[0], -1).split(list(lens))
     li = layer.layer_id
+    if li == 0:
+        _EXTEND_ROWS[0] = _rows_cpu(forward_batch)
+    rows = _EXTEND_ROWS[0]
+    qs = q.reshape(q.shape[0], -1).split(list(lens))
     for row, a, n, qq in zip(rows, starts, lens, qs):
         cap = _PREFILL.get(row)
         if li == 0 and (cap is None or cap.end != a):
             cap = _PREFILL[row] = _PrefillCapture(start=a, end=a, q=[[] for _ in range(_MANAGER.L)])
         if cap is None:
             continue
-        cap.q[li].append(qq.detach().float().cpu())
+        cap.q[li].append(qq.detach().float().clone())
         if li == _MANAGER.L - 1:
             cap.end = a + n
 
 
-def _decode_slot_lists(forward_batch, layer_id: int, managed) -> list[torch.Tensor]:
-    """Per batch row, the KV slots this layer attends: managed rows their live positions plus the
-    new token; other rows their whole ``req_to_token`` prefix, as SGLang would."""
-    rtp = _MANAGER.rtp.req_to_token
-    rows = forward_batch.req_pool_indices.tolist()
-    lens = forward_batch.seq_lens_cpu.tolist() if forward_batch.seq_lens_cpu is not None \
-        else forward_batch.seq_lens.tolist()
-    out = [rtp[r, :n] for r, n in zip(rows, lens)]
-    for b, row in managed:
-        out[b] = _MANAGER.next_kv_indices(row, layer_id).to(rtp.device, rtp.dtype)
-    return out
+_EXTEND_ROWS: list = [None]
 
 
-def _score_decode(q, layer, managed) -> None:
-    qv = q.reshape(q.shape[0], layer.tp_q_head_num, layer.qk_head_dim)
-    for b, row in managed:
-        st = _MANAGER.state_for_row(row)
-        _MANAGER.decode_layer(st.rid, layer.layer_id, qv[b].float().cpu())
-
-
-def _make_extend(orig):
-    """Both backends: prefill runs unchanged, then each request's queries are captured."""
-    def forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs):
-        out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
-        _capture_extend(q, layer, forward_batch)
-        return out
-    return forward_extend
+def _extend_table(layer, forward_batch) -> torch.Tensor:
+    """``req_to_token`` rows of an extend batch translated to ``layer``'s physical slots
+    ``[bs, max seq len]`` (the batch's requests attend every stored prefix token, densely)."""
+    n = max(_seq_lens_cpu(forward_batch))
+    slots = _MANAGER.rtp.req_to_token[forward_batch.req_pool_indices.long(), :n].long()
+    return _MANAGER.kv_pool.translate(layer.layer_id, slots)
 
 
 def _hook_triton(TritonAttnBackend) -> None:
-    """GPU backend: swap in the per-layer compacted ``kv_indptr`` / ``kv_indices``."""
+    """GPU backend: each layer reads its physical slots (``kv_indices`` translated, and compacted to
+    the live positions in decode)."""
+    def make_init(orig):
+        def init_forward_metadata(self, forward_batch, *args, **kwargs):
+            out = orig(self, forward_batch, *args, **kwargs)
+            _begin_forward(forward_batch)
+            return out
+        return init_forward_metadata
+
+    def make_extend(orig):
+        def forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs):
+            if not _per_layer():
+                return orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
+            md = self.forward_metadata
+            indices = md.kv_indices
+            md.kv_indices = _MANAGER.kv_pool.translate(layer.layer_id, indices).to(indices.dtype)
+            try:
+                out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
+            finally:
+                md.kv_indices = indices
+            _capture_extend(q, layer, forward_batch)
+            return out
+        return forward_extend
+
     def make_decode(orig):
         def forward_decode(self, q, k, v, layer, forward_batch, *args, **kwargs):
-            managed = _managed_rows(forward_batch)
-            if not managed:
+            step = _MANAGER._step if _per_layer() else None
+            if step is None:
                 return orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
             md = self.forward_metadata
             indptr, indices = md.kv_indptr, md.kv_indices
-            per_row = _decode_slot_lists(forward_batch, layer.layer_id, managed)
-            per_row = [x.to(indices.device, indices.dtype) for x in per_row]
-            lens = torch.tensor([0] + [len(x) for x in per_row], device=indptr.device, dtype=indptr.dtype)
-            md.kv_indptr, md.kv_indices = torch.cumsum(lens, 0).to(indptr.dtype), torch.cat(per_row)
+            phys, n_live = _MANAGER.layer_tables(step, layer.layer_id)
+            flat = getattr(step, "flat", None)
+            if flat is None:  # once per step: (row, column) of every live entry, host-known counts
+                lens = step.n_live.cpu() if step.n_live.device.type != "cpu" else step.n_live
+                r = torch.repeat_interleave(torch.arange(step.bs), lens)
+                c = torch.cat([torch.arange(int(x)) for x in lens.tolist()])
+                step.flat = flat = (r.to(phys.device), c.to(phys.device),
+                                    torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(indptr.device, indptr.dtype))
+            md.kv_indptr, md.kv_indices = flat[2], phys[flat[0], flat[1]].to(indices.dtype)
             try:
                 out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
             finally:
                 md.kv_indptr, md.kv_indices = indptr, indices
-            _score_decode(q, layer, managed)
+            _MANAGER.layer_update(step, layer.layer_id, q)
             return out
         return forward_decode
 
-    _wrap(TritonAttnBackend, "forward_extend", _make_extend)
+    _wrap(TritonAttnBackend, "init_forward_metadata", make_init)
+    _wrap(TritonAttnBackend, "forward_extend", make_extend)
     _wrap(TritonAttnBackend, "forward_decode", make_decode)
 
 
 def _hook_torch_native(TorchNativeAttnBackend) -> None:
-    """CPU backend: its decode reads ``req_to_token[row, :seq_len]`` per request, so each layer
-    gets a compacted table (one row per batch entry, its slot list) in place of the pool's."""
-    def make_decode(orig):
-        def forward_decode(self, q, k, v, layer, forward_batch, *args, **kwargs):
-            global _DECODE_TABLE
-            managed = _managed_rows(forward_batch)
-            if not managed:
+    """CPU backend: its extend and decode read ``req_to_token[row, :seq_len]`` per request, so each
+    layer gets a table of physical slots in place of the pool's (decode: one row per batch entry,
+    its live slots)."""
+    def make_init(orig):
+        def init_forward_metadata(self, forward_batch, *args, **kwargs):
+            out = orig(self, forward_batch, *args, **kwargs)
+            _begin_forward(forward_batch)
+            return out
+        return init_forward_metadata
+
+    def make_extend(orig):
+        def forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs):
+            global _TABLE
+            if not _per_layer():
                 return orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
-            per_row = _decode_slot_lists(forward_batch, layer.layer_id, managed)
-            width = max(len(x) for x in per_row)
-            table = torch.zeros(len(per_row), width, dtype=per_row[0].dtype, device=per_row[0].device)
-            for b, x in enumerate(per_row):
-                table[b, :len(x)] = x
-            _DECODE_TABLE = {"req_to_token": table,
-                             "req_pool_indices": torch.arange(len(per_row), device=table.device),
-                             "seq_lens": torch.tensor([len(x) for x in per_row], device=table.device)}
+            t = _extend_table(layer, forward_batch)
+            _TABLE = {"req_to_token": t, "req_pool_indices": torch.arange(t.shape[0], device=t.device)}
             try:
                 out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
             finally:
-                _DECODE_TABLE = None
-            _score_decode(q, layer, managed)
+                _TABLE = None
+            _capture_extend(q, layer, forward_batch)
+            return out
+        return forward_extend
+
+    def make_decode(orig):
+        def forward_decode(self, q, k, v, layer, forward_batch, *args, **kwargs):
+            global _TABLE
+            step = _MANAGER._step if _per_layer() else None
+            if step is None:
+                return orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
+            phys, n_live = _MANAGER.layer_tables(step, layer.layer_id)
+            _TABLE = {"req_to_token": phys, "req_pool_indices": torch.arange(step.bs, device=phys.device),
+                      "seq_lens": n_live}
+            try:
+                out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
+            finally:
+                _TABLE = None
+            _MANAGER.layer_update(step, layer.layer_id, q)
             return out
         return forward_decode
+
+    def make_run_extend(orig):
+        def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
+                                     *args, **kwargs):
+            if _TABLE is not None:
+                req_to_token, req_pool_indices = _TABLE["req_to_token"], _TABLE["req_pool_indices"]
+            return orig(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, *args, **kwargs)
+        return _run_sdpa_forward_extend
 
     def make_run_decode(orig):
         def _run_sdpa_forward_decode(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
                                      seq_lens, *args, **kwargs):
-            if _DECODE_TABLE is not None:
-                t = _DECODE_TABLE
+            if _TABLE is not None:
+                t = _TABLE
                 req_to_token, req_pool_indices, seq_lens = t["req_to_token"], t["req_pool_indices"], t["seq_lens"]
             return orig(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                         *args, **kwargs)
         return _run_sdpa_forward_decode
 
-    _wrap(TorchNativeAttnBackend, "forward_extend", _make_extend)
+    _wrap(TorchNativeAttnBackend, "init_forward_metadata", make_init)
+    _wrap(TorchNativeAttnBackend, "forward_extend", make_extend)
     _wrap(TorchNativeAttnBackend, "forward_decode", make_decode)
+    _wrap(TorchNativeAttnBackend, "_run_sdpa_forward_extend", make_run_extend)
     _wrap(TorchNativeAttnBackend, "_run_sdpa_forward_decode", make_run_decode)
 
 
@@ -449,7 +622,7 @@ def _hook_results(Processor) -> None:
             chunked = getattr(batch, "chunked_req", None)
             rows = {id(req): req.kv.req_pool_idx for req in batch.reqs}  # before release clears them
             done = []
-            if _MANAGER is not None and not _MANAGER.dense:
+            if _per_layer():
                 for req in batch.reqs:
                     row = rows[id(req)]
                     cap = _PREFILL.get(row) if row is not None else None
@@ -474,19 +647,23 @@ def _hook_results(Processor) -> None:
                         _PREFILL.pop(rows[id(req)], None)
                 for req, _ in done:
                     _PREFILL_DONE.pop(req.rid, None)
+            started = []
             for req, queries in done:
                 if not req.finished() and req.kv.req_pool_idx is not None:
                     _MANAGER.start_request(req, queries)
+                    started.append(req)
+            if started:
+                _MANAGER.after_prefill(started)  # free what the new groups dropped at prefill
             return out
         return process_batch_result_prefill
 
     def make_decode(orig):
         def process_batch_result_decode(self, batch, result, *args, **kwargs):
-            if _MANAGER is not None:
-                rids = [r.rid for r in batch.reqs if _MANAGER.is_managed(r)]
-                if rids:
-                    # the forward finished (overlap scheduler off): a synced point to free slots
-                    _MANAGER.end_decode_step(rids)
+            _COUNTERS["decode_batches"] += 1
+            _COUNTERS["peak_running_requests"] = max(_COUNTERS["peak_running_requests"], len(batch.reqs))
+            if _per_layer():
+                # the forward finished (overlap scheduler off): a synced point to record and free
+                _MANAGER.end_decode_step()
             return orig(self, batch, result, *args, **kwargs)
         return process_batch_result_decode
 
@@ -499,6 +676,7 @@ def _hook_retract(ScheduleBatch) -> None:
         def retract_decode(self, *args, **kwargs):
             out = orig(self, *args, **kwargs)
             retracted = out[0] if isinstance(out, tuple) else out
+            _COUNTERS["retractions"] += len(retracted or [])
             for req in retracted or []:  # already exported as not replayable by on_release
                 logger.warning("smd: request %s retracted; it is re-prefilled densely and its trajectory "
                                "is returned as not replayable (enlarge --max-total-tokens to avoid this)", req.rid)
@@ -533,14 +711,29 @@ def _hook_output(Streamer) -> None:
 
 def pool_state(scheduler) -> dict:
     """The scheduler's pool counters and the patch's bookkeeping sizes (``/server_info`` →
-    ``internal_states[i]["smd"]``). Idle and leak-free: ``free_slots + evictable_slots ==
-    total_slots``, ``free_rows == total_rows`` and every bookkeeping count 0."""
+    ``internal_states[i]["smd"]``).
+
+    Idle and leak-free: ``free_slots + evictable_slots == total_slots`` (tokens allocatable in every
+    layer), every layer's ``free_per_layer`` equal to ``total_slots - evictable_slots`` (each layer
+    holds exactly the radix tree's tokens), ``free_rows == total_rows``, ``pool_errors`` empty and
+    every bookkeeping count 0. K/V counters (``kv_layout``, ``peak_kv_bytes``: the most physical K/V
+    bytes held across layers at once, ``pool_kv_bytes``...) come from the allocator / pool; the
+    ``window_peak_*`` counters cover the time since the previous read (and restart with it)."""
+    from .kv_pool import PerLayerAllocator, window_peaks
+
     alloc, rtp, tree = scheduler.token_to_kv_pool_allocator, scheduler.req_to_token_pool, scheduler.tree_cache
     out = {"policy": _MANAGER.cfg.model_dump(mode="json") if _MANAGER else None,
            "free_slots": int(alloc.available_size()), "total_slots": int(scheduler.max_total_num_tokens),
            "evictable_slots": int(tree.evictable_size()), "protected_slots": int(tree.protected_size()),
            "free_rows": int(rtp.available_size()), "total_rows": int(rtp.size),
-           "prefill_captures": len(_PREFILL) + len(_PREFILL_DONE)}
+           "prefill_captures": len(_PREFILL) + len(_PREFILL_DONE), **_COUNTERS}
+    counters = getattr(alloc, "counters", None) or getattr(alloc.get_kvcache(), "counters", None)
+    if counters is not None:
+        out.update(counters())
+        out.update(window_peaks(alloc))
+    if isinstance(alloc, PerLayerAllocator):
+        out["logical_free"] = int(alloc.logical_available())
+        out["pool_errors"] = alloc.get_kvcache().check_consistent()
     if _MANAGER is not None:
         out.update(_MANAGER.counts())
         out.update(_MANAGER.stats)
@@ -574,6 +767,8 @@ def apply() -> bool:
         raise EvictionConfigError(f"sglang_patch: targets missing from the installed SGLang: {missing}")
     m = {name: importlib.import_module(name) for name in {t[0] for t in TARGETS}}
     _register_radix_backend()
+    _hook_pools(m["sglang.srt.mem_cache.kv_cache_configurator"].KVCacheConfigurator)
+    _hook_admission(m["sglang.srt.managers.schedule_policy"].PrefillAdder)
     memory_hooks.install_memory_hooks(m["sglang.srt.mem_cache.radix_cache"].RadixCache,
                                       m["sglang.srt.mem_cache.base_prefix_cache"].BasePrefixCache)
     _hook_scheduler(m["sglang.srt.managers.scheduler"].Scheduler)

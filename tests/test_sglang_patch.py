@@ -91,19 +91,24 @@ def replay_qkv(model: RefTransformer, tokens: list[int], evict: torch.Tensor):
 
 
 class Server:
-    """SGLang's memory objects on CPU plus the scheduler steps, in SGLang's order."""
+    """SGLang's memory objects on CPU plus the scheduler steps, in SGLang's order.
+
+    The pool is the patch's per-layer pool (``PerLayerKVPool``: ``size`` physical slots per layer)
+    under its logical allocator (``PerLayerAllocator``, here with as many logical ids as physical
+    slots, so the logical free list and the physical slots of every layer count alike)."""
 
     def __init__(self, sg, arch, policy: PolicyConfig, size: int = 400):
+        from sglang_patch import kv_pool as KP
+
         MP = sg["sglang.srt.mem_cache.memory_pool"]
-        AL = sg["sglang.srt.mem_cache.allocator"]
         RC = sg["sglang.srt.mem_cache.radix_cache"]
         CI = sg["sglang.srt.mem_cache.cache_init_params"]
         self.sg = sg
         self.size = size
         self.L = arch.num_layers
-        self.kv = MP.MHATokenToKVPool(size, 1, torch.float64, arch.num_kv_heads, arch.head_dim, self.L,
-                                      "cpu", False, enable_alt_stream=False)
-        self.alloc = AL.TokenToKVPoolAllocator(size, torch.float64, "cpu", self.kv, False)
+        self.kv = KP.PerLayerKVPool(size, 1, torch.float64, arch.num_kv_heads, arch.head_dim, self.L, "cpu", False,
+                                    logical_size=size)
+        self.alloc = KP.PerLayerAllocator(size, torch.float64, "cpu", self.kv, False, policy=policy)
         self.rtp = MP.ReqToTokenPool(16, 256, "cpu", False)
         self.tree = RC.RadixCache(CI.CacheInitParams(disable=False, req_to_token_pool=self.rtp,
                                                      token_to_kv_pool_allocator=self.alloc, page_size=1))
@@ -112,6 +117,7 @@ class Server:
                                    req_to_token_pool=self.rtp, allocator=self.alloc, kv_pool=self.kv,
                                    tree_cache=self.tree)
         memory_hooks.register_manager(self.tree, self.mgr)
+        self._prefilled = []  # requests of the prefill "batch" whose results are not processed yet
         # instrumentation: catch a double free at the moment it happens (ids already free or
         # already queued in the open free group), then hand the call to the real allocator.
         self.n_freed = 0
@@ -134,10 +140,12 @@ class Server:
         memory_hooks.unregister_manager(self.tree)
 
     def write_kv(self, slots: torch.Tensor, qkv, positions: range) -> None:
+        """What ``set_kv_buffer`` does: each layer writes at its own physical slots."""
         for li, (_, k, v) in enumerate(qkv):
             kb, vb = self.kv.get_kv_buffer(li)
-            kb[slots] = k[list(positions)]
-            vb[slots] = v[list(positions)]
+            phys = self.kv.translate(li, slots)
+            kb[phys] = k[list(positions)]
+            vb[phys] = v[list(positions)]
 
     def new_req(self, rid: str, prompt: list[int], max_new: int):
         from array import array
@@ -147,7 +155,10 @@ class Server:
         return SB.Req(rid, "", array("q", prompt), SP.SamplingParams(max_new_tokens=max_new))
 
     def prefill(self, req, qkv) -> int:
-        """Match, allocate, write K/V of the new prompt tokens, checkpoint, register. Returns n new."""
+        """Match, allocate, write K/V of the new prompt tokens, checkpoint, register. Returns n new.
+
+        The requests prefilled before the next decode step form one prefill batch: its results
+        (``after_prefill``: frees of what the groups dropped at prefill) are processed then."""
         req.init_next_round_input(self.tree)
         P = len(req.origin_input_ids)
         pre = req.prefix_len
@@ -159,20 +170,34 @@ class Server:
         req.kv.kv_allocated_len = req.kv.kv_committed_len = P
         self.tree.checkpoint(req, up_to=P)
         self.mgr.start_request(req, [q[pre:P] for q, _, _ in qkv])
+        self._prefilled.append(req)
         return P - pre
+
+    def end_prefill_batch(self) -> None:
+        if self._prefilled:
+            self.mgr.after_prefill(self._prefilled)
+            self._prefilled = []
 
     def decode(self, reqs, qkvs, tokens_next) -> None:
         """One decode step: each req feeds the token at its next position through every layer."""
+        self.end_prefill_batch()
+        slots = []
         for req, qkv in zip(reqs, qkvs):
             i = req.kv.kv_allocated_len
             slot = self.alloc.alloc(1)
             self.rtp.write((req.kv.req_pool_idx, slice(i, i + 1)), slot.to(torch.int32))
             self.write_kv(slot, qkv, range(i, i + 1))
             req.kv.kv_allocated_len = req.kv.kv_committed_len = i + 1
-            for li, (q, _, _) in enumerate(qkv):
-                slots = self.mgr.decode_layer(req.rid, li, q[i])
-                assert int(slots[-1]) == int(slot[0])  # the new token attends itself
-        self.mgr.end_decode_step([r.rid for r in reqs])
+            slots.append(slot)
+        step = self.mgr.begin_decode([r.rid for r in reqs], [r.kv.req_pool_idx for r in reqs],
+                                     [r.kv.kv_allocated_len for r in reqs])
+        for li in range(self.L):
+            phys, n_live = self.mgr.layer_tables(step, li)
+            for b, slot in enumerate(slots):  # the new token attends itself, last
+                assert int(phys[b, int(n_live[b]) - 1]) == int(self.kv.translate(li, slot)[0])
+            q = torch.stack([qkv[li][0][r.kv.kv_allocated_len - 1] for r, qkv in zip(reqs, qkvs)])
+            self.mgr.layer_update(step, li, q.reshape(len(reqs), -1))
+        self.mgr.end_decode_step()
         for req, t in zip(reqs, tokens_next):
             req.output_ids.append(t)
 
@@ -183,6 +208,7 @@ class Server:
         is a retraction's release of a running request, without a checkpoint."""
         from sglang.srt.managers.schedule_batch import FINISH_LENGTH
 
+        self.end_prefill_batch()
         if finished:
             req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))
         owned = req.kv.kv_committed_len
@@ -205,24 +231,34 @@ class Server:
         tree_slots = set(self.tree.all_values_flatten().tolist()) if self.tree.total_size() else set()
         assert not (fset & tree_slots), "a tree-owned slot was freed"
         held = set()
+        kept = [set() for _ in range(self.L)]  # tokens some request keeps, per layer
         for req in live_reqs:
             st = self.mgr.state(req.rid)
             for li in range(self.L):
-                s = set(self.mgr.kv_indices(req.rid, li).tolist())
-                assert not (s & fset), f"{req.rid} layer {li} attends a freed slot"
+                pos = self.mgr.live_positions(req.rid, li)
+                toks = self.rtp.req_to_token[st.row, pos].to(torch.int64)
+                assert not (set(toks.tolist()) & fset), f"{req.rid} layer {li} attends a freed token"
+                assert bool((self.kv.translate(li, toks) != 0).all()), f"{req.rid} layer {li} attends a freed slot"
+                kept[li] |= set(toks.tolist())
             n = req.kv.kv_allocated_len
             P = st.prompt_len
             row = self.rtp.req_to_token[st.row, :n].to(torch.int64)
-            priv = row[P:][~st.freed[P:n]]
+            fr = torch.from_numpy(st.freed[P:n])
+            priv = row[P:][~fr]
             held |= set(priv.tolist())
-            assert bool((row[P:][st.freed[P:n]] == DUMMY_SLOT).all())
+            assert bool((row[P:][fr] == DUMMY_SLOT).all())
         owned = set()
         for g in {id(s.group): s.group for s in (self.mgr.state(r.rid) for r in live_reqs)}.values():
-            if g.owned_slots is not None:
-                owned |= set(g.owned_slots[~g.owned_freed].tolist())
+            a = g.protected
+            owned |= set(g.slots[a:][~g.logical_freed[a:]].tolist())
         assert not (held & fset) and not (owned & fset) and not (held & tree_slots) and not (owned & tree_slots)
         # conservation: every slot is exactly one of free / tree / private / group-owned
         assert len(fset) + len(tree_slots) + len(held) + len(owned) == self.size
+        # per layer: a layer stores exactly the tree's tokens and the tokens some request keeps in it
+        assert self.kv.check_consistent() == []
+        for li in range(self.L):
+            stored = set(torch.nonzero(self.kv.l2p[li]).flatten().tolist())
+            assert stored == tree_slots | kept[li], (li, sorted(stored ^ (tree_slots | kept[li]))[:10])
 
 
 def run_reference(model, policy: PolicyConfig, prompt, n, max_new, seed=0):
@@ -293,11 +329,14 @@ def test_group_masks_equal_reference_and_memory_is_returned(sg, model64, hooks, 
                 f"{(got != t.evict).nonzero()[:5].tolist()}"
             assert ex["prompt_state"] == "shared" and ex["replayable"]
         assert len(srv.mgr._prompt_cache) == 1  # prefill state computed once for the group
-        # 2. memory: the tree still holds the (possibly detached-to-p) prompt prefix, intact
+        # 2. memory: the tree still holds the (possibly detached-to-p) prompt prefix, intact. The
+        # group detaches at the first position some layer dropped everywhere: streaming keeps its
+        # sinks in every layer (a prefix stays); the per-layer policies may drop position 0 in some
+        # layer, and then the whole prompt leaves the tree (each layer frees what it dropped).
         st = srv.mgr.stats
         print(f"{name}: {st}, freed {srv.n_freed} slots")
         _check_prefix_intact(srv, prompt, replay_qkv(model64, trajs[0].tokens, trajs[0].evict),
-                             expect_len=None)
+                             expect_len=None, min_len=1 if name == "streaming" else 0)
         # 3. everything the group held is back: free + tree == pool, then the tree empties fully
         assert srv.alloc.available_size() + srv.tree.total_size() == srv.size
         assert srv.tree.protected_size() == 0
@@ -311,7 +350,7 @@ def test_group_masks_equal_reference_and_memory_is_returned(sg, model64, hooks, 
         srv.close()
 
 
-def _check_prefix_intact(srv, prompt, qkv, expect_len=None) -> int:
+def _check_prefix_intact(srv, prompt, qkv, expect_len=None, min_len=1) -> int:
     """The tree matches the prompt's prefix and its slots still hold the prompt's keys."""
     from array import array
 
@@ -321,11 +360,12 @@ def _check_prefix_intact(srv, prompt, qkv, expect_len=None) -> int:
     n = m.device_prefix_len
     if expect_len is not None:
         assert n == expect_len
-    assert n >= 1
+    assert n >= min_len
     slots = srv.tree.path_device_indices(m.last_device_node)[:n]
     for li, (_, k, v) in enumerate(qkv):
         kb, vb = srv.kv.get_kv_buffer(li)
-        assert torch.equal(kb[slots], k[:n]) and torch.equal(vb[slots], v[:n])
+        phys = srv.kv.translate(li, slots)  # each layer's physical slots of the prefix tokens
+        assert torch.equal(kb[phys], k[:n]) and torch.equal(vb[phys], v[:n])
     return n
 
 

@@ -1,0 +1,166 @@
+"""Per-layer KV arithmetic: what one request holds, what the SGLang per-layer pools allocate, what
+admission reserves. One place, used by the patched SGLang server (``sglang_patch.kv_pool``: pool
+sizing and admission) and by ``smd plan`` (rollout KV figures), so the two agree by construction.
+
+Units. A *slot* is one token's K and V in one layer (``slot_layer_bytes``: ``2 * H_kv * d * dtype``
+bytes per GPU of an engine with TP ``t``, ``ceil(H_kv / t)`` KV heads). Every count below is *slots
+per layer*: under per-layer eviction every layer holds the same number of tokens for a request
+(the budget is the same in every layer; which tokens differs), so a request's K/V bytes are
+``slots * num_layers * slot_layer_bytes``.
+
+What one request holds per layer at its peak, prompt length ``P``, ``N`` new tokens, budget ``B``
+(the sampled last token is never written to the cache; eviction runs right after the step that
+overflows; the prompt is prefilled densely, then compressed if ``P > B``)::
+
+    r0 = B if the policy compresses after prefill (P > B) else P
+    none, snapkv:    r0 + N - 1              (snapkv compresses the prompt once)
+    streaming, h2o:  min(r0 + N - 1, B + 1)  (evict every step once full)
+    rkv:             min(r0 + N - 1, B + buffer)
+    and at least P (the dense prefill)
+
+This is exactly what the reference engine holds, and what the SGLang per-layer pool holds for a
+request whose prompt nobody else shares (measured: ``tests/test_sglang_live.py``). A GRPO group
+stores its shared prompt once per layer, so a group holds less than ``n`` times this.
+
+*Generated* slots a request can hold per layer (its private slots; the shared prompt aside) are
+bounded by the policy, not by ``N``: ``private_peak_tokens``. Admission in the patched server
+reserves, per request, the prompt tokens it must prefill plus that bound (``admission_tokens``),
+and for a running request what it may still grow (``running_reserve_tokens``), so a request that
+cannot fit waits instead of being retracted later.
+
+The per-layer pool keeps ``S`` physical slots in every layer (the same K/V bytes as SGLang's dense
+pool of ``S`` tokens) and ``logical_slots(S, L, policy)`` logical token ids for the radix tree and
+``req_to_token``; each logical id maps to a physical slot per layer through an int64 ``[L, logical
++ 1]`` table (``translation_table_bytes``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .policies import PolicyConfig
+
+#: Bytes of one entry of the logical -> physical translation table (int64).
+TABLE_ENTRY_BYTES = 8
+
+
+def _compresses_prefill(policy: PolicyConfig, prompt_len: int) -> bool:
+    return policy.name != "none" and policy.budget is not None and prompt_len > policy.budget
+
+
+def prefill_kept_tokens(policy: PolicyConfig, prompt_len: int) -> int:
+    """Slots a request holds per layer right after its prompt (``r0``)."""
+    return policy.budget if _compresses_prefill(policy, prompt_len) else prompt_len
+
+
+def decode_peak_tokens(policy: PolicyConfig, prompt_len: int, new_tokens: int) -> int:
+    """Most slots a request holds per layer during decoding (the last sampled token is never cached)."""
+    r0 = prefill_kept_tokens(policy, prompt_len)
+    grown = r0 + max(0, new_tokens - 1)
+    if policy.name in ("streaming", "h2o"):
+        return min(grown, policy.budget + 1)
+    if policy.name == "rkv":
+        return min(grown, policy.budget + policy.buffer)
+    return grown  # none, snapkv (compresses the prompt only)
+
+
+def request_peak_tokens(policy: PolicyConfig, prompt_len: int, new_tokens: int) -> int:
+    """Peak slots per layer of one request, prefill included (the prompt is prefilled densely)."""
+    return max(prompt_len, decode_peak_tokens(policy, prompt_len, new_tokens))
+
+
+def batch_peak_tokens(policy: PolicyConfig, prompt_len: int, new_tokens: int, num_prompts: int,
+                      group_size: int) -> int:
+    """Peak live slots per layer of a reference-engine batch (every row the same length, no EOS).
+
+    The reference engine prefills prompts one after another (the dense prompt cache sits on top of
+    the rows already admitted), replicates each into ``group_size`` rows, then decodes all rows in
+    lock step.
+    """
+    r0 = prefill_kept_tokens(policy, prompt_len)
+    B = num_prompts * group_size
+    return max((num_prompts - 1) * group_size * r0 + prompt_len, B * r0,
+               B * decode_peak_tokens(policy, prompt_len, new_tokens))
+
+
+def private_peak_tokens(policy: PolicyConfig, new_tokens: int) -> int:
+    """Most *generated* slots one request holds per layer (its private slots, prompt aside).
+
+    A request's live set per layer never exceeds ``B + 1`` (streaming, h2o) or ``B + buffer`` (rkv),
+    and its generated tokens are a subset of it; none and snapkv keep every generated token but the
+    last sampled one.
+    """
+    grown = max(0, new_tokens - 1)
+    if policy.name in ("streaming", "h2o"):
+        return min(grown, policy.budget + 1)
+    if policy.name == "rkv":
+        return min(grown, policy.budget + policy.buffer)
+    return grown
+
+
+def admission_tokens(policy: PolicyConfig, extend_len: int, new_tokens: int) -> int:
+    """Slots per layer admission reserves for a new request: the ``extend_len`` prompt tokens it
+    prefills (densely, in every layer) plus the generated slots it may hold at its peak."""
+    return extend_len + private_peak_tokens(policy, new_tokens)
+
+
+def running_reserve_tokens(policy: PolicyConfig, new_tokens: int, generated_held: int, remaining: int) -> int:
+    """Slots per layer a running request may still add: up to its private peak, and no more than
+    the ``remaining`` tokens it may still generate. ``generated_held``: private slots it holds now
+    (the most over layers)."""
+    return max(0, min(remaining, private_peak_tokens(policy, new_tokens) - generated_held))
+
+
+def slot_layer_bytes(num_kv_heads: int, head_dim: int, dtype_bytes: int, tp: int = 1) -> int:
+    """K and V bytes of one token in one layer on one GPU of a TP-``tp`` engine."""
+    return 2 * math.ceil(num_kv_heads / tp) * head_dim * dtype_bytes
+
+
+def kv_bytes_per_token(arch, dtype_bytes: int, tp: int = 1) -> int:
+    """K and V bytes of one token over all layers on one GPU of a TP-``tp`` engine."""
+    return arch.num_layers * slot_layer_bytes(arch.num_kv_heads, arch.head_dim, dtype_bytes, tp)
+
+
+def request_kv_bytes(arch, policy: PolicyConfig, prompt_len: int, new_tokens: int, dtype_bytes: int,
+                     tp: int = 1) -> int:
+    """Peak K/V bytes of one request (all layers)."""
+    return request_peak_tokens(policy, prompt_len, new_tokens) * kv_bytes_per_token(arch, dtype_bytes, tp)
+
+
+def concurrent_requests(pool_slots_per_layer: int, policy: PolicyConfig, prompt_len: int,
+                        new_tokens: int) -> int:
+    """Requests (no shared prompt) a pool of ``pool_slots_per_layer`` slots per layer holds at their peak."""
+    return max(0, pool_slots_per_layer) // request_peak_tokens(policy, prompt_len, new_tokens)
+
+
+def evicts_per_layer(policy: PolicyConfig) -> bool:
+    """Whether the policy drops tokens (so the per-layer pool is used); ``none`` keeps SGLang's pool."""
+    return policy.name != "none"
+
+
+def logical_slots(physical_slots: int, num_layers: int, policy: PolicyConfig) -> int:
+    """Logical token ids of the per-layer pool. A logical id is held while *some* layer keeps its
+    token, so per-layer choices can keep up to ``num_layers`` times more tokens alive than any one
+    layer holds: ``L * S`` ids can never run out before the physical slots do. ``S`` for ``none``."""
+    return physical_slots * (num_layers if evicts_per_layer(policy) else 1)
+
+
+def translation_table_bytes(physical_slots: int, num_layers: int, policy: PolicyConfig) -> int:
+    """Bytes of the logical -> physical table (int64 ``[L, logical + 1]``); 0 for ``none``."""
+    if not evicts_per_layer(policy):
+        return 0
+    return num_layers * (logical_slots(physical_slots, num_layers, policy) + 1) * TABLE_ENTRY_BYTES
+
+
+def pool_kv_bytes(physical_slots: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int,
+                  tp: int = 1) -> int:
+    """K/V bytes of a pool of ``physical_slots`` per layer (slot 0, SGLang's dummy, not counted)."""
+    return physical_slots * num_layers * slot_layer_bytes(num_kv_heads, head_dim, dtype_bytes, tp)
+
+
+__all__ = [
+    "admission_tokens", "batch_peak_tokens", "concurrent_requests", "decode_peak_tokens", "evicts_per_layer",
+    "kv_bytes_per_token", "logical_slots", "pool_kv_bytes", "prefill_kept_tokens", "private_peak_tokens",
+    "request_kv_bytes", "request_peak_tokens", "running_reserve_tokens", "slot_layer_bytes",
+    "translation_table_bytes",
+]
