@@ -1,4 +1,4 @@
-"""The ``smd`` command line.
+"""The ``smd`` command line: every subcommand's arguments and handler, in one table (:data:`COMMANDS`).
 
     smd init-model --out DIR [--arch qwen2|llama] [--hidden-size N ...] [--seed S]
     smd init-model --config CFG [key=value ...]   (the config's model.path, created when missing)
@@ -7,9 +7,15 @@
     smd sft        --config CFG [key=value ...]
     smd train      --config CFG [--resume auto|none|CKPT] [key=value ...]
     smd export-hf  CKPT OUT
-    smd plan       --config CFG [--json] [key=value ...]
-    smd bench      rollout|attention|sync|all [--json]
-    smd experiment compare --config CFG [--out DIR] [--modes a,b] [key=value ...]
+    smd plan       --config CFG [--json | --shell] [key=value ...]
+    smd experiment compare --config CFG [--out DIR] [--modes a,b] [--docs DIR] [key=value ...]
+    smd experiment report  --out DIR [--docs DIR]
+    smd experiment golden  --out FILE
+    smd bench      rollout|attention|sync|all [--quick] [--threads N] [--json]
+
+``python -m megatron_smd.plan ...`` (what the launch scripts run) and ``python -m
+megatron_smd.experiment ...`` are ``smd plan ...`` and ``smd experiment ...`` under the module's
+name (:func:`run`): the same arguments and handlers.
 
 User errors (bad config, malformed files, invalid masks) print ``error: ...`` and exit 2.
 """
@@ -19,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 from .errors import SMDError
 
@@ -144,6 +152,19 @@ def _cmd_export_hf(a) -> int:
 
 
 def _cmd_bench(a) -> int:
+    if a.threads is None:
+        return _bench(a)
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(a.threads)
+    try:
+        return _bench(a)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _bench(a) -> int:
     if a.what == "rollout":
         from .bench.rollout import bench_rollout
 
@@ -167,15 +188,68 @@ def _cmd_bench(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smd", description="Shadow Mask Distillation: on-policy RL with a compressed rollout KV cache")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _cmd_plan(a) -> int:
+    from .config import load_config
+    from .plan import format_plan, format_shell, launch_vars, plan
 
-    s = sub.add_parser("init-model", help="write a tiny random Qwen2/Llama model in Hugging Face format")
+    cfg = load_config(a.config, a.overrides)
+    if a.shell:
+        print(format_shell(launch_vars(cfg)))
+        return 0
+    d = plan(cfg)
+    print(json.dumps(d, indent=2) if a.json else format_plan(d))
+    return 0
+
+
+def _cmd_experiment_compare(a) -> int:
+    from pathlib import Path
+
+    from .experiment import IMG, RESULTS_JSON, RESULTS_MD, compare, render_summary
+    from .trainer import install_signal_handlers
+
+    install_signal_handlers()
+    try:
+        res = compare(a.config, a.out, a.modes, a.overrides, docs=a.docs)
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted ({e or 'Ctrl-C'}): finished modes are kept, the current one resumes from its last "
+              f"checkpoint. Continue with the same command.", file=sys.stderr)
+        return 130
+    if res:
+        out = Path(res["out"])
+        print(render_summary(res))
+        print(f"wrote {out / RESULTS_MD}, {out / RESULTS_JSON} and {out / IMG}/*.png"
+              + (f"; and {Path(a.docs) / RESULTS_MD}" if a.docs else ""))
+    return 0
+
+
+def _cmd_experiment_report(a) -> int:
+    from .experiment import render_summary, report
+
+    res = report(a.out, docs=a.docs)
+    print(render_summary(res))
+    return 0
+
+
+def _cmd_experiment_golden(a) -> int:
+    from .experiment import write_golden
+
+    res = write_golden(a.out)
+    for name, r in res["policies"].items():
+        print(f"{name:>10}: dense {r['dense']['max_abs_logprob_diff']:.3e}  shadow {r['shadow']['max_abs_logprob_diff']:.3e}")
+    print(f"wrote {a.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ arguments
+def _overrides(s: argparse.ArgumentParser, help: str = "key=value config overrides") -> None:
+    s.add_argument("overrides", nargs="*", help=help)
+
+
+def _args_init_model(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out")
     s.add_argument("--config", help="instead of --out: make sure the config's model.path exists "
                    "(created from model.init when missing) and print it")
-    s.add_argument("overrides", nargs="*", help="key=value config overrides (with --config)")
+    _overrides(s, "key=value config overrides (with --config)")
     s.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
     s.add_argument("--hidden-size", type=int)
     s.add_argument("--num-layers", type=int)
@@ -184,15 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--intermediate-size", type=int)
     s.add_argument("--tie-word-embeddings", choices=["true", "false"])
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(fn=_cmd_init_model)
 
-    s = sub.add_parser("rollout", help="sample the configured task with KV eviction and export shadow masks")
+
+def _args_rollout(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config", required=True)
     s.add_argument("--out")
-    s.add_argument("overrides", nargs="*", help="key=value config overrides")
-    s.set_defaults(fn=_cmd_rollout)
+    _overrides(s)
 
-    s = sub.add_parser("replay", help="replay a rollout with a learner; report the log-prob gap per learner mode")
+
+def _args_replay(s: argparse.ArgumentParser) -> None:
     s.add_argument("--rollouts", required=True)
     s.add_argument("--learner", choices=["torch", "megatron"], default="torch")
     s.add_argument("--model", help="model directory (default: meta.json's model_path)")
@@ -202,35 +276,120 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["sdpa", "flex", "te"], default="sdpa")
     s.add_argument("--packed", action="store_true", help="pack all trajectories into one row (THD style)")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=_cmd_replay)
 
-    s = sub.add_parser("sft", help="supervised warm start on the task (Megatron learner); writes sft.out")
+
+def _args_config(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config", required=True)
-    s.add_argument("overrides", nargs="*", help="key=value config overrides")
-    s.set_defaults(fn=_cmd_sft)
+    _overrides(s)
 
-    s = sub.add_parser("train", help="GRPO with a Megatron learner and a compressed-KV rollout engine")
+
+def _args_train(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config", required=True)
     s.add_argument("--resume", default="auto", help="auto (newest complete checkpoint, if any), none, or a checkpoint dir")
-    s.add_argument("overrides", nargs="*", help="key=value config overrides")
-    s.set_defaults(fn=_cmd_train)
+    _overrides(s)
 
-    s = sub.add_parser("export-hf", help="write a Hugging Face model directory from a training checkpoint")
+
+def _args_export_hf(s: argparse.ArgumentParser) -> None:
     s.add_argument("ckpt")
     s.add_argument("out")
-    s.set_defaults(fn=_cmd_export_hf)
 
-    from .experiment import add_cli as add_experiment_cli
-    from .plan import add_cli as add_plan_cli
 
-    add_plan_cli(sub)
-    add_experiment_cli(sub)
+def _args_plan(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--config", required=True)
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.add_argument("--shell", action="store_true", help="print the launch variables as bash assignments")
+    _overrides(s)
 
-    s = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
+
+def _args_experiment_compare(s: argparse.ArgumentParser) -> None:
+    from .experiment.common import MODES
+
+    s.add_argument("--config", required=True)
+    s.add_argument("--out", help="comparison directory (default: <output_dir>/compare)")
+    s.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)} (default: all)")
+    s.add_argument("--docs", help="also write DOCS/results.md and DOCS/img/*.png")
+    _overrides(s, "key=value config overrides (applied to every mode)")
+
+
+def _args_experiment_report(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--out", required=True)
+    s.add_argument("--docs")
+
+
+def _args_experiment_golden(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--out", required=True)
+
+
+def _args_bench(s: argparse.ArgumentParser) -> None:
     s.add_argument("what", choices=["rollout", "attention", "sync", "all"])
     s.add_argument("--quick", action="store_true", help="bench all: smaller sizes (a smoke run)")
+    s.add_argument("--threads", type=int, help="torch intra-op threads for the run (default: torch's own setting)")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=_cmd_bench)
+
+
+# ------------------------------------------------------------------------------------ the table
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, help line, arguments and handler, or subcommands of its own."""
+
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    handler: Callable[[argparse.Namespace], int] | None = None
+    subcommands: tuple[Command, ...] = ()
+
+    def build(self, p: argparse.ArgumentParser) -> None:
+        """Give ``p`` this command's arguments and handler (``fn``), or its subcommands."""
+        if self.arguments is not None:
+            self.arguments(p)
+        if self.handler is not None:
+            p.set_defaults(fn=self.handler)
+        if self.subcommands:
+            sub = p.add_subparsers(dest=f"{self.name.replace('-', '_')}_cmd", required=True)
+            for c in self.subcommands:
+                c.build(sub.add_parser(c.name, help=c.help))
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("init-model", "write a tiny random Qwen2/Llama model in Hugging Face format",
+            _args_init_model, _cmd_init_model),
+    Command("rollout", "sample the configured task with KV eviction and export shadow masks",
+            _args_rollout, _cmd_rollout),
+    Command("replay", "replay a rollout with a learner; report the log-prob gap per learner mode",
+            _args_replay, _cmd_replay),
+    Command("sft", "supervised warm start on the task (Megatron learner); writes sft.out", _args_config, _cmd_sft),
+    Command("train", "GRPO with a Megatron learner and a compressed-KV rollout engine", _args_train, _cmd_train),
+    Command("export-hf", "write a Hugging Face model directory from a training checkpoint",
+            _args_export_hf, _cmd_export_hf),
+    Command("plan", "per-GPU memory of the learner and the rollout for a config", _args_plan, _cmd_plan),
+    Command("experiment", "the correction-mode comparison (results, plots) and golden files", subcommands=(
+        Command("compare", "train the five correction modes with one config; write results and plots",
+                _args_experiment_compare, _cmd_experiment_compare),
+        Command("report", "re-render results.{md,json} and plots from a finished comparison",
+                _args_experiment_report, _cmd_experiment_report),
+        Command("golden", "regenerate the replay-gap golden file (tests/golden/replay_gap_tiny.json)",
+                _args_experiment_golden, _cmd_experiment_golden),
+    )),
+    Command("bench", "benchmarks (ratios measured side by side in one run)", _args_bench, _cmd_bench),
+)
+
+
+def command(name: str) -> Command:
+    for c in COMMANDS:
+        if c.name == name:
+            return c
+    raise KeyError(f"no smd command {name!r} (commands: {', '.join(c.name for c in COMMANDS)})")
+
+
+def add_cli(subparsers, *names: str) -> None:
+    """Add the commands ``names`` (default: all of them) to an ``add_subparsers()`` object."""
+    for c in (command(n) for n in names) if names else COMMANDS:
+        c.build(subparsers.add_parser(c.name, help=c.help))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smd", description="Shadow Mask Distillation: on-policy RL with a compressed rollout KV cache")
+    add_cli(p.add_subparsers(dest="cmd", required=True))
     return p
 
 
@@ -243,14 +402,27 @@ def _quiet_expected_warnings() -> None:
         warnings.filterwarnings("ignore", message=pat)
 
 
-def main(argv: list[str] | None = None) -> int:
-    _quiet_expected_warnings()
-    args = build_parser().parse_args(argv)
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return args.fn(args)
     except SMDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_expected_warnings()
+    return _dispatch(build_parser().parse_args(argv))
+
+
+def run(name: str, argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """``smd NAME ...`` as a program of its own (``python -m megatron_smd.NAME``): the command's
+    arguments at the top level, the same handler and exit codes."""
+    _quiet_expected_warnings()
+    c = command(name)
+    p = argparse.ArgumentParser(prog=prog or f"smd {name}", description=c.help)
+    c.build(p)
+    return _dispatch(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron_smd.cli import add_cli
 from megatron_smd.errors import ConfigError
-from megatron_smd.experiment import (FLOOR_FACTOR, PLOTS, REPLAY_TOL, add_cli, compare, render_markdown,
-                                     summarize)
+from megatron_smd.experiment import FLOOR_FACTOR, PLOTS, REPLAY_TOL, compare, render_markdown, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 CFG = REPO / "configs" / "tiny-cpu.yaml"

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_smd.experiment import GOLDEN_METRICS, GOLDEN_POLICIES, GOLDEN_SETUP, main
+from megatron_smd.experiment import GOLDEN_METRICS, GOLDEN_POLICIES, GOLDEN_SETUP
+from megatron_smd.experiment.__main__ import main
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "replay_gap_tiny.json"
 SHADOW_ATOL = 1e-5
