@@ -29,11 +29,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_smd.cli import add_cli
 from megatron_smd.config import ExperimentConfig, load_config
 from megatron_smd.errors import ConfigError
 from megatron_smd.model.hf import ModelArch
 from megatron_smd.plan import (
-    add_cli,
     batch_peak_tokens,
     format_plan,
     format_shell,

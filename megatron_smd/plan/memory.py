@@ -1,18 +1,4 @@
-"""``smd plan``: size a job (per-GPU memory of the learner and of the rollout) before it burns GPU hours.
-
-Run it on any machine, no GPU needed; the model directory need not exist (real-model presets carry
-their architecture under ``model.arch``)::
-
-    smd plan --config configs/qwen2.5-7b-grpo.yaml                 # table
-    smd plan --config configs/qwen2.5-7b-grpo.yaml resources.tp=8  # try another layout
-    smd plan --config configs/models/qwen2.5-32b.yaml --json       # machine-readable
-    python -m megatron_smd.plan --config CFG --shell               # what the launch scripts eval
-
-Layouts that cannot work raise :class:`~megatron_smd.errors.ConfigError` naming the numbers (heads
-not divisible by TP, layers not divisible by PP, ``model.max_seq_len`` not divisible by ``2*cp``, a
-learner world that does not fill the declared nodes, a rollout TP that does not divide the heads or
-the node). Layouts that work but do not fit the declared GPU (``resources.gpu_memory_gb``, 80 GB
-H100 by default) are *flagged* (``status: does not fit``), not rejected: the number is the answer.
+"""The memory model of ``smd plan``: per-GPU bytes of the learner and of the rollout (:func:`plan`).
 
 What is modelled, and where the formulas come from
 --------------------------------------------------
@@ -112,63 +98,23 @@ the CUDA context and NCCL buffers live in the last 10%), ``does not fit`` above.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import shlex
-import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, SMDError
-from .model.hf import ModelArch, expected_shapes, read_arch
-from .policies import PolicyConfig
+from ..errors import ConfigError
+from ..model.hf import ModelArch, expected_shapes
+from ..policies import PolicyConfig
+from .validate import VOCAB_DIVISOR, padded_seq_len, resolve_arch, validate_layout
 
 GIB = 2**30
 GB = 10**9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-VOCAB_DIVISOR = 128  # Megatron's make_vocab_size_divisible_by (megatron_smd.learner.convert)
 DEFAULT_MEM_FRACTION_STATIC = 0.85
 TIGHT = 0.90  # above this fraction of the GPU a plan is "tight"
-# SGLang flags the launcher derives from resources / model; the passthrough may not set them.
-_OWNED_SGLANG = {"model_path": "model.path", "tp_size": "resources.rollout_tp", "tp": "resources.rollout_tp",
-                 "host": "the launcher", "port": "the launcher", "base_gpu_id": "the launcher"}
 
 
-# ------------------------------------------------------------------------------------ architecture
-def resolve_arch(cfg) -> tuple[ModelArch, str]:
-    """The model's architecture and where it came from.
-
-    ``model.arch`` (real-model presets) wins when the directory is absent; when both exist they must
-    agree on every field (a preset describing a different model than the directory is a bug; the
-    runs refuse it too).
-    A tiny preset whose directory does not exist yet is sized from its ``model.init`` section.
-    """
-    m = cfg.model
-    path = Path(m.path)
-    disk = read_arch(path) if (path / "config.json").is_file() else None
-    declared = m.arch.to_model_arch() if m.arch is not None else None
-    if disk is not None and declared is not None:
-        from .config import check_arch_matches
-
-        return check_arch_matches(cfg, path), str(path / "config.json")  # every field, as the runs check it
-    if disk is not None:
-        return disk, str(path / "config.json")
-    if declared is not None:
-        return declared, "model.arch"
-    if m.init is not None:
-        from .model.tiny import CharTokenizer, tiny_arch
-
-        kw = m.init.model_dump()
-        name = kw.pop("arch")
-        kw.pop("seed")
-        tok = CharTokenizer.build()
-        return tiny_arch(name, vocab_size=tok.vocab_size, **kw), "model.init"
-    raise ConfigError(f"model.path={m.path!r} does not exist and the config has no model.arch: "
-                      f"`smd plan` needs the architecture (copy it from the model's config.json)")
-
-
+# ------------------------------------------------------------------------------------ parameters
 def hf_param_count(arch: ModelArch) -> int:
     """Parameters of the Hugging Face model (unpadded vocabulary, lm_head only when untied)."""
     return sum(math.prod(s) for s in expected_shapes(arch).values())
@@ -220,74 +166,6 @@ def stage_params(arch: ModelArch, tp: int, pp: int, vocab_divisor: int = VOCAB_D
                                embedding=emb if k == 0 else 0, final_norm=arch.hidden_size if last else 0,
                                output_layer=emb if has_output else 0))
     return out
-
-
-# ------------------------------------------------------------------------------------ validation
-def _lcm(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)
-
-
-def padded_seq_len(max_seq_len: int, cp: int) -> int:
-    """The learner's row length for a ``max_seq_len`` row: a multiple of ``lcm(2*cp, 8)``."""
-    m = _lcm(2 * cp, 8)
-    return -(-max_seq_len // m) * m
-
-
-def validate_layout(cfg, arch: ModelArch) -> None:
-    """Reject layouts that cannot work, naming the numbers (ConfigError)."""
-    from .parallel.layout import ParallelLayout
-
-    r = cfg.resources
-    try:
-        layout = ParallelLayout(world_size=r.learner_world_size, tp=r.tp, pp=r.pp, cp=r.cp)
-        layout.validate_model(arch)
-        if r.cp > 1 and cfg.model.max_seq_len % (2 * r.cp):
-            raise ConfigError(
-                f"parallel layout: model.max_seq_len={cfg.model.max_seq_len} is not divisible by "
-                f"2*cp = {2 * r.cp} (context parallelism cuts each row into 2*cp equal chunks)")
-    except ConfigError as e:
-        raise ConfigError(f"layout cannot work (resources.tp={r.tp}, pp={r.pp}, cp={r.cp}): {e}") from None
-    world = r.learner_world_size
-    cap = r.nodes * r.gpus_per_node
-    if r.gpus_per_node == 0:  # a CPU cluster: the same number of gloo ranks on every node
-        if world % r.nodes:
-            raise ConfigError(
-                f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks cannot "
-                f"be spread evenly over resources.nodes={r.nodes} (resources.gpus_per_node=0: a CPU cluster "
-                f"runs the same number of gloo ranks on every node)")
-    elif r.nodes > 1 and world != cap:
-        raise ConfigError(
-            f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks, but "
-            f"resources.nodes*gpus_per_node = {r.nodes}*{r.gpus_per_node} = {cap} GPUs: a multi-node "
-            f"learner fills its nodes (set resources.dp={cap // (r.tp * r.pp * r.cp)} if that divides)")
-    elif world > cap:
-        raise ConfigError(
-            f"layout cannot work: tp*pp*cp*dp = {r.tp}*{r.pp}*{r.cp}*{r.dp} = {world} learner ranks do not fit "
-            f"on resources.nodes*gpus_per_node = {r.nodes}*{r.gpus_per_node} = {cap} GPUs")
-    # rollout: in-process (backend reference, rollout_nodes 0), one CPU SGLang server colocated on
-    # the first learner node (CPU cluster, backend sglang, rollout_nodes 0), or servers on the rollout nodes
-    if r.rollout_nodes > 0 and cfg.rollout.backend != "sglang":
-        raise ConfigError(
-            f"layout cannot work: resources.rollout_nodes={r.rollout_nodes} starts SGLang servers, but "
-            f"rollout.backend={cfg.rollout.backend}: smd train would sample in-process and never use them; set "
-            f"rollout.backend=sglang (and sync.transport=sglang), or resources.rollout_nodes=0 (the learner "
-            f"ranks run the in-process reference engine)")
-    rt = r.rollout_tp
-    if arch.num_heads % rt:
-        raise ConfigError(f"layout cannot work: num_attention_heads={arch.num_heads} is not divisible by "
-                          f"resources.rollout_tp={rt} (SGLang shards attention heads over its TP ranks)")
-    if rt > arch.num_kv_heads and rt % arch.num_kv_heads:
-        raise ConfigError(f"layout cannot work: resources.rollout_tp={rt} > num_key_value_heads="
-                          f"{arch.num_kv_heads} needs rollout_tp to be a multiple of it (replicated KV heads)")
-    if r.rollout_nodes > 0 and r.gpus_per_node > 0 and (rt > r.gpus_per_node or r.gpus_per_node % rt):
-        raise ConfigError(f"layout cannot work: resources.rollout_tp={rt} must divide "
-                          f"resources.gpus_per_node={r.gpus_per_node} (one engine never spans nodes)")
-    if cfg.model.max_seq_len <= cfg.rollout.max_new_tokens:
-        raise ConfigError(f"model.max_seq_len={cfg.model.max_seq_len} must exceed rollout.max_new_tokens="
-                          f"{cfg.rollout.max_new_tokens} (it covers prompt + completion)")
-    for key, owner in _OWNED_SGLANG.items():
-        if key in cfg.sglang or key.replace("_", "-") in cfg.sglang:
-            raise ConfigError(f"sglang.{key} is set by {owner}; remove it from the sglang passthrough")
 
 
 # ------------------------------------------------------------------------------------ learner
@@ -551,184 +429,3 @@ def plan(cfg) -> dict[str, Any]:
         learner=learner, rollout=rollout, warnings=warnings,
         ok=learner["status"] != "does not fit" and rollout["status"] != "does not fit",
     )
-
-
-def _gib(x: int) -> str:
-    return f"{x / GIB:8.2f} GiB"
-
-
-def format_plan(d: dict[str, Any]) -> str:
-    """A human-readable table of :func:`plan`'s result."""
-    a, lay, ln, ro = d["model"]["arch"], d["layout"], d["learner"], d["rollout"]
-    out = [
-        f"model   {d['model']['path']}  ({a['arch']}, {d['model']['hf_params'] / 1e9:.2f} B params, "
-        f"L={a['num_layers']} D={a['hidden_size']} H={a['num_heads']}/{a['num_kv_heads']} d={a['head_dim']}; "
-        f"from {d['model']['source']})",
-        (f"layout  tp={lay['tp']} pp={lay['pp']} cp={lay['cp']} dp={lay['dp']} = {lay['learner_gpus']} learner GPUs "
-         f"on {lay['nodes']} node(s); rollout: {ro['engines']} engine(s) x tp={ro['engine_tp']} ({ro['mode']}); "
-         f"GPU {lay['gpu_memory_bytes'] / GIB:.1f} GiB") if lay["gpus_per_node"] else
-        (f"layout  tp={lay['tp']} pp={lay['pp']} cp={lay['cp']} dp={lay['dp']} = {lay['learner_gpus']} learner ranks "
-         f"on {lay['nodes']} CPU node(s) (gpus_per_node=0: gloo processes, the figures below are per process, "
-         f"checked against resources.gpu_memory_gb = {lay['gpu_memory_bytes'] / GIB:.1f} GiB); rollout in-process"),
-        "",
-        f"learner ({ln['precision']}, {ln['bytes_per_param']} B/param, recompute={ln['recompute'] or 'off'}, "
-        f"attention={ln['attention_backend']}, seq {ln['seq_len']}, {ln['rows_per_microbatch']} rows x "
-        f"{ln['microbatches_per_step']} micro-batches per step)",
-    ]
-    for st in ln["stages"]:
-        out.append(f"  stage {st['stage']} ({st['layers']} layers, {st['params'] / 1e6:.1f} M params/GPU, "
-                   f"{st['microbatches_in_flight']} micro-batch(es) in flight)")
-        out.append(f"    weights {_gib(st['weights_bytes'])}   grads {_gib(st['grads_bytes'])}   "
-                   f"optimizer {_gib(st['optimizer_bytes'])} "
-                   f"(distributed: {st['optimizer_bytes_distributed'] / GIB:.2f})")
-        extra = f"   reference model {_gib(st['ref_weights_bytes'])}" if st["ref_weights_bytes"] else ""
-        out.append(f"    activations {_gib(st['activations_bytes'])}   transient {_gib(st['transient_bytes'])}{extra}")
-        out.append(f"    total {_gib(st['total_bytes'])}")
-    out.append(f"  per GPU {_gib(ln['per_gpu_bytes'])}  -> {ln['status']}")
-    out += [
-        "",
-        f"rollout (policy {ro['policy']}" + (f", budget {ro['budget']}" if ro["budget"] else "")
-        + f"; prompt {ro['prompt_len']} + {ro['new_tokens']} new tokens; KV {ro['kv_dtype_bytes']} B/elem)",
-        f"  weights {_gib(ro['weights_bytes'])} per GPU; KV {ro['kv_bytes_per_token'] / 2**10:.1f} KiB per token; "
-        f"pool {_gib(max(0, ro['kv_pool_bytes']))} (mem_fraction_static {ro['mem_fraction_static']})",
-        f"  per request: dense {ro['tokens_per_request_dense']} tokens = "
-        f"{ro['bytes_per_request_dense'] / 2**20:.1f} MiB; {ro['policy']} {ro['tokens_per_request']} tokens = "
-        f"{ro['bytes_per_request'] / 2**20:.1f} MiB",
-        f"  concurrent requests per engine: dense {ro['concurrent_requests_dense']}, {ro['policy']} "
-        f"{ro['concurrent_requests']} (batch needs {ro['requests_per_engine']})  -> {ro['status']}",
-    ]
-    for w in d["warnings"]:
-        out.append(f"warning: {w}")
-    out.append("ok" if d["ok"] else "NOT OK: does not fit on the declared GPU")
-    return "\n".join(out)
-
-
-# ------------------------------------------------------------------------------------ launch variables
-def _sglang_flags(extra: dict[str, Any]) -> list[str]:
-    """``{key: value}`` -> SGLang flags: ``--key value``; True -> ``--key``; False / None -> omitted."""
-    out: list[str] = []
-    for k, v in extra.items():
-        flag = "--" + str(k).replace("_", "-")
-        if v is True:
-            out.append(flag)
-        elif v is False or v is None:
-            continue
-        elif isinstance(v, (list, tuple)):
-            out += [flag, *(str(x) for x in v)]
-        elif isinstance(v, dict):
-            out += [flag, json.dumps(v)]
-        else:
-            out += [flag, str(v)]
-    return out
-
-
-def policy_flags(pol: PolicyConfig) -> list[str]:
-    """``pol`` as ``sglang_patch.launch_server``'s ``--smd-*`` flags: every field, so a server runs
-    exactly the policy of the config (the trainer checks it again against ``/server_info``)."""
-    out = []
-    for name, val in pol.model_dump(mode="json").items():
-        if val is None:
-            continue
-        out += ["--smd-policy" if name == "name" else "--smd-" + name.replace("_", "-"), str(val)]
-    return out
-
-
-def check_server_args(argv: list[str], *, cpu: bool) -> None:
-    """The servers' command line against the eviction patch's own rules
-    (:func:`sglang_patch.launch_server.parse_args`): a setting the patch would refuse at start-up
-    (attention backend, page size, overlap scheduler, CUDA graphs, TP, ...) stops the launch here,
-    before any node is touched. CPU servers get ``--device cpu`` (which supplies the CPU settings)."""
-    from sglang_patch.launch_server import parse_args
-
-    try:
-        parse_args(list(argv) + (["--device", "cpu"] if cpu else []), env={})
-    except ConfigError as e:
-        raise ConfigError(f"the SGLang servers would refuse this config ({e}); set the flags under the config's "
-                          f"sglang: section (attention_backend: triton, page_size: 1, disable_overlap_schedule: "
-                          f"true, cuda_graph_backend_decode: disabled on GPU)") from None
-
-
-def launch_vars(cfg) -> dict[str, Any]:
-    """What the launch scripts need, validated (the layout is checked before any GPU is touched).
-
-    Scalars are strings; ``SMD_SGLANG_ARGS`` is a list (the server's arguments after the module,
-    without ``--host`` / ``--port``, which the launcher sets per engine).
-    """
-    arch, _ = resolve_arch(cfg)
-    validate_layout(cfg, arch)
-    r = cfg.resources
-    pol = cfg.rollout.policy if cfg.algorithm.correction != "dense" else PolicyConfig()
-    sgl = ["--model-path", cfg.model.path, "--tp-size", str(r.rollout_tp), *_sglang_flags(cfg.sglang),
-           *policy_flags(pol)]
-    if r.rollout_nodes > 0 or cfg.rollout.backend == "sglang":
-        check_server_args(sgl, cpu=r.gpus_per_node == 0)
-    return dict(
-        SMD_TP=r.tp, SMD_PP=r.pp, SMD_CP=r.cp, SMD_DP=r.dp, SMD_LEARNER_WORLD=r.learner_world_size,
-        SMD_NODES=r.nodes, SMD_GPUS_PER_NODE=r.gpus_per_node,
-        # one node: the whole learner; several: one rank per GPU, or (a CPU cluster) the world split evenly
-        SMD_NPROC_PER_NODE=r.learner_world_size // r.nodes if r.nodes == 1 or r.gpus_per_node == 0
-        else r.gpus_per_node,
-        SMD_ROLLOUT_NODES=r.rollout_nodes, SMD_ROLLOUT_TP=r.rollout_tp,
-        # engines per rollout node: gpus_per_node / rollout_tp; one CPU server on a CPU cluster
-        SMD_ENGINES_PER_NODE=(r.gpus_per_node // r.rollout_tp if r.gpus_per_node else 1) if r.rollout_nodes else 0,
-        SMD_MODEL_PATH=cfg.model.path, SMD_OUTPUT_DIR=cfg.output_dir, SMD_SGLANG_ARGS=sgl,
-        SMD_ROLLOUT_BACKEND=cfg.rollout.backend,
-        # every server runs under python -m sglang_patch.supervise (restart on exit or hang)
-        SMD_SUPERVISE_ARGS=["--max-restarts", str(cfg.rollout.faults.server_max_restarts),
-                            "--hang-timeout-s", str(cfg.rollout.faults.server_hang_timeout_s)],
-    )
-
-
-def format_shell(v: dict[str, Any]) -> str:
-    """Bash assignments (``eval``-safe: every value is quoted with :func:`shlex.quote`)."""
-    lines = []
-    for k, val in v.items():
-        if isinstance(val, list):
-            lines.append(f"{k}=(" + " ".join(shlex.quote(str(x)) for x in val) + ")")
-        else:
-            lines.append(f"{k}={shlex.quote(str(val))}")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------ command line
-def _run(a: argparse.Namespace) -> int:
-    from .config import load_config
-
-    cfg = load_config(a.config, a.overrides)
-    if getattr(a, "shell", False):
-        print(format_shell(launch_vars(cfg)))
-        return 0
-    d = plan(cfg)
-    print(json.dumps(d, indent=2) if a.json else format_plan(d))
-    return 0
-
-
-def _add_arguments(s: argparse.ArgumentParser, shell: bool = False) -> None:
-    s.add_argument("--config", required=True)
-    s.add_argument("--json", action="store_true", help="print the plan as JSON")
-    if shell:
-        s.add_argument("--shell", action="store_true", help="print the launch variables as bash assignments")
-    s.add_argument("overrides", nargs="*", help="key=value config overrides")
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register ``smd plan`` on the ``smd`` command's subparsers."""
-    s = subparsers.add_parser("plan", help="per-GPU memory of the learner and the rollout for a config")
-    _add_arguments(s)
-    s.set_defaults(fn=_run)
-    return s
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_smd.plan", description=__doc__.split("\n")[0])
-    _add_arguments(p, shell=True)
-    a = p.parse_args(argv)
-    try:
-        return _run(a)
-    except SMDError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
