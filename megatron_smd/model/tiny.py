@@ -5,9 +5,9 @@ The tiny model is the CPU stand-in for the real ones: same architecture, same fi
 weight names, so the rollout engine, the learner, weight sync and ``transformers`` all read it
 through the same code path as Qwen2.5 or Llama-3. Only the sizes differ.
 
-Run it as a module to write one::
+Write one with ``smd init-model`` (:mod:`megatron_smd.cli`)::
 
-    python -m megatron_smd.model.tiny out/tiny-qwen2 --arch qwen2 --seed 0
+    smd init-model --out out/tiny-qwen2 --arch qwen2 --seed 0
 
 Choices that matter for testing:
 
@@ -20,7 +20,6 @@ Choices that matter for testing:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -162,21 +161,3 @@ def init_model_dir(out: str | os.PathLike, arch_name: str = "qwen2", seed: int =
     hf.save_model_dir(out, arch, weights, extra_files=extra)
     return Path(out)
 
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write a tiny random Qwen2/Llama HF model directory.")
-    p.add_argument("out", type=Path)
-    p.add_argument("--arch", default="qwen2", choices=sorted(hf.SUPPORTED))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--num-kv-heads", type=int, default=2)
-    a = p.parse_args(argv)
-    path = init_model_dir(a.out, a.arch, a.seed, hidden_size=a.hidden_size, num_layers=a.num_layers,
-                          num_heads=a.num_heads, num_kv_heads=a.num_kv_heads)
-    print(f"wrote {path}: {hf.read_arch(path)}")
-
-
-if __name__ == "__main__":
-    main()
