@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,52 +93,89 @@ def tensor_checksum(t: torch.Tensor) -> int:
     i.e. a weighted sum of the words with weight ``v_j + u_k`` for word ``(j, k)``: odd row weights
     ``v_j`` and even column weights ``u_k``, distinct by position. Arithmetic is integer arithmetic
     modulo ``2^64`` (integer arrays wrap), which is associative, so the value does not depend on
-    the reduction order, the library (numpy on the CPU, torch elsewhere) or the device. A change of
-    any single word changes it (its weight is odd, so ``weight * delta != 0 mod 2^64``); a swap of
-    two words in one row or in one column changes it by ``(x_a - x_b)(u_a - u_b)`` resp.
+    the reduction order, the library (torch and numpy on the CPU, torch elsewhere) or the device. A
+    change of any single word changes it (its weight is odd, so ``weight * delta != 0 mod 2^64``); a
+    swap of two words in one row or in one column changes it by ``(x_a - x_b)(u_a - u_b)`` resp.
     ``(x_a - x_b)(v_a - v_b)``; a truncation changes ``n``. A corruption check, not a cryptographic
     hash.
 
     Cost: two integer sums over the bytes and no multiplication per word, done per 4 MiB chunk so
-    that the second sum reads the chunk from cache; on data just written (the resharder and the
-    in-process staging call it right after the copy) a fraction of a memory copy.
+    that the second sum reads the chunk from cache (:class:`Checksum`, which also takes the bytes
+    in pieces: the resharder feeds it each cache-sized piece of a tensor right after writing it).
     """
     b = t.detach()
     if not b.is_contiguous():
         b = b.contiguous()
     b = b.reshape(-1).view(torch.uint8)
     if b.device.type == "cpu":
-        return _checksum_numpy(b)
+        ck = Checksum(b.numel())
+        ck.update(b, 0)
+        return ck.value()
     return _checksum_torch(b)
 
 
-def _checksum_numpy(b: torch.Tensor) -> int:
-    a = b.numpy()
-    n = a.size
-    row_bytes = 8 * _ROW
-    full = n // row_bytes
-    rows = full + (1 if n % row_bytes else 0)
-    if rows == 0:
-        return (n * _A) & _MASK
-    x = a[:full * row_bytes].view(np.uint64).reshape(full, _ROW)
-    rsum = np.empty(rows, dtype=np.uint64)
-    csum = np.zeros(_ROW, dtype=np.uint64)
-    part = np.empty(_ROW, dtype=np.uint64)
-    for r0 in range(0, full, _CHUNK_ROWS):
-        r1 = min(r0 + _CHUNK_ROWS, full)
-        np.add.reduce(x[r0:r1], axis=1, out=rsum[r0:r1])
-        np.add.reduce(x[r0:r1], axis=0, out=part)
-        csum += part
-    if n % row_bytes:  # the last, partial row: zero-padded
-        tail = np.zeros(row_bytes, dtype=np.uint8)
-        tail[:n - full * row_bytes] = a[full * row_bytes:]
-        tw = tail.view(np.uint64)
-        rsum[full] = np.add.reduce(tw)
-        csum += tw
-    v = np.arange(rows, dtype=np.uint64) * np.uint64((2 * _MV) & _MASK) + np.uint64(1)
-    u = _np_col_weights()
-    total = int(np.add.reduce(rsum * v)) + int(np.add.reduce(csum * u))
-    return (n * _A + total) & _MASK
+#: Bytes per row of the checksum: :meth:`Checksum.update` takes pieces that start on a row.
+ROW_BYTES = 8 * _ROW
+
+
+class Checksum:
+    """:func:`tensor_checksum` of ``nbytes`` bytes on the CPU, fed in pieces (:meth:`update`).
+
+    Pieces may come in any order and from several threads at once (each writes its own row sums;
+    the column sums are added under a lock); every byte must be fed exactly once before
+    :meth:`value`. Row sums are taken with torch (an integer sum along contiguous rows, vectorised),
+    column sums with numpy (which adds rows into one 4 KiB accumulator), both wrapping modulo 2^64.
+    """
+
+    __slots__ = ("nbytes", "_rsum", "_csum", "_lock")
+
+    def __init__(self, nbytes: int):
+        self.nbytes = int(nbytes)
+        self._rsum = torch.zeros(-(-self.nbytes // ROW_BYTES), dtype=torch.int64)
+        self._csum = np.zeros(_ROW, dtype=np.uint64)
+        self._lock = threading.Lock()
+
+    def update(self, piece: torch.Tensor, offset: int) -> None:
+        """Add the bytes ``[offset, offset + len)`` (``piece``: a contiguous CPU tensor). ``offset``
+        is a multiple of :data:`ROW_BYTES`, and so is the length unless the piece ends the bytes."""
+        b = piece.reshape(-1).view(torch.uint8)
+        n, end = b.numel(), offset + b.numel()
+        if offset % ROW_BYTES or end > self.nbytes or (n % ROW_BYTES and end != self.nbytes):
+            raise ValueError(f"checksum: piece [{offset}, {end}) of {self.nbytes} bytes is not row-aligned")
+        full, j0 = n // ROW_BYTES, offset // ROW_BYTES
+        acc = None
+        part = np.empty(_ROW, dtype=np.uint64)
+        for r0 in range(0, full, _CHUNK_ROWS):
+            r1 = min(r0 + _CHUNK_ROWS, full)
+            x = b[r0 * ROW_BYTES:r1 * ROW_BYTES].view(torch.int64).view(r1 - r0, _ROW)
+            torch.sum(x, 1, out=self._rsum[j0 + r0:j0 + r1])
+            np.add.reduce(x.numpy().view(np.uint64), axis=0, out=part)
+            if acc is None:
+                acc, part = part, np.empty(_ROW, dtype=np.uint64)
+            else:
+                acc += part
+        if n % ROW_BYTES:  # the last, partial row: zero-padded
+            tail = torch.zeros(ROW_BYTES, dtype=torch.uint8)
+            tail[:n - full * ROW_BYTES] = b[full * ROW_BYTES:]
+            tw = tail.view(torch.int64)
+            torch.sum(tw, 0, keepdim=True, out=self._rsum[j0 + full:j0 + full + 1])
+            tw = tw.numpy().view(np.uint64)
+            if acc is None:
+                acc = tw
+            else:
+                acc += tw
+        if acc is not None:
+            with self._lock:
+                self._csum += acc
+
+    def value(self) -> int:
+        rows = self._rsum.numel()
+        if rows == 0:
+            return (self.nbytes * _A) & _MASK
+        r = self._rsum.numpy().view(np.uint64)
+        v = np.arange(rows, dtype=np.uint64) * np.uint64((2 * _MV) & _MASK) + np.uint64(1)
+        total = int(np.add.reduce(r * v)) + int(np.add.reduce(self._csum * _np_col_weights()))
+        return (self.nbytes * _A + total) & _MASK
 
 
 _np_u: np.ndarray | None = None
@@ -203,6 +241,15 @@ def all_finite(t: torch.Tensor) -> bool:
     if bool(torch.isfinite(t.sum())):
         return True
     return _all_finite_exact(t)
+
+
+def all_finite_cached(t: torch.Tensor) -> bool:
+    """:func:`all_finite` for a tensor just written, still in cache (a piece of at most a few MB): a
+    2-byte float on the CPU is settled on its bits at once (two integer maxima, exact; in cache they
+    cost less than the fp32-accumulated sum, from memory more), anything else by :func:`all_finite`."""
+    if t.dtype in (torch.bfloat16, torch.float16) and t.device.type == "cpu" and t.numel():
+        return _all_finite_exact(t)
+    return all_finite(t)
 
 
 def _all_finite_exact(t: torch.Tensor) -> bool:
@@ -400,6 +447,9 @@ def empty_bytes(nbytes: int, device: torch.device | str = "cpu") -> torch.Tensor
 #: A CPU tensor at least this large is written (and checked) in two halves on two threads, and a
 #: commit at least twice this large runs as two halves: see ``Resharder._write``.
 SPLIT_BYTES = 8 << 20
+#: The resharder writes a CPU tensor in pieces of about this many bytes and checks each piece (NaN /
+#: inf, checksum, the in-process engine's verification) right after writing it, while it is in cache.
+CHUNK_BYTES = 2 << 20
 
 
 def unflatten(flat: torch.Tensor, names, dtypes, shapes) -> list[tuple[str, torch.Tensor]]:

@@ -18,20 +18,22 @@ Who does what (ranks in Megatron's ``tp-cp-ep-dp-pp`` order, one :class:`Paralle
 
   - ``pack=True`` (wire transports): the bucket's slice of one packing buffer, in SGLang's
     flattened wire layout, so sending the bucket copies nothing more;
-  - a ``sink`` (the in-process engine): the engine's own staging buffers, kept across syncs; each
-    tensor is handed to the sink right after it is written, while it is still in cache;
+  - a ``sink`` (the in-process engine): where the HF tensor is a contiguous view of the
+    learner's parameter in the engine's dtype (most tensors at TP=1), that view itself, which the
+    engine stages as is (it stays valid until the sync returns, and the engine's commit copies it
+    from there: one copy in all); else the engine's own staging buffers, kept across syncs;
   - ``pack=False`` (a consumer done with each bucket before the next, e.g. a file writer): no copy
-    at all where the HF tensor is a contiguous view of the parameter (most tensors at TP=1), else
-    a temporary.
+    at all where the HF tensor is a contiguous view of the parameter, else a temporary.
 
-  Right after a tensor is written, while it is in cache, the sender checks it for non-finite
-  values (``check_finite``) and takes its checksum (``checksums``); the sink's ``put`` (the
-  in-process staging, which verifies that checksum) follows. Part of that work runs on one helper
-  thread, in tensor order, while the next tensor is converted (numpy and torch release the GIL;
-  measured: 2.9 vs 3.1 copies in process, 4.4 vs 4.9 with checksums), and a bucket is yielded only
-  once all of its tensors are done. Every stage sends its own
-  layers; the senders of all stages form exactly one pipeline group (``layout.pp_group`` of a
-  sender), which the transports use.
+  On the CPU a tensor is written in pieces of about ``CHUNK_BYTES`` (2 MiB), and each piece is
+  checked as soon as it is written, while it is in cache: non-finite values (``check_finite``),
+  the checksum (``checksums``) and, for a sink's slot or view, the sink's own verification
+  checksum (``Sink.verifier``: the in-process engine's check, compared in its ``put``). A view
+  that is not written is checked the same way, piece by piece: the first check reads a piece from
+  memory, the others from cache. A large tensor's pieces are shared between the sender's thread
+  and one helper thread (numpy and torch release the GIL), joined before the next tensor. Every
+  stage sends its own layers; the senders of all stages form exactly one pipeline group
+  (``layout.pp_group`` of a sender), which the transports use.
 
 Memory bound (the point of streaming). Let ``B`` be the bucket size and ``P`` the HF bytes of one
 Megatron parameter. A packing sender holds, for the whole sync, one packing buffer of ``B`` bytes
@@ -53,12 +55,13 @@ peak with the allocator's own record (``torch.profiler`` memory events) and comp
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -70,7 +73,7 @@ from ..learner.convert import local_param_names
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
 from . import bucket as _bucket
-from .bucket import Bucket, all_finite, empty_bytes, tensor_checksum
+from .bucket import ROW_BYTES, Bucket, Checksum, all_finite, all_finite_cached, empty_bytes, tensor_checksum
 from .pieces import Piece, hf_pieces, write_pieces
 from .probe import learner_logits, unwrap_model
 
@@ -177,11 +180,17 @@ class Sink(Protocol):
     has none for it (an unknown name or shape: the resharder then writes a temporary and ``put``
     decides what to do with it). ``put`` receives the written tensor and its checksum (None
     without ``checksums``), right after it was written.
+
+    Optionally, ``verifier(name, nbytes)`` returns the consumer's own
+    :class:`~megatron_smd.sync.bucket.Checksum` for a tensor written into its slot (or None): the
+    resharder feeds it every piece of the tensor right after writing it, while the piece is in
+    cache, and hands its value to ``put`` as ``received`` (what the consumer compares the sender's
+    checksum with).
     """
 
     def slot(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None: ...
 
-    def put(self, name: str, t: torch.Tensor, checksum: int | None) -> None: ...
+    def put(self, name: str, t: torch.Tensor, checksum: int | None, received: int | None = None) -> None: ...
 
 
 def _splits(t: torch.Tensor) -> bool:
@@ -190,19 +199,69 @@ def _splits(t: torch.Tensor) -> bool:
     return bool(n) and t.device.type == "cpu" and t.numel() * t.element_size() >= n
 
 
-def _halves(dest: torch.Tensor, pieces: list[Piece]):
-    """The pieces' copies as two lists of ``(destination view, source view)`` of about equal bytes:
-    every piece split along its first dimension (one that cannot be stays whole, in the first)."""
-    first, second = [], []
-    for region, src in pieces:
-        dst = dest if region is None else region(dest)
-        if dst.dim() and dst.shape[0] >= 2 and tuple(src.shape) == tuple(dst.shape):
-            h = dst.shape[0] // 2
-            first.append((dst[:h], src[:h]))
-            second.append((dst[h:], src[h:]))
-        else:
-            first.append((dst, src))
-    return (first, second) if second else None
+def _row_span(dest: torch.Tensor, view: torch.Tensor) -> tuple[int, int] | None:
+    """``(base, k)`` when ``view[i]`` (a view of the contiguous ``dest``) lies within rows
+    ``[base + i * k, base + (i + 1) * k)`` of ``dest`` (along its first dimension) for every ``i``,
+    with ``base`` a multiple of ``k``; None when the view is not of that form."""
+    if view.dim() == 0 or dest.dim() == 0 or view.shape[0] == 0 or min(view.stride()) < 0:
+        return None
+    ds, s0 = dest.stride(0), view.stride(0)
+    off = view.storage_offset() - dest.storage_offset()
+    if ds <= 0 or off < 0 or s0 <= 0 or s0 % ds:
+        return None
+    k, base = s0 // ds, off // ds
+    extent = off - base * ds + sum((n - 1) * st for n, st in zip(view.shape[1:], view.stride()[1:])) + 1
+    if base % k or extent > k * ds:
+        return None
+    return base, k
+
+
+#: One piece of a tensor to write and check: its bytes ``[lo, hi)`` and the copies that write them.
+Chunk = tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _plan(dest: torch.Tensor, pieces: list[Piece], chunk_bytes: int) -> list[Chunk]:
+    """The pieces' copies into ``dest`` grouped by consecutive byte ranges of ``dest`` of about
+    ``chunk_bytes`` (cut along its first dimension, at multiples of the checksum's 4 KiB rows), each
+    range written entirely by its own copies; one range for the whole tensor when it is small or its
+    pieces do not map onto rows of ``dest`` (then they are written whole, as before)."""
+    copies = [((dest if region is None else region(dest)), src) for region, src in pieces]
+    nb = dest.numel() * dest.element_size()
+    whole = [(0, nb, copies)]
+    if nb <= chunk_bytes or dest.dim() == 0 or not dest.is_contiguous():
+        return whole
+    rb = dest.stride(0) * dest.element_size()  # bytes per row of dest
+    align = ROW_BYTES // math.gcd(ROW_BYTES, rb)  # rows: a cut at a multiple of it is on a checksum row
+    spans = []
+    for dst, src in copies:
+        span = _row_span(dest, dst) if tuple(src.shape) == tuple(dst.shape) else None
+        if span is None:
+            return whole
+        spans.append(span)
+        align = math.lcm(align, span[1])
+    rows = dest.shape[0]
+    step = (chunk_bytes // rb) // align * align
+    if step == 0 or step >= rows:
+        return whole
+    out = []
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        part = []
+        for (dst, src), (base, k) in zip(copies, spans):
+            n = dst.shape[0]
+            i0 = min(max((r0 - base) // k, 0), n)
+            i1 = min(max(-(-(r1 - base) // k), 0), n)
+            if i1 > i0:
+                part.append((dst[i0:i1], src[i0:i1]))
+        out.append((r0 * rb, min(r1 * rb, nb), part))
+    return out
+
+
+def _view_plan(t: torch.Tensor, chunk_bytes: int) -> list[Chunk]:
+    """Byte ranges of the contiguous ``t`` to check (nothing to write)."""
+    nb = t.numel() * t.element_size()
+    step = max(ROW_BYTES, chunk_bytes // ROW_BYTES * ROW_BYTES)
+    return [(lo, min(lo + step, nb), []) for lo in range(0, nb, step)] or [(0, 0, [])]
 
 
 class Resharder:
@@ -277,9 +336,8 @@ class Resharder:
         self._max_local_bytes = max(q.numel() * q.element_size() for _, q in self.params)
         self._bufs: dict[str, torch.Tensor] = {}
         self._temps: list[torch.Tensor] = []  # unpacked mode: temporaries of the open bucket
-        self._worker: ThreadPoolExecutor | None = None  # checks and sink puts, in tensor order
-        self._copier: ThreadPoolExecutor | None = None  # the second half of large copies
-        self._pending: list[Future] = []  # the open bucket's jobs on it, in tensor order
+        self._copier: ThreadPoolExecutor | None = None  # the second half of large tensors
+        self._sums: list[int | None] = []  # the open bucket's checksums, in tensor order
 
     # --------------------------------------------------------------------------------------
     def _hf_bytes_estimate(self, p: torch.Tensor) -> int:
@@ -354,9 +412,8 @@ class Resharder:
         self._draining = True
 
     def _flush(self, bucket: Bucket) -> Bucket:
-        if self._pending:
-            bucket.checksums = [f.result() for f in self._pending]  # in order; the jobs never raise
-            self._pending = []
+        if self.checksums:
+            bucket.checksums, self._sums = self._sums, []
         self.stats.buckets += 1
         self.stats.tensors += len(bucket)
         self.stats.bytes += bucket.nbytes
@@ -368,13 +425,10 @@ class Resharder:
         try:
             yield from self._iter()
         finally:
-            for f in self._pending:
-                f.result()
-            self._pending = []
-            for attr in ("_worker", "_copier"):
-                if getattr(self, attr) is not None:
-                    getattr(self, attr).shutdown(wait=True)
-                    setattr(self, attr, None)
+            self._sums = []
+            if self._copier is not None:
+                self._copier.shutdown(wait=True)
+                self._copier = None
             for buf in self._bufs.values():
                 self.meter.release(buf)
             self._bufs.clear()
@@ -385,29 +439,83 @@ class Resharder:
         self.meter.release(*self._temps)
         self._temps = []
 
-    def _write(self, dest: torch.Tensor, pieces: list[Piece]) -> bool:
-        """Write the pieces into ``dest`` and check what was written for NaN / inf while it is in
-        cache; returns whether it is finite (True without ``check_finite``). A large CPU tensor is
-        done in two halves, one on the copy helper thread (:func:`_halves`), joined."""
-        halves = _halves(dest, pieces) if self._split(dest) else None
-        if halves is None:
-            return self._write_part([((dest if r is None else r(dest)), src) for r, src in pieces])
-        f = self._copy_pool().submit(self._write_part, halves[1])
-        try:
-            ok = self._write_part(halves[0])
-        finally:
-            ok = f.result() and ok
-        return ok
+    def _write(self, dest: torch.Tensor, pieces: list[Piece], verifier: Checksum | None = None
+               ) -> tuple[bool, int | None]:
+        """Write the pieces into ``dest``; returns whether it is finite (True without
+        ``check_finite``) and its checksum (None without ``checksums``).
 
-    def _write_part(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        On the CPU the tensor is written in pieces of about ``CHUNK_BYTES`` (:func:`_plan`), and
+        each piece is checked right after it was written, while it is in cache: NaN / inf, the
+        sender's checksum and, for a sink's slot, the sink's own ``verifier``. A large tensor's
+        pieces are shared between this thread and the copy helper thread, joined.
+        """
+        nb = dest.numel() * dest.element_size()
+        if dest.device.type != "cpu":  # whole-tensor ops (a GPU resharder)
+            copies = [((dest if r is None else r(dest)), src) for r, src in pieces]
+            ok = self._run(dest, [(0, nb, copies)], None, None)
+            cs = tensor_checksum(dest) if self.checksums else None
+            return ok, cs
+        split = self._split(dest)
+        chunk = _bucket.CHUNK_BYTES
+        if split:  # at least one piece for each thread
+            chunk = min(chunk, max(ROW_BYTES, nb // 2))
+        return self._checked(dest, _plan(dest, pieces, chunk), split, verifier)
+
+    def _check_view(self, t: torch.Tensor, verifier: Checksum | None = None) -> tuple[bool, int | None]:
+        """Finiteness and checksum of a tensor that was not written (a view of the parameter),
+        piece by piece like :meth:`_write` (each piece is read from memory once, by the first
+        check, and from cache by the others)."""
+        if not (self.check_finite or self.checksums or verifier is not None):
+            return True, None
+        if t.device.type != "cpu":
+            ok = self._run(t, [(0, t.numel() * t.element_size(), [])], None, None)
+            return ok, (tensor_checksum(t) if self.checksums else None)
+        return self._checked(t, _view_plan(t, _bucket.CHUNK_BYTES), self._split(t), verifier)
+
+    def _checked(self, dest: torch.Tensor, plan: list[Chunk], split: bool, verifier: Checksum | None
+                 ) -> tuple[bool, int | None]:
+        ck = Checksum(dest.numel() * dest.element_size()) if self.checksums else None
+        if split and len(plan) >= 2:
+            half = len(plan) // 2
+            f = self._copy_pool().submit(self._run, dest, plan[half:], ck, verifier)
+            try:
+                ok = self._run(dest, plan[:half], ck, verifier)
+            finally:
+                ok = f.result() and ok
+        else:
+            ok = self._run(dest, plan, ck, verifier)
+        if ck is None:
+            return ok, None
         t0 = time.perf_counter()
-        for dst, src in parts:
-            dst.copy_(src)
-        t1 = time.perf_counter()
-        ok = not self.check_finite or all(all_finite(dst) for dst, _ in parts)
-        self.phases.add("convert", t1 - t0)
+        cs = ck.value()
+        self.phases.add("checksum", time.perf_counter() - t0)
+        return ok, cs
+
+    def _run(self, dest: torch.Tensor, plan: list[Chunk], ck: Checksum | None, verifier: Checksum | None) -> bool:
+        """Write and check the given pieces of ``dest`` in order (on one thread)."""
+        flat = dest.reshape(-1)
+        raw = flat.view(torch.uint8) if (ck is not None or verifier is not None) else None
+        isz = dest.element_size()
+        ok, t_conv, t_fin, t_ck = True, 0.0, 0.0, 0.0
+        for lo, hi, copies in plan:
+            t0 = time.perf_counter()
+            for dst, src in copies:
+                dst.copy_(src)
+            t1 = time.perf_counter()
+            if self.check_finite and ok:  # just written: in cache; else read from memory (one pass)
+                ok = (all_finite_cached if copies else all_finite)(flat[lo // isz:hi // isz])
+            t2 = time.perf_counter()
+            if ck is not None:
+                ck.update(raw[lo:hi], lo)
+            t3 = time.perf_counter()
+            if verifier is not None:
+                verifier.update(raw[lo:hi], lo)  # the sink's own check, timed by the sink
+            t_conv, t_fin, t_ck = t_conv + t1 - t0, t_fin + t2 - t1, t_ck + t3 - t2
+        self.phases.add("convert", t_conv)
         if self.check_finite:
-            self.phases.add("finite", time.perf_counter() - t1)
+            self.phases.add("finite", t_fin)
+        if ck is not None:
+            self.phases.add("checksum", t_ck)
         return ok
 
     def _split(self, t: torch.Tensor) -> bool:
@@ -415,59 +523,19 @@ class Resharder:
         keeps the second core busy while this thread packs)."""
         return not self.overlap and _splits(t)
 
-    def _check_view(self, t: torch.Tensor) -> bool:
-        """Finiteness of a tensor that was not written (a view of the parameter), split like _write."""
-        if not self.check_finite:
-            return True
-        halves = _halves(t, [(None, t)]) if self._split(t) else None
-        if halves is None:
-            with self.phases("finite"):
-                return all_finite(t)
-
-        def check(parts):
-            t0 = time.perf_counter()
-            ok = all(all_finite(d) for d, _ in parts)
-            self.phases.add("finite", time.perf_counter() - t0)
-            return ok
-
-        f = self._copy_pool().submit(check, halves[1])
-        try:
-            ok = check(halves[0])
-        finally:
-            ok = f.result() and ok
-        return ok
-
-    def _finish_tensor(self, bucket: Bucket, hf_name: str, t: torch.Tensor, finite: bool) -> None:
-        """Record the finiteness found by the writer; the checksum and the sink's put (which may
-        verify it) go to the helper thread, in tensor order, while the next tensor is converted.
-        The bucket collects the results in order (``_flush``)."""
+    def _finish_tensor(self, bucket: Bucket, hf_name: str, t: torch.Tensor, finite: bool, checksum: int | None,
+                       received: int | None = None) -> None:
+        """Record what the writer found (finiteness, checksum) and hand the tensor to the sink."""
         if not finite:
             bucket.nonfinite.append(hf_name)
-        if not self.checksums:
-            if self.sink is not None:
-                with self.phases("stage"):
-                    self.sink.put(hf_name, t, None)
-            return
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smd-sync-check")
-        self._pending.append(self._worker.submit(self._check_job, hf_name, t))
-
-    def _check_job(self, hf_name: str, t: torch.Tensor) -> int | None:
-        """On the helper thread: the checksum, then the sink's put (which may verify it). Errors are
-        recorded (``self.errors``), never raised: the TP group must stay in step. Its seconds
-        overlap the conversion's, so phases do not add up to the wall clock."""
-        try:
-            t0 = time.perf_counter()
-            cs = tensor_checksum(t)
-            t1 = time.perf_counter()
-            self.phases.add("checksum", t1 - t0)
-            if self.sink is not None:
-                self.sink.put(hf_name, t, cs)
-                self.phases.add("stage", time.perf_counter() - t1)
-            return cs
-        except Exception as e:
-            self.errors.append(f"checksum of {hf_name} (stage {self.stage}): {type(e).__name__}: {e}")
-            return None
+        if self.checksums:
+            self._sums.append(checksum)
+        if self.sink is not None:
+            with self.phases("stage"):
+                if received is None:
+                    self.sink.put(hf_name, t, checksum)
+                else:
+                    self.sink.put(hf_name, t, checksum, received)
 
     def _iter(self) -> Iterator[Bucket]:
         B, ph = self._limit, self.phases
@@ -506,14 +574,15 @@ class Resharder:
                     if nb > buf.numel():
                         buf = self._buffer(self._pack_key(bucket), nb, p.device)
                     t = bucket.reserve(hf_name, shape, dt, buf)
-                    finite = self._write(t, pieces)
+                    finite, cs = self._write(t, pieces)
+                    received = None
                 else:
                     if len(bucket) and bucket.nbytes % dt.itemsize:
                         yield self._flush(bucket)
                         bucket = self._next(bucket)
-                    t, finite = self._unpacked(hf_name, shape, dt, pieces, gptr)
+                    t, finite, cs, received = self._unpacked(hf_name, shape, dt, pieces, gptr)
                     bucket.add(hf_name, t)
-                self._finish_tensor(bucket, hf_name, t, finite)
+                self._finish_tensor(bucket, hf_name, t, finite, cs, received)
                 del t
             del shards, outs
         if self.is_sender and len(bucket) and not self._draining:
@@ -521,24 +590,41 @@ class Resharder:
             self._next(bucket)
 
     def _unpacked(self, hf_name: str, shape: tuple[int, ...], dt: torch.dtype, pieces: list[Piece],
-                  gptr: int | None) -> tuple[torch.Tensor, bool]:
-        """An HF tensor outside a packing buffer (the sink's slot, the parameter's own view, or a
-        temporary) and whether it is finite."""
-        if self.sink is not None:
-            dest = self.sink.slot(hf_name, shape, dt)
-            if dest is not None:
-                return dest, self._write(dest, pieces)
-        elif len(pieces) == 1 and pieces[0][0] is None:
+                  gptr: int | None) -> tuple[torch.Tensor, bool, int | None, int | None]:
+        """An HF tensor outside a packing buffer (the parameter's own view, the sink's slot, or a
+        temporary), whether it is finite, its checksum and the sink's own (``received``)."""
+        view = None
+        if len(pieces) == 1 and pieces[0][0] is None:
             src = pieces[0][1]
             if (src.dtype == dt and src.is_contiguous() and tuple(src.shape) == tuple(shape)
                     and src.untyped_storage().data_ptr() != gptr):
-                return src, self._check_view(src)  # a view of the learner's parameter: no copy
+                view = src  # the HF tensor is a view of the learner's parameter (not of the gather buffer)
+        if self.sink is not None:
+            keep = getattr(self.sink, "keep", None)
+            if view is not None and keep is not None and keep(hf_name, view):
+                verifier = self._verifier(hf_name, view)  # the sink stages the view itself: no copy
+                finite, cs = self._check_view(view, verifier)
+                return view, finite, cs, (None if verifier is None else verifier.value())
+            dest = self.sink.slot(hf_name, shape, dt)
+            if dest is not None:
+                verifier = self._verifier(hf_name, dest)
+                finite, cs = self._write(dest, pieces, verifier)
+                return dest, finite, cs, (None if verifier is None else verifier.value())
+        elif view is not None:
+            return (view, *self._check_view(view), None)  # a view of the learner's parameter: no copy
         t = torch.empty(shape, dtype=dt, device=pieces[0][1].device)
-        finite = self._write(t, pieces)
+        finite, cs = self._write(t, pieces)
         if self.sink is None:
             self.meter.hold(t)
             self._temps.append(t)
-        return t, finite
+        return t, finite, cs, None
+
+    def _verifier(self, hf_name: str, dest: torch.Tensor) -> Checksum | None:
+        """The sink's own checksum for ``dest`` (its slot), fed as the tensor is written."""
+        make = getattr(self.sink, "verifier", None)
+        if not self.checksums or make is None or dest.device.type != "cpu":
+            return None
+        return make(hf_name, dest.numel() * dest.element_size())
 
     def _copy_pool(self) -> ThreadPoolExecutor:
         if self._copier is None:

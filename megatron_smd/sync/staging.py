@@ -28,6 +28,7 @@ is discarded, and the next sync's staging only starts after that.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch
 
 from ..errors import SMDError
 from ..model.hf import expected_shapes
-from .bucket import CHECKSUM_ALGORITHM, empty_bytes, tensor_checksum
+from .bucket import CHECKSUM_ALGORITHM, Checksum, empty_bytes, tensor_checksum
 
 EngineState = Literal["previous", "partial", "unknown", "updated"]
 
@@ -150,6 +151,7 @@ class StagedUpdate:
     checksums_verified: int = 0
     nbytes: int = 0
     phases: dict[str, float] = field(default_factory=dict)  # seconds spent in verify / probe / commit
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # phases, from writer threads
 
     def __post_init__(self):
         self.expected = expected_shapes(self.engine.arch)
@@ -160,11 +162,21 @@ class StagedUpdate:
         """Record a failure; the staging is poisoned and :meth:`commit` will refuse."""
         self.problems.append(message)
 
-    def add(self, name: str, t: torch.Tensor, checksum: int | None = None, *, copy: bool = True) -> None:
+    def verifier(self, nbytes: int) -> Checksum | None:
+        """This engine's own checksum of a tensor of ``nbytes`` bytes being written straight into
+        its staging memory (the in-process resharder's sink), to be fed every piece of the tensor as
+        soon as it is written, while the piece is in cache; its value is then passed to :meth:`add`
+        as ``received``. None when this staging does not verify checksums."""
+        return _VerifyChecksum(nbytes, self) if self.verify_checksums else None
+
+    def add(self, name: str, t: torch.Tensor, checksum: int | None = None, *, copy: bool = True,
+            received: int | None = None) -> None:
         """Stage one HF tensor. Problems are recorded, not raised (see the module docstring).
 
         ``copy=False`` keeps ``t`` itself when it already has the engine's dtype and device (a
-        receive buffer that nobody else holds); otherwise it is copied / cast.
+        receive buffer that nobody else holds); otherwise it is copied / cast. ``checksum`` is the
+        sender's; ``received`` this engine's own checksum of ``t``, taken as it was written into
+        the staging (:meth:`verifier`), or None to compute it here.
         """
         if name == "lm_head.weight" and self.engine.arch.tie_word_embeddings:
             return  # tied: model.embed_tokens.weight is the tensor
@@ -176,9 +188,11 @@ class StagedUpdate:
             return self.problem(f"tensor {name} has shape {list(t.shape)}, "
                                 f"the engine expects {list(self.expected[name])}")
         if checksum is not None and self.verify_checksums:
-            t0 = time.perf_counter()
-            got = tensor_checksum(t)
-            self._time("verify", t0)
+            got = received
+            if got is None:
+                t0 = time.perf_counter()
+                got = tensor_checksum(t)
+                self._time("verify", t0)
             if got != checksum:
                 return self.problem(f"checksum mismatch for {name}: sender {checksum:#x}, received {got:#x}")
             self.checksums_verified += 1
@@ -189,7 +203,9 @@ class StagedUpdate:
         self.nbytes += t.numel() * t.element_size()
 
     def _time(self, phase: str, t0: float) -> None:
-        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.phases[phase] = self.phases.get(phase, 0.0) + dt
 
     def __len__(self) -> int:
         return len(self._staged)
@@ -241,6 +257,28 @@ class StagedUpdate:
                            phases=dict(self.phases))
         self.discard()
         return res
+
+
+class _VerifyChecksum(Checksum):
+    """A staging's own checksum of one tensor (:meth:`StagedUpdate.verifier`): its seconds count as
+    the engine's ``verify`` phase."""
+
+    __slots__ = ("_staging",)
+
+    def __init__(self, nbytes: int, staging: StagedUpdate):
+        super().__init__(nbytes)
+        self._staging = staging
+
+    def update(self, piece: torch.Tensor, offset: int) -> None:
+        t0 = time.perf_counter()
+        super().update(piece, offset)
+        self._staging._time("verify", t0)
+
+    def value(self) -> int:
+        t0 = time.perf_counter()
+        v = super().value()
+        self._staging._time("verify", t0)
+        return v
 
 
 def _load_weights(engine, staged: dict[str, torch.Tensor]) -> None:

@@ -116,13 +116,29 @@ class _StagingSink:
     def __init__(self, staging: StagedUpdate, buffers: ShadowBuffers):
         self.staging, self.buffers = staging, buffers
 
-    def slot(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor | None:
+    def _fits(self, name: str, shape, dtype: torch.dtype, device: torch.device | None = None) -> bool:
+        """Whether the staging takes ``name`` as is (else it casts, refuses or ignores it in add())."""
         st = self.staging
         p = st._params.get(name)
-        if (p is None or name in st._staged or tuple(p.shape) != tuple(shape) or p.dtype != dtype
-                or (name == "lm_head.weight" and st.engine.arch.tie_word_embeddings)):
-            return None  # the staging casts, refuses or ignores the tensor in add()
-        return self.buffers.slot(name, shape, dtype, p.device)
+        return not (p is None or name in st._staged or tuple(p.shape) != tuple(shape) or p.dtype != dtype
+                    or (device is not None and p.device != device)
+                    or (name == "lm_head.weight" and st.engine.arch.tie_word_embeddings))
 
-    def put(self, name: str, t: torch.Tensor, checksum: int | None) -> None:
-        self.staging.add(name, t, checksum, copy=False)
+    def keep(self, name: str, t: torch.Tensor) -> bool:
+        """Stage ``t`` itself, a view of the learner's parameter: it stays valid until the sync ends
+        (the learner is inside the sync; the staging is committed or discarded before it returns),
+        so the commit copies it into the engine straight from the learner's memory."""
+        return self._fits(name, t.shape, t.dtype, t.device)
+
+    def slot(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor | None:
+        if not self._fits(name, shape, dtype):
+            return None
+        return self.buffers.slot(name, shape, dtype, self.staging._params[name].device)
+
+    def verifier(self, name: str, nbytes: int):
+        """The engine's own checksum of a tensor written into its slot, fed piece by piece as it is
+        written (the engine's verification, while the bytes are in cache)."""
+        return self.staging.verifier(nbytes)
+
+    def put(self, name: str, t: torch.Tensor, checksum: int | None, received: int | None = None) -> None:
+        self.staging.add(name, t, checksum, copy=False, received=received)
