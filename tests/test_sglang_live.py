@@ -94,14 +94,39 @@ def _prompts(vocab: int, k: int, seed: int, lengths=(PROMPT,)) -> list[list[int]
 
 def assert_idle(srv: PatchedServer, where: str) -> dict:
     """Pools back to their idle values: every slot free or cached in the tree, every row free,
-    and the patch holds no per-request state."""
+    and the patch holds no per-request state. Per-layer pools: every layer's free count is back
+    to ``total - cached`` (each layer stores exactly the radix tree's tokens), every logical id
+    free or cached, the pool's own consistency check clean."""
     st = srv.pool_state()
     assert st["free_slots"] + st["evictable_slots"] == st["total_slots"], (where, st)
     assert st["protected_slots"] == 0 and st["free_rows"] == st["total_rows"], (where, st)
     for k in ("managed_requests", "rows", "prompt_groups", "pending_exports", "released_early_pending",
-              "prefill_captures"):
+              "prefill_captures", "open_decode_step"):
         assert st.get(k, 0) == 0, (where, k, st)
+    assert st["free_per_layer"] == [st["total_slots"] - st["evictable_slots"]] * st["num_layers"], (where, st)
+    if st["kv_layout"] == "per_layer":
+        assert st["logical_free"] + st["evictable_slots"] == st["logical_slots"], (where, st)
+        assert st["pool_errors"] == [], (where, st["pool_errors"])
+    assert st["retractions"] == 0, (where, st)
     return st
+
+
+def _flush(srv: PatchedServer) -> None:
+    """Empty the radix cache (idle server): pool counters then see only what a request holds."""
+    req = urllib.request.Request(srv.url + "/flush_cache", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        r.read()
+
+
+def _peak_of(srv: PatchedServer, body: dict) -> tuple[dict, list]:
+    """Flush, send ``body`` to ``/generate``, return the pool counters of that window and the reply."""
+    _flush(srv)
+    srv.pool_state()  # starts a new peak window
+    req = urllib.request.Request(srv.url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        out = json.loads(r.read())
+    return srv.pool_state(), out
 
 
 def _replay(model, trajs) -> dict:
@@ -134,6 +159,55 @@ def test_grpo_group_generates_and_replays_exactly(servers, model_dir, ref_model,
         assert gaps["dense"]["max_abs_logprob_diff"] > 1e-3
     assert_idle(srv, f"after the {policy} group")
     _SAMPLED[policy] = trajs
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_plan_kv_figures_equal_the_server_allocation(servers, model_dir, policy):
+    """One request (prompt 24, 40 new tokens, no prefix shared): the most K/V slots each layer of
+    the server's pool held equals ``kv_budget.request_peak_tokens`` (what ``smd plan`` charges per
+    request), in every layer, and its bytes ``kv_budget.request_kv_bytes``; the pool's K/V bytes are
+    ``kv_budget.pool_kv_bytes`` of its slots per layer (the dense pool's, for every policy)."""
+    from megatron_smd import kv_budget
+    from megatron_smd.policies import PolicyConfig
+
+    arch = read_arch(model_dir)
+    srv = servers[policy]
+    cfg = PolicyConfig(name=policy, **{k.removeprefix("--smd-").replace("-", "_"): int(v)
+                                        for k, v in zip(POLICY_ARGS[policy][::2], POLICY_ARGS[policy][1::2])})
+    body = {"input_ids": _prompts(arch.vocab_size, 1, seed=7)[0], "return_logprob": True,
+            "sampling_params": {"max_new_tokens": NEW, "temperature": 1.0, "ignore_eos": True}}
+    st, out = _peak_of(srv, body)
+    assert len(out["output_ids"]) == NEW
+    want = kv_budget.request_peak_tokens(cfg, PROMPT, NEW)
+    print(f"\n{policy}: server peak {st['window_peak_used_slots_layer']} slots per layer "
+          f"({st['window_peak_used_slots_total'] * st['slot_bytes']} B), plan {want} "
+          f"({kv_budget.request_kv_bytes(arch, cfg, PROMPT, NEW, 4)} B)")
+    assert st["window_peak_used_slots_layer"] == want
+    assert st["window_peak_used_slots_total"] == want * arch.num_layers  # the same count in every layer
+    assert st["window_peak_used_slots_total"] * st["slot_bytes"] == kv_budget.request_kv_bytes(arch, cfg, PROMPT,
+                                                                                                 NEW, 4)
+    assert st["slot_bytes"] == kv_budget.slot_layer_bytes(arch.num_kv_heads, arch.head_dim, 4)
+    assert st["pool_kv_bytes"] == kv_budget.pool_kv_bytes(st["total_slots"], arch.num_layers, arch.num_kv_heads,
+                                                          arch.head_dim, 4)
+    assert st["kv_layout"] == ("dense" if policy == "none" else "per_layer")
+    assert_idle(srv, f"after the {policy} plan check")
+
+
+@pytest.mark.parametrize("policy", ["none", "h2o", "snapkv"])
+def test_grpo_group_prompt_is_stored_once_per_layer(servers, model_dir, policy):
+    """A group of 4 samples of one 24-token prompt (SGLang's parallel sampling): each layer holds the
+    prompt once plus one token per sample at the most, not 4 prompts."""
+    arch = read_arch(model_dir)
+    srv = servers[policy]
+    body = {"input_ids": _prompts(arch.vocab_size, 1, seed=11)[0], "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 2, "temperature": 1.0, "ignore_eos": True, "n": GROUP}}
+    st, out = _peak_of(srv, body)
+    assert len(out) == GROUP
+    peak = st["window_peak_used_slots_layer"]
+    print(f"\n{policy}: group of {GROUP} x {PROMPT}-token prompt, peak {peak} slots per layer")
+    assert PROMPT <= peak <= PROMPT + GROUP, st
+    assert st["window_peak_used_slots_total"] <= (PROMPT + GROUP) * arch.num_layers
+    assert_idle(srv, f"after the {policy} group")
 
 
 def test_megatron_tp2_replays_sglang_rollouts(servers, model_dir, tmp_path):
