@@ -411,7 +411,7 @@ def test_gpu_backends_match_sdpa(backend, form, per_head):
 def test_attention_bench_smoke():
     import json
 
-    from megatron_smd.learner.bench_attention import run_attention_bench, synthetic_evict
+    from megatron_smd.bench.attention import run_attention_bench, synthetic_evict
 
     report = run_attention_bench(seq_lens=(48,), backends=("sdpa", "flex"), repeats=1, warmup=1,
                                  num_heads=4, num_kv_heads=2, head_dim=8, bytes_num_layers=2)

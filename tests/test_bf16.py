@@ -125,7 +125,7 @@ def runs(tiny_qwen2_dir, tmp_path_factory):
 
 def test_bf16_rollout_is_bf16_and_recorded(tiny_qwen2_dir, tmp_path):
     from megatron_smd.config import load_config
-    from megatron_smd.learner.replay import rollout_precision
+    from megatron_smd.replay import rollout_precision
     from megatron_smd.rollout.io import load_rollouts
     from megatron_smd.rollout.run import run_rollout
 

@@ -211,7 +211,7 @@ def test_grpo_group_prompt_is_stored_once_per_layer(servers, model_dir, policy):
 
 
 def test_megatron_tp2_replays_sglang_rollouts(servers, model_dir, tmp_path):
-    from megatron_smd.learner.replay import replay_megatron
+    from megatron_smd.replay import replay_megatron
 
     missing = [p for p in POLICIES if p not in _SAMPLED]
     if missing:
