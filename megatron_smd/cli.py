@@ -164,7 +164,19 @@ def _cmd_bench(a) -> int:
         torch.set_num_threads(old)
 
 
+def _flat_lines(obj, prefix: str = "") -> list[str]:
+    """A nested benchmark report as ``dotted.key  value`` lines (the human-readable form)."""
+    if isinstance(obj, dict):
+        return [line for k, v in obj.items() for line in _flat_lines(v, f"{prefix}{k}.")]
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(v, dict) for v in obj):
+        return [line for i, v in enumerate(obj) for line in _flat_lines(v, f"{prefix}{i}.")]
+    value = f"{obj:.4g}" if isinstance(obj, float) else str(obj)
+    return [f"{prefix[:-1]:<56} {value}"]
+
+
 def _bench(a) -> int:
+    if a.quick and a.what != "all":
+        raise SMDError(f"smd bench {a.what}: --quick applies to 'smd bench all' only")
     if a.what == "rollout":
         from .bench.rollout import bench_rollout
 
@@ -184,7 +196,7 @@ def _bench(a) -> int:
         if not a.json:
             print(format_table(res))
             return 0
-    print(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2) if a.json else "\n".join(_flat_lines(res)))
     return 0
 
 
@@ -324,7 +336,8 @@ def _args_bench(s: argparse.ArgumentParser) -> None:
     s.add_argument("what", choices=["rollout", "attention", "sync", "all"])
     s.add_argument("--quick", action="store_true", help="bench all: smaller sizes (a smoke run)")
     s.add_argument("--threads", type=int, help="torch intra-op threads for the run (default: torch's own setting)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="the report as JSON (default: a table for 'all', "
+                   "'key value' lines for one benchmark)")
 
 
 # ------------------------------------------------------------------------------------ the table
