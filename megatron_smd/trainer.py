@@ -167,8 +167,8 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
     from .config import dump_config
     from .learner.learner import Learner
     from .model.transformer import RefTransformer
-    from .rollout.engine import ReferenceEngine, torch_dtype
-    from .rollout.run import load_tokenizer, sglang_client
+    from .rollout.engine import torch_dtype
+    from .rollout.run import load_tokenizer, sglang_client, training_engine
     from .sft import ensure_sft
     from .tasks import make_task
 
@@ -199,7 +199,7 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
         if cfg.rollout.backend == "sglang":
             ctx.engine = sglang_client(cfg, arch.num_layers, rollout_policy(cfg))
         else:
-            ctx.engine = ReferenceEngine(model, rollout_policy(cfg), kv_growth=cfg.rollout.kv_growth)
+            ctx.engine = training_engine(cfg, model, start)  # policy, kv_growth, FP8 KV cache (scales vs start)
         ctx.eval_engines = eval_engines(cfg, model)
         ctx.logger = make_logger("tensorboard" if cfg.logging.tensorboard else "none", run_dir / "tensorboard")
         if cfg.logging.progress_bar:
@@ -218,13 +218,13 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
 
 
 def eval_engines(cfg: ExperimentConfig, model) -> dict:
-    """The periodic evals' engines, dense and with the configured compression (``rollout.kv_growth``
-    applies to both)."""
-    from .rollout.engine import ReferenceEngine
+    """The periodic evals' engines, dense and with the configured compression (eviction policy and
+    FP8 KV cache; ``rollout.kv_growth`` applies to both)."""
+    from .rollout.engine import ReferenceEngine, kv_cache_of
 
-    g = cfg.rollout.kv_growth
+    g, kv = cfg.rollout.kv_growth, kv_cache_of(cfg, model.arch.num_layers)
     return {"dense": ReferenceEngine(model, None, kv_growth=g),
-            "compressed": ReferenceEngine(model, cfg.rollout.policy, kv_growth=g)}
+            "compressed": ReferenceEngine(model, cfg.rollout.policy, kv_growth=g, kv_cache=kv)}
 
 
 def verify_probe(ctx: Context) -> torch.Tensor | None:
@@ -338,7 +338,7 @@ def learn(ctx: Context, batch: TrainBatch | RolloutBatch, adv: torch.Tensor, ste
         lp_dense_old = learner.logprobs(batch, "dense", temperature=temp)
         stats.update({f"mismatch_dense/{k}": v for k, v in mismatch_metrics(lp_dense_old, lp_s, mask).items()})
     corr = apply_correction(alg, lp_sampler=lp_s, lp_dense_old=lp_dense_old, mask=mask)
-    stats.update(corr.stats)
+    stats.update(corr.stats | batch.replay_check(lp_mode_old, lmode))  # an FP8 rollout: replay/fp8_* (smd)
     extras = {"adv": adv, "lp_old": corr.lp_old, "w": corr.weights, "lp_s": lp_s}  # adv: one per trajectory
     if ctx.ref_learner is not None:
         extras["lp_ref"] = ctx.ref_learner.logprobs(batch, lmode, temperature=temp)

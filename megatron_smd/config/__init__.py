@@ -20,8 +20,8 @@ run refuses at start). Every name is importable from ``megatron_smd.config``.
 from ..errors import ConfigError
 from ..policies import PolicyConfig
 from ..tasks import TaskConfig
-from .checks import (MEGATRON_OWNED, apply_cpu_threads, check_arch_matches, check_megatron_passthrough,
-                     check_runnable)
+from .checks import (MEGATRON_OWNED, apply_cpu_threads, check_arch_matches, check_kv_scales,
+                     check_megatron_passthrough, check_runnable)
 from .loading import REPO_CONFIGS, dump_config, load_config, parse_override
 from .schema import (AlgorithmConfig, DistillConfig, ExperimentConfig, FaultConfig, LearnerConfig, LoggingConfig,
                      ModelArchConfig, ModelConfig, ResourcesConfig, RolloutConfig, SFTConfig, SparseRLConfig,
@@ -33,5 +33,6 @@ __all__ = [
     "LoggingConfig", "MEGATRON_OWNED", "ModelArchConfig", "ModelConfig", "PLAN", "PolicyConfig", "REPO_CONFIGS",
     "RUN", "ResourcesConfig", "RolloutConfig", "SETTINGS", "SFTConfig", "SparseRLConfig", "SyncConfig",
     "TaskConfig", "TinyInitConfig", "TrainConfig", "apply_cpu_threads", "check_arch_matches",
-    "check_megatron_passthrough", "check_runnable", "dump_config", "load_config", "parse_override", "schema_fields",
+    "check_kv_scales", "check_megatron_passthrough", "check_runnable", "dump_config", "load_config",
+    "parse_override", "schema_fields",
 ]

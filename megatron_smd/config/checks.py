@@ -1,7 +1,8 @@
 """Run-time checks: refuse, before anything is built, a config whose settings a run would not
 honour (``learner.megatron`` passthrough keys the run sets itself, transports the command cannot
 drive, sequences longer than ``model.max_seq_len``, a ``model.arch`` that disagrees with the model
-directory), and apply ``resources.cpu_threads``."""
+directory, FP8 KV scales calibrated on other weights than the run starts from), and apply
+``resources.cpu_threads``."""
 
 from __future__ import annotations
 
@@ -90,6 +91,29 @@ def check_runnable(cfg: ExperimentConfig, command: str, model_dir: str | os.Path
             f"or the completion")
     if model_dir is not None and cfg.model.arch is not None:
         check_arch_matches(cfg, model_dir)
+    if model_dir is not None and command in ("train", "rollout"):
+        check_kv_scales(cfg, command, model_dir)
+
+
+def check_kv_scales(cfg: ExperimentConfig, command: str, model_dir: str | os.PathLike) -> None:
+    """``rollout.kv_scales`` must be a valid scales file for this model and ``rollout.kv_cache_dtype``,
+    calibrated on the weights the engine starts from: ``model_dir`` for `smd rollout`; for
+    `smd train` the SFT warm start (``sft.out``) when ``sft.enabled``, else ``model_dir``."""
+    r = cfg.rollout
+    if r.kv_cache_dtype == "auto" or r.kv_scales is None:
+        return
+    from ..model.hf import read_arch
+    from ..quant.cache import load_rollout_kv
+
+    weights = Path(model_dir)
+    if command == "train" and cfg.sft.enabled:
+        weights = Path(cfg.sft.out)
+        if not (weights / "config.json").is_file():
+            raise ConfigError(
+                f"rollout.kv_scales={r.kv_scales}: the run starts from the SFT warm start sft.out={weights}, which "
+                f"does not exist yet, so no scales can have been calibrated on it: run `smd sft` with this config "
+                f"first, then `smd calibrate-kv` (which calibrates sft.out), or set sft.enabled=false")
+    load_rollout_kv(r.kv_cache_dtype, r.kv_scales, read_arch(model_dir).num_layers, weights)
 
 
 def check_arch_matches(cfg: ExperimentConfig, model_dir: str | os.PathLike):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..policies import PolicyConfig
 from ..tasks import TaskConfig
@@ -151,6 +151,30 @@ class RolloutConfig(_Strict):
     """Tokens by which a layer's cache tensors grow when full (and the slack kept after compaction)."""
     faults: FaultConfig = Field(default_factory=FaultConfig)
     """Rollout-server fault handling (``backend: sglang``)."""
+    kv_cache_dtype: Literal["auto", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    """KV cache storage of the rollout engine. ``auto``: the model's dtype (``model.dtype``, no
+    quantisation). ``fp8_e4m3`` / ``fp8_e5m2``: K and V stored in FP8 with per-layer scales, as
+    SGLang's ``--kv-cache-dtype`` stores them (half the KV bytes of bf16); the rollout records the
+    format and scales (``meta.json: kv_cache``) and the learner's shadow forward rounds K and V the
+    same way (``algorithm.correction: smd`` then covers eviction and quantisation together). Also
+    the compressed periodic eval. ``algorithm.correction: dense`` samples without it (the
+    uncompressed baseline, like the eviction policy). The reference engine only: refused with
+    ``backend: sglang`` (the patched server's FP8 path is not wired yet)."""
+    kv_scales: str | None = None
+    """FP8 only: a ``kv_scales.json`` from `smd calibrate-kv` (per-layer K and V scales and the
+    fingerprint of the weights they were calibrated on, which must be the weights the run starts
+    from: ``sft.out`` when ``sft.enabled``, else ``model.path``). None: scale 1.0 for every layer."""
+
+    @model_validator(mode="after")
+    def _kv_cache(self) -> RolloutConfig:
+        if self.kv_cache_dtype == "auto" and self.kv_scales is not None:
+            raise ValueError("kv_scales is set but kv_cache_dtype is 'auto' (no FP8 cache to scale): set "
+                             "rollout.kv_cache_dtype to fp8_e4m3 / fp8_e5m2 or remove rollout.kv_scales")
+        if self.kv_cache_dtype != "auto" and self.backend == "sglang":
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype} with backend=sglang: the patched SGLang "
+                             f"server's FP8 KV path is not wired yet (the learner could not replay its "
+                             f"rounding); use rollout.backend=reference or rollout.kv_cache_dtype=auto")
+        return self
 
 
 class ResourcesConfig(_Strict):

@@ -12,6 +12,12 @@ sampler's (shifted once, here), the completion mask, the PPO inputs and every lo
 without further shifts. The rollout file's alignment (entry ``t`` about ``tokens[t]``) is one
 position later; :func:`to_model_alignment` / :func:`to_file_alignment` convert, for the tools that
 compare with a file.
+
+FP8 rollouts: a rollout sampled with an FP8 KV cache carries it (``meta.json: kv_cache``, a
+:class:`~megatron_smd.quant.cache.RolloutKV`); :func:`from_rollout` puts it on the batch
+(``TrainBatch.kv_cache``), and the learner's ``shadow`` rows round K and V exactly as that cache
+did (:meth:`TrainBatch.kv_replay`). ``dense`` rows are never quantised: the dense forward is the
+model without the sampler's compression, neither its mask nor its rounding.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..quant.cache import KVReplay, RolloutKV, fp8_replay_check
 from ..rollout.io import RolloutBatch, completion_positions
 
 
@@ -51,6 +58,8 @@ class TrainBatch:
         rewards: ``[N]`` fp32 rewards of the sequences, or None.
         group_ids: ``[N]`` int64, the GRPO group (prompt) of each sequence, or None.
         temperature: the temperature the learner scores at (the sampler's; greedy counts as 1).
+        kv_cache: the FP8 KV cache the sampler kept (scales per layer), or None (model dtype):
+            the shadow forward replays its rounding.
         completion_mask: ``[N, T]`` bool, computed once: True at the predictions of completion
             tokens (``prompt_len - 1 <= t < seq_len - 1``), the actions the losses train on.
     """
@@ -63,6 +72,7 @@ class TrainBatch:
     rewards: torch.Tensor | None = None
     group_ids: torch.Tensor | None = None
     temperature: float = 1.0
+    kv_cache: RolloutKV | None = None
     completion_mask: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -79,13 +89,37 @@ class TrainBatch:
         """Unpadded mask of sequence ``n``: ``[L, (H,) T_n]``."""
         return self.evict[n, ..., : int(self.seq_lens[n])].contiguous()
 
+    def kv_replay(self, row_modes: list[str]) -> KVReplay | None:
+        """The FP8 rounding a micro-batch whose rows run in ``row_modes`` replays: on its
+        ``shadow`` rows, with this rollout's scales; None without an FP8 cache or shadow rows."""
+        if self.kv_cache is None:
+            return None
+        return self.kv_cache.replay([m == "shadow" for m in row_modes])
+
+    def replay_check(self, lp_learner: torch.Tensor, mode: str) -> dict:
+        """The FP8 replay criterion of the learner's ``mode`` log-probs (model alignment) against the
+        sampler's, as ``replay/fp8_*`` statistics (:func:`~megatron_smd.quant.cache.fp8_replay_check`),
+        logging a warning when a step misses it. Empty unless this is an FP8 rollout replayed in the
+        ``shadow`` mode (the dense forward is not a replay)."""
+        if self.kv_cache is None or mode != "shadow" or self.sampler_logprobs is None:
+            return {}
+        r = fp8_replay_check(lp_learner, self.sampler_logprobs, self.completion_mask)
+        if not r["ok"]:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "FP8 replay outside tolerance: %d completion tokens beyond 1e-5 (%.4f%% within), max |d log p| %.3e",
+                r["tokens_over_tol"], 100 * r["frac_within_tol"], r["max_abs_logprob_diff"])
+        return {f"replay/fp8_{k}": float(v) for k, v in r.items()}
+
 
 def from_rollout(batch: RolloutBatch, *, rewards: list[float] | torch.Tensor | None = None,
                  temperature: float | None = None) -> TrainBatch:
     """The one conversion of a rollout into a :class:`TrainBatch`: the sampler's log-probs shifted
     to the model's alignment, the rewards (``rewards``, else ``meta["rewards"]`` when the rollout
     has them) and the temperature (``temperature``, else ``meta["sampling"]["temperature"]``, 1 when
-    absent; 0, greedy, scores at 1) typed, the groups from ``prompt_index``."""
+    absent; 0, greedy, scores at 1) typed, the groups from ``prompt_index``, the FP8 KV cache from
+    ``meta["kv_cache"]``."""
     meta = batch.meta or {}
     if rewards is None:
         rewards = meta.get("rewards")
@@ -94,7 +128,8 @@ def from_rollout(batch: RolloutBatch, *, rewards: list[float] | torch.Tensor | N
     return TrainBatch(tokens=batch.tokens, prompt_lens=batch.prompt_lens, seq_lens=batch.seq_lens, evict=batch.evict,
                       sampler_logprobs=to_model_alignment(batch.sampler_logprobs),
                       rewards=None if rewards is None else torch.as_tensor(rewards, dtype=torch.float32),
-                      group_ids=batch.prompt_index, temperature=float(temperature) or 1.0)
+                      group_ids=batch.prompt_index, temperature=float(temperature) or 1.0,
+                      kv_cache=batch.kv_cache)
 
 
 def from_trajectories(trajs, *, rewards: list[float] | None = None, temperature: float = 1.0) -> TrainBatch:

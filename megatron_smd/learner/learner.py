@@ -3,7 +3,8 @@
 One :class:`Learner` per process, inside an initialized :class:`ParallelLayout`. It knows how to
 
 * turn a :class:`~megatron_smd.learner.batch.TrainBatch` into micro-batches (padded rows, targets
-  shifted by one, the shadow mask or the dense mask per row),
+  shifted by one, the shadow mask or the dense mask per row, and for an FP8 rollout the K/V
+  rounding its shadow rows replay),
 * compute per-token log-probs of a batch under the ``dense`` or ``shadow`` mask (forward only),
 * run one optimizer step over micro-batches with a loss callback (gradient accumulation over
   micro-batches, DDP reduction over DP x CP, global-norm clipping, Adam from Megatron-Core),
@@ -219,7 +220,8 @@ class Learner:
                         raise ValueError(f"unknown learner mode {mode!r}")
                     for name, v in extras.items():
                         ex[name][row, : s - 1] = v[i] if v.dim() == 1 else v[i, : s - 1]
-            mbs.append(MicroBatch(tokens=tokens, position_ids=pos, targets=targets, evict=evict, extras=ex))
+            mbs.append(MicroBatch(tokens=tokens, position_ids=pos, targets=targets, evict=evict, extras=ex,
+                                  kv_quant=batch.kv_replay([mode for mode in modes for _ in ids])))
         return mbs
 
     def packed_microbatches(self, batch: TrainBatch | RolloutBatch, idx: Sequence[int], mode: Mode
@@ -254,7 +256,8 @@ class Learner:
                 off += s
             # the padded tail is its own document (see module docstring)
             pos[0, off:] = torch.arange(S - off)
-            mbs.append(MicroBatch(tokens=tokens, position_ids=pos, targets=targets, evict=evict))
+            mbs.append(MicroBatch(tokens=tokens, position_ids=pos, targets=targets, evict=evict,
+                                  kv_quant=batch.kv_replay([mode])))
             where.append(spans)
         return mbs, where
 

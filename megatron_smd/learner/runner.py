@@ -46,6 +46,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..parallel.cp import local_positions
 from ..parallel.layout import ParallelLayout
 from ..parallel.vocab_parallel import vocab_parallel_token_logprobs
+from ..quant.cache import KVReplay
 
 
 @dataclass
@@ -62,6 +63,10 @@ class MicroBatch:
             row), or ``None`` for plain causal attention.
         extras: further per-token ``[b, S]`` tensors for ``loss_fn`` (advantages, old log-probs,
             loss mask, ...); CP-sliced like ``tokens``.
+        kv_quant: the FP8 K/V rounding its rows replay (:class:`~megatron_smd.quant.cache.KVReplay`,
+            an FP8 rollout's shadow rows), or None. Like ``evict`` it reaches the core attention
+            through the model call (Megatron's per-call ``attention_bias`` argument, which its
+            recompute paths capture rather than save), never through a global.
     """
 
     tokens: torch.Tensor
@@ -69,6 +74,7 @@ class MicroBatch:
     targets: torch.Tensor
     evict: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    kv_quant: KVReplay | None = None
 
 
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, torch.Tensor | int]]
@@ -87,7 +93,7 @@ def _local_view(mb: MicroBatch, pos: torch.Tensor | None) -> MicroBatch:
     if pos is None:
         return mb
     return MicroBatch(tokens=mb.tokens[:, pos], position_ids=mb.position_ids[:, pos], targets=mb.targets[:, pos],
-                      evict=mb.evict, extras={k: v[:, pos] for k, v in mb.extras.items()})
+                      evict=mb.evict, extras={k: v[:, pos] for k, v in mb.extras.items()}, kv_quant=mb.kv_quant)
 
 
 def _loss_step(output: torch.Tensor, *, mb: MicroBatch, vocab_size: int, temperature: float,
@@ -108,8 +114,9 @@ def _forward_step(data_iterator, model, *, vocab_size: int, temperature: float, 
                   cp_pos: torch.Tensor | None):
     mb = _local_view(next(data_iterator), cp_pos)
     device = next(model.parameters()).device
+    kw = {} if mb.kv_quant is None else {"extra_block_kwargs": {"attention_bias": mb.kv_quant}}
     output = model(mb.tokens.to(device), mb.position_ids.to(device),
-                   mb.evict.to(device) if mb.evict is not None else None)
+                   mb.evict.to(device) if mb.evict is not None else None, **kw)
     return output, partial(_loss_step, mb=mb, vocab_size=vocab_size, temperature=temperature, loss_fn=loss_fn)
 
 

@@ -178,7 +178,7 @@ class RefTransformer(nn.Module):
         return self.lm_head(self.model.norm(h))
 
     def forward(self, tokens: torch.Tensor, evict: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, kv=None) -> torch.Tensor:
         """Full parallel forward under the shadow mask.
 
         Args:
@@ -189,6 +189,9 @@ class RefTransformer(nn.Module):
                 undefined but finite only if evict allows them: callers ignore padded rows.
             positions: ``[B, T]`` RoPE positions (default ``arange(T)``). Packed rows restart at 0
                 per sequence.
+            kv: optional ``kv(layer, k, v) -> (k, v)`` applied to each layer's K and V
+                (``[B, H_kv, T, hd]``, RoPE applied) before attention: an FP8 rollout's rounding
+                (:meth:`megatron_smd.quant.cache.KVReplay.apply`).
         Returns:
             logits ``[B, T, V]`` (fp32 math in the model dtype).
         """
@@ -205,6 +208,8 @@ class RefTransformer(nn.Module):
                 allowed = allowed | torch.eye(T, dtype=torch.bool).view(1, 1, 1, T, T)
             x = layer.input_layernorm(h)
             q, k, v = layer.self_attn.qkv(x, cos, sin)
+            if kv is not None:
+                k, v = kv(li, k, v)
             o = masked_attention(q, k, v, allowed)
             h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -30,10 +30,11 @@ def replay_megatron(rollouts, *, tp: int = 1, pp: int = 1, cp: int = 1, packed: 
     in (``meta.json: dtype``; float32 when absent), so a bf16 rollout is replayed in bf16."""
     from ..model.hf import read_arch
     from ..parallel.layout import ParallelLayout, clean_launcher_env, free_port
-    from ..rollout.io import load_rollouts
+    from ..rollout.io import check_kv_scales_weights, load_rollouts
 
     batch = load_rollouts(rollouts)  # validate here: errors surface in this process, not in a worker
     model_dir = model_dir or batch.meta["model_path"]
+    check_kv_scales_weights(batch, model_dir)  # an FP8 rollout's scales belong to the weights it replays on
     arch = read_arch(model_dir)
     if precision is None:
         precision = rollout_precision(batch)

@@ -23,13 +23,16 @@ def torch_replay_logprobs(model, batch: RolloutBatch, mode: str, *, packed: bool
     """Log-probs ``[N, T]`` of the rollout's tokens under the pure-torch model.
 
     ``packed=True`` lays all trajectories end to end in one row with absolute ``evict`` (THD style)
-    and per-sequence RoPE positions, which is how the learner packs micro-batches.
+    and per-sequence RoPE positions, which is how the learner packs micro-batches. An FP8 rollout
+    (``meta.json: kv_cache``) is replayed with its K/V rounding in the ``shadow`` mode.
     """
     from ..mask import never_evicted, pack
 
     if mode not in MODES:
         raise ValueError(f"unknown learner mode {mode!r} (modes: {MODES})")
     temp = learner_temperature(batch)
+    rkv = batch.kv_cache.replay([True]) if mode == "shadow" and batch.kv_cache is not None else None
+    kv = None if rkv is None else (lambda li, k, v: rkv.apply(li, k, v, batch_dim=0))
     N, T = batch.tokens.shape
     L = model.arch.num_layers
     out = torch.zeros(N, T)
@@ -44,14 +47,14 @@ def torch_replay_logprobs(model, batch: RolloutBatch, mode: str, *, packed: bool
         ev, cu = pack(masks)
         toks = torch.cat([batch.tokens_of(n) for n in range(N)]).unsqueeze(0)
         pos = torch.cat([torch.arange(int(batch.seq_lens[n])) for n in range(N)]).unsqueeze(0)
-        logits = model(toks, evict=ev.unsqueeze(0), positions=pos)[0]
+        logits = model(toks, evict=ev.unsqueeze(0), positions=pos, kv=kv)[0]
         for n in range(N):
             a, b = int(cu[n]), int(cu[n + 1])
             out[n, : b - a] = sequence_logprobs(logits[a:b], toks[0, a:b], temp)
         return out
     for n in range(N):
         toks = batch.tokens_of(n).unsqueeze(0)
-        logits = model(toks, evict=masks[n].unsqueeze(0))[0]
+        logits = model(toks, evict=masks[n].unsqueeze(0), kv=kv)[0]
         out[n, : toks.shape[1]] = sequence_logprobs(logits, toks[0], temp)
     return out
 
@@ -61,6 +64,9 @@ def replay_torch(batch: RolloutBatch, model_dir=None, *, packed: bool = False) -
     from ..model.transformer import RefTransformer
     from ..rollout.engine import torch_dtype
 
+    from ..rollout.io import check_kv_scales_weights
+
+    check_kv_scales_weights(batch, model_dir or batch.meta["model_path"])  # FP8 scales: calibrated on these weights
     # replayed in the dtype the rollout was sampled in (meta.json: dtype; float32 when absent)
     model = RefTransformer.from_pretrained(model_dir or batch.meta["model_path"],
                                            dtype=torch_dtype(batch.meta.get("dtype") or "float32"))

@@ -17,6 +17,21 @@ How it runs (one call of :meth:`ReferenceEngine.generate`):
 4. **Finished rows leave the batch** (EOS, a stop token, or ``max_new_tokens``): their cache rows
    are dropped at once.
 
+**FP8 KV cache** (``kv_cache=``, a :class:`~megatron_smd.quant.cache.RolloutKV`; ``rollout.kv_cache_dtype``
+and ``rollout.kv_scales``): every layer's K and V are stored as FP8 bytes (``uint8`` tensors
+holding ``float8_e4m3fn`` / ``float8_e5m2`` values, as SGLang's ``MHATokenToKVPool`` does), written
+the way SGLang 0.5.23 stores them (divide by the layer's scale in the compute dtype, then cast;
+:func:`~megatron_smd.quant.kv.quantize_kv`) and read back as ``fp8 * scale`` in the compute dtype
+(:func:`~megatron_smd.quant.kv.dequantize_kv`; exact for the power-of-two scales calibration
+writes, where it equals SGLang's kernels that fold the scale into the softmax scale and the
+output). Attention always reads the cache after storing, prefill included: every key and value a
+query sees is the rounded one (SGLang's ``torch_native`` read path; its Triton extend kernel
+instead attends to the chunk's own unrounded K/V and rounds ``q`` and the softmax weights to FP8
+on GQA decode, which this engine does not model). The eviction policies score the rounded keys
+too. The reported KV bytes are those of the FP8 tensors: half of bf16, a quarter of fp32. Every
+trajectory carries the engine's :class:`~megatron_smd.quant.cache.RolloutKV` (``kv_cache``), which
+the rollout directory keeps in ``meta.json`` and the learner replays.
+
 Memory is accounted from the cache tensors actually allocated (``K`` and ``V`` of every layer,
 ``[B, H_kv, capacity, head_dim]``), sampled after every change; capacity grows in
 ``kv_growth``-token steps and shrinks back after compaction, so the reported peak is what the
@@ -38,6 +53,8 @@ import torch
 from ..mask import EVICT_DTYPE
 from ..model.transformer import RefTransformer, masked_attention
 from ..policies import EvictionPolicy, PolicyConfig, make_policy
+from ..quant.cache import RolloutKV, load_rollout_kv
+from ..quant.kv import KVQuantConfig, dequantize_kv, quantize_kv
 
 
 @dataclass
@@ -63,6 +80,7 @@ class Trajectory:
     prompt_index: int
     sample_index: int
     finish_reason: str  # "stop" | "length"
+    kv_cache: RolloutKV | None = None  # the FP8 KV cache it was sampled with (None: the model dtype)
 
     @property
     def seq_len(self) -> int:
@@ -126,12 +144,21 @@ def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
 class ReferenceEngine:
     """Batched sampling from an HF-format Qwen2/Llama model with per-layer KV eviction."""
 
-    def __init__(self, model: RefTransformer, policy: PolicyConfig | None = None, *, kv_growth: int = 16):
+    def __init__(self, model: RefTransformer, policy: PolicyConfig | None = None, *, kv_growth: int = 16,
+                 kv_cache: RolloutKV | KVQuantConfig | None = None):
+        """``kv_cache``: store K/V in FP8 with these per-layer scales (module docstring); None keeps
+        them in the model's dtype."""
         self.model = model.eval()
         self.arch = model.arch
         self.policy_cfg = policy or PolicyConfig()
         self.policy: EvictionPolicy = make_policy(self.policy_cfg)
         self.kv_growth = kv_growth
+        if isinstance(kv_cache, KVQuantConfig):
+            kv_cache = RolloutKV(kv_cache)
+        if kv_cache is not None and kv_cache.num_layers != self.arch.num_layers:
+            raise ValueError(f"kv_cache has scales for {kv_cache.num_layers} layers, the model has "
+                             f"{self.arch.num_layers}")
+        self.kv_cache: RolloutKV | None = kv_cache
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
 
@@ -140,7 +167,7 @@ class ReferenceEngine:
                         dtype: torch.dtype | str = torch.float32, **kw) -> "ReferenceEngine":
         """``dtype``: the compute dtype (weights, activations and KV cache; ``"bfloat16"`` or
         ``"float32"`` as in ``model.dtype``). Sampling and log-probs are taken in fp32 from the
-        model-dtype logits."""
+        model-dtype logits. ``kw``: ``kv_growth``, ``kv_cache``."""
         return cls(RefTransformer.from_pretrained(model_dir, dtype=torch_dtype(dtype)), policy, **kw)
 
     @torch.no_grad()
@@ -263,7 +290,9 @@ class ReferenceEngine:
         for layer in m.model.layers:
             x = layer.input_layernorm(h)
             q, k, v = layer.self_attn.qkv(x, cos, sin)
-            o, probs = masked_attention(q, k, v, causal, return_probs=True)
+            li = len(caches)
+            k, v = self._store(li, 0, k), self._store(li, 1, v)  # stored first, then read back (FP8)
+            o, probs = masked_attention(q, self._load(li, 0, k), self._load(li, 1, v), causal, return_probs=True)
             h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(1, P, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             acc = None
@@ -286,7 +315,7 @@ class ReferenceEngine:
         if not self.policy.should_compress(cache.k.shape[2], "prefill"):
             return cache
         obs = None if obs_q is None else (obs_q[0], obs_pos[0])
-        keep = self._select(cache, 0, cache.k.shape[2], obs)  # [H_kv, budget]
+        keep = self._select(cache, 0, cache.k.shape[2], obs, li)  # [H_kv, budget]
         idx = keep.unsqueeze(-1).expand(-1, -1, cache.k.shape[-1])
         new = _LayerCache(cache.k[0].gather(1, idx)[None], cache.v[0].gather(1, idx)[None],
                           cache.pos[0].gather(1, keep)[None],
@@ -346,12 +375,13 @@ class ReferenceEngine:
             x = layer.input_layernorm(h)
             q, k, v = layer.self_attn.qkv(x, cos, sin)  # q [B,H,1,hd], k/v [B,Hkv,1,hd]
             slot = rows.length  # [B]
-            c.k[ar, :, slot] = k[:, :, 0]
-            c.v[ar, :, slot] = v[:, :, 0]
+            c.k[ar, :, slot] = self._store(li, 0, k)[:, :, 0]
+            c.v[ar, :, slot] = self._store(li, 1, v)[:, :, 0]
             c.pos[ar, :, slot] = pos.view(B, 1)
             cap = c.k.shape[2]
             valid = torch.arange(cap).view(1, cap) <= slot.view(B, 1)  # [B, cap]
-            o, probs = masked_attention(q, c.k, c.v, valid.view(B, 1, 1, 1, cap), return_probs=True)
+            o, probs = masked_attention(q, self._load(li, 0, c.k), self._load(li, 1, c.v), valid.view(B, 1, 1, 1, cap),
+                                        return_probs=True)
             h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             if c.acc is not None:
@@ -383,7 +413,7 @@ class ReferenceEngine:
                 if self.policy.obs_window:
                     ok = rows.obs_pos[b] >= 0
                     obs = (rows.obs_q[li][b][:, ok], rows.obs_pos[b][ok])
-                keep = self._select(c, b, n_live, obs)  # [H_kv, budget]
+                keep = self._select(c, b, n_live, obs, li)  # [H_kv, budget]
                 q_pos = int(rows.next_pos[b]) - 1  # the query that just ran was the last to see them
                 live_pos = c.pos[b, :, :n_live]
                 dropped = torch.ones_like(live_pos, dtype=torch.bool)
@@ -401,10 +431,25 @@ class ReferenceEngine:
         self._account(caches, rows, stats)
 
     # ------------------------------------------------------------------ cache ops
-    def _select(self, c: _LayerCache, b: int, n_live: int, obs) -> torch.Tensor:
+    def _store(self, li: int, which: int, x: torch.Tensor) -> torch.Tensor:
+        """K (``which`` 0) or V (1) of layer ``li`` as the cache holds it: ``x`` itself, or its FP8
+        bytes (``uint8``, SGLang's store: divide in the compute dtype, cast)."""
+        if self.kv_cache is None:
+            return x
+        c = self.kv_cache.config
+        return quantize_kv(x, c.scales(li)[which], c.dtype, division=c.division).view(torch.uint8)
+
+    def _load(self, li: int, which: int, stored: torch.Tensor) -> torch.Tensor:
+        """What attention reads from the cache: ``fp8 * scale`` in the compute dtype (or ``stored``)."""
+        if self.kv_cache is None:
+            return stored
+        c = self.kv_cache.config
+        return dequantize_kv(stored.view(c.torch_dtype), c.scales(li)[which], self.dtype)
+
+    def _select(self, c: _LayerCache, b: int, n_live: int, obs, li: int) -> torch.Tensor:
         obs_q, obs_pos = (obs if obs is not None else (None, None))
         return self.policy.select(
-            keys=c.k[b, :, :n_live].float(), positions=c.pos[b, :, :n_live],
+            keys=self._load(li, 0, c.k[b, :, :n_live]).float(), positions=c.pos[b, :, :n_live],
             acc=None if c.acc is None else c.acc[b, :, :n_live],
             obs_queries=None if obs_q is None else obs_q.float(), obs_positions=obs_pos,
         )
@@ -470,4 +515,13 @@ class ReferenceEngine:
             ev = ev[:, 0]  # all heads identical
         return Trajectory(tokens=tr["tokens"], prompt_len=tr["prompt_len"],
                           sampler_logprobs=torch.tensor(tr["lp"], dtype=torch.float32), evict=ev.contiguous(),
-                          prompt_index=tr["pi"], sample_index=tr["si"], finish_reason=tr["finish"])
+                          prompt_index=tr["pi"], sample_index=tr["si"], finish_reason=tr["finish"],
+                          kv_cache=self.kv_cache)
+
+
+def kv_cache_of(cfg, num_layers: int, weights_dir=None) -> RolloutKV | None:
+    """The FP8 KV cache ``cfg`` configures (``rollout.kv_cache_dtype``, ``rollout.kv_scales``) for a
+    model of ``num_layers`` layers; None for ``auto``. With ``weights_dir`` the scales file must have
+    been calibrated on those weights (:func:`~megatron_smd.quant.cache.load_rollout_kv`)."""
+    r = cfg.rollout
+    return load_rollout_kv(r.kv_cache_dtype, r.kv_scales, num_layers, weights_dir)

@@ -23,6 +23,13 @@ sample_index   int64 [N]        index inside its group
 ``DIR/meta.json``: ``format_version``, ``model_path``, ``num_layers``, ``num_kv_heads``,
 ``policy`` (name, budget, …), ``sampling`` (temperature, top_p, top_k, max_new_tokens, seed),
 ``stats`` (peak KV bytes, tokens/s), ``finish_reasons``, and optional ``task`` / ``rewards``.
+A rollout sampled with an FP8 KV cache has ``kv_cache``
+(:meth:`~megatron_smd.quant.cache.RolloutKV.to_meta`): the FP8 format (``dtype``), the engine's
+``division`` rule, one ``k_scale`` and one ``v_scale`` per layer, the ``scales_file`` they came
+from and the ``weights`` (``fingerprint``, ``version``) those scales were calibrated on. The
+learner replays it (:mod:`megatron_smd.quant.cache`); a rollout without ``kv_cache`` was sampled
+with K/V in the model's dtype. :func:`check_kv_scales_weights` refuses to replay it against
+weights other than the scales'.
 
 Writes are atomic (temporary file + rename); reads validate every tensor and name the file and
 the key on any problem.
@@ -40,6 +47,8 @@ import torch
 
 from ..errors import FormatError, MaskError
 from ..mask import EVICT_DTYPE, pad_batch, validate_evict
+from ..quant.cache import META_KEY as KV_META_KEY
+from ..quant.cache import RolloutKV
 
 FORMAT_VERSION = 1
 TRAJ_FILE = "trajectories.safetensors"
@@ -71,6 +80,7 @@ class RolloutBatch:
     prompt_index: torch.Tensor
     sample_index: torch.Tensor
     meta: dict
+    source: Path | None = None  # the directory it was read from (load_rollouts), for messages
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -78,6 +88,17 @@ class RolloutBatch:
     @property
     def per_head(self) -> bool:
         return self.evict.dim() == 4
+
+    @property
+    def meta_file(self) -> str:
+        """Where ``meta`` lives, for messages: ``DIR/meta.json``, or "the rollout's meta" in memory."""
+        return str(self.source / META_FILE) if self.source is not None else "the rollout's meta"
+
+    @property
+    def kv_cache(self) -> RolloutKV | None:
+        """The FP8 KV cache the rollout was sampled with (``meta["kv_cache"]``), or None."""
+        d = (self.meta or {}).get(KV_META_KEY)
+        return None if d is None else RolloutKV.from_meta(d, self.meta_file, self.evict.shape[1])
 
     def evict_of(self, n: int) -> torch.Tensor:
         """Unpadded mask of trajectory ``n``: ``[L, (H,) T_n]``."""
@@ -88,7 +109,13 @@ class RolloutBatch:
 
     @classmethod
     def from_trajectories(cls, trajs, meta: dict) -> "RolloutBatch":
+        """Pad ``trajs``; ``meta`` gains the trajectories' FP8 ``kv_cache`` when they have one."""
         T = max(t.seq_len for t in trajs)
+        kv = getattr(trajs[0], "kv_cache", None)
+        if any(getattr(t, "kv_cache", None) != kv for t in trajs):
+            raise ValueError("RolloutBatch.from_trajectories: trajectories sampled with different KV caches")
+        if kv is not None and KV_META_KEY not in meta:
+            meta = {**meta, KV_META_KEY: kv.to_meta()}
         N = len(trajs)
         tokens = torch.zeros(N, T, dtype=torch.int64)
         lps = torch.zeros(N, T, dtype=torch.float32)
@@ -201,7 +228,8 @@ def load_rollouts(rollout_dir: str | os.PathLike, *, validate: bool = True) -> R
     if bool(((sl < 1) | (sl > T) | (pl < 1) | (pl > sl)).any()):
         n = int(((sl < 1) | (sl > T) | (pl < 1) | (pl > sl)).nonzero()[0])
         raise FormatError(f"{tf}: trajectory {n} has prompt_len={int(pl[n])}, seq_len={int(sl[n])} (T={T})")
-    batch = RolloutBatch(t["tokens"], pl, sl, t["sampler_logprobs"], ev, t["prompt_index"], t["sample_index"], meta)
+    batch = RolloutBatch(t["tokens"], pl, sl, t["sampler_logprobs"], ev, t["prompt_index"], t["sample_index"], meta, d)
+    _ = batch.kv_cache  # validates meta.json's kv_cache (file and key in the message)
     if validate:
         for n in range(N):
             s = int(sl[n])
@@ -212,3 +240,15 @@ def load_rollouts(rollout_dir: str | os.PathLike, *, validate: bool = True) -> R
             if bool((ev[n, ..., s:] != 0).any()):
                 raise MaskError(f"{tf}:evict[{n}]: padded positions >= seq_len={s} must hold 0")
     return batch
+
+
+def check_kv_scales_weights(batch: RolloutBatch, weights_dir: str | os.PathLike) -> None:
+    """Refuse to train or replay an FP8 rollout against weights other than those its KV scales
+    were calibrated on (:class:`FormatError` naming ``meta.json``, the key and both weights). A
+    rollout without scales-file weights (no FP8, or unit scales) passes."""
+    kv = batch.kv_cache
+    if kv is None or kv.weights_fingerprint is None:
+        return
+    from ..quant.kv import weights_fingerprint
+
+    kv.check_weights(weights_fingerprint(weights_dir), batch.meta_file, str(weights_dir))

@@ -10,7 +10,7 @@ import torch
 from ..config import ExperimentConfig, ModelConfig
 from ..errors import FormatError
 from ..model.hf import read_arch
-from .engine import ReferenceEngine, SamplingParams
+from .engine import ReferenceEngine, SamplingParams, kv_cache_of
 from .engine_api import RemoteRolloutEngine, RolloutEngine
 from .io import RolloutBatch, save_rollouts
 
@@ -99,6 +99,20 @@ def rollout_policy(cfg: ExperimentConfig):
     return PolicyConfig() if cfg.algorithm.correction == "dense" else cfg.rollout.policy
 
 
+def rollout_kv_cache(cfg: ExperimentConfig, num_layers: int, weights_dir: Path | str | None = None):
+    """The FP8 KV cache ``smd train`` samples with: none for ``algorithm.correction: dense`` (the
+    uncompressed baseline, like :func:`rollout_policy`), else ``rollout.kv_cache_dtype`` with
+    ``rollout.kv_scales`` (checked against ``weights_dir``, the weights the engine starts from)."""
+    return None if cfg.algorithm.correction == "dense" else kv_cache_of(cfg, num_layers, weights_dir)
+
+
+def training_engine(cfg: ExperimentConfig, model, weights_dir: Path | str) -> ReferenceEngine:
+    """``smd train``'s reference engine on ``model`` (loaded from ``weights_dir``): :func:`rollout_policy`,
+    ``rollout.kv_growth`` and :func:`rollout_kv_cache`."""
+    return ReferenceEngine(model, rollout_policy(cfg), kv_growth=cfg.rollout.kv_growth,
+                           kv_cache=rollout_kv_cache(cfg, model.arch.num_layers, weights_dir))
+
+
 def sglang_client(cfg: ExperimentConfig, num_layers: int, policy=None) -> RemoteRolloutEngine:
     """The client of the patched SGLang servers (:func:`sglang_urls`), checked to run ``policy``
     (default: the config's ``rollout.policy``). The servers own the policy (``--smd-*`` at launch);
@@ -112,12 +126,14 @@ def sglang_client(cfg: ExperimentConfig, num_layers: int, policy=None) -> Remote
 
 
 def make_engine(cfg: ExperimentConfig, model_dir: Path, arch=None) -> RolloutEngine:
-    """The rollout engine ``rollout.backend`` names: the in-process reference engine, or the
-    client of the patched SGLang servers. Both sample with the same ``generate`` signature."""
+    """The rollout engine ``rollout.backend`` names: the in-process reference engine (with the FP8
+    KV cache ``rollout.kv_cache_dtype`` configures), or the client of the patched SGLang servers.
+    Both sample with the same ``generate`` signature."""
     if cfg.rollout.backend == "sglang":
         return sglang_client(cfg, (arch or read_arch(model_dir)).num_layers)
+    kv = kv_cache_of(cfg, (arch or read_arch(model_dir)).num_layers, model_dir)
     return ReferenceEngine.from_pretrained(model_dir, cfg.rollout.policy, kv_growth=cfg.rollout.kv_growth,
-                                           dtype=cfg.model.dtype)
+                                           dtype=cfg.model.dtype, kv_cache=kv)
 
 
 def run_rollout(cfg: ExperimentConfig, out_dir: str | Path, *, engine: RolloutEngine | None = None,

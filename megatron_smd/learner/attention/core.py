@@ -36,6 +36,18 @@ passes ``[t, heads, hn]``; this module treats it as one packed row (``b = 1``; `
 ``[1, L, t]`` / ``[1, L, H_kv, t]`` with absolute positions, or ``None`` for causal-per-document
 from ``cu_seqlens_q(_padded)``) and returns ``[t, hq * hn]``.
 
+**FP8 KV replay.** An FP8 rollout's sampler attended to K and V rounded to its FP8 cache. The
+learner replays that rounding when Megatron's per-call ``attention_bias`` argument carries a
+:class:`~megatron_smd.quant.cache.KVReplay` (the learner's micro-batches do, for the shadow rows of
+an FP8 rollout; :mod:`megatron_smd.learner.runner` passes it as ``extra_block_kwargs``): each
+layer's K and V are rounded exactly as the sampler stored them (:meth:`KVReplay.apply
+<megatron_smd.quant.cache.KVReplay.apply>`: the layer's K and V scale, the FP8 cast, the read
+back; straight-through gradient) on the rows it names, before any backend runs (so ``sdpa``,
+``flex`` and ``te`` all attend to the rounded values). Under TP each rank rounds its own KV heads
+(the scales are per layer, the same scalar for every head); under CP each rank rounds its local
+rows before the all-gather (elementwise, so the gathered K/V are the rounded ones). The argument
+is otherwise refused: there is no additive attention bias.
+
 Numerics: no dropout (replay must be deterministic; a non-zero ``attention_dropout`` is refused),
 vanilla softmax only, ``softmax_scale`` default ``1/sqrt(hn)``. ``apply_query_key_layer_scaling``
 is ignored: Megatron divides the scale by ``layer_number`` and multiplies the scores back by it
@@ -63,6 +75,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from ...errors import ConfigError, MaskError, SMDError
 from ...mask import EVICT_DTYPE, seq_end_from_cu
 from ...parallel import cp as cp_utils
+from ...quant.cache import KVReplay
 from .kernels import (
     _TE_FORM_CHOICE,
     BACKENDS,
@@ -322,11 +335,20 @@ class ShadowCoreAttention(MegatronModule):
                 ``sq = sk = s / cp`` local rows in Megatron's chunk layout.
             attention_mask: int32 ``evict`` ``[b, L, s]`` / ``[b, L, H_kv, s]`` (global ``s``), or
                 ``None`` for causal.
+            attention_bias: ``None``, or a :class:`~megatron_smd.quant.cache.KVReplay` (the FP8 K/V
+                rounding to replay; module docstring).
         Returns:
             ``[sq, b, hq * hn]`` (THD: ``[t, hq * hn]``).
         """
-        if attention_bias is not None:
-            raise SMDError("ShadowCoreAttention: attention_bias is not supported; the shadow mask is the only mask")
+        kv_replay = None
+        if isinstance(attention_bias, KVReplay):
+            kv_replay = attention_bias
+            if kv_replay.config.num_layers != self.config.num_layers:
+                raise SMDError(f"ShadowCoreAttention: the FP8 KV replay has scales for {kv_replay.config.num_layers} "
+                               f"layers, the model has num_layers={self.config.num_layers}")
+        elif attention_bias is not None:
+            raise SMDError("ShadowCoreAttention: attention_bias is not supported (only an FP8 KV replay, "
+                           "megatron_smd.quant.cache.KVReplay); the shadow mask is the only mask")
         if attn_mask_type not in (None, AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ConfigError(f"ShadowCoreAttention: attn_mask_type must be causal, got {attn_mask_type}")
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
@@ -375,6 +397,8 @@ class ShadowCoreAttention(MegatronModule):
         else:
             evict_eff = None
 
+        if kv_replay is not None:  # the sampler's FP8 rounding, on this rank's heads and rows (before CP)
+            key, value = kv_replay.apply(self.layer_number - 1, key, value, batch_dim=1)
         q_pos = self._local_q_pos(seq_len, query.device)
         if self.cp_size > 1:
             key = cp_utils.all_gather_cp(key, 0, self.cp_group)
