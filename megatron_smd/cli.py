@@ -7,6 +7,7 @@
     smd sft        --config CFG [key=value ...]
     smd train      --config CFG [--resume auto|none|CKPT] [key=value ...]
     smd export-hf  CKPT OUT
+    smd calibrate-kv --config CFG --out DIR [--model DIR] [--method auto|modelopt|reference] [key=value ...]
     smd plan       --config CFG [--json | --shell] [key=value ...]
     smd experiment compare --config CFG [--out DIR] [--modes a,b] [--docs DIR] [key=value ...]
     smd experiment report  --out DIR [--docs DIR]
@@ -148,6 +149,31 @@ def _cmd_export_hf(a) -> int:
 
     out = export_hf(a.ckpt, a.out)
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_calibrate_kv(a) -> int:
+    from pathlib import Path
+
+    from .config import load_config
+    from .quant.calibrate import SCALES_FILE, calibrate_kv
+
+    cfg = load_config(a.config, a.overrides)
+    model_dir = a.model
+    if model_dir is None and cfg.sft.enabled:  # the weights the run starts from: the SFT warm start
+        model_dir = cfg.sft.out
+        if not (Path(model_dir) / "config.json").is_file():
+            raise SMDError(f"smd calibrate-kv: the run starts from the SFT warm start sft.out={model_dir}, which does "
+                           f"not exist yet: run `smd sft --config {a.config}` first, or pass --model DIR")
+    s = calibrate_kv(cfg, a.out, model_dir=model_dir, kv_cache_dtype=a.kv_cache_dtype, method=a.method,
+                     num_prompts=a.num_prompts, seed=a.seed, power_of_two=not a.no_power_of_two,
+                     clamp_to_one=a.clamp_to_one, weights_version=a.weights_version, tp_size=a.tp_size)
+    c = s.config
+    print(f"wrote {Path(a.out) / SCALES_FILE} ({c.dtype}, {c.num_layers} layers, method {s.calibration['method']}, "
+          f"{s.calibration['num_tokens']} tokens; weights {s.weights_fingerprint[:23]}...)")
+    for i, (k, v) in enumerate(zip(c.k_scales, c.v_scales)):
+        print(f"  layer {i:>3}: k_scale {k:.6g}  v_scale {v:.6g}")
+    print(f"use it: rollout.kv_cache_dtype={c.dtype} rollout.kv_scales={Path(a.out) / SCALES_FILE}")
     return 0
 
 
@@ -306,6 +332,26 @@ def _args_export_hf(s: argparse.ArgumentParser) -> None:
     s.add_argument("out")
 
 
+def _args_calibrate_kv(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--config", required=True)
+    s.add_argument("--out", required=True, help="directory for kv_scales.json (+ kv_scales.safetensors, "
+                   "kv_cache_scales.json)")
+    s.add_argument("--model", help="weights to calibrate (default: the run's starting weights, sft.out when "
+                   "sft.enabled, else model.path)")
+    s.add_argument("--method", choices=["auto", "modelopt", "reference"], default="auto",
+                   help="auto: nvidia-modelopt when it imports, else the project's own model")
+    s.add_argument("--kv-cache-dtype", choices=["fp8_e4m3", "fp8_e5m2"],
+                   help="default: rollout.kv_cache_dtype when FP8, else fp8_e4m3")
+    s.add_argument("--num-prompts", type=int, default=64, help="task examples (prompt + reference answer)")
+    s.add_argument("--seed", type=int, help="task sampling seed (default: task.seed)")
+    s.add_argument("--weights-version", help="a tag recorded next to the weights' fingerprint (e.g. the step)")
+    s.add_argument("--no-power-of-two", action="store_true", help="keep amax / fp8_max as is (default: rounded up "
+                   "to a power of two, exact under every SGLang division rule)")
+    s.add_argument("--clamp-to-one", action="store_true", help="scales of at least 1.0 (modelopt's TRT-LLM rule)")
+    s.add_argument("--tp-size", type=int, default=1, help="attention-TP size in SGLang's kv_cache_scales.json")
+    _overrides(s)
+
+
 def _args_plan(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config", required=True)
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -374,6 +420,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("train", "GRPO with a Megatron learner and a compressed-KV rollout engine", _args_train, _cmd_train),
     Command("export-hf", "write a Hugging Face model directory from a training checkpoint",
             _args_export_hf, _cmd_export_hf),
+    Command("calibrate-kv", "per-layer FP8 KV-cache scales with nvidia-modelopt (rollout.kv_scales)",
+            _args_calibrate_kv, _cmd_calibrate_kv),
     Command("plan", "per-GPU memory of the learner and the rollout for a config", _args_plan, _cmd_plan),
     Command("experiment", "the correction-mode comparison (results, plots) and golden files", subcommands=(
         Command("compare", "train the five correction modes with one config; write results and plots",
