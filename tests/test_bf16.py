@@ -25,6 +25,8 @@ from megatron_smd.rollout.io import RolloutBatch, save_rollouts
 
 from _dist import run_distributed
 
+pytestmark = pytest.mark.slow  # gloo ranks and torchrun replays
+
 REPO = Path(__file__).resolve().parent.parent
 LR = 1e-3
 

@@ -27,6 +27,8 @@ import torch
 
 from _dist import run_distributed
 
+pytestmark = pytest.mark.slow  # a spawn of 2 gloo ranks
+
 # Modules the shim patches (an independent list: the module docstring's call sites), imported
 # before the first snapshot so that importing them is not mistaken for a change.
 SHIM_MODULES = (

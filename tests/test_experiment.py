@@ -17,6 +17,8 @@ from megatron_smd.cli import add_cli
 from megatron_smd.errors import ConfigError
 from megatron_smd.experiment import FLOOR_FACTOR, PLOTS, REPLAY_TOL, compare, render_markdown, summarize
 
+pytestmark = pytest.mark.slow  # runs the comparison and every benchmark
+
 REPO = Path(__file__).resolve().parent.parent
 CFG = REPO / "configs" / "tiny-cpu.yaml"
 TOL = 1e-5

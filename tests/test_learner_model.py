@@ -34,6 +34,8 @@ from megatron_smd.parallel.layout import ParallelLayout
 
 from _dist import run_distributed
 
+pytestmark = pytest.mark.slow  # a spawn of 2 gloo ranks building Megatron models
+
 HF_TOL = 1e-4
 PAR_TOL = 1e-5
 VOCAB = 250

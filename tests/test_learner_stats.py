@@ -26,6 +26,8 @@ from megatron_smd.rollout.io import RolloutBatch
 
 from _dist import run_distributed
 
+pytestmark = pytest.mark.slow  # gloo ranks
+
 REPO = Path(__file__).resolve().parent.parent
 N_TRAJ = 8
 TEMP = 0.9

@@ -18,6 +18,8 @@ from megatron_smd.rollout.io import RolloutBatch, save_rollouts
 
 from _dist import run_distributed
 
+pytestmark = pytest.mark.slow  # torchrun / gloo ranks
+
 TOL = 1e-5
 POLICIES = [
     ("streaming", "layer", dict(budget=14, sinks=2)),

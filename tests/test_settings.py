@@ -40,7 +40,7 @@ TINY = REPO / "configs" / "tiny-cpu.yaml"
 NOISE = re.compile(r"^(time/|perf/|sync/seconds|sync/gb_per_s)")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # ~140 short training runs
 
 
 @pytest.fixture(scope="module")
