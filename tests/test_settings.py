@@ -182,6 +182,7 @@ PROBES: dict[str, tuple[dict, dict, object]] = {
     **{f"rollout.{k}": ({f"rollout.{k}": v}, _ROLL, "scalars")
        for k, v in dict(num_prompts=3, group_size=2, max_new_tokens=1, temperature=0.5, top_p=0.5, top_k=3,
                         stop_at_eos=False, seed=1, kv_growth=4).items()},
+    "rollout.kv_cache_dtype": ({"rollout.kv_cache_dtype": "fp8_e4m3"}, _ROLL, "scalars"),
     "rollout.policy.name": ({"rollout.policy.name": "streaming"}, _ROLL, "scalars"),
     "rollout.policy.budget": ({"rollout.policy.budget": 10}, _ROLL, "scalars"),
     "rollout.policy.granularity": ({"rollout.policy.granularity": "head"}, _ROLL, "scalars"),
@@ -258,6 +259,7 @@ PROBES: dict[str, tuple[dict, dict, object]] = {
 #: several processes): the test named shows them taking effect
 ELSEWHERE: dict[str, str] = {
     "learner.attention_backend": "tests/test_settings.py",  # test_attention_backend_reaches_the_learner
+    "rollout.kv_scales": "tests/test_fp8_replay.py",  # calibrated scales loaded by smd rollout / replay / train
 }
 for _k in [k for k, (c, _) in SETTINGS.items() if k.startswith("rollout.faults.") and c == RUN]:
     ELSEWHERE.setdefault(_k, "tests/*")  # the rollout-server fault tests (live servers, injected faults)
