@@ -269,9 +269,8 @@ def _ensure_model_dir(mc: ModelConfig) -> Path:
 
 
 def resolve_kv_cache_dtype(cfg: ExperimentConfig, explicit: str | None = None) -> str:
-    """The FP8 format to calibrate for: ``explicit``, else the config's rollout setting
-    (``rollout.kv_cache_dtype`` when the schema has it, else ``sglang.kv_cache_dtype``) when that
-    is an FP8 format, else ``fp8_e4m3``."""
+    """The FP8 format to calibrate for: ``explicit``, else ``rollout.kv_cache_dtype`` when it is an
+    FP8 format, else ``sglang.kv_cache_dtype`` when that is one, else ``fp8_e4m3``."""
     if explicit is not None:
         if explicit not in KV_CACHE_DTYPES:
             raise ConfigError(f"calibrate-kv: kv cache dtype {explicit!r} is not supported "
