@@ -23,10 +23,10 @@ request whose prompt nobody else shares (measured: ``tests/test_sglang_live.py``
 stores its shared prompt once per layer, so a group holds less than ``n`` times this.
 
 *Generated* slots a request can hold per layer (its private slots; the shared prompt aside) are
-bounded by the policy, not by ``N``: ``private_peak_tokens``. Admission in the patched server
-reserves, per request, the prompt tokens it must prefill plus that bound (``admission_tokens``),
-and for a running request what it may still grow (``running_reserve_tokens``), so a request that
-cannot fit waits instead of being retracted later.
+bounded by the policy, not by ``N``: ``private_peak_tokens``; so is what it keeps alive,
+``live_peak_tokens``. Admission in the patched server reserves, per new request, its own peak
+(``admission_tokens``), and for a running GRPO group what it may still grow
+(``group_reserve_tokens``), so a request that cannot fit waits instead of being retracted later.
 
 The per-layer pool keeps ``S`` physical slots in every layer (the same K/V bytes as SGLang's dense
 pool of ``S`` tokens) and ``logical_slots(S, L, policy)`` logical token ids for the radix tree and
@@ -98,17 +98,63 @@ def private_peak_tokens(policy: PolicyConfig, new_tokens: int) -> int:
     return grown
 
 
-def admission_tokens(policy: PolicyConfig, extend_len: int, new_tokens: int) -> int:
-    """Slots per layer admission reserves for a new request: the ``extend_len`` prompt tokens it
-    prefills (densely, in every layer) plus the generated slots it may hold at its peak."""
-    return extend_len + private_peak_tokens(policy, new_tokens)
+def live_peak_tokens(policy: PolicyConfig) -> int | None:
+    """Most tokens one request keeps alive per layer at any time (None: not bounded by the policy).
+    A GRPO group of ``m`` members therefore keeps at most ``m`` times this per layer."""
+    if policy.name in ("streaming", "h2o"):
+        return policy.budget + 1
+    if policy.name == "rkv":
+        return policy.budget + policy.buffer
+    return None
+
+
+def admission_tokens(policy: PolicyConfig, extend_len: int, new_tokens: int, prompt_len: int | None = None) -> int:
+    """Slots per layer admission reserves for a new request.
+
+    Nothing of its prompt cached (``extend_len == prompt_len``): its own peak,
+    ``request_peak_tokens`` (the dense prefill of ``P`` tokens, then what the policy keeps).
+    Otherwise (a GRPO sample re-extending the last token of a shared prompt, or a partly cached
+    prompt) the ``extend_len`` tokens it prefills plus the generated slots it can add:
+    ``min(private_peak_tokens, live_peak_tokens)``.
+    """
+    if prompt_len is not None and extend_len == prompt_len:
+        return request_peak_tokens(policy, prompt_len, new_tokens)
+    grow = private_peak_tokens(policy, new_tokens)
+    live = live_peak_tokens(policy)
+    return extend_len + (grow if live is None else min(grow, live))
 
 
 def running_reserve_tokens(policy: PolicyConfig, new_tokens: int, generated_held: int, remaining: int) -> int:
-    """Slots per layer a running request may still add: up to its private peak, and no more than
-    the ``remaining`` tokens it may still generate. ``generated_held``: private slots it holds now
-    (the most over layers)."""
+    """Slots per layer a running request may still add through its own generated tokens: up to its
+    private peak, and no more than the ``remaining`` tokens it may still generate.
+    ``generated_held``: private slots it holds now in the layer considered."""
     return max(0, min(remaining, private_peak_tokens(policy, new_tokens) - generated_held))
+
+
+def group_reserve_tokens(policy: PolicyConfig, new_tokens: list[int], generated_held, remaining: list[int],
+                         owned_kept) -> int:
+    """Slots per layer a running GRPO group (``m`` members sharing a prompt) may still add.
+
+    Two bounds, per layer ``l``, the smaller taken, then the largest over layers:
+
+    * generated: ``sum_m running_reserve_tokens(...)`` (each member's own tokens);
+    * live: every member keeps at most ``live_peak_tokens`` alive, and what the group stores beyond
+      the radix tree's (pinned) prompt tokens is live, so it can grow by at most
+      ``m * live_peak_tokens - owned_kept[l] - sum_m generated_held[m][l]`` (``owned_kept[l]``: the
+      detached prompt tokens some member keeps in layer ``l``).
+
+    ``generated_held``: per member, per layer generated slots held now (``[m][L]``).
+    """
+    import numpy as np
+
+    held = np.asarray(generated_held, dtype=np.int64).reshape(len(new_tokens), -1)  # [m, L]
+    own = np.stack([np.maximum(0, np.minimum(r, private_peak_tokens(policy, n) - h))
+                    for n, h, r in zip(new_tokens, held, remaining)]).sum(axis=0)  # [L]
+    live = live_peak_tokens(policy)
+    if live is not None:
+        cap = len(new_tokens) * live - np.asarray(owned_kept, dtype=np.int64) - held.sum(axis=0)
+        own = np.minimum(own, np.maximum(cap, 0))
+    return int(own.max()) if own.size else 0
 
 
 def slot_layer_bytes(num_kv_heads: int, head_dim: int, dtype_bytes: int, tp: int = 1) -> int:
@@ -160,7 +206,7 @@ def pool_kv_bytes(physical_slots: int, num_layers: int, num_kv_heads: int, head_
 
 __all__ = [
     "admission_tokens", "batch_peak_tokens", "concurrent_requests", "decode_peak_tokens", "evicts_per_layer",
-    "kv_bytes_per_token", "logical_slots", "pool_kv_bytes", "prefill_kept_tokens", "private_peak_tokens",
-    "request_kv_bytes", "request_peak_tokens", "running_reserve_tokens", "slot_layer_bytes",
-    "translation_table_bytes",
+    "group_reserve_tokens", "kv_bytes_per_token", "live_peak_tokens", "logical_slots", "pool_kv_bytes",
+    "prefill_kept_tokens", "private_peak_tokens", "request_kv_bytes", "request_peak_tokens",
+    "running_reserve_tokens", "slot_layer_bytes", "translation_table_bytes",
 ]

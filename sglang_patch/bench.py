@@ -101,7 +101,7 @@ def _prompts(vocab: int, k: int, length: int, seed: int) -> list[list[int]]:
 
 
 def bench_rollout_sglang(model_dir: str | Path | None = None, *, prompt_len: int = 64, budget_frac: float = 0.25,
-                         gen_factor: int = 8, batch: int = 4, concurrency_requests: int = 48, rounds: int = 3,
+                         gen_factor: int = 16, batch: int = 4, concurrency_requests: int = 48, rounds: int = 3,
                          kv_slots: int | None = None, policies: tuple[str, ...] = EVICTING,
                          workdir: str | Path | None = None, start_timeout_s: float = 900.0,
                          request_timeout_s: float = 900.0, seed: int = 0, log=print) -> dict:
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-path")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--budget-frac", type=float, default=0.25)
-    p.add_argument("--gen-factor", type=int, default=8)
+    p.add_argument("--gen-factor", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--concurrency-requests", type=int, default=48)
     p.add_argument("--rounds", type=int, default=3)

@@ -400,14 +400,20 @@ class EvictionManager:
         return self.kv_pool.translate(layer, self._row_slots(st.row, self.live_positions(rid, layer))).cpu()
 
     def running_reserve(self, req) -> int | None:
-        """Slots per layer a managed running request may still add (admission's reservation for
-        it, :func:`megatron_smd.kv_budget.running_reserve_tokens`); None if not managed."""
+        """Slots per layer admission keeps free for a managed running request: its GRPO group's
+        growth bound (:func:`megatron_smd.kv_budget.group_reserve_tokens`), charged to one member
+        of the group (the one in the lowest row; the others 0). None if not managed."""
         st = self._reqs.get(getattr(req, "rid", None))
         if st is None:
             return None
-        N = int(req.sampling_params.max_new_tokens)
-        return kv_budget.running_reserve_tokens(self.cfg, N, int(st.private_held.max()),
-                                                max(0, N - len(req.output_ids)))
+        g = st.group
+        members = list(g.members.values())
+        if min(m.row for m in members) != st.row:
+            return 0
+        N = [int(m.req.sampling_params.max_new_tokens) for m in members]
+        rem = [max(0, n - len(m.req.output_ids)) for n, m in zip(N, members)]
+        owned_kept = (g.keep_count[:, g.protected:] > 0).sum(axis=1)
+        return kv_budget.group_reserve_tokens(self.cfg, N, [m.private_held for m in members], rem, owned_kept)
 
     # ------------------------------------------------------------------ prefill
     def prepare_prompt(self, req, queries: list[torch.Tensor]) -> PromptState:

@@ -22,10 +22,10 @@ pools, a full -> SWA index mapping, ``free_swa``) to one physical pool per layer
   stored token is a radix-tree token held in every layer, so SGLang's own idle check
   ``available + evictable == max_total_num_tokens`` (``= S``) holds unchanged.
 * **Admission** (:class:`PerLayerPrefillBudget`, via the allocator's ``create_prefill_budget``
-  hook): a new request reserves the prompt tokens it prefills plus the generated slots its policy
-  can hold per layer at its peak (``kv_budget.admission_tokens``), not ``max_new_tokens``; the
-  scheduler's per-running-request reservation is replaced by ``kv_budget.running_reserve_tokens``
-  (:mod:`sglang_patch.patch`).
+  hook): a new request reserves its peak per layer under its policy (``kv_budget.admission_tokens``:
+  the dense prefill of its prompt, then what the policy keeps), not prompt + ``max_new_tokens``;
+  the scheduler's per-running-request reservation is replaced by the growth bound of the request's
+  GRPO group (``kv_budget.group_reserve_tokens``, :mod:`sglang_patch.patch`).
 
 Policy ``none`` keeps SGLang's own pool; :class:`CountingAllocator` only adds the peak counters.
 
@@ -203,26 +203,34 @@ class PerLayerKVPool(MHATokenToKVPool):
 
 
 class PerLayerPrefillBudget(PrefillBudget):
-    """SGLang's prefill budget, with a request's decode reservation bounded by its policy:
-    ``kv_budget.private_peak_tokens`` generated slots per layer instead of ``max_new_tokens``."""
+    """SGLang's prefill budget, with a new request's reservation bounded by its policy
+    (``kv_budget.admission_tokens``: its own peak per layer) instead of prompt + ``max_new_tokens``."""
 
     def __init__(self, allocator, tree_cache, *, policy: PolicyConfig, num_mixed_decode_tokens: int = 0):
         super().__init__(allocator, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
         self.policy = policy
+        self._last: tuple[int, int, int] | None = None  # (extend, max_new, growth) of the last check
 
-    def _peak(self, max_new_tokens: int) -> int:
-        return kv_budget.private_peak_tokens(self.policy, int(max_new_tokens))
+    def _growth(self, extend_input_len: int, max_new_tokens: int, prompt_len: int | None = None) -> int:
+        return kv_budget.admission_tokens(self.policy, int(extend_input_len), int(max_new_tokens),
+                                          prompt_len) - int(extend_input_len)
 
     def check_prefill(self, *, extend_input_len, total_tokens, max_new_tokens, input_tokens, swa_host_hit_length,
                       chunk_limit, auxiliary_swa_host_hit_length=0):
-        total = total_tokens - max_new_tokens + self._peak(max_new_tokens)
-        return super().check_prefill(extend_input_len=extend_input_len, total_tokens=total,
-                                     max_new_tokens=self._peak(max_new_tokens), input_tokens=input_tokens,
+        grow = self._growth(extend_input_len, max_new_tokens, input_tokens)
+        self._last = (int(extend_input_len), int(max_new_tokens), grow)
+        return super().check_prefill(extend_input_len=extend_input_len, total_tokens=total_tokens - max_new_tokens + grow,
+                                     max_new_tokens=grow, input_tokens=input_tokens,
                                      swa_host_hit_length=swa_host_hit_length, chunk_limit=chunk_limit,
                                      auxiliary_swa_host_hit_length=auxiliary_swa_host_hit_length)
 
     def reserve(self, extend_input_len, max_new_tokens, **kwargs):
-        return super().reserve(extend_input_len, self._peak(max_new_tokens), **kwargs)
+        last, self._last = self._last, None
+        if last is not None and last[:2] == (int(extend_input_len), int(max_new_tokens)):
+            grow = last[2]  # the request just checked (SGLang commits right after the check)
+        else:
+            grow = self._growth(extend_input_len, max_new_tokens)
+        return super().reserve(extend_input_len, grow, **kwargs)
 
 
 class PerLayerAllocator(TokenToKVPoolAllocator):
@@ -268,9 +276,9 @@ class PerLayerAllocator(TokenToKVPoolAllocator):
 
     def max_new_tokens_for_memory(self, input_tokens, max_new_tokens, *, token_capacity, sliding_window_size,
                                   chunk_size):
-        if self.policy.name in ("streaming", "h2o", "rkv"):
+        if kv_budget.live_peak_tokens(self.policy) is not None:
             # the per-layer peak is bounded by the budget, not by the generation length
-            if input_tokens + kv_budget.private_peak_tokens(self.policy, max_new_tokens) + 1 <= token_capacity:
+            if kv_budget.request_peak_tokens(self.policy, input_tokens, max_new_tokens) + 1 <= token_capacity:
                 return max(0, max_new_tokens)
         return super().max_new_tokens_for_memory(input_tokens, max_new_tokens, token_capacity=token_capacity,
                                                  sliding_window_size=sliding_window_size, chunk_size=chunk_size)

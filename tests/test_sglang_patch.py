@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 
@@ -432,6 +433,96 @@ def test_foreign_sharer_keeps_prompt_in_tree(sg, model64, hooks):
         srv.tree.free_kv_row(foreign.kv, [(foreign.kv.cache_protected_len, 24)])
         srv.tree.unlock(foreign.lock)
         srv.rtp.free(foreign)
+    finally:
+        srv.close()
+
+
+def test_per_layer_pool_stores_each_layer_separately(sg):
+    """``PerLayerKVPool`` + ``PerLayerAllocator``: a logical id takes a slot in every layer, a layer
+    frees its own slot of a token, freeing the id frees what is left; writes and reads translate."""
+    from types import SimpleNamespace
+
+    from sglang_patch.kv_pool import PerLayerAllocator, PerLayerKVPool
+
+    L, S = 3, 8
+    kv = PerLayerKVPool(S, 1, torch.float32, 2, 4, L, "cpu", False, logical_size=L * S)
+    alloc = PerLayerAllocator(L * S, torch.float32, "cpu", kv, False, policy=POLICIES["h2o"])
+    ids = alloc.alloc(5)
+    assert alloc.available_size() == 3 and kv.n_free.tolist() == [3, 3, 3] and kv.check_consistent() == []
+    for li in range(L):  # set_kv_buffer with logical ids writes each layer's own slots
+        kv.set_kv_buffer(SimpleNamespace(layer_id=li), ids, torch.full((5, 2, 4), float(li + 1)),
+                         torch.full((5, 2, 4), -float(li + 1)))
+        assert bool((kv.get_key_buffer(li)[kv.translate(li, ids)] == li + 1).all())
+    kv.free_physical(np.array([1, 1]), ids[:2].numpy())  # layer 1 evicted two tokens
+    assert kv.n_free.tolist() == [3, 5, 3] and alloc.available_size() == 3
+    assert kv.translate(1, ids[:2]).tolist() == [0, 0] and bool((kv.translate(0, ids[:2]) != 0).all())
+    with pytest.raises(RuntimeError, match="double free"):
+        kv.free_physical(np.array([1]), ids[:1].numpy())
+    alloc.free(ids[:3])  # the ids: whatever layers still hold them
+    assert kv.n_free.tolist() == [6, 6, 6] and kv.check_consistent() == []
+    assert alloc.alloc(7) is None  # 6 free in every layer
+    alloc.free(ids[3:])
+    assert kv.n_free.tolist() == [S] * L and alloc.available_size() == S
+    assert alloc.logical_available() == L * S and kv.check_consistent() == []
+
+
+def test_admission_reserves_what_the_policy_holds(sg):
+    """The per-layer allocator's prefill budget charges a new request its peak under its policy
+    (``kv_budget.admission_tokens``), not prompt + ``max_new_tokens``: a 200-token generation of a
+    24-token prompt under H2O at budget 16 is admitted into a 100-slot pool and charged its peak,
+    the dense prefill (24, +1 page); a GRPO sample re-extending one token of a cached prompt is
+    charged 1 + 17 (its generated tokens alive at once); SGLang's dense budget refuses the first."""
+    from megatron_smd import kv_budget
+    from sglang_patch.kv_pool import PerLayerAllocator, PerLayerKVPool
+
+    AL = sg["sglang.srt.mem_cache.allocator"]
+    MP = sg["sglang.srt.mem_cache.memory_pool"]
+    RC = sg["sglang.srt.mem_cache.radix_cache"]
+    CI = sg["sglang.srt.mem_cache.cache_init_params"]
+    L, S, P, N = 4, 100, 24, 200
+    pol = POLICIES["h2o"]
+    kv = PerLayerKVPool(S, 1, torch.float32, 2, 8, L, "cpu", False, logical_size=L * S)
+    alloc = PerLayerAllocator(L * S, torch.float32, "cpu", kv, False, policy=pol)
+    rtp = MP.ReqToTokenPool(4, 512, "cpu", False)
+    tree = RC.RadixCache(CI.CacheInitParams(disable=False, req_to_token_pool=rtp, token_to_kv_pool_allocator=alloc,
+                                            page_size=1))
+    kw = dict(extend_input_len=P, total_tokens=P + N + 1, max_new_tokens=N, input_tokens=P, swa_host_hit_length=0,
+              chunk_limit=None)
+    budget = alloc.create_prefill_budget(tree)
+    assert budget.check_prefill(**kw)[0]
+    budget.reserve(P, N)
+    assert kv_budget.admission_tokens(pol, P, N, P) == kv_budget.request_peak_tokens(pol, P, N) == P
+    assert budget.remaining_total == S - (P + 1)
+    sample = dict(kw, extend_input_len=1, total_tokens=1 + N + 1)
+    assert budget.check_prefill(**sample)[0]
+    budget.reserve(1, N)
+    assert budget.remaining_total == S - (P + 1) - (1 + 1 + 17)
+    dense_kv = MP.MHATokenToKVPool(S, 1, torch.float32, 2, 8, L, "cpu", False, enable_alt_stream=False)
+    dense = AL.TokenToKVPoolAllocator(S, torch.float32, "cpu", dense_kv, False)
+    assert not dense.create_prefill_budget(tree).check_prefill(**kw)[0]
+    # and SGLang's request validation does not cut the generation to the pool size
+    assert alloc.max_new_tokens_for_memory(P, N, token_capacity=S, sliding_window_size=None, chunk_size=None) == N
+    assert dense.max_new_tokens_for_memory(P, N, token_capacity=S, sliding_window_size=None, chunk_size=None) < N
+
+
+def test_grpo_prompt_stored_once_per_layer_and_dropped_per_layer(sg, model64, hooks):
+    """After a group's prefill every layer stores the prompt once (not once per sample); once the
+    prefill batch is processed each layer keeps only the prompt tokens some sample keeps in it."""
+    policy = POLICIES["h2o"]
+    prompt = [5 + (7 * i) % 40 for i in range(24)]
+    trajs = run_reference(model64, policy, prompt, 3, 4, seed=4)
+    srv = Server(sg, model64.arch, policy)
+    try:
+        qkvs = [replay_qkv(model64, t.tokens, t.evict) for t in trajs]
+        reqs = [srv.new_req(f"s{k}", prompt, 4) for k in range(3)]
+        for r, q in zip(reqs, qkvs):
+            srv.prefill(r, q)
+        assert srv.kv.used_per_layer().tolist() == [24] * srv.L
+        srv.end_prefill_batch()
+        g = srv.mgr.state("s0").group
+        kept = (g.keep_count > 0).sum(axis=1)  # prompt tokens some sample keeps, per layer
+        assert srv.kv.used_per_layer().tolist() == kept.tolist() == [policy.budget] * srv.L
+        srv.check(reqs)
     finally:
         srv.close()
 
