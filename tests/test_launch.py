@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the launch scripts, each starting processes
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = [REPO / "launch" / "local.sh", REPO / "launch" / "slurm" / "smd.sbatch",
            REPO / "launch" / "slurm" / "submit.sh", REPO / "launch" / "slurm" / "common.sh"]
@@ -79,8 +81,6 @@ sys.exit(0 if ready and os.environ.get("FAKE_CURL_FAIL") != "1" else 7)
 '''
 FAKE_TORCHRUN = r'''#!/usr/bin/env python3
 import json, os, sys
-
-pytestmark = pytest.mark.slow  # runs the launch scripts, each starting processes
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps({"prog": "torchrun", "argv": sys.argv[1:], "own_session": os.getsid(0) == os.getpid(),
                         "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "SMD_ROLLOUT_URL")}}) + "\n")

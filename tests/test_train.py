@@ -148,6 +148,7 @@ def test_sigterm_swallowed_by_a_callback_still_stops_the_loop(monkeypatch):
         signal.signal(signal.SIGTERM, old)
 
 
+@pytest.mark.slow  # a subprocess run, killed and resumed
 def test_killed_run_keeps_complete_checkpoints_and_resumes(tmp_path, tiny_qwen2_dir):
     args = [sys.executable, "-m", "megatron_smd.cli", "train", "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
             f"model.path={tiny_qwen2_dir}", f"output_dir={tmp_path}", "sft.enabled=false", "task.num_pairs=6",
@@ -182,6 +183,7 @@ def test_killed_run_keeps_complete_checkpoints_and_resumes(tmp_path, tiny_qwen2_
     assert res["history"][-1]["step"] == reached + 1
 
 
+@pytest.mark.slow  # torchrun with 2 gloo ranks
 @pytest.mark.parametrize("layout", [["resources.tp=2"], ["resources.dp=2"]], ids=["tp2", "dp2"])
 def test_two_rank_training_matches_single_process(layout, tmp_path, tiny_qwen2_dir):
     """torchrun with 2 gloo ranks (TP=2, or DP=2 splitting each mini-batch) trains the same weights as one
