@@ -290,6 +290,40 @@ def test_fp8_rounding_differences_between_cached_decode_and_parallel_forward(tin
     assert over_rows <= flipped_rows, "a token over 1e-5 in a sequence whose roundings all agree"
 
 
+def test_activation_recompute_keeps_the_rounding(tiny_qwen2_dir, calibrated):
+    """Full activation recompute re-runs each layer in backward: the micro-batch's KVReplay must
+    reach it again (it rides in Megatron's per-call arguments), so the gradients are unchanged."""
+    from megatron_smd.config import load_config
+    from megatron_smd.learner.learner import Learner, LearnerSettings
+    from megatron_smd.learner.runner import run_microbatches
+    from megatron_smd.model.hf import read_arch
+    from megatron_smd.trainer import init_layout
+
+    eng = ReferenceEngine.from_pretrained(tiny_qwen2_dir, PolicyConfig(name="h2o", budget=BUDGET, window=4),
+                                          kv_cache=calibrated)
+    trajs, _ = eng.generate(_prompts((9, 21)), n=2, sampling=SamplingParams(max_new_tokens=20, seed=3))
+    b = RolloutBatch.from_trajectories(trajs, {"model_path": str(tiny_qwen2_dir), "num_layers": 4})
+    arch = read_arch(tiny_qwen2_dir)
+    lay = init_layout(load_config(TINY, [f"model.path={tiny_qwen2_dir}"]), arch)
+    grads = {}
+    try:
+        for name, batch, megatron in (("plain", b, {}), ("recompute", b, {"recompute": True}),
+                                      ("unrounded", _without_rounding(b), {})):
+            learner = Learner(arch, lay, LearnerSettings(micro_batch_size=2, megatron=megatron),
+                              weights=str(tiny_qwen2_dir), train=False)
+            mbs = learner.microbatches(batch, list(range(len(batch))), ["shadow", "dense"], {"coef": _mean_coef(b)})
+            learner.model.train()
+            learner.model.zero_grad(set_to_none=True)
+            run_microbatches(learner.model, lay, mbs, vocab_size=arch.vocab_size, forward_only=False,
+                             loss_fn=lambda logp, mb: (-(logp * mb.extras["coef"]).sum(), 1))
+            grads[name] = {k: p.grad.clone() for k, p in learner.model.named_parameters()}
+    finally:
+        lay.destroy()
+    diff = {n: max(float((grads[n][k] - grads["plain"][k]).abs().max()) for k in grads[n]) for n in grads}
+    print(f"\nmax |grad - grad without recompute|: {diff}")
+    assert diff["recompute"] <= 1e-7 and diff["unrounded"] > 1e-5
+
+
 # ====================================================================== 4. the core attention
 def test_core_attention_rounds_kv_on_the_named_rows_with_straight_through_gradients():
     from test_attention import (HKV, HQ, D, make_attn, make_config, max_errs, qkv, random_evict, reference_attention,
