@@ -25,6 +25,7 @@ What is shown here (every test prints its numbers):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -446,6 +447,27 @@ def test_calibrate_kv_scales_load_in_engine_and_learner_and_other_weights_are_re
     with pytest.raises(ConfigError, match=r"SFT warm start sft.out=.*does not exist yet"):
         train(load_config(TINY, [*over, "sft.enabled=true", f"sft.out={tmp_path / 'no-sft'}",
                                  f"output_dir={tmp_path / 'tr'}"]), resume="none")
+
+
+@pytest.mark.parametrize("change, key, match", [
+    ({"k_scale": [1.0, 1.0, 1.0], "v_scale": [1.0, 1.0, 1.0]}, "k_scale", "scales for 3 layers, the rollout has 4"),
+    ({"k_scale": [1.0, 1.0, 1.0]}, "v_scale", "4 scales, k_scale has 3"),
+    ({"v_scale": [0.1, 1.0, 1.0, 1.0]}, "v_scale[0]", "positive finite fp32 number"),
+    ({"dtype": "int8"}, "dtype", "not supported"),
+    ({"division": "approx"}, "division", "not one of"),
+    ({"weights": {"fingerprint": "md5:x", "version": None}}, "weights.fingerprint", "sha256"),
+    ({"extra": 1}, "extra", "unknown key"),
+])
+def test_rollout_kv_cache_meta_is_validated_naming_file_and_key(fp8_rollouts, tmp_path, change, key, match):
+    import shutil
+
+    d = tmp_path / "ro"
+    shutil.copytree(fp8_rollouts["fp8-dense"], d)
+    meta = json.loads((d / "meta.json").read_text())
+    meta["kv_cache"].update(change)
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(FormatError, match=rf"{d / 'meta.json'}: key 'kv_cache.{re.escape(key)}': .*{match}"):
+        load_rollouts(d)
 
 
 def test_fp8_config_combinations_are_refused_with_the_reason():
