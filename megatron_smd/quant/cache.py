@@ -197,12 +197,11 @@ class KVReplay:
         c = self.config
         kq = fake_quant_kv(k, ks, c.dtype, division=c.division)
         vq = fake_quant_kv(v, vs, c.dtype, division=c.division)
-        rows = self.rows.to(k.device)
-        if bool(rows.all()):
+        if bool(self.rows.all()):  # decided on the host copy: no device sync
             return kq, vq
         shape = [1] * k.dim()
         shape[batch_dim] = -1
-        m = rows.view(shape)
+        m = self.rows.to(k.device, non_blocking=True).view(shape)
         return torch.where(m, kq, k), torch.where(m, vq, v)
 
 
