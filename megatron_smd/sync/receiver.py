@@ -16,8 +16,14 @@ in turn), which is how the learner learns that the engine did or did not take th
 
 Buckets are received into buffers the receiver keeps across syncs
 (:class:`~megatron_smd.sync.staging.ShadowBuffers`): after the first sync, receiving faults in no
-fresh page. Between syncs a sender may also send ``wire`` (a raw broadcast of a given size, the
-floor ``smd bench sync`` measures a sync against), which is received and dropped.
+fresh page. The commit is double-buffered (``adopt``, the default): the engine's parameters become
+views of the buffers the sync was received into (nothing is copied), and the buffers they
+replace, which nothing refers to any more, receive the next sync; a sync that is refused leaves
+the parameters where they were and its buffers free. So the engine side holds the same memory as
+with a copying commit (the parameters plus one set of receive buffers), and the buffers a sync is
+received into never back the live weights while it is staged. Between syncs a sender may also
+send ``wire`` (a raw broadcast of a given size, the floor ``smd bench sync`` measures a sync
+against), which is received and dropped.
 
 If a sender dies or the group breaks mid-sync, :meth:`BroadcastReceiver.receive` discards the
 staging and raises :class:`~megatron_smd.sync.staging.WeightSyncError` with the engine on its previous
@@ -59,6 +65,9 @@ class BroadcastReceiver:
         name: how this receiver signs its verdicts.
         keep_buffers: keep the receive buffers (one model's worth) across syncs; False frees them
             after every sync.
+        adopt: commit by making the engine's parameters views of the received buffers (the
+            parameter objects stay; see the module docstring) instead of copying into them. False
+            for an engine whose parameter memory something else refers to (e.g. captured graphs).
         threads: torch intra-op threads while receiving and committing (restored afterwards; None:
             leave them), as :class:`~megatron_smd.sync.weight_sync.WeightSync` ``threads``: the commit
             is hundreds of per-tensor copies, each ending on a barrier with several threads.
@@ -67,7 +76,8 @@ class BroadcastReceiver:
     def __init__(self, engine, *, master_address: str | Sequence[str], master_port: int, num_stages: int,
                  rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 300.0,
                  group_prefix: str = "smd-sync", on_bucket: Callable[[dict], None] | None = None,
-                 name: str | None = None, keep_buffers: bool = True, threads: int | None = 1):
+                 name: str | None = None, keep_buffers: bool = True, threads: int | None = 1,
+                 adopt: bool = True):
         if not 1 <= rank < world_size:
             raise ValueError(f"receiver rank {rank} must be in [1, {world_size})")
         self.engine, self.num_stages, self.rank, self.world_size = engine, num_stages, rank, world_size
@@ -80,7 +90,10 @@ class BroadcastReceiver:
         self.last_result: CommitResult | None = None
         self.keep_buffers = keep_buffers
         self.threads = threads
-        self.buffers = ShadowBuffers()
+        self.adopt = adopt
+        self.buffers = ShadowBuffers()  # what the next sync is received into
+        self._live: ShadowBuffers | None = None  # (adopt) the buffers the engine's parameters are views of
+        self._wire_buf = ShadowBuffers()
         self._phases: dict[str, float] = {}
 
     def _address(self, stage: int) -> str:
@@ -149,7 +162,7 @@ class BroadcastReceiver:
     def _wire(self, g, hdr: dict) -> None:
         """A raw broadcast of ``hdr['nbytes']`` bytes (``repeats`` times), then this rank's ack in
         turn: the sender's floor measurement (:meth:`BroadcastTransport.wire_seconds`)."""
-        buf = self.buffers.recv("wire", hdr["nbytes"], self.device)
+        buf = self._wire_buf.recv("wire", hdr["nbytes"], self.device)
         ack = torch.zeros(1, dtype=torch.uint8, device=self.device)
         for _ in range(hdr["repeats"]):
             dist.broadcast(buf, group=g, group_src=0)
@@ -183,7 +196,9 @@ class BroadcastReceiver:
                 staging, version, stage_probe = got
                 probe = probe or stage_probe
             try:
-                result = staging.commit(probe)
+                result = staging.commit(probe, adopt=self.adopt)
+                if self.adopt:  # the parameters now live in these buffers; the ones they left are free
+                    self._live, self.buffers = self.buffers, (self._live or ShadowBuffers())
             except WeightSyncError as e:
                 result = CommitResult(ok=False, version=version, message=str(e), engine_state=e.engine_state)
             result.receiver = self.name
@@ -204,6 +219,8 @@ class BroadcastReceiver:
         finally:
             if not self.keep_buffers:
                 self.buffers.clear()
+                self._live = None  # the parameters keep what they are views of
+                self._wire_buf.clear()
         self.last_result = result
         return result
 

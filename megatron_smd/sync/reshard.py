@@ -5,8 +5,8 @@ Who does what (ranks in Megatron's ``tp-cp-ep-dp-pp`` order, one :class:`Paralle
 * **Participants** are the ranks of one model replica: ``dp_rank == 0 and cp_rank == 0``. Other
   DP / CP ranks hold identical weights and take no part (their :class:`Resharder` yields nothing).
 * In each pipeline stage the participants are one TP group. They walk this stage's parameters in
-  one fixed order (:func:`param_order`: embedding, then layer by layer in :data:`convert.RULES`
-  order, then the final norm and the output layer; identical on every TP rank, so the messages
+  one fixed order (:func:`param_order`: layer by layer in :data:`convert.RULES` order, then the
+  final norm and the output layer, then the embedding; identical on every TP rank, so the messages
   line up) and **gather** each parameter's TP shards onto ``tp_rank 0`` (point-to-point: only the
   sender needs the full tensor, so the other TP ranks allocate nothing).
 * ``tp_rank 0`` of the replica's stage ``p`` is that stage's **sender**. It converts the gathered
@@ -43,7 +43,8 @@ parameter that would overflow it. Peak extra memory on a sender is therefore abo
 ``B + P_max`` (more when one parameter alone exceeds a bucket, which then gets a buffer of its
 size): within two buckets whatever the model size. With ``overlap`` (a transport that sends a
 bucket while the next one is packed) the same ``B`` bytes are two buffers of ``B / 2`` used in
-turn, and buckets are at most ``B / 2``: the memory bound is unchanged. The buffers are reused within a sync, not
+turn, and buckets are at most ``B / 2`` (the first one ``B / 32``, so that the wire starts while the
+second is packed): the memory bound is unchanged. The buffers are reused within a sync, not
 reallocated (a backend may drop its reference to a sent tensor late: gloo keeps the last one, and
 fresh buffers would then pile up); large ones are backed by transparent huge pages, which makes
 their first touch several times cheaper than 4 KiB page faults. They are not kept *across* syncs:
@@ -84,16 +85,18 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 def param_order(arch: ModelArch, pp_rank: int, pp_size: int) -> list[str]:
-    """This stage's Megatron parameter names in send order: first-stage tensors, then layer by layer
-    (each layer in :data:`~megatron_smd.learner.convert.RULES` order), then last-stage tensors."""
+    """This stage's Megatron parameter names in send order: layer by layer (each layer in
+    :data:`~megatron_smd.learner.convert.RULES` order), then the last-stage tensors, then the
+    first-stage ones (the embedding: often the largest tensor, so it goes last, and a transport
+    that overlaps sending with packing starts on a small first bucket)."""
     names = local_param_names(arch, pp_rank, pp_size)
 
     def key(item: tuple[int, str]) -> tuple[int, int, int]:
         pos, name = item
         m = _LAYER.match(name)
         if m:
-            return (1, int(m.group(1)), pos)
-        return (0 if name.startswith("embedding.") else 2, 0, pos)
+            return (0, int(m.group(1)), pos)
+        return (2 if name.startswith("embedding.") else 1, 0, pos)
 
     return [n for _, n in sorted(enumerate(names), key=key)]
 
@@ -545,7 +548,8 @@ class Resharder:
             if self._draining:
                 self._gather(name, p)
                 continue
-            if self.is_sender and len(bucket) and bucket.nbytes + self._hf_bytes_estimate(p) > B:
+            limit = B // 16 if self.overlap and bucket.index == 0 else B  # a small first bucket starts the wire early
+            if self.is_sender and len(bucket) and bucket.nbytes + self._hf_bytes_estimate(p) > limit:
                 yield self._flush(bucket)
                 bucket = self._next(bucket)
             shards = self._gather(name, p)

@@ -228,9 +228,16 @@ class StagedUpdate:
         dev = next(model.parameters()).device
         return functional_call(model, dict(self._staged), (tokens.to(dev),)).float().cpu()
 
-    def commit(self, probe: Probe | None = None) -> CommitResult:
+    def commit(self, probe: Probe | None = None, *, adopt: bool = False) -> CommitResult:
         """Verify and apply the staged weights (see the module docstring). Raises
-        :class:`WeightSyncError` (engine untouched) on any problem."""
+        :class:`WeightSyncError` (engine untouched) on any problem.
+
+        ``adopt``: instead of copying the staged tensors into the engine's parameters, make them
+        the parameters' data (``param.data = staged``, the parameter objects stay, so tied
+        weights stay tied): no copy. Only for staged tensors that nobody else will write, i.e. a
+        receiver's own buffers, which then back the engine until a later sync replaces them (see
+        :class:`~megatron_smd.sync.receiver.BroadcastReceiver`).
+        """
         if self.problems:
             more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
             raise self._fail(self.problems[0] + more)
@@ -250,7 +257,12 @@ class StagedUpdate:
                 raise self._fail(f"probe batch: engine logits differ from the learner's by {diff:.3g} "
                                  f"(tolerance {probe.atol:g})")
         t0 = time.perf_counter()
-        _load_weights(self.engine, self._staged)  # names and shapes validated: cannot stop half-way
+        if adopt:  # names, shapes, dtypes and devices validated: cannot stop half-way
+            with torch.no_grad():
+                for name, t in self._staged.items():
+                    self._params[name].data = t
+        else:
+            _load_weights(self.engine, self._staged)  # names and shapes validated: cannot stop half-way
         self._time("commit", t0)
         res = CommitResult(ok=True, version=self.version, message="committed", tensors=len(self._staged),
                            bytes=self.nbytes, checksums_verified=self.checksums_verified, probe_max_abs_diff=diff,

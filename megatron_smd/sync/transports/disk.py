@@ -34,16 +34,25 @@ class DiskTransport(Transport):
         root: the directory (``sync.dir``), visible to every sender and to the engine.
         engine: a ReferenceEngine on the coordinator to reload into (staged and verified), or None.
         sglang_urls: SGLang servers to tell ``/update_weights_from_disk`` (they must see ``root``).
-        keep: complete snapshots to keep (older ones are deleted after a successful sync, in the
-            background: :meth:`wait` waits for that).
+        keep: complete snapshots to keep. After a successful sync the older ones go, in the
+            background (:meth:`wait` waits for that): one becomes the *spare* (renamed to
+            ``.spare``, no longer a snapshot) whose files the next sync overwrites in place, the
+            others are deleted. Reusing a snapshot's files, whose disk blocks are allocated,
+            spares the file system allocating a model's worth of blocks per sync and freeing as
+            many (with the ``discard`` mount option, freeing costs the next writer a trim of that
+            size): measured here, writing a shard then runs at the speed of the page cache. The
+            price is one more model's worth of disk between syncs (``keep + 1``; during a sync it
+            is ``keep + 1`` either way). Nothing may read a snapshot once it is older than the
+            newest ``keep``. ``recycle=False`` deletes them all instead.
     """
 
     name = "disk"
 
     def __init__(self, root: str | os.PathLike, *, engine=None, sglang_urls: Sequence[str] = (), keep: int = 2,
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, recycle: bool = True):
         self.root = Path(root)
         self.engine, self.sglang_urls, self.keep, self.timeout_s = engine, list(sglang_urls), max(1, keep), timeout_s
+        self.recycle = recycle
         self._files: list[dict] = []
         self._fsyncs: list[_Fsync] = []
         self._pruning: threading.Thread | None = None
@@ -57,6 +66,10 @@ class DiskTransport(Transport):
 
     def _partial(self, version: int) -> Path:
         return self.root / f".{self.snapshot_name(version)}.partial"
+
+    @property
+    def _spare(self) -> Path:
+        return self.root / ".spare"
 
     def wait(self) -> None:
         """Wait for the background deletion of snapshots older than ``keep`` (the next sync, and
@@ -73,8 +86,16 @@ class DiskTransport(Transport):
         self._files, self._fsyncs = [], []
         part = self._partial(ctx.version)
         if ctx.coordinator:
-            shutil.rmtree(part, ignore_errors=True)  # a leftover of an earlier failed attempt
-            part.mkdir(parents=True)
+            spare = self._spare
+            if part.exists():  # a leftover of an earlier failed attempt: its files can be reused too
+                if self.recycle and not spare.exists():
+                    part.rename(spare)
+                else:
+                    shutil.rmtree(part, ignore_errors=True)
+            if self.recycle and spare.is_dir():
+                spare.rename(part)  # its shards are overwritten in place (write_safetensors)
+            else:
+                part.mkdir(parents=True)
         if ctx.num_stages > 1:
             dist.barrier(group=ctx.senders_group)  # the directory exists before anyone writes
 
@@ -126,6 +147,10 @@ class DiskTransport(Transport):
         index = {"metadata": {"total_size": total, "smd_sync_version": ctx.version, "smd_checksums": sums,
                               "smd_checksum_algorithm": CHECKSUM_ALGORITHM},
                  "weight_map": dict(sorted(weight_map.items()))}
+        written = {f["file"] for g in got for f in g["files"]}
+        for leftover in part.iterdir():  # files of a recycled snapshot that this one does not have
+            if leftover.name not in written and leftover.name not in ("model.safetensors.index.json", "config.json"):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         (part / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
         (part / "config.json").write_text(json.dumps(ctx.arch.to_hf_config(), indent=2) + "\n")
         for name in ("model.safetensors.index.json", "config.json"):
@@ -147,9 +172,11 @@ class DiskTransport(Transport):
 
     def _prune(self, keep_name: str) -> None:
         snaps = sorted(p for p in self.root.glob("v[0-9]*") if p.is_dir())
-        for p in snaps[:-self.keep]:
-            if p.name != keep_name:
-                shutil.rmtree(p, ignore_errors=True)
+        old = [p for p in snaps[:-self.keep] if p.name != keep_name]
+        if old and self.recycle and not self._spare.exists():
+            old.pop().rename(self._spare)  # the newest of them: its files are overwritten by the next sync
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
 
     def _reload(self, ctx: SenderContext, snap: Path) -> CommitResult:
         if self.engine is not None:
