@@ -25,6 +25,7 @@ from megatron_smd.policies import (
     key_redundancy,
     pool_scores,
     streaming_keep,
+    topk_recent_wins,
 )
 
 
@@ -105,6 +106,41 @@ def select_batched(policy: EvictionPolicy, *, keys: torch.Tensor | None, positio
     raise ValueError(f"select_batched: policy {policy.name!r} does not evict")
 
 
+def _keep_and_drop(scores: torch.Tensor, C: int, B: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`keep_window_plus_top` and its complement from one ranking of the candidates: keep
+    ``[n, B]`` ascending (identical to ``keep_window_plus_top``), dropped ``[n, C - B]`` (rank order)."""
+    n, M = scores.shape
+    order = topk_recent_wins(scores, M)  # every candidate, best first
+    recent = torch.arange(M, C, device=scores.device).expand(n, window)
+    keep = torch.sort(torch.cat([order[:, : B - window], recent], dim=-1), dim=-1).values
+    return keep, order[:, B - window:]
+
+
+_STREAMING: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def select_and_drop_batched(policy: EvictionPolicy, *, keys: torch.Tensor | None, positions: torch.Tensor,
+                            acc: torch.Tensor | None = None, obs_queries: torch.Tensor | None = None,
+                            obs_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_batched` and the slots it drops (``[n, C - B]``, any order), from one ranking."""
+    cfg = policy.cfg
+    n, C = positions.shape
+    B = cfg.budget
+    if policy.name == "streaming":
+        key = (C, B, cfg.sinks, positions.device)
+        if key not in _STREAMING:
+            keep = streaming_keep(1, C, B, cfg.sinks, device=positions.device)[0]
+            _STREAMING[key] = (keep, torch.arange(cfg.sinks, C - (B - cfg.sinks), device=positions.device))
+        keep, drop = _STREAMING[key]
+        return keep.expand(n, B), drop.expand(n, C - B)
+    if policy.name == "h2o" and C > B:
+        s = acc.to(_compute_dtype(acc))[:, :, : C - cfg.window].mean(dim=1)  # [n, M]
+        return _keep_and_drop(s, C, B, cfg.window)
+    keep = select_batched(policy, keys=keys, positions=positions, acc=acc, obs_queries=obs_queries,
+                          obs_positions=obs_positions)
+    return keep, dropped_batched(keep, C)
+
+
 def dropped_batched(keep: torch.Tensor, C: int) -> torch.Tensor:
     """Slot indices not in ``keep`` (``[n, B]``): int64 ``[n, C - B]``, ascending, with no host sync."""
     n, B = keep.shape
@@ -113,5 +149,6 @@ def dropped_batched(keep: torch.Tensor, C: int) -> torch.Tensor:
     return torch.sort(mask, dim=1, descending=True, stable=True).indices[:, : C - B]
 
 
-__all__ = ["accumulate_batched", "dropped_batched", "obs_attention_batched", "select_batched"]
+__all__ = ["accumulate_batched", "dropped_batched", "obs_attention_batched", "select_and_drop_batched",
+           "select_batched"]
 

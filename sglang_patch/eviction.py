@@ -56,6 +56,7 @@ Model of one request (page size 1)
 from __future__ import annotations
 
 import base64
+import math
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -68,7 +69,7 @@ from megatron_smd.errors import ConfigError
 from megatron_smd.mask import EVICT_DTYPE
 from megatron_smd.policies import EvictionPolicy, PolicyConfig, accumulate_attention, make_policy, obs_attention
 
-from .batched_policy import accumulate_batched, dropped_batched, obs_attention_batched, select_batched
+from .batched_policy import obs_attention_batched, select_and_drop_batched
 
 #: ``evict`` value of a position nobody has evicted yet (clamped to the sequence length at export).
 NEVER = 2**62
@@ -214,7 +215,8 @@ class RequestEviction:
     (:data:`NEVER` = not evicted); ``dead`` int16 ``[cap]`` number of layers that evicted each
     private position; ``freed`` bool ``[cap]`` private positions whose logical id was returned;
     ``keeps_prompt`` bool ``[L, P]`` prompt positions this request keeps per layer;
-    ``private_held`` int64 ``[L]`` generated tokens it holds per layer.
+    ``private_held`` int64 ``[L]`` generated tokens it holds per layer (a view of the manager's
+    per-row array, so a step updates every row at once).
     """
 
     req: Any
@@ -287,16 +289,22 @@ class DecodeStep:
     tail: torch.Tensor
     n_live: torch.Tensor
     W: int  # widest live list in the batch
+    n_live_host: list[int]  # the same counts as n_live, on the host
     managed: list[tuple[int, RequestEviction]]
     man_idx: torch.Tensor | None  # batch indices of the managed rows (None: none managed)
     man_rows: torch.Tensor | None
+    man_rows_host: np.ndarray
     man_qpos: torch.Tensor | None  # [m, 1] position of each managed row's query
     Wm: int  # widest live list among managed rows
     comp: list[list[tuple[int, RequestEviction]]]  # compressing rows, grouped by (C, n_obs)
     comp_meta: list[dict]
-    drops: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per comp group: layer -> [2, n, D]
+    drops: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per comp group: "all" -> [L, 2, n, D]
+    stash: dict = field(default_factory=dict)  # layer -> (pos, slots, phys, probs, q) of that layer
     layers_done: set = field(default_factory=set)
     cur: tuple | None = None  # (layer, pos, slots, phys, valid) of the layer being run
+    probs: torch.Tensor | None = None  # [bs, H_q, 1, W] attention of the layer being run (attend())
+    kcol: torch.Tensor | None = None  # [1, W] column index
+    valid: torch.Tensor | None = None  # [bs, W] live entries
 
 
 class EvictionManager:
@@ -354,6 +362,8 @@ class EvictionManager:
                     if self.policy.needs_attention else None)
         self.obs = (torch.zeros((self.L, R, num_q_heads, self.w, head_dim), dtype=torch.float32, device=dev)
                     if policy.name == "rkv" else None)
+        # host: generated tokens each request row holds per layer (RequestEviction.private_held is a view)
+        self._priv_held = np.zeros((R, num_layers), dtype=np.int64)
 
     # ------------------------------------------------------------------ lookups
     def state(self, rid: str) -> RequestEviction:
@@ -487,9 +497,10 @@ class EvictionManager:
             req=req, rid=rid, row=row, prompt_len=P, group=group, n_tab=n_tab,
             tail_start=P if compressed else 0, next_pos=P, n_obs=0,
             evict=np.full((self.L, cap), NEVER, dtype=np.int64), dead=np.zeros(cap, dtype=np.int16),
-            freed=np.zeros(cap, dtype=bool), keeps_prompt=keeps, private_held=np.zeros(self.L, dtype=np.int64),
+            freed=np.zeros(cap, dtype=bool), keeps_prompt=keeps, private_held=self._priv_held[row],
             prompt_state="partial" if ps.partial else "shared")
         st.evict[:, :P][~keeps] = P
+        self._priv_held[row] = 0
         for li in range(self.L):
             if compressed:
                 self.tab[li, row, :n_tab] = ps.keep[li].to(self.device)
@@ -529,7 +540,7 @@ class EvictionManager:
         P, T = len(req.origin_input_ids), len(req.origin_input_ids) + len(req.output_ids)
         return {"evict": encode_mask(torch.full((self.L, T), T, dtype=EVICT_DTYPE)), "prompt_state": "shared",
                 "replayable": True, "not_replayable_reason": "", "evictions": 0,
-                "peak_private_slots": max(0, T - P - 1), "prompt_len": P, "policy": self.cfg.model_dump(mode="json")}
+                "peak_private_slots": T - P, "prompt_len": P, "policy": self.cfg.model_dump(mode="json")}
 
     def finish_in_prefill(self, req, ps: PromptState) -> dict:
         """The export of a request that finished in its prefill (its first sampled token was a
@@ -583,7 +594,8 @@ class EvictionManager:
             comp.append(members)
             nxt = torch.tensor([st.next_pos for _, st in members], dtype=torch.int64)
             m = {"C": C, "n_obs": n_obs, "idx": torch.tensor([b for b, _ in members], device=dev),
-                 "rows": torch.tensor([st.row for _, st in members], device=dev)}
+                 "rows": torch.tensor([st.row for _, st in members], device=dev),
+                 "all": [b for b, _ in members] == list(range(len(rows)))}
             if self.obs is not None:
                 k = min(n_obs + 1, self.w)  # this step's query is appended before the decision
                 m["obs_k"] = k
@@ -594,12 +606,16 @@ class EvictionManager:
             bs=bs, rows=(rows_dev if rows_dev is not None else torch.tensor(rows)).to(dev, torch.int64),
             n_tab=torch.tensor(n_tab, dtype=torch.int64, device=dev),
             tail=torch.tensor(tail, dtype=torch.int64, device=dev),
-            n_live=torch.tensor(n_live, dtype=torch.int64, device=dev), W=max(n_live), managed=managed,
+            n_live=torch.tensor(n_live, dtype=torch.int64, device=dev), W=max(n_live), n_live_host=n_live,
+            managed=managed,
             man_idx=None if all_managed else torch.tensor([b for b, _ in managed], device=dev),
             man_rows=torch.tensor([st.row for _, st in managed], device=dev),
+            man_rows_host=np.array([st.row for _, st in managed], dtype=np.int64),
             man_qpos=torch.tensor([[st.next_pos] for _, st in managed], dtype=torch.int64, device=dev),
             Wm=max(st.n_live() for _, st in managed), comp=comp, comp_meta=meta,
             drops=[{} for _ in comp])
+        step.kcol = torch.arange(step.W, device=dev).view(1, step.W)
+        step.valid = step.kcol < step.n_live.view(bs, 1)
         self._step = step
         return step
 
@@ -607,73 +623,118 @@ class EvictionManager:
         """``layer``'s attention inputs for the step: physical slots ``[bs, W]`` (0 = padding; each
         row its live positions in order, the new token last) and live counts ``[bs]``. Tensor ops."""
         bs, W = step.bs, step.W
-        k = torch.arange(W, device=self.device).view(1, W)
+        k, valid = step.kcol, step.valid
         nt = step.n_tab.view(bs, 1)
         pos = step.tail.view(bs, 1) + k - nt
         if self.tab is not None:
             tab = self.tab[layer].index_select(0, step.rows)  # [bs, B]
             tv = tab.gather(1, k.clamp(max=tab.shape[1] - 1).expand(bs, W))
             pos = torch.where(k < nt, tv, pos)
-        valid = k < step.n_live.view(bs, 1)
-        pos = torch.where(valid, pos, torch.zeros_like(pos))
+        pos = pos.masked_fill(~valid, 0)
         slots = self.rtp.req_to_token[step.rows.view(bs, 1), pos].to(torch.int64)
-        phys = self.kv_pool.l2p[layer - self.kv_pool.start_layer][slots]
-        phys = torch.where(valid, phys, torch.zeros_like(phys))
+        phys = self.kv_pool.l2p[layer - self.kv_pool.start_layer][slots].masked_fill(~valid, 0)
         step.cur = (layer, pos, slots, phys, valid)
+        step.probs = None
         return phys, step.n_live
 
+    def attend(self, step: DecodeStep, layer: int, q: torch.Tensor, out: torch.Tensor, scaling: float) -> None:
+        """``layer``'s decode attention for the whole batch over its live physical slots, in one
+        padded batch (after :meth:`layer_tables`; the new token's K/V already written): ``q``
+        ``[bs, H_q, d]``, writes ``out`` ``[bs, H_q, d_v]``. Computed in fp32; when ``scaling`` is
+        ``1/sqrt(d)`` the attention probabilities are kept for the H2O sums of :meth:`layer_update`
+        (the scores the policy uses), so they are not computed twice."""
+        _, _, _, phys, valid = step.cur
+        bs, W = phys.shape
+        kb, vb = self.kv_pool.get_kv_buffer(layer)
+        g = self.H_q // self.H_kv
+        keys = kb[phys].float().permute(0, 2, 3, 1)  # [bs, H_kv, d, W]
+        vals = vb[phys].float().permute(0, 2, 1, 3)  # [bs, H_kv, W, d_v]
+        qv = q.reshape(bs, self.H_kv, g, self.d).float()
+        exact = abs(scaling * math.sqrt(self.d) - 1.0) < 1e-12
+        logits = torch.matmul(qv, keys)  # [bs, H_kv, g, W]
+        logits = logits / math.sqrt(self.d) if exact else logits * scaling
+        probs = torch.softmax(logits.masked_fill(~valid.view(bs, 1, 1, W), float("-inf")), dim=-1)
+        o = torch.matmul(probs, vals)  # [bs, H_kv, g, d_v]
+        out.copy_(o.reshape(bs, self.H_q, -1).to(out.dtype))
+        step.probs = probs.reshape(bs, self.H_q, 1, W) if exact else None
+
     def layer_update(self, step: DecodeStep, layer: int, q: torch.Tensor) -> None:
-        """After ``layer``'s attention ran: H2O sums, observation queries, and the compression of
-        the rows that overflow (tensor ops; the dropped positions wait in ``step`` for
-        :meth:`end_decode_step`). ``q``: the batch's post-RoPE queries ``[bs, H_q * d]``."""
+        """After ``layer``'s attention ran: keep what the eviction decision needs from this layer
+        (its live positions / token ids / slots, the H2O attention of its managed rows, its queries
+        for the observation window). Tensor ops, no host sync; the decision itself runs once for all
+        layers after the forward (:meth:`decide`). ``q``: the batch's post-RoPE queries
+        ``[bs, H_q * d]``."""
         cur = step.cur
         if cur is None or cur[0] != layer:
             raise RuntimeError(f"layer_update({layer}) without layer_tables({layer})")
         if layer in step.layers_done:
             raise RuntimeError(f"layer {layer} ran twice in one decode step")
         _, pos, slots, phys, valid = cur
-        qv = q.reshape(step.bs, self.H_q, self.d)
+        probs = None
+        if self.acc is not None:
+            if step.probs is not None:  # computed by attend()
+                probs = step.probs
+            else:  # the scores in the pool's dtype, as the reference engine
+                kb = self.kv_pool.get_key_buffer(layer)
+                keys = kb[phys].permute(0, 2, 1, 3)  # [bs, H_kv, W, d]
+                qb = q.reshape(step.bs, self.H_q, 1, self.d).to(keys.dtype)
+                qpos = step.tail.view(-1, 1) + step.n_live.view(-1, 1) - step.n_tab.view(-1, 1) - 1
+                probs = obs_attention_batched(keys, pos, qb, qpos, valid=valid)
+        step.stash[layer] = (pos, slots, phys, probs, q.reshape(step.bs, self.H_q, self.d))
+        step.layers_done.add(layer)
+        step.cur, step.probs = None, None
+
+    def decide(self, step: DecodeStep) -> None:
+        """The eviction decision of the step for every layer and managed row at once (tensor ops,
+        batched over layers, requests and heads; no host sync): H2O sums, observation queries,
+        then for the rows that overflow the policy's keep / drop lists, the compacted tables and
+        the dropped positions (left in ``step.drops`` for :meth:`end_decode_step`)."""
+        if len(step.layers_done) != self.L:
+            missing = sorted(set(range(self.L)) - step.layers_done)
+            raise RuntimeError(f"decode step: layers {missing} did not run the eviction hook")
+        if not step.managed:
+            return
+        L = self.L
         mi, mr, Wm = step.man_idx, step.man_rows, step.Wm
 
-        def man(t):  # managed rows, first Wm columns
-            t = t if mi is None else t.index_select(0, mi)
-            return t[:, :Wm]
+        def rows(t, idx):  # [L, bs, ...] -> selected batch rows
+            return t if idx is None else t.index_select(1, idx)
 
-        kb = self.kv_pool.get_key_buffer(layer)
         if self.acc is not None:
-            keys = kb[man(phys)].permute(0, 2, 1, 3)  # [m, H_kv, Wm, d]
-            qm = (qv if mi is None else qv.index_select(0, mi)).unsqueeze(2).to(keys.dtype)
-            probs = obs_attention_batched(keys, man(pos), qm, step.man_qpos, valid=man(valid))
-            acc = self.acc[layer]
-            acc[mr, :, :Wm] = accumulate_batched(acc[mr, :, :Wm], probs)
+            probs = rows(torch.stack([step.stash[li][3] for li in range(L)]), mi)[..., :Wm]  # [L, m, H_q, 1, Wm]
+            g = self.H_q // self.H_kv
+            delta = probs.to(torch.float32).sum(dim=3).view(L, -1, self.H_kv, g, Wm).sum(dim=3)
+            self.acc[:, :, :, :Wm].index_add_(1, mr, delta)  # every key's attention, summed per KV group
         if self.obs is not None:
-            ob = self.obs[layer]
-            qm = (qv if mi is None else qv.index_select(0, mi)).unsqueeze(2).to(torch.float32)
-            ob[mr] = torch.cat([ob[mr][:, :, 1:], qm], dim=2)
-        for members, meta, drops in zip(step.comp, step.comp_meta, step.drops):
+            qs = rows(torch.stack([step.stash[li][4] for li in range(L)]), mi).to(torch.float32)  # [L, m, H_q, d]
+            self.obs[:, mr] = torch.cat([self.obs[:, mr][:, :, :, 1:], qs.unsqueeze(3)], dim=3)
+        for meta, drops in zip(step.comp_meta, step.drops):
             C, ci, cr = meta["C"], meta["idx"], meta["rows"]
-            posc = pos.index_select(0, ci)[:, :C]
-            physc = phys.index_select(0, ci)[:, :C]
-            slotc = slots.index_select(0, ci)[:, :C]
+            n = int(ci.numel())
+            sel = None if meta["all"] else ci
+            POS = rows(torch.stack([step.stash[li][0] for li in range(L)]), sel)[..., :C]  # [L, n, C]
+            SLOT = rows(torch.stack([step.stash[li][1] for li in range(L)]), sel)[..., :C]
             keys = acc_c = obs_q = obs_pos = None
-            if self.policy.name != "streaming" and self.acc is None:
-                keys = kb[physc].permute(0, 2, 1, 3).float()  # [n, H_kv, C, d]
-            if self.acc is not None:
-                acc_c = self.acc[layer][cr, :, :C]
-            if self.obs is not None:
+            if self.policy.name == "rkv":
+                PHYS = rows(torch.stack([step.stash[li][2] for li in range(L)]), sel)[..., :C]
+                keys = torch.stack([self.kv_pool.get_key_buffer(li)[PHYS[li]] for li in range(L)])
+                keys = keys.permute(0, 1, 3, 2, 4).reshape(L * n, self.H_kv, C, self.d).float()
                 kq = meta["obs_k"]
-                obs_q, obs_pos = self.obs[layer][cr][:, :, self.w - kq:], meta["obs_pos"]
-            keep = select_batched(self.policy, keys=keys, positions=posc, acc=acc_c, obs_queries=obs_q,
-                                  obs_positions=obs_pos)
+                obs_q = self.obs[:, cr][:, :, :, self.w - kq:].reshape(L * n, self.H_q, kq, self.d)
+                obs_pos = meta["obs_pos"].repeat(L, 1)
+            if self.acc is not None:
+                acc_c = self.acc[:, cr, :, :C].reshape(L * n, self.H_kv, C)
+            keep, dr = select_and_drop_batched(self.policy, keys=keys, positions=POS.reshape(L * n, C), acc=acc_c,
+                                               obs_queries=obs_q, obs_positions=obs_pos)
             B = keep.shape[1]
-            self.tab[layer][cr, :B] = posc.gather(1, keep)
+            keep, dr = keep.reshape(L, n, B), dr.reshape(L, n, C - B)
+            self.tab[:, cr, :B] = POS.gather(2, keep)
             if acc_c is not None:
-                newacc = torch.zeros_like(self.acc[layer][cr])
-                newacc[:, :, :B] = acc_c.gather(2, keep.unsqueeze(1).expand(-1, acc_c.shape[1], -1))
-                self.acc[layer][cr] = newacc
-            dr = dropped_batched(keep, C)
-            drops[layer] = torch.stack([posc.gather(1, dr), slotc.gather(1, dr)])  # [2, n, C - B]
-        step.layers_done.add(layer)
+                kept = acc_c.view(L, n, self.H_kv, C).gather(3, keep.unsqueeze(2).expand(-1, -1, self.H_kv, -1))
+                self.acc[:, cr, :, :B] = kept
+                self.acc[:, cr, :, B:] = 0.0
+            drops["all"] = torch.stack([POS.gather(2, dr), SLOT.gather(2, dr)], dim=1)  # [L, 2, n, C - B]
+        step.stash.clear()
 
     # ------------------------------------------------------------------ decode: the synced point
     def end_decode_step(self, step: DecodeStep | None = None) -> None:
@@ -688,26 +749,24 @@ class EvictionManager:
         self._step = None
         if step is None:
             return
-        if len(step.layers_done) != self.L:
-            missing = sorted(set(range(self.L)) - step.layers_done)
-            raise RuntimeError(f"decode step: layers {missing} did not run the eviction hook")
-        host = [torch.stack([d[li] for li in range(self.L)]).cpu().numpy() if d else None for d in step.drops]
+        self.decide(step)
+        host = [d["all"].cpu().numpy() if d else None for d in step.drops]
         self.stats["decode_steps"] += 1
-        for _, st in step.managed:
+        rows = step.man_rows_host
+        self._priv_held[rows] += 1  # every managed row fed one token in every layer
+        peaks = self._priv_held[rows].max(axis=1)
+        for (_, st), pk in zip(step.managed, peaks.tolist()):
             st.next_pos += 1
-            st.private_held += 1
-            st.peak_private_held = max(st.peak_private_held, int(st.private_held.max()))
+            if pk > st.peak_private_held:
+                st.peak_private_held = pk
             if self.obs is not None:
                 st.n_obs = min(self.w, st.n_obs + 1)
         with _free_group(self.allocator):
-            lay_free, slot_free, logical_free = [], [], []
-            groups = {}
+            lay_free, slot_free, logical_free, zero_rows, zero_pos = [], [], [], [], []
+            groups = {}  # the groups whose prompt a member dropped tokens of (in some layer)
             for members, D in zip(step.comp, host):
-                # D: [L, 2, n, C - B] (positions, logical ids)
-                for k, (_, st) in enumerate(members):
-                    pos, slot = D[:, 0, k, :], D[:, 1, k, :]
-                    self._record_drops(st, pos, slot, lay_free, slot_free, logical_free)
-                    groups[id(st.group)] = st.group
+                self._record_drops([st for _, st in members], D, lay_free, slot_free, logical_free,
+                                   zero_rows, zero_pos, groups)
             if lay_free:
                 lay = np.concatenate(lay_free)
                 self.kv_pool.free_physical(lay, np.concatenate(slot_free))
@@ -716,42 +775,50 @@ class EvictionManager:
                 ids = np.concatenate(logical_free)
                 self.allocator.free(torch.from_numpy(ids).to(self.allocator.device))
                 self.stats["private_slots_freed"] += int(ids.size)
+                dev = self.rtp.req_to_token.device  # their positions now point at the dummy slot
+                self.rtp.req_to_token[torch.from_numpy(np.concatenate(zero_rows)).to(dev),
+                                      torch.from_numpy(np.concatenate(zero_pos)).to(dev)] = DUMMY_SLOT
             for g in groups.values():
                 self._maybe_detach(g)
                 self._release_owned(g)
 
-    def _record_drops(self, st: RequestEviction, pos: np.ndarray, slot: np.ndarray, lay_free: list,
-                      slot_free: list, logical_free: list) -> None:
-        """One request's compression of this step, every layer: ``pos`` / ``slot`` ``[L, D]``."""
-        i = st.next_pos - 1  # the query that just ran was the last to see them
-        L, D = pos.shape
-        st.ensure_capacity(i + 1)
-        lay = np.repeat(np.arange(L), D)
-        p = pos.reshape(-1)
-        s = slot.reshape(-1)
-        st.evict[lay, p] = i + 1
-        st.n_tab, st.tail_start = self.B, i + 1
-        st.evictions += L
-        self.stats["compressions"] += L
-        P = st.group.prompt_len
-        priv = p >= P
-        if priv.any():
-            pl, pp, ps_ = lay[priv], p[priv], s[priv]
-            lay_free.append(pl)
-            slot_free.append(ps_)
-            st.private_held -= np.bincount(pl, minlength=L)
-            np.add.at(st.dead, pp, 1)
-            up = np.unique(pp)
-            done = up[st.dead[up] == L]
-            if done.size:
-                st.freed[done] = True
-                ids = self.rtp.req_to_token[st.row, torch.from_numpy(done).to(self.rtp.req_to_token.device)]
-                logical_free.append(ids.to(torch.int64).cpu().numpy())
-                self.rtp.req_to_token[st.row, torch.from_numpy(done).to(self.rtp.req_to_token.device)] = DUMMY_SLOT
-        if (~priv).any():
-            gl, gp = lay[~priv], p[~priv]
-            st.keeps_prompt[gl, gp] = False
-            np.subtract.at(st.group.keep_count, (gl, gp), 1)
+    def _record_drops(self, members: list[RequestEviction], D: np.ndarray, lay_free: list, slot_free: list,
+                      logical_free: list, zero_rows: list, zero_pos: list, groups: dict) -> None:
+        """The compressions of this step of ``n`` requests, every layer: ``D`` ``[L, 2, n, k]``
+        (dropped positions, their logical ids). Records the mask, queues the frees."""
+        L, _, n, k = D.shape
+        pos, slot = D[:, 0], D[:, 1]  # [L, n, k]
+        P = np.array([st.group.prompt_len for st in members]).reshape(1, n, 1)
+        priv = pos >= P
+        lay3 = np.broadcast_to(np.arange(L).reshape(L, 1, 1), pos.shape)
+        lay_free.append(lay3[priv])
+        slot_free.append(slot[priv])
+        n_priv = priv.sum(axis=2)  # [L, n]
+        lay_flat = np.repeat(np.arange(L), k)
+        self.stats["compressions"] += L * n
+        for j, st in enumerate(members):
+            i = st.next_pos - 1  # the query that just ran was the last to see them
+            st.ensure_capacity(i + 1)
+            pj, sj, vj = pos[:, j].reshape(-1), slot[:, j].reshape(-1), priv[:, j].reshape(-1)
+            st.evict[lay_flat, pj] = i + 1
+            st.n_tab, st.tail_start = self.B, i + 1
+            st.evictions += L
+            if n_priv[:, j].any():
+                st.private_held -= n_priv[:, j]
+                pp = pj[vj]
+                np.add.at(st.dead, pp, 1)
+                up, first = np.unique(pp, return_index=True)
+                done = st.dead[up] == L
+                if done.any():  # dropped by every layer now: the logical id goes back
+                    st.freed[up[done]] = True
+                    logical_free.append(sj[vj][first[done]].astype(np.int64))
+                    zero_rows.append(np.full(int(done.sum()), st.row, dtype=np.int64))
+                    zero_pos.append(up[done].astype(np.int64))
+            if not vj.all():
+                gl, gp = lay_flat[~vj], pj[~vj]
+                st.keeps_prompt[gl, gp] = False
+                np.subtract.at(st.group.keep_count, (gl, gp), 1)
+                groups[id(st.group)] = st.group
 
     # ------------------------------------------------------------------ shared prompt
     def _release_owned(self, g: PromptGroup) -> None:

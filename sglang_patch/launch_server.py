@@ -40,6 +40,11 @@ and the pure-torch stand-ins of :mod:`sglang_patch.cpu_standins` for the kernel 
 imports on CPU but the package registry does not ship (each only where the real one is missing).
 A flag you give yourself is kept, then checked like any other.
 
+Memory: with an evicting policy SGLang's token pool is replaced by the per-layer pool of
+:mod:`sglang_patch.kv_pool`; ``--max-total-tokens`` (or SGLang's own sizing from free memory) is the
+number of physical K/V slots *per layer* (the same K/V bytes as SGLang's dense pool of that many
+tokens), and admission reserves what each policy holds, so more requests run at once than dense.
+
 The policy reaches every SGLang process through the environment (:data:`patch.ENV_CONFIG`) and is
 applied there by SGLang's plugin loader (``sglang.srt.plugins`` entry point
 ``sglang_patch.patch:plugin_entry``); the launcher refuses to start if that entry point is not

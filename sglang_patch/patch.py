@@ -528,10 +528,10 @@ def _hook_triton(TritonAttnBackend) -> None:
             indptr, indices = md.kv_indptr, md.kv_indices
             phys, n_live = _MANAGER.layer_tables(step, layer.layer_id)
             flat = getattr(step, "flat", None)
-            if flat is None:  # once per step: (row, column) of every live entry, host-known counts
-                lens = step.n_live.cpu() if step.n_live.device.type != "cpu" else step.n_live
+            if flat is None:  # once per step: (row, column) of every live entry, from host-known counts
+                lens = torch.tensor(step.n_live_host, dtype=torch.int64)
                 r = torch.repeat_interleave(torch.arange(step.bs), lens)
-                c = torch.cat([torch.arange(int(x)) for x in lens.tolist()])
+                c = torch.cat([torch.arange(x) for x in step.n_live_host])
                 step.flat = flat = (r.to(phys.device), c.to(phys.device),
                                     torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(indptr.device, indptr.dtype))
             md.kv_indptr, md.kv_indices = flat[2], phys[flat[0], flat[1]].to(indices.dtype)
@@ -582,7 +582,7 @@ def _hook_torch_native(TorchNativeAttnBackend) -> None:
                 return orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
             phys, n_live = _MANAGER.layer_tables(step, layer.layer_id)
             _TABLE = {"req_to_token": phys, "req_pool_indices": torch.arange(step.bs, device=phys.device),
-                      "seq_lens": n_live}
+                      "seq_lens": n_live, "step": step, "layer": layer.layer_id}
             try:
                 out = orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
             finally:
@@ -601,12 +601,18 @@ def _hook_torch_native(TorchNativeAttnBackend) -> None:
 
     def make_run_decode(orig):
         def _run_sdpa_forward_decode(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
-                                     seq_lens, *args, **kwargs):
-            if _TABLE is not None:
-                t = _TABLE
-                req_to_token, req_pool_indices, seq_lens = t["req_to_token"], t["req_pool_indices"], t["seq_lens"]
-            return orig(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                        *args, **kwargs)
+                                     seq_lens, encoder_lens=None, scaling=None, enable_gqa=False, causal=False,
+                                     is_cross_attn=False, sliding_window_size=None):
+            t = _TABLE
+            if t is None:
+                return orig(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                            encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
+            if encoder_lens is None and not is_cross_attn and sliding_window_size is None and scaling is not None:
+                # one padded batch over every request's live physical slots (SGLang loops per request)
+                _MANAGER.attend(t["step"], t["layer"], query, output, scaling)
+                return output
+            return orig(self, query, output, k_cache, v_cache, t["req_to_token"], t["req_pool_indices"],
+                        t["seq_lens"], encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
         return _run_sdpa_forward_decode
 
     _wrap(TorchNativeAttnBackend, "init_forward_metadata", make_init)

@@ -197,6 +197,17 @@ class Server:
             for b, slot in enumerate(slots):  # the new token attends itself, last
                 assert int(phys[b, int(n_live[b]) - 1]) == int(self.kv.translate(li, slot)[0])
             q = torch.stack([qkv[li][0][r.kv.kv_allocated_len - 1] for r, qkv in zip(reqs, qkvs)])
+            # the batched decode attention over each request's live slots == attention over its live keys
+            out = torch.empty_like(q)
+            self.mgr.attend(step, li, q, out, scaling=q.shape[-1] ** -0.5)
+            for b, (r, qkv) in enumerate(zip(reqs, qkvs)):
+                pos = self.mgr.live_positions(r.rid, li).tolist() + [r.kv.kv_allocated_len - 1]
+                k, v = qkv[li][1][pos], qkv[li][2][pos]  # [C, H_kv, d]
+                g = q.shape[1] // k.shape[1]
+                kk, vv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+                w = torch.softmax(torch.einsum("hd,chd->hc", q[b], kk) / q.shape[-1] ** 0.5, dim=-1)
+                torch.testing.assert_close(out[b], torch.einsum("hc,chd->hd", w, vv), atol=1e-5, rtol=1e-5)
+            step.probs = None  # score in the pool's dtype (fp64 here), exactly as the reference engine
             self.mgr.layer_update(step, li, q.reshape(len(reqs), -1))
         self.mgr.end_decode_step()
         for req, t in zip(reqs, tokens_next):
