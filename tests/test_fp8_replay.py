@@ -189,6 +189,7 @@ def _torch_grads(b: RolloutBatch):
     return {k: p.grad for k, p in ref.named_parameters()}
 
 
+@pytest.mark.slow  # gloo ranks
 def test_megatron_replays_fp8_rollouts_under_tp2_and_cp2(fp8_rollouts):
     layouts = [(2, 1, 1), (1, 1, 2)]
     lps, grads = run_distributed(_replay_worker, 2, (fp8_rollouts, layouts, "fp8-h2o25-head"), timeout=900)[0]
@@ -401,6 +402,7 @@ def modelopt_scales(tiny_qwen2_dir, tmp_path_factory):
     return out / "kv_scales.json"
 
 
+@pytest.mark.slow  # modelopt calibration, smd rollout
 def test_calibrate_kv_scales_load_in_engine_and_learner_and_other_weights_are_refused(
         modelopt_scales, tiny_qwen2_dir, tmp_path, capsys):
     from megatron_smd import cli
@@ -481,6 +483,7 @@ def test_fp8_config_combinations_are_refused_with_the_reason():
 
 
 # ====================================================================== 6. smd train
+@pytest.mark.slow  # a training run
 def test_smd_train_fp8_with_eviction_meets_the_replay_tolerance_every_step(modelopt_scales, tiny_qwen2_dir,
                                                                           tmp_path):
     """FP8 (modelopt scales) + H2O in smd mode, with the distillation term (shadow and dense rows
@@ -507,6 +510,7 @@ def test_smd_train_fp8_with_eviction_meets_the_replay_tolerance_every_step(model
 
 
 # ====================================================================== 7. the benchmark
+@pytest.mark.slow  # long generations
 def test_bench_fp8_with_h2o_at_a_quarter_budget_holds_under_0_18_of_bf16_dense(tiny_qwen2_dir):
     from megatron_smd.bench.rollout import bench_rollout
 
