@@ -393,9 +393,21 @@ class ExperimentConfig(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     sglang: dict[str, Any] = Field(default_factory=dict)
     """Planning/launch only: arguments passed through to the SGLang servers the launchers start
-    (``--key value``); `smd plan` reads ``mem_fraction_static`` and ``kv_cache_dtype``. The
+    (``--key value``); `smd plan` reads ``mem_fraction_static``. ``kv_cache_dtype`` is refused here:
+    the K/V format is ``rollout.kv_cache_dtype``, the one setting the engine, the learner's replay and
+    the plan all read. The
     patched server needs, on GPU, ``attention_backend: triton``, ``page_size: 1``,
     ``disable_overlap_schedule: true`` and ``cuda_graph_backend_decode: disabled`` (the presets
     carry them; `smd plan` checks the servers' command line with the patch's own rules)."""
     output_dir: str = "runs/default"
     """Where commands write their outputs unless told otherwise."""
+
+    @field_validator("sglang")
+    @classmethod
+    def _no_server_kv_format(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "kv_cache_dtype" in v or "kv-cache-dtype" in v:
+            raise ValueError("kv_cache_dtype is not a server pass-through: the learner would not know the servers "
+                             "round K/V and could not replay it. Set rollout.kv_cache_dtype (the reference engine "
+                             "stores FP8 and the learner replays it; the patched SGLang server's FP8 path is not "
+                             "wired yet)")
+        return v

@@ -301,8 +301,9 @@ def learner_memory(cfg, arch: ModelArch) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ rollout
 def kv_dtype_bytes(cfg) -> int:
-    kv = str(cfg.sglang.get("kv_cache_dtype", "auto"))
-    if kv.startswith("fp8"):
+    """Bytes per K/V element in the rollout cache: ``rollout.kv_cache_dtype`` (FP8: one byte), else the
+    model's dtype."""
+    if cfg.rollout.kv_cache_dtype.startswith("fp8"):
         return 1
     return DTYPE_BYTES[cfg.model.dtype]
 
