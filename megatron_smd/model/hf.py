@@ -189,7 +189,9 @@ def expected_shapes(a: ModelArch) -> dict[str, tuple[int, ...]]:
     return s
 
 
-def _weight_files(d: Path) -> list[Path]:
+def weight_files(d: Path) -> list[Path]:
+    """The safetensors files Hugging Face loads from ``d`` (single file or the index's shards, each checked
+    to exist)."""
     single = d / "model.safetensors"
     index = d / "model.safetensors.index.json"
     if single.is_file():
@@ -216,7 +218,7 @@ def load_state_dict(model_dir: str | os.PathLike, arch: ModelArch | None = None,
     d = Path(model_dir)
     arch = arch or read_arch(d)
     sd: dict[str, torch.Tensor] = {}
-    for f in _weight_files(d):
+    for f in weight_files(d):
         try:
             sd.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as e:

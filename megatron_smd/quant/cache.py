@@ -42,7 +42,7 @@ from .kv import (
     KV_CACHE_DTYPES,
     KVQuantConfig,
     KVScales,
-    _FINGERPRINT_RE,
+    check_weights_entry,
     fake_quant_kv,
     is_fp32_exact,
     load_kv_scales,
@@ -142,14 +142,7 @@ class RolloutKV:
         f = d.get("scales_file")
         if f is not None and not isinstance(f, str):
             raise bad("scales_file", f"expected a path or null, got {f!r}")
-        w = d.get("weights") or {}
-        if not isinstance(w, dict) or set(w) - {"fingerprint", "version"}:
-            raise bad("weights", f"expected {{'fingerprint': ..., 'version': ...}}, got {w!r}")
-        fp, ver = w.get("fingerprint"), w.get("version")
-        if fp is not None and (not isinstance(fp, str) or not _FINGERPRINT_RE.match(fp)):
-            raise bad("weights.fingerprint", f"expected 'sha256:' and 64 hex digits or null, got {fp!r}")
-        if ver is not None and (isinstance(ver, bool) or not isinstance(ver, (str, int))):
-            raise bad("weights.version", f"expected a string, an integer or null, got {ver!r}")
+        fp, ver = check_weights_entry(d.get("weights") or {}, bad)
         cfg = KVQuantConfig(d["dtype"], scales["k_scale"], scales["v_scale"], division=division)
         return cls(cfg, f, fp, None if ver is None else str(ver))
 

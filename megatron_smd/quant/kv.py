@@ -132,7 +132,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -141,6 +141,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, FormatError
+from ..model.hf import weight_files
 
 #: ``--kv-cache-dtype`` value -> torch FP8 dtype (NVIDIA; SGLang maps HIP to the fnuz variants).
 KV_CACHE_DTYPES: dict[str, torch.dtype] = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -364,20 +365,6 @@ class KVQuantConfig:
 # ------------------------------------------------------------------------------------ weights identity
 
 
-def _weight_files(d: Path) -> list[Path]:
-    """The safetensors files Hugging Face loads from ``d`` (single file or the index's shards)."""
-    single, index = d / "model.safetensors", d / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise FormatError(f"{index}: not a safetensors index ({e})") from None
-        return sorted({d / f for f in wm.values()})
-    raise FormatError(f"{d}: no model.safetensors or model.safetensors.index.json")
-
-
 def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(name.encode() + b"\0" + str(t.dtype).encode() + b"\0" + json.dumps(list(t.shape)).encode() + b"\0")
@@ -400,7 +387,7 @@ def weights_fingerprint(weights: str | os.PathLike | Mapping[str, torch.Tensor])
 
     d = Path(weights)
     where: dict[str, Path] = {}
-    for f in _weight_files(d):
+    for f in weight_files(d):
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for name in sf.keys():
@@ -467,6 +454,19 @@ _TOP_KEYS = {"format", "format_version", "kv_cache_dtype", "num_layers", "k_scal
              "calibration"}
 
 
+def check_weights_entry(w: Any, bad: Callable[[str, str], Exception]) -> tuple[str | None, str | int | None]:
+    """``(fingerprint, version)`` of a ``weights`` entry (scales file or rollout meta), validated;
+    ``bad(key, msg)`` makes the error that names the file and key."""
+    if not isinstance(w, dict) or set(w) - {"fingerprint", "version"}:
+        raise bad("weights", f"expected {{'fingerprint': ..., 'version': ...}}, got {w!r}")
+    fp, ver = w.get("fingerprint"), w.get("version")
+    if fp is not None and (not isinstance(fp, str) or not _FINGERPRINT_RE.match(fp)):
+        raise bad("weights.fingerprint", f"expected 'sha256:' and 64 hex digits or null, got {fp!r}")
+    if ver is not None and (isinstance(ver, bool) or not isinstance(ver, (str, int))):
+        raise bad("weights.version", f"expected a string, an integer or null, got {ver!r}")
+    return fp, ver
+
+
 def load_kv_scales(path: str | os.PathLike, *, num_layers: int | None = None, kv_cache_dtype: str | None = None,
                    weights_fingerprint: str | None = None, division: str = "exact") -> KVScales:
     """Read and validate ``kv_scales.json``; every error is a :class:`FormatError` naming file and key.
@@ -527,14 +527,7 @@ def load_kv_scales(path: str | os.PathLike, *, num_layers: int | None = None, kv
             if not is_fp32_exact(float(v)):
                 raise bad(k, f"{v!r} is not an fp32 value (SGLang holds scales in fp32)")
         vals[key] = [float(v) for v in xs]
-    w = d.get("weights", {"fingerprint": None, "version": None})
-    if not isinstance(w, dict) or set(w) - {"fingerprint", "version"}:
-        raise bad("weights", f"expected {{'fingerprint': ..., 'version': ...}}, got {w!r}")
-    fp, ver = w.get("fingerprint"), w.get("version")
-    if fp is not None and (not isinstance(fp, str) or not _FINGERPRINT_RE.match(fp)):
-        raise bad("weights.fingerprint", f"expected 'sha256:' and 64 hex digits or null, got {fp!r}")
-    if ver is not None and (isinstance(ver, bool) or not isinstance(ver, (str, int))):
-        raise bad("weights.version", f"expected a string, an integer or null, got {ver!r}")
+    fp, ver = check_weights_entry(d.get("weights", {"fingerprint": None, "version": None}), bad)
     if weights_fingerprint is not None and fp != weights_fingerprint:
         raise bad("weights.fingerprint", f"scales were calibrated on weights {fp}, the run has {weights_fingerprint}")
     cal = d.get("calibration", {})
