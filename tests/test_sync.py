@@ -811,6 +811,232 @@ def test_kept_buffers_repeated_syncs_and_wire(tmp_path):
     assert {"recv", "stage", "commit"} <= set(rx["phases"])
 
 
+# ============================================== pieces, adopting commits, recycled snapshots
+def test_tensors_are_written_and_checked_in_row_aligned_pieces():
+    """The resharder writes a tensor in pieces (``plan_chunks``) and checks each piece right after writing
+    it. The pieces must tile the tensor's bytes in order, each starting on a checksum row, and each
+    be written entirely by its own copies: after piece k, the bytes up to its end hold their final
+    value and nothing beyond it was touched (so a check of the piece sees the final bytes). Every
+    rule, TP 1, 2 and 4, both stages; and tensors of every kind are really cut."""
+    from megatron_smd.learner.convert import hf_to_megatron, local_param_names
+    from megatron_smd.sync.bucket import ROW_BYTES
+    from megatron_smd.sync.pieces import hf_pieces, plan_chunks, write_pieces
+
+    cut = set()
+    for name in ("qwen2", "llama"):
+        arch = _arch(name)
+        hf = _hf0(name)
+        for tp in (1, 2, 4):
+            for pp_rank in (0, 1):
+                local = [hf_to_megatron(hf, arch, r, tp, pp_rank, 2) for r in range(tp)]
+                for pname in local_param_names(arch, pp_rank, 2):
+                    shards = [local[r][pname] for r in range(tp)]
+                    for hf_name, shape, pieces in hf_pieces(pname, shards, arch, pp_rank=pp_rank, pp_size=2):
+                        want = write_pieces(torch.empty(shape), pieces).reshape(-1).view(torch.uint8)
+                        dest = torch.full(shape, float("nan"))
+                        untouched = dest.clone().reshape(-1).view(torch.uint8)
+                        raw = dest.reshape(-1).view(torch.uint8)
+                        plan = plan_chunks(dest, pieces, 2 * ROW_BYTES)
+                        assert plan[0][0] == 0 and plan[-1][1] == raw.numel(), hf_name
+                        for k, (lo, hi, copies) in enumerate(plan):
+                            assert lo % ROW_BYTES == 0 and (k == 0 or plan[k - 1][1] == lo), (hf_name, k)
+                            for d, src in copies:
+                                d.copy_(src)
+                            assert torch.equal(raw[:hi], want[:hi]), (name, tp, hf_name, k)
+                            assert torch.equal(raw[hi:], untouched[hi:]), (name, tp, hf_name, k)
+                        if len(plan) > 1:
+                            cut.add(hf_name.split(".")[-2])
+    assert {"embed_tokens", "q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= cut, cut
+
+
+def test_checksum_taken_in_pieces_in_any_order():
+    """:class:`Checksum` fed row-aligned pieces in any order, from two threads at once, gives
+    :func:`tensor_checksum`; a piece that does not start on a row, or a short one that does not
+    end the bytes, is refused."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from megatron_smd.sync.bucket import ROW_BYTES, Checksum
+
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(300_001, generator=g)
+    b = t.view(torch.uint8)
+    n = b.numel()
+    pieces = [(lo, min(lo + 3 * ROW_BYTES, n)) for lo in range(0, n, 3 * ROW_BYTES)]
+    random.Random(0).shuffle(pieces)
+    ck = Checksum(n)
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(lambda p: ck.update(b[p[0]:p[1]], p[0]), pieces))
+    assert ck.value() == tensor_checksum(t)
+    with pytest.raises(ValueError, match="row-aligned"):
+        Checksum(n).update(b[8:8 + ROW_BYTES], 8)
+    with pytest.raises(ValueError, match="row-aligned"):
+        Checksum(n).update(b[:100], 0)
+
+
+def test_adopting_commit_swaps_storage_keeps_ties_and_refusals_untouched():
+    """``commit(adopt=True)`` (the broadcast receiver's double-buffered commit) makes the staged
+    tensors the engine's parameters (the same parameter objects, the tied output layer still the
+    embedding) with the new policy's logits; a refused one changes nothing, not even storage."""
+    from megatron_smd.model.transformer import RefTransformer
+    from megatron_smd.sync.staging import StagedUpdate, WeightSyncError
+
+    name = "qwen2"
+    engine = _engine(name)
+    params = dict(engine.model.named_parameters())
+    ptrs0, sums0 = {n: p.data_ptr() for n, p in params.items()}, _param_sums(engine)
+    new = {k: v + 0.01 for k, v in init_weights(_arch(name), seed=4, std=0.1).items()}
+    staged = {k: v.clone() for k, v in new.items()}
+    st = StagedUpdate(engine, version=1)
+    for k, v in staged.items():
+        st.add(k, v, copy=False)
+    st.problem("refused on purpose")
+    with pytest.raises(WeightSyncError, match="refused on purpose"):
+        st.commit(adopt=True)
+    assert _param_sums(engine) == sums0 and {n: p.data_ptr() for n, p in params.items()} == ptrs0
+    st = StagedUpdate(engine, version=2)
+    for k, v in staged.items():
+        st.add(k, v, copy=False)
+    assert st.commit(adopt=True).ok
+    for n, p in engine.model.named_parameters():
+        assert p is params[n] and p.data_ptr() == staged[n].data_ptr(), n
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+    with torch.no_grad():
+        ref = RefTransformer.from_state_dict(_arch(name), new)(PROBE).float()
+    assert torch.equal(_engine_logits(engine), ref)
+
+
+def _cycle_learner_job(port: int, tmp: str) -> dict:
+    """One learner rank (TP=PP=1), weights changed before every sync: broadcast syncs in 96 KiB
+    buckets (the embedding and the MLP matrices, over half a bucket, travel as views of the
+    learner's parameters), the third refused (a NaN); then disk syncs with keep=1."""
+    from megatron_smd.learner.convert import megatron_to_hf
+    from megatron_smd.learner.learner import Learner, LearnerSettings
+    from megatron_smd.parallel.layout import ParallelLayout
+    from megatron_smd.sync import (BroadcastTransport, DiskTransport, WeightSync, WeightSyncError, latest_snapshot,
+                                   learner_logits)
+
+    name = "qwen2"
+    arch = _arch(name)
+    layout = ParallelLayout(world_size=1)
+    layout.initialize(seed=0)
+    learner = Learner(arch, layout, LearnerSettings(lr=1e-2, micro_batch_size=2), weights=_hf0(name))
+    params = dict(learner.model.named_parameters())
+    g = torch.Generator().manual_seed(6)
+
+    def bump():
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype), alpha=1e-3)
+
+    def hf_now():
+        return megatron_to_hf({(0, 0): {n: p.detach() for n, p in params.items()}}, arch, 1, 1)
+
+    out: dict = {"bcast": [], "disk": []}
+    ws = WeightSync(learner.model, layout, arch, BroadcastTransport("127.0.0.1", port, 1, backend="gloo",
+                                                                     timeout_s=60), bucket_bytes=96 << 10)
+    w = params["decoder.layers.2.mlp.linear_fc1.weight"]
+    for k in range(5):
+        bump()
+        before = {n: p.detach().clone() for n, p in params.items()}
+        if k == 2:
+            with torch.no_grad():
+                w.view(-1)[11] = float("nan")
+        try:
+            rep = ws.sync(k + 1)
+            out["bcast"].append({"ok": True, "peak": rep.peak_live_bytes, "buckets": rep.buckets})
+        except WeightSyncError as e:
+            out["bcast"].append({"ok": False, "error": str(e), "state": e.engine_state})
+        out["bcast"][-1]["learner_untouched"] = k == 2 or all(torch.equal(p.detach(), before[n])
+                                                              for n, p in params.items())
+        if k == 2:
+            with torch.no_grad():
+                w.view(-1)[11] = before["decoder.layers.2.mlp.linear_fc1.weight"].view(-1)[11]
+        out["bcast"][-1]["L"] = learner_logits(learner.model, layout, arch, PROBE)
+    ws.close()
+    engine = _engine(name)
+    root = Path(tmp) / "disk"
+    tr = DiskTransport(root, engine=engine, keep=1)
+    held = []  # open files of the first snapshot: their inode numbers cannot be handed out again
+    for k in range(5):
+        bump()
+        ws = WeightSync(learner.model, layout, arch, tr, bucket_bytes=(96 << 10) if k < 4 else (1 << 20))
+        ws.sync(k + 1)
+        tr.wait()
+        snap = latest_snapshot(root)
+        index = json.loads((snap / "model.safetensors.index.json").read_text())
+        have = dict(engine.model.named_parameters())
+        out["disk"].append({"snapshot": snap.name, "root": sorted(p.name for p in root.iterdir()),
+                            "files": sorted(p.name for p in snap.iterdir()),
+                            "indexed": sorted(set(index["weight_map"].values())),
+                            "inodes": {p.name: p.stat().st_ino for p in snap.glob("*.safetensors")},
+                            "bitwise": all(torch.equal(have[n], t) for n, t in hf_now().items() if n in have)})
+        if k == 0:
+            held = [open(f, "rb") for f in snap.glob("*.safetensors")]
+    for f in held:
+        f.close()
+    layout.destroy()
+    return out
+
+
+def _cycle_receiver_job(port: int) -> dict:
+    from megatron_smd.sync import BroadcastReceiver
+
+    engine = _engine("qwen2")
+    out: dict = {"syncs": [], "aliased": []}
+    rx = None
+
+    def on_bucket(hdr):  # the buffers being received into never back the live weights
+        live = {p.untyped_storage().data_ptr() for p in engine.model.parameters()}
+        recv = {b.untyped_storage().data_ptr() for b in rx.buffers._recv.values()}
+        out["aliased"].append(bool(live & recv))
+
+    rx = BroadcastReceiver(engine, master_address="127.0.0.1", master_port=port, num_stages=1, rank=1,
+                           world_size=2, timeout_s=60, on_bucket=on_bucket)
+    while (res := rx.receive()) is not None:
+        out["syncs"].append({"ok": res.ok, "logits": _engine_logits(engine), "sums": _param_sums(engine),
+                             "storage": sorted({p.untyped_storage().data_ptr() for p in engine.model.parameters()})})
+    rx.close()
+    return out
+
+
+@pytest.mark.slow
+def test_double_buffered_receiver_and_recycled_disk_snapshots(tmp_path):
+    """Broadcast: every sync leaves the receiver's engine on the learner's current policy; its
+    parameters alternate between two sets of receive buffers (never received into while live); a
+    refused sync (a NaN) leaves them where they were; tensors sent straight from the learner's
+    parameters leave the learner untouched and the sender's extra memory within a bucket. Disk
+    (keep=1): the third sync writes into the first one's files and the fourth into the second's
+    (same inodes; the first snapshot's files are held open, so a deleted one's inode number could
+    not come back), only the newest snapshot and the spare remain, the engine is bit-identical to
+    the learner every time; fewer, larger shards leave no stale file behind."""
+    port = _two_free_ports()
+    env = dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    res = _spawn([(_cycle_learner_job, (port, str(tmp_path)), env), (_cycle_receiver_job, (port,), {})],
+                 may_die=set(), timeout=240)
+    lr, rx = res[0], res[1]
+    assert [s["ok"] for s in lr["bcast"]] == [True, True, False, True, True]
+    assert "non-finite" in lr["bcast"][2]["error"] and lr["bcast"][2]["state"] == "previous"
+    assert all(s["learner_untouched"] for s in lr["bcast"])
+    assert all(s["peak"] <= 96 << 10 for s in lr["bcast"] if s["ok"])
+    assert [s["ok"] for s in rx["syncs"]] == [True, True, False, True, True]
+    for k, (mine, theirs) in enumerate(zip(lr["bcast"], rx["syncs"])):
+        if mine["ok"]:
+            assert float((theirs["logits"] - mine["L"]).abs().max()) <= EXACT_TOL, k
+    assert rx["syncs"][2]["sums"] == rx["syncs"][1]["sums"]  # refused: untouched
+    a, b = rx["syncs"][0]["storage"], rx["syncs"][1]["storage"]
+    assert a and b and not set(a) & set(b)
+    assert [s["storage"] for s in rx["syncs"]] == [a, b, b, a, b]
+    assert rx["aliased"] and not any(rx["aliased"])
+    d = lr["disk"]
+    assert all(s["bitwise"] for s in d)
+    assert d[2]["inodes"] == d[0]["inodes"] and d[3]["inodes"] == d[1]["inodes"]
+    assert not set(d[0]["inodes"].values()) & set(d[1]["inodes"].values())
+    assert d[3]["root"] == sorted([".spare", "LATEST", d[3]["snapshot"]])
+    assert len(d[4]["indexed"]) < len(d[3]["indexed"])
+    assert d[4]["files"] == sorted(d[4]["indexed"] + ["config.json", "model.safetensors.index.json"])
+
+
 # ================================================================================== config
 def test_from_config_builds_transports_and_names_missing_settings(tmp_path):
     from megatron_smd.config import SyncConfig

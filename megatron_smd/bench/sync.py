@@ -17,21 +17,28 @@ through ``inprocess`` (engine in this process; also with ``verify`` = per-tensor
 ``broadcast`` (a reference engine in a second process receiving over a gloo weight-update group).
 
 Each transport is measured against **its own floor**, in the same run, interleaved with it (floor,
-sync, floor, sync, ...; the first sync, which allocates the engine's kept buffers, is reported
-apart as ``first_seconds``, and the floor's own first run is not measured):
+sync, floor, sync, ...). The first :data:`WARMUP` (2) syncs, which allocate what a transport keeps
+across syncs (the in-process engine's staging slots, the broadcast receiver's two sets of
+buffers, the disk transport's spare snapshot), are not measured (the first one is reported as
+``first_seconds``), nor is the floor's own first run:
 
 =====================  ===========================================================================
 ``inprocess[+verify]`` one ``Tensor.copy_`` of the same number of bytes (best of three, buffers
-                       touched beforehand): a staged sync needs two (into the shadow, which the
-                       conversion writes, then into the engine) plus the checks.
+                       touched beforehand): a staged sync copies every byte once (the engine's
+                       commit; the learner's tensors that are views of its parameters are staged
+                       as they are, the others converted into the engine's staging first) plus
+                       the checks.
 ``broadcast``          a raw ``torch.distributed.broadcast`` of the same number of bytes over the
                        same weight-update group to the same receiver process, into a buffer it
                        keeps (:meth:`~megatron_smd.sync.transports.BroadcastTransport.wire_seconds`).
 ``disk``               a raw ``safetensors.torch.save_file`` + ``load_file`` of the same tensors
                        (the engine's HF state dict) in the same directory. ``load_file`` maps the
-                       file (the transport's reload does too). The transport also fsyncs its
-                       shards before publishing the snapshot, which the raw floor does not:
-                       ``floor_durable`` is the same floor with an fsync of the file.
+                       file (the transport's reload does too) without reading it; the reload
+                       copies it into the engine. The transport also fsyncs its shards before
+                       publishing the snapshot, which the raw floor does not: ``floor_durable``
+                       is the same floor with an fsync of the file. The floor writes a new file
+                       every time, as ``save_file`` does; the transport overwrites the files of
+                       its spare snapshot (see :class:`~megatron_smd.sync.DiskTransport`).
 =====================  ===========================================================================
 
 Every pair gives a ratio (sync seconds / floor seconds); the figure is the **median** of those
@@ -62,6 +69,8 @@ from ..model.hf import ModelArch
 from ..parallel.layout import free_port
 
 MiB = 1 << 20
+#: Syncs per transport before the measured ones (see ``_bench_model.run``).
+WARMUP = 2
 
 #: Qwen2.5-0.5B (configs/models/qwen2.5-0.5b.yaml, from the model's config.json).
 QWEN25_05B = ModelArch(arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
@@ -200,7 +209,12 @@ def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, buc
     def run(name: str, ws: WeightSync, floor, what: str, what2: str = "") -> None:
         """``floor()`` -> seconds, or a tuple whose first item is the floor and second the
         alternative floor ``what2`` describes (disk: without and with fsync)."""
-        first = ws.sync(1).seconds  # allocates the engine side's kept buffers
+        # The first syncs allocate what a transport keeps: the in-process engine's staging slots,
+        # the broadcast receiver's two sets of buffers (its commit alternates between them), the
+        # disk transport's spare snapshot (the third sync is the first to overwrite one).
+        first = ws.sync(1).seconds
+        for v in range(2, WARMUP + 1):
+            ws.sync(v)
         floor()  # the floor's own first run (its buffers, the receiver's) is not measured either
         reports, floors, floors2, copies = [], [], [], []
         for k in range(repeats):
@@ -209,7 +223,7 @@ def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, buc
             if isinstance(f, tuple):
                 floors2.append(f[1])
             copies.append(copier.seconds())
-            reports.append(ws.sync(k + 2))
+            reports.append(ws.sync(WARMUP + 1 + k))
         res = _summary(reports, floors, copies, what, first=first)
         if floors2:
             ratios = [r.seconds / f for r, f in zip(reports, floors2)]
@@ -274,7 +288,7 @@ def bench_sync(*, large: bool = True, bucket_mb: int = 512, repeats: int = 7,
     Args:
         large: also run the Qwen2.5-0.5B layout (the tiny model always runs).
         bucket_mb: bucket size (``sync.bucket_mb``).
-        repeats: (floor, sync) pairs per transport, after one warm-up sync; medians are reported.
+        repeats: (floor, sync) pairs per transport, after :data:`WARMUP` syncs; medians are reported.
         transports: which of ``inprocess``, ``disk``, ``broadcast``.
         quick: the tiny model only, three pairs (a smoke run: ``smd bench all --quick``).
     """

@@ -91,6 +91,16 @@ def bcast_object(obj, src: int, group, device: torch.device | str = "cpu"):
     return obj if me == src else _decode(payload)
 
 
+def bcast_object_async(obj, group, device: torch.device | str = "cpu") -> list:
+    """:func:`bcast_object` from this rank (the source) without waiting: returns the pending works
+    (wait on all of them; they hold the tensors). The receivers call :func:`bcast_object`."""
+    payload = _encode(obj).to(device)
+    n = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+    me = group.rank()
+    return [dist.broadcast(n, group=group, group_src=me, async_op=True),
+            dist.broadcast(payload, group=group, group_src=me, async_op=True)]
+
+
 def send_object(obj, dst: int, group, device: torch.device | str = "cpu") -> None:
     """Point-to-point object send to group rank ``dst``."""
     payload = _encode(obj).to(device)

@@ -6,16 +6,22 @@ fills, so that converting is the one copy into the destination (a packing buffer
 staging slot or a temporary). It follows the project's one conversion table
 (:data:`megatron_smd.learner.convert.RULES`) rule by rule, with the same result as
 :func:`megatron_smd.learner.convert.iter_hf_from_local` (the tests compare the two byte for byte).
+
+:func:`plan_chunks` groups those copies by consecutive, cache-sized byte ranges of the destination,
+which the resharder writes and checks one after the other (:func:`view_chunks`: the ranges of a
+tensor that is only checked); :func:`param_view` finds an HF tensor that needs no copy at all.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from ..learner.convert import hf_names, resolve_rule
 from ..model.hf import ModelArch
+from .bucket import ROW_BYTES
 
 #: One piece of an HF tensor: ``(region, source)``; ``region(dest)`` is the view of the destination
 #: that ``source`` (a view of one shard) fills, or None for the whole destination.
@@ -107,3 +113,80 @@ def write_pieces(dest: torch.Tensor, pieces: list[Piece]) -> torch.Tensor:
     for region, src in pieces:
         (dest if region is None else region(dest)).copy_(src)
     return dest
+
+
+def param_view(pieces: list[Piece], shape, dt: torch.dtype, gptr: int | None) -> torch.Tensor | None:
+    """The HF tensor itself when it is a contiguous view of the learner's parameter in dtype ``dt``
+    (one piece covering it; not a view of the gather buffer, whose storage is ``gptr``), else None."""
+    if len(pieces) != 1 or pieces[0][0] is not None:
+        return None
+    src = pieces[0][1]
+    if (src.dtype == dt and src.is_contiguous() and tuple(src.shape) == tuple(shape)
+            and src.untyped_storage().data_ptr() != gptr):
+        return src
+    return None
+
+
+def row_span(dest: torch.Tensor, view: torch.Tensor) -> tuple[int, int] | None:
+    """``(base, k)`` when ``view[i]`` (a view of the contiguous ``dest``) lies within rows
+    ``[base + i * k, base + (i + 1) * k)`` of ``dest`` (along its first dimension) for every ``i``,
+    with ``base`` a multiple of ``k``; None when the view is not of that form."""
+    if view.dim() == 0 or dest.dim() == 0 or view.shape[0] == 0 or min(view.stride()) < 0:
+        return None
+    ds, s0 = dest.stride(0), view.stride(0)
+    off = view.storage_offset() - dest.storage_offset()
+    if ds <= 0 or off < 0 or s0 <= 0 or s0 % ds:
+        return None
+    k, base = s0 // ds, off // ds
+    extent = off - base * ds + sum((n - 1) * st for n, st in zip(view.shape[1:], view.stride()[1:])) + 1
+    if base % k or extent > k * ds:
+        return None
+    return base, k
+
+
+#: One piece of a tensor to write and check: its bytes ``[lo, hi)`` and the copies that write them.
+Chunk = tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def plan_chunks(dest: torch.Tensor, pieces: list[Piece], chunk_bytes: int) -> list[Chunk]:
+    """The pieces' copies into ``dest`` grouped by consecutive byte ranges of ``dest`` of about
+    ``chunk_bytes`` (cut along its first dimension, at multiples of the checksum's 4 KiB rows), each
+    range written entirely by its own copies; one range for the whole tensor when it is small or its
+    pieces do not map onto rows of ``dest`` (then they are written whole, as before)."""
+    copies = [((dest if region is None else region(dest)), src) for region, src in pieces]
+    nb = dest.numel() * dest.element_size()
+    whole = [(0, nb, copies)]
+    if nb <= chunk_bytes or dest.dim() == 0 or not dest.is_contiguous():
+        return whole
+    rb = dest.stride(0) * dest.element_size()  # bytes per row of dest
+    align = ROW_BYTES // math.gcd(ROW_BYTES, rb)  # rows: a cut at a multiple of it is on a checksum row
+    spans = []
+    for dst, src in copies:
+        span = row_span(dest, dst) if tuple(src.shape) == tuple(dst.shape) else None
+        if span is None:
+            return whole
+        spans.append(span)
+        align = math.lcm(align, span[1])
+    rows = dest.shape[0]
+    step = (chunk_bytes // rb) // align * align
+    if step == 0 or step >= rows:
+        return whole
+    out = []
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        part = []
+        for (dst, src), (base, k) in zip(copies, spans):
+            n = dst.shape[0]
+            i0 = min(max((r0 - base) // k, 0), n)
+            i1 = min(max(-(-(r1 - base) // k), 0), n)
+            if i1 > i0:
+                part.append((dst[i0:i1], src[i0:i1]))
+        out.append((r0 * rb, min(r1 * rb, nb), part))
+    return out
+
+
+def view_chunks(t: torch.Tensor, chunk_bytes: int) -> list[Chunk]:
+    """Byte ranges of the contiguous ``t`` to check (nothing to write)."""
+    nb = t.numel() * t.element_size()
+    step = max(ROW_BYTES, chunk_bytes // ROW_BYTES * ROW_BYTES)
+    return [(lo, min(lo + step, nb), []) for lo in range(0, nb, step)] or [(0, 0, [])]

@@ -44,7 +44,9 @@ parameter that would overflow it. Peak extra memory on a sender is therefore abo
 size): within two buckets whatever the model size. With ``overlap`` (a transport that sends a
 bucket while the next one is packed) the same ``B`` bytes are two buffers of ``B / 2`` used in
 turn, and buckets are at most ``B / 2`` (the first one ``B / 32``, so that the wire starts while the
-second is packed): the memory bound is unchanged. The buffers are reused within a sync, not
+second is packed): the memory bound is unchanged; there, an HF tensor larger than ``B / 2`` that is
+a contiguous view of the learner's parameter (the embedding at TP=1) is sent as a bucket of its
+own straight from the parameter, with no buffer and no copy. The buffers are reused within a sync, not
 reallocated (a backend may drop its reference to a sent tensor late: gloo keeps the last one, and
 fresh buffers would then pile up); large ones are backed by transparent huge pages, which makes
 their first touch several times cheaper than 4 KiB page faults. They are not kept *across* syncs:
@@ -56,7 +58,6 @@ peak with the allocator's own record (``torch.profiler`` memory events) and comp
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 import time
@@ -75,7 +76,7 @@ from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
 from . import bucket as _bucket
 from .bucket import ROW_BYTES, Bucket, Checksum, all_finite, all_finite_cached, empty_bytes, tensor_checksum
-from .pieces import Piece, hf_pieces, write_pieces
+from .pieces import Chunk, Piece, hf_pieces, param_view, plan_chunks, view_chunks, write_pieces
 from .probe import learner_logits, unwrap_model
 
 __all__ = ["LiveBytes", "PhaseTimer", "Piece", "ReshardStats", "Resharder", "Sink", "hf_pieces", "learner_logits",
@@ -202,71 +203,6 @@ def _splits(t: torch.Tensor) -> bool:
     return bool(n) and t.device.type == "cpu" and t.numel() * t.element_size() >= n
 
 
-def _row_span(dest: torch.Tensor, view: torch.Tensor) -> tuple[int, int] | None:
-    """``(base, k)`` when ``view[i]`` (a view of the contiguous ``dest``) lies within rows
-    ``[base + i * k, base + (i + 1) * k)`` of ``dest`` (along its first dimension) for every ``i``,
-    with ``base`` a multiple of ``k``; None when the view is not of that form."""
-    if view.dim() == 0 or dest.dim() == 0 or view.shape[0] == 0 or min(view.stride()) < 0:
-        return None
-    ds, s0 = dest.stride(0), view.stride(0)
-    off = view.storage_offset() - dest.storage_offset()
-    if ds <= 0 or off < 0 or s0 <= 0 or s0 % ds:
-        return None
-    k, base = s0 // ds, off // ds
-    extent = off - base * ds + sum((n - 1) * st for n, st in zip(view.shape[1:], view.stride()[1:])) + 1
-    if base % k or extent > k * ds:
-        return None
-    return base, k
-
-
-#: One piece of a tensor to write and check: its bytes ``[lo, hi)`` and the copies that write them.
-Chunk = tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]]]
-
-
-def _plan(dest: torch.Tensor, pieces: list[Piece], chunk_bytes: int) -> list[Chunk]:
-    """The pieces' copies into ``dest`` grouped by consecutive byte ranges of ``dest`` of about
-    ``chunk_bytes`` (cut along its first dimension, at multiples of the checksum's 4 KiB rows), each
-    range written entirely by its own copies; one range for the whole tensor when it is small or its
-    pieces do not map onto rows of ``dest`` (then they are written whole, as before)."""
-    copies = [((dest if region is None else region(dest)), src) for region, src in pieces]
-    nb = dest.numel() * dest.element_size()
-    whole = [(0, nb, copies)]
-    if nb <= chunk_bytes or dest.dim() == 0 or not dest.is_contiguous():
-        return whole
-    rb = dest.stride(0) * dest.element_size()  # bytes per row of dest
-    align = ROW_BYTES // math.gcd(ROW_BYTES, rb)  # rows: a cut at a multiple of it is on a checksum row
-    spans = []
-    for dst, src in copies:
-        span = _row_span(dest, dst) if tuple(src.shape) == tuple(dst.shape) else None
-        if span is None:
-            return whole
-        spans.append(span)
-        align = math.lcm(align, span[1])
-    rows = dest.shape[0]
-    step = (chunk_bytes // rb) // align * align
-    if step == 0 or step >= rows:
-        return whole
-    out = []
-    for r0 in range(0, rows, step):
-        r1 = min(r0 + step, rows)
-        part = []
-        for (dst, src), (base, k) in zip(copies, spans):
-            n = dst.shape[0]
-            i0 = min(max((r0 - base) // k, 0), n)
-            i1 = min(max(-(-(r1 - base) // k), 0), n)
-            if i1 > i0:
-                part.append((dst[i0:i1], src[i0:i1]))
-        out.append((r0 * rb, min(r1 * rb, nb), part))
-    return out
-
-
-def _view_plan(t: torch.Tensor, chunk_bytes: int) -> list[Chunk]:
-    """Byte ranges of the contiguous ``t`` to check (nothing to write)."""
-    nb = t.numel() * t.element_size()
-    step = max(ROW_BYTES, chunk_bytes // ROW_BYTES * ROW_BYTES)
-    return [(lo, min(lo + step, nb), []) for lo in range(0, nb, step)] or [(0, 0, [])]
-
-
 class Resharder:
     """Iterate over this stage's weights as HF-named buckets (see the module docstring).
 
@@ -335,7 +271,10 @@ class Resharder:
         self.overlap = overlap and self.pack
         self._limit = self.bucket_bytes // 2 if self.overlap else self.bucket_bytes  # bytes per bucket
         est = [self._hf_bytes_estimate(q) for _, q in self.params]
-        self._pack_capacity = max(min(self._limit, sum(est)), max(est))
+        # With overlap, a parameter larger than a bucket is usually sent as a view of itself (see
+        # _iter), so the buffers are sized for the others; one that cannot be grows its buffer.
+        big = max((e for e in est if e <= self._limit), default=0) if self.overlap else max(est)
+        self._pack_capacity = max(min(self._limit, sum(est)), big)
         self._max_local_bytes = max(q.numel() * q.element_size() for _, q in self.params)
         self._bufs: dict[str, torch.Tensor] = {}
         self._temps: list[torch.Tensor] = []  # unpacked mode: temporaries of the open bucket
@@ -447,9 +386,10 @@ class Resharder:
         """Write the pieces into ``dest``; returns whether it is finite (True without
         ``check_finite``) and its checksum (None without ``checksums``).
 
-        On the CPU the tensor is written in pieces of about ``CHUNK_BYTES`` (:func:`_plan`), and
-        each piece is checked right after it was written, while it is in cache: NaN / inf, the
-        sender's checksum and, for a sink's slot, the sink's own ``verifier``. A large tensor's
+        On the CPU the tensor is written in pieces of about ``CHUNK_BYTES``
+        (:func:`~megatron_smd.sync.pieces.plan_chunks`), and each piece is checked right after it
+        was written, while it is in cache: NaN / inf, the sender's checksum and, for a sink's
+        slot, the sink's own ``verifier``. A large tensor's
         pieces are shared between this thread and the copy helper thread, joined.
         """
         nb = dest.numel() * dest.element_size()
@@ -462,7 +402,7 @@ class Resharder:
         chunk = _bucket.CHUNK_BYTES
         if split:  # at least one piece for each thread
             chunk = min(chunk, max(ROW_BYTES, nb // 2))
-        return self._checked(dest, _plan(dest, pieces, chunk), split, verifier)
+        return self._checked(dest, plan_chunks(dest, pieces, chunk), split, verifier)
 
     def _check_view(self, t: torch.Tensor, verifier: Checksum | None = None) -> tuple[bool, int | None]:
         """Finiteness and checksum of a tensor that was not written (a view of the parameter),
@@ -473,7 +413,7 @@ class Resharder:
         if t.device.type != "cpu":
             ok = self._run(t, [(0, t.numel() * t.element_size(), [])], None, None)
             return ok, (tensor_checksum(t) if self.checksums else None)
-        return self._checked(t, _view_plan(t, _bucket.CHUNK_BYTES), self._split(t), verifier)
+        return self._checked(t, view_chunks(t, _bucket.CHUNK_BYTES), self._split(t), verifier)
 
     def _checked(self, dest: torch.Tensor, plan: list[Chunk], split: bool, verifier: Checksum | None
                  ) -> tuple[bool, int | None]:
@@ -569,6 +509,18 @@ class Resharder:
             sizes = [_numel(shape) * dt.itemsize for (_, shape, _), dt in zip(outs, dtypes)]
             self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes, sum(sizes))
             for (hf_name, shape, pieces), dt, nb in zip(outs, dtypes, sizes):
+                view = param_view(pieces, shape, dt, gptr) if self.overlap and nb > B else None
+                if view is not None:  # a bucket of its own anyway: send the learner's memory, no copy
+                    if len(bucket):
+                        yield self._flush(bucket)
+                        bucket = self._next(bucket)
+                    bucket.add(hf_name, view)
+                    bucket.flat = view.reshape(-1).view(torch.uint8)
+                    self._finish_tensor(bucket, hf_name, view, *self._check_view(view))
+                    yield self._flush(bucket)
+                    bucket = self._next(bucket)
+                    del view
+                    continue
                 if self.pack:
                     buf = self._buffer(self._pack_key(bucket), self._pack_capacity, p.device)
                     if len(bucket) and (bucket.nbytes % dt.itemsize or bucket.nbytes + nb > buf.numel()):
@@ -597,12 +549,7 @@ class Resharder:
                   gptr: int | None) -> tuple[torch.Tensor, bool, int | None, int | None]:
         """An HF tensor outside a packing buffer (the parameter's own view, the sink's slot, or a
         temporary), whether it is finite, its checksum and the sink's own (``received``)."""
-        view = None
-        if len(pieces) == 1 and pieces[0][0] is None:
-            src = pieces[0][1]
-            if (src.dtype == dt and src.is_contiguous() and tuple(src.shape) == tuple(shape)
-                    and src.untyped_storage().data_ptr() != gptr):
-                view = src  # the HF tensor is a view of the learner's parameter (not of the gather buffer)
+        view = param_view(pieces, shape, dt, gptr)
         if self.sink is not None:
             keep = getattr(self.sink, "keep", None)
             if view is not None and keep is not None and keep(hf_name, view):

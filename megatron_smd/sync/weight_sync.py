@@ -8,8 +8,9 @@ What :meth:`WeightSync.sync` does, on every rank of the learner world:
 1. optionally computes the learner's logits on a probe batch (``probe_tokens``; a collective
    forward of the ``dp 0 / cp 0`` replica, see :func:`~megatron_smd.sync.probe.learner_logits`);
 2. streams the weights: the :class:`~megatron_smd.sync.reshard.Resharder` of each stage converts
-   them on the stage's sender straight into the bucket (or, in process, into the engine's staging),
-   checking each tensor for non-finite values (and taking its checksum) right after writing it, and
+   them on the stage's sender straight into the bucket (or, in process, into the engine's staging,
+   or hands the engine views of the learner's parameters), checking each piece of a tensor for
+   non-finite values (and taking its checksum) right after writing it, and
    yields buckets that the transport sends (other ranks of the replica take part in the TP
    gathers; other replicas idle);
 3. ``finish``: the coordinator (global rank 0) gets the engine's verdict;

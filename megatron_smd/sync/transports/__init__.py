@@ -11,21 +11,24 @@ it returns the engine's :class:`~megatron_smd.sync.staging.CommitResult` on the 
 
 =============  =================================================================================
 ``inprocess``  the :class:`ReferenceEngine` lives on the coordinator. Its own stage's tensors are
-               converted straight into the engine's staging buffers (kept across syncs) and
-               staged one by one, while in cache; the other stages' senders send theirs to it
-               over the senders' pipeline group (header + flattened bucket, point to point),
-               received into kept buffers too.
+               staged one by one: as they are where they are views of the learner's parameters
+               in the engine's dtype (the commit copies them from there), else converted straight
+               into the engine's staging buffers (kept across syncs); the other stages' senders
+               send theirs to it over the senders' pipeline group (header + flattened bucket,
+               point to point), received into kept buffers too.
 ``broadcast``  one weight-update group per stage (:mod:`megatron_smd.sync.group`): the stage's
                sender is rank 0, every engine rank joins. Per bucket: a header (names, dtypes,
                shapes, checksums) then one broadcast of the flattened bucket: SGLang's
                ``update_weights_from_distributed`` with ``load_format="flattened_bucket"``, with
                the announcement carried in the group instead of over HTTP. The engine side is
-               :class:`~megatron_smd.sync.receiver.BroadcastReceiver`.
+               :class:`~megatron_smd.sync.receiver.BroadcastReceiver` (its commit is
+               double-buffered: the engine's parameters become views of the receive buffers).
 ``sglang``     the same broadcast data plane, announced through SGLang's HTTP API
                (``/init_weights_update_group``, ``/begin_weight_update``,
                ``/update_weights_from_distributed``, ``/end_weight_update``), or, colocated,
                ``/update_weights_from_tensor`` with CUDA-IPC handles.
-``disk``       each sender writes its buckets as safetensors shards into ``.v{N}.partial/``; the
+``disk``       each sender writes its buckets as safetensors shards into ``.v{N}.partial/`` (a
+               recycled older snapshot, its files overwritten in place); the
                coordinator adds ``model.safetensors.index.json`` (with per-tensor checksums) and
                ``config.json``, renames the directory to ``v{N}`` atomically, points ``LATEST`` at
                it, and has the engine reload it (staged, verified, committed).

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..bucket import Bucket, empty_bytes
-from ..group import bcast_object, destroy_group, init_weight_update_group
+from ..group import bcast_object, bcast_object_async, destroy_group, init_weight_update_group
 from ..staging import CommitResult, WeightSyncError
 from .base import SenderContext, Transport
 
@@ -42,7 +42,7 @@ class BroadcastTransport(Transport):
         self.broken: str | None = None
         self._sent = 0
         self._stage = -1
-        self._inflight = None  # (Work, flat) of the bucket still being broadcast
+        self._inflight: tuple | None = None  # (works, flat) of the bucket still being broadcast
 
     def _address(self, stage: int) -> str:
         a = self.master_address
@@ -82,17 +82,24 @@ class BroadcastTransport(Transport):
     def overlaps(self, ctx: SenderContext) -> bool:
         return True  # a bucket's broadcast runs while the next bucket is packed
 
-    def _wait(self) -> None:
-        if self._inflight is not None:
-            work, _ = self._inflight
-            self._inflight = None
-            work.wait()
+    def _wait(self, inflight=None) -> None:
+        """Wait for ``inflight`` (by default: everything still being broadcast)."""
+        if inflight is None:
+            inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            works, _ = inflight
+            for w in works:
+                w.wait()
 
     def _send(self, ctx: SenderContext, bucket: Bucket) -> None:
-        self._wait()  # the previous bucket is out (its buffer is the one the resharder fills next)
+        """Queue the bucket's header and bytes behind the previous bucket (gloo / NCCL run a group's
+        collectives in order), so that the wire never waits for this thread, then wait for the
+        previous bucket: its buffer is the one the resharder fills next."""
         flat = bucket.flatten(self.device)
-        bcast_object({"op": "bucket", "version": ctx.version, **bucket.header()}, 0, self.pg, self.device)
-        self._inflight = (dist.broadcast(flat, group=self.pg, group_src=0, async_op=True), flat)
+        works = bcast_object_async({"op": "bucket", "version": ctx.version, **bucket.header()}, self.pg, self.device)
+        works.append(dist.broadcast(flat, group=self.pg, group_src=0, async_op=True))
+        previous, self._inflight = self._inflight, (works, flat)
+        self._wait(previous)
 
     def send(self, ctx: SenderContext, bucket: Bucket) -> None:
         self._guard(f"bucket {bucket.index} of stage {ctx.stage}", self._send, ctx, bucket)

@@ -19,9 +19,10 @@ class InProcessTransport(Transport):
     Args:
         engine: the :class:`~megatron_smd.rollout.engine.ReferenceEngine`, on global rank 0 (the
             coordinator); None on every other rank.
-        keep_buffers: keep the staging memory (one model's worth, in the engine's dtype) across
-            syncs, so that no sync after the first faults in fresh pages; False frees it after
-            every sync.
+        keep_buffers: keep the staging memory (in the engine's dtype: for the tensors that are
+            not staged as views of the learner's parameters, and the other stages' buckets)
+            across syncs, so that no sync after the first faults in fresh pages; False frees it
+            after every sync.
     """
 
     name = "inprocess"
