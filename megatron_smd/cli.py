@@ -203,7 +203,13 @@ def _flat_lines(obj, prefix: str = "") -> list[str]:
 def _bench(a) -> int:
     if a.quick and a.what != "all":
         raise SMDError(f"smd bench {a.what}: --quick applies to 'smd bench all' only")
-    if a.what == "rollout":
+    if a.backend != "reference" and a.what != "rollout":
+        raise SMDError(f"smd bench {a.what}: --backend applies to 'smd bench rollout' only")
+    if a.what == "rollout" and a.backend == "sglang":
+        from sglang_patch.bench import bench_rollout_sglang
+
+        res = bench_rollout_sglang(log=lambda *m: print(*m, file=sys.stderr))
+    elif a.what == "rollout":
         from .bench.rollout import bench_rollout
 
         res = bench_rollout()
@@ -381,6 +387,9 @@ def _args_experiment_golden(s: argparse.ArgumentParser) -> None:
 def _args_bench(s: argparse.ArgumentParser) -> None:
     s.add_argument("what", choices=["rollout", "attention", "sync", "all"])
     s.add_argument("--quick", action="store_true", help="bench all: smaller sizes (a smoke run)")
+    s.add_argument("--backend", choices=["reference", "sglang"], default="reference",
+                   help="bench rollout: the in-process reference engine, or real SGLang servers on this machine "
+                        "(unpatched, patched 'none', each evicting policy at a 25%% budget; minutes on a CPU)")
     s.add_argument("--threads", type=int, help="torch intra-op threads for the run (default: torch's own setting)")
     s.add_argument("--json", action="store_true", help="the report as JSON (default: a table for 'all', "
                    "'key value' lines for one benchmark)")
