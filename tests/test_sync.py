@@ -283,7 +283,7 @@ def test_direct_conversion_equals_the_conversion_table():
 
 
 def test_all_finite_is_exact_for_every_float_dtype():
-    from megatron_smd.sync.bucket import _all_finite_exact, all_finite
+    from megatron_smd.sync.checks import _all_finite_exact, all_finite
 
     g = torch.Generator().manual_seed(1)
     assert all_finite(torch.arange(10)) and all_finite(torch.empty(0))
@@ -307,7 +307,7 @@ def test_all_finite_is_exact_for_every_float_dtype():
 
 def test_checksum_numpy_and_torch_paths_agree():
     """The CPU computes the checksum with numpy, other devices with torch: the same integers."""
-    from megatron_smd.sync.bucket import _checksum_torch
+    from megatron_smd.sync.checks import _checksum_torch
 
     g = torch.Generator().manual_seed(2)
     for t in (torch.randn(3, generator=g), torch.randn(1_000_003, generator=g).bfloat16(),

@@ -7,10 +7,12 @@ and packs buckets of ``sync.bucket_mb``; no rank ever holds the whole model. The
 =====================  ==========================================================================
 :mod:`.reshard`        :class:`Resharder` (TP gather, conversion straight into the bucket, memory
                        accounting, per-phase timing)
-:mod:`.pieces`         the conversion of one parameter's TP shards into HF tensors, as pieces to copy
+:mod:`.pieces`         one parameter's TP shards -> its HF tensors, as pieces to copy (grouped
+                       in cache-sized byte ranges)
 :mod:`.probe`          :func:`learner_logits` (the learner's probe forward)
-:mod:`.bucket`         :class:`Bucket`, SGLang's flattened wire layout, checksums, finiteness,
-                       safetensors shards
+:mod:`.meters`         :class:`PhaseTimer`, :class:`LiveBytes` (seconds per phase, bytes held)
+:mod:`.checks`         the exact checksum (whole or in pieces) and the NaN / inf test
+:mod:`.bucket`         :class:`Bucket`, SGLang's flattened wire layout, safetensors shards
 :mod:`.transports`     ``inprocess``, ``broadcast``, ``sglang``, ``disk`` behind :class:`Transport`, one
                        module each
 :mod:`.receiver`       :class:`BroadcastReceiver`: a reference engine receiving in another process
@@ -20,7 +22,8 @@ and packs buckets of ``sync.bucket_mb``; no rank ever holds the whole model. The
 =====================  ==========================================================================
 """
 
-from .bucket import Bucket, all_finite, tensor_checksum
+from .bucket import Bucket
+from .checks import all_finite, tensor_checksum
 from .probe import learner_logits
 from .receiver import BroadcastReceiver
 from .reshard import LiveBytes, PhaseTimer, Resharder, param_order

@@ -21,7 +21,7 @@ import torch
 
 from ..learner.convert import hf_names, resolve_rule
 from ..model.hf import ModelArch
-from .bucket import ROW_BYTES
+from .checks import ROW_BYTES
 
 #: One piece of an HF tensor: ``(region, source)``; ``region(dest)`` is the view of the destination
 #: that ``source`` (a view of one shard) fills, or None for the whole destination.

@@ -8,8 +8,9 @@ pipeline stage (``{group_prefix}-pp{p}``, rank ``rank``, as SGLang joins them on
     begin -> (header, flattened bucket) ... -> end | abort        (per stage, from that stage's sender)
 
 Each bucket is received the way SGLang's ``update_weights_from_distributed`` receives a
-``flattened_bucket`` (one ``uint8`` broadcast from group rank 0, unpacked by the announced names,
-dtypes and shapes) and staged in a :class:`~megatron_smd.sync.staging.StagedUpdate`. When every
+``flattened_bucket`` (a ``uint8`` broadcast from group rank 0, unpacked by the announced names,
+dtypes and shapes; a bucket the sender did not pack, sent in the segments its header announces,
+arrives as consecutive broadcasts into the same buffer) and staged in a :class:`~megatron_smd.sync.staging.StagedUpdate`. When every
 stage has ended, the staging is verified and committed, or discarded; the verdict
 (:class:`~megatron_smd.sync.staging.CommitResult`) is broadcast back on stage 0's group (engine ranks
 in turn), which is how the learner learns that the engine did or did not take the weights.
@@ -137,7 +138,10 @@ class BroadcastReceiver:
             if op == "bucket":
                 flat = self.buffers.recv((p, n), hdr["nbytes"], self.device)
                 t0 = time.perf_counter()
-                dist.broadcast(flat, group=g, group_src=0)
+                off = 0
+                for k in hdr.get("segments") or [hdr["nbytes"]]:  # the sender's segments, back to back
+                    dist.broadcast(flat[off:off + k], group=g, group_src=0)
+                    off += k
                 t1 = time.perf_counter()
                 n += 1
                 if self.on_bucket is not None:

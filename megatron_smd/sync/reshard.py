@@ -59,12 +59,9 @@ peak with the allocator's own record (``torch.profiler`` memory events) and comp
 from __future__ import annotations
 
 import re
-import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,7 +72,9 @@ from ..learner.convert import local_param_names
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
 from . import bucket as _bucket
-from .bucket import ROW_BYTES, Bucket, Checksum, all_finite, all_finite_cached, empty_bytes, tensor_checksum
+from .bucket import Bucket, empty_bytes
+from .checks import ROW_BYTES, Checksum, all_finite, all_finite_cached, tensor_checksum
+from .meters import LiveBytes, PhaseTimer
 from .pieces import Chunk, Piece, hf_pieces, param_view, plan_chunks, view_chunks, write_pieces
 from .probe import learner_logits, unwrap_model
 
@@ -102,70 +101,6 @@ def param_order(arch: ModelArch, pp_rank: int, pp_size: int) -> list[str]:
     return [n for _, n in sorted(enumerate(names), key=key)]
 
 
-class PhaseTimer:
-    """Wall-clock seconds per phase of a sync (``with timer("convert"): ...``), summed over calls
-    (from any thread: phases run on the resharder's helper thread overlap the others)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def __call__(self, phase: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(phase, time.perf_counter() - t0)
-
-    def add(self, phase: str, seconds: float) -> None:
-        with self._lock:
-            self.seconds[phase] += seconds
-
-    def as_dict(self) -> dict[str, float]:
-        with self._lock:
-            return dict(self.seconds)
-
-
-class LiveBytes:
-    """Bytes of the tensors the sync holds that are not learner parameters, and their peak.
-
-    Tensors are counted per storage (views and aliases of one allocation count once; a tensor that
-    *is* a learner parameter counts zero), with a reference count so that a storage is released
-    when its last holder releases it.
-    """
-
-    def __init__(self, exclude: list[torch.Tensor] = ()):  # type: ignore[assignment]
-        self._excluded = {p.untyped_storage().data_ptr() for p in exclude}
-        self._live: dict[int, list[int]] = {}  # storage ptr -> [nbytes, refs]
-        self.current = 0
-        self.peak = 0
-
-    def hold(self, *tensors: torch.Tensor) -> None:
-        for t in tensors:
-            s = t.untyped_storage()
-            ptr = s.data_ptr()
-            if ptr in self._excluded or s.nbytes() == 0:
-                continue
-            if ptr in self._live:
-                self._live[ptr][1] += 1
-            else:
-                self._live[ptr] = [s.nbytes(), 1]
-                self.current += s.nbytes()
-                self.peak = max(self.peak, self.current)
-
-    def release(self, *tensors: torch.Tensor) -> None:
-        for t in tensors:
-            ptr = t.untyped_storage().data_ptr()
-            entry = self._live.get(ptr)
-            if entry is None:
-                continue
-            entry[1] -= 1
-            if entry[1] == 0:
-                self.current -= entry[0]
-                del self._live[ptr]
-
-
 @dataclass
 class ReshardStats:
     """What one pass of the resharder did on this rank."""
@@ -186,7 +121,7 @@ class Sink(Protocol):
     without ``checksums``), right after it was written.
 
     Optionally, ``verifier(name, nbytes)`` returns the consumer's own
-    :class:`~megatron_smd.sync.bucket.Checksum` for a tensor written into its slot (or None): the
+    :class:`~megatron_smd.sync.checks.Checksum` for a tensor written into its slot (or None): the
     resharder feeds it every piece of the tensor right after writing it, while the piece is in
     cache, and hands its value to ``put`` as ``received`` (what the consumer compares the sender's
     checksum with).
@@ -271,10 +206,9 @@ class Resharder:
         self.overlap = overlap and self.pack
         self._limit = self.bucket_bytes // 2 if self.overlap else self.bucket_bytes  # bytes per bucket
         est = [self._hf_bytes_estimate(q) for _, q in self.params]
-        # With overlap, a parameter larger than a bucket is usually sent as a view of itself (see
-        # _iter), so the buffers are sized for the others; one that cannot be grows its buffer.
-        big = max((e for e in est if e <= self._limit), default=0) if self.overlap else max(est)
-        self._pack_capacity = max(min(self._limit, sum(est)), big)
+        if self.overlap:  # what is sent as views of the learner's parameters takes no buffer space
+            est = [e for (n, q), e in zip(self.params, est) if not self._sent_as_views(n, q)]
+        self._pack_capacity = max(min(self._limit, sum(est)), max(est, default=0))
         self._max_local_bytes = max(q.numel() * q.element_size() for _, q in self.params)
         self._bufs: dict[str, torch.Tensor] = {}
         self._temps: list[torch.Tensor] = []  # unpacked mode: temporaries of the open bucket
@@ -282,6 +216,20 @@ class Resharder:
         self._sums: list[int | None] = []  # the open bucket's checksums, in tensor order
 
     # --------------------------------------------------------------------------------------
+    def _sent_as_views(self, name: str, p: torch.Tensor) -> bool:
+        """Whether every HF tensor of parameter ``name`` is a view of it (then an overlapping
+        transport sends it from there, see :meth:`_iter`): not for a TP-split parameter at TP > 1
+        (its shards are gathered), nor for a conversion that rearranges or casts it."""
+        if self.layout.tp > 1 and getattr(p, "tensor_model_parallel", False):
+            return False
+        try:
+            outs = hf_pieces(name, [p.detach()] * self.layout.tp, self.arch, pp_rank=self.stage,
+                             pp_size=self.num_stages)
+        except Exception:  # reported when the parameter is converted
+            return False
+        return all(param_view(pieces, shape, self.dtype or pieces[0][1].dtype, None) is not None
+                   for _, shape, pieces in outs)
+
     def _hf_bytes_estimate(self, p: torch.Tensor) -> int:
         """Upper bound of the HF bytes one parameter converts to (vocabulary padding included)."""
         itemsize = (self.dtype or p.dtype).itemsize
@@ -509,19 +457,35 @@ class Resharder:
             sizes = [_numel(shape) * dt.itemsize for (_, shape, _), dt in zip(outs, dtypes)]
             self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes, sum(sizes))
             for (hf_name, shape, pieces), dt, nb in zip(outs, dtypes, sizes):
-                view = param_view(pieces, shape, dt, gptr) if self.overlap and nb > B else None
-                if view is not None:  # a bucket of its own anyway: send the learner's memory, no copy
+                view = param_view(pieces, shape, dt, gptr) if self.overlap else None
+                if view is not None and nb > B:  # a bucket of its own anyway
                     if len(bucket):
                         yield self._flush(bucket)
                         bucket = self._next(bucket)
-                    bucket.add(hf_name, view)
-                    bucket.flat = view.reshape(-1).view(torch.uint8)
+                    bucket.append_view(hf_name, view)
                     self._finish_tensor(bucket, hf_name, view, *self._check_view(view))
                     yield self._flush(bucket)
                     bucket = self._next(bucket)
                     del view
                     continue
-                if self.pack:
+                if self.overlap:  # the bucket in segments: views of the learner's memory as they are
+                    buf = self._buffer(self._pack_key(bucket), self._pack_capacity, p.device)
+                    end = -(-bucket.packed // dt.itemsize) * dt.itemsize + nb
+                    if len(bucket) and (bucket.nbytes % dt.itemsize or (view is None and end > buf.numel())):
+                        yield self._flush(bucket)
+                        bucket = self._next(bucket)
+                        buf = self._buffer(self._pack_key(bucket), self._pack_capacity, p.device)
+                    if view is not None:
+                        t = view
+                        bucket.append_view(hf_name, t)
+                        finite, cs = self._check_view(t)
+                    else:
+                        if nb > buf.numel():
+                            buf = self._buffer(self._pack_key(bucket), nb, p.device)
+                        t = bucket.place(hf_name, shape, dt, buf)
+                        finite, cs = self._write(t, pieces)
+                    received = None
+                elif self.pack:
                     buf = self._buffer(self._pack_key(bucket), self._pack_capacity, p.device)
                     if len(bucket) and (bucket.nbytes % dt.itemsize or bucket.nbytes + nb > buf.numel()):
                         yield self._flush(bucket)  # mixed dtypes (SGLang's alignment rule) or a low estimate

@@ -41,7 +41,8 @@ import torch
 
 from ..errors import SMDError
 from ..model.hf import expected_shapes
-from .bucket import CHECKSUM_ALGORITHM, Checksum, empty_bytes, tensor_checksum
+from .bucket import empty_bytes
+from .checks import CHECKSUM_ALGORITHM, Checksum, tensor_checksum
 
 EngineState = Literal["previous", "partial", "unknown", "updated"]
 

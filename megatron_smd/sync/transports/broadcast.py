@@ -94,11 +94,21 @@ class BroadcastTransport(Transport):
     def _send(self, ctx: SenderContext, bucket: Bucket) -> None:
         """Queue the bucket's header and bytes behind the previous bucket (gloo / NCCL run a group's
         collectives in order), so that the wire never waits for this thread, then wait for the
-        previous bucket: its buffer is the one the resharder fills next."""
-        flat = bucket.flatten(self.device)
-        works = bcast_object_async({"op": "bucket", "version": ctx.version, **bucket.header()}, self.pg, self.device)
-        works.append(dist.broadcast(flat, group=self.pg, group_src=0, async_op=True))
-        previous, self._inflight = self._inflight, (works, flat)
+        previous bucket: its buffer is the one the resharder fills next.
+
+        A bucket the resharder built in segments (views of the learner's parameters between packed
+        tensors, :attr:`Bucket.segments`) goes as one broadcast per segment, their sizes announced
+        in the header (``segments``): the receiver gets them back to back into one buffer, the
+        same flattened bucket, with no packing copy on this side."""
+        segs = bucket.segments
+        if not segs or any(s.device != self.device for s in segs):
+            segs = [bucket.flatten(self.device)]
+        hdr = {"op": "bucket", "version": ctx.version, **bucket.header()}
+        if len(segs) > 1:
+            hdr["segments"] = [s.numel() for s in segs]
+        works = bcast_object_async(hdr, self.pg, self.device)
+        works += [dist.broadcast(s, group=self.pg, group_src=0, async_op=True) for s in segs]
+        previous, self._inflight = self._inflight, (works, segs)
         self._wait(previous)
 
     def send(self, ctx: SenderContext, bucket: Bucket) -> None:
