@@ -42,7 +42,11 @@ Model of one request (page size 1)
   request outside the group holds that part of the tree: the tree keeps the intact prefix ``[0,
   p)``, every member's lock moves to the node ending at ``p``; the group then owns ``[p, P)`` and
   frees each layer's slot of a position as soon as no member keeps it in that layer, its logical
-  id when no layer does (and the rest when its last member finishes).
+  id when no layer does (and the rest when its last member finishes). A prompt whose samples are
+  still on their way (SGLang's parallel sampling caches the prompt with a ``max_new_tokens=0``
+  request, then sends the ``n`` samples; or a request with the same prompt waits in the queue) is
+  *held* whole in the tree until the group has run a decode step with no such request waiting,
+  so every sample shares it.
 * **Prompt work is shared.** The prompt's dense prefill state -- per layer the kept positions after
   prefill compression (SnapKV, or any policy whose budget is below ``P``), the H2O attention sums
   and the last ``window`` post-RoPE queries -- is computed once per prompt (:class:`PromptState`,
@@ -276,6 +280,7 @@ class PromptGroup:
     logical_freed: np.ndarray
     members: dict[str, RequestEviction] = field(default_factory=dict)
     protected: int = 0
+    hold: bool = False  # more samples of the prompt are on their way: keep it whole in the tree
 
 
 @dataclass
@@ -349,6 +354,10 @@ class EvictionManager:
         self._exports: dict[str, dict] = {}
         self._released_early: set[str] = set()
         self._step: DecodeStep | None = None
+        #: prompts whose samples are expected (a parallel-sampling warmup just cached them)
+        self._expect_samples: dict[tuple, bool] = {}
+        #: the scheduler's waiting requests (set by the patch; None: no scheduler, e.g. CPU tests)
+        self.waiting_requests = None
         self.stats = {"private_slots_freed": 0, "prompt_slots_freed": 0, "detaches": 0, "released_early": 0,
                       "physical_slots_freed": 0, "decode_steps": 0, "compressions": 0}
         self.B = policy.budget or 0
@@ -482,7 +491,8 @@ class EvictionManager:
         if group is None:
             group = self._groups[gkey] = PromptGroup(
                 key=gkey, prompt_len=P, slots=slots, keep_count=np.zeros((self.L, P), dtype=np.int32),
-                phys_freed=np.zeros((self.L, P), dtype=bool), logical_freed=np.zeros(P, dtype=bool), protected=P)
+                phys_freed=np.zeros((self.L, P), dtype=bool), logical_freed=np.zeros(P, dtype=bool), protected=P,
+                hold=self._expect_samples.pop(prompt, False) or self._siblings_waiting(prompt))
         elif not np.array_equal(group.slots, slots):
             raise RuntimeError(f"request {rid}: its prompt tokens differ from its group's (tree de-duplication)")
         keeps = np.zeros((self.L, P), dtype=bool)
@@ -532,8 +542,18 @@ class EvictionManager:
             return
         with _free_group(self.allocator):
             for g in groups.values():
-                self._maybe_detach(g)
-                self._release_owned(g)
+                if not g.hold:
+                    self._maybe_detach(g)
+                    self._release_owned(g)
+
+    def _siblings_waiting(self, prompt: tuple) -> bool:
+        """Whether a request with this prompt waits in the scheduler's queue (it would join the
+        group if the prompt is still in the tree)."""
+        if self.waiting_requests is None:
+            return False
+        P = len(prompt)
+        return any(len(r.origin_input_ids) == P and tuple(r.origin_input_ids) == prompt
+                   for r in self.waiting_requests())
 
     def dense_export(self, req) -> dict:
         """The export of a request under policy ``none``: every key seen by every later query."""
@@ -548,6 +568,11 @@ class EvictionManager:
         is the prefill compression alone (dropped prompt keys ``evict = P``). Nothing is kept."""
         P = ps.prompt_len
         T = len(req.origin_input_ids) + len(req.output_ids)
+        if int(getattr(req.sampling_params, "max_new_tokens", 1) or 0) == 0:
+            # SGLang's parallel-sampling warmup: it caches the prompt, the n samples follow at once
+            self._expect_samples[tuple(int(t) for t in req.origin_input_ids)] = True
+            while len(self._expect_samples) > self.prompt_cache_size:
+                self._expect_samples.pop(next(iter(self._expect_samples)))
         ev = torch.full((self.L, max(T, P)), max(T, P), dtype=torch.int64)
         ev[:, :P][_prefill_dropped(ps)] = P
         return {"evict": encode_mask(ev[:, :T].clamp(max=T).to(EVICT_DTYPE)),
@@ -767,6 +792,11 @@ class EvictionManager:
             for members, D in zip(step.comp, host):
                 self._record_drops([st for _, st in members], D, lay_free, slot_free, logical_free,
                                    zero_rows, zero_pos, groups)
+            for _, st in step.managed:  # a held prompt is released once its samples have all joined
+                g = st.group
+                if g.hold and not self._siblings_waiting(g.key[0]):
+                    g.hold = False
+                    groups[id(g)] = g
             if lay_free:
                 lay = np.concatenate(lay_free)
                 self.kv_pool.free_physical(lay, np.concatenate(slot_free))
@@ -779,8 +809,9 @@ class EvictionManager:
                 self.rtp.req_to_token[torch.from_numpy(np.concatenate(zero_rows)).to(dev),
                                       torch.from_numpy(np.concatenate(zero_pos)).to(dev)] = DUMMY_SLOT
             for g in groups.values():
-                self._maybe_detach(g)
-                self._release_owned(g)
+                if not g.hold:
+                    self._maybe_detach(g)
+                    self._release_owned(g)
 
     def _record_drops(self, members: list[RequestEviction], D: np.ndarray, lay_free: list, slot_free: list,
                       logical_free: list, zero_rows: list, zero_pos: list, groups: dict) -> None:
@@ -972,7 +1003,7 @@ class EvictionManager:
                 g.keep_count[:] = 0
                 self._release_owned(g)
                 self._groups.pop(g.key, None)
-            else:
+            elif not g.hold:
                 self._maybe_detach(g)
                 self._release_owned(g)
         self._exports[st.rid] = export

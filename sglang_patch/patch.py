@@ -408,6 +408,7 @@ def _hook_scheduler(Scheduler) -> None:
                 num_kv_heads=mc.get_num_kv_heads(tp), head_dim=mc.head_dim,
                 req_to_token_pool=self.req_to_token_pool, allocator=self.token_to_kv_pool_allocator,
                 kv_pool=kv_pool, tree_cache=self.tree_cache)
+            _MANAGER.waiting_requests = lambda: self.waiting_queue  # prompt groups wait for their samples
             memory_hooks.register_manager(self.tree_cache, _MANAGER)
             logger.info("smd eviction active: %s", policy.model_dump())
         return __init__
