@@ -908,14 +908,18 @@ def test_adopting_commit_swaps_storage_keeps_ties_and_refusals_untouched():
 
 def _cycle_learner_job(port: int, tmp: str) -> dict:
     """One learner rank (TP=PP=1), weights changed before every sync: broadcast syncs in 96 KiB
-    buckets (the embedding and the MLP matrices, over half a bucket, travel as views of the
-    learner's parameters), the third refused (a NaN); then disk syncs with keep=1."""
+    buckets (the embedding and the MLP matrices, over half a bucket, travel as buckets of their
+    own straight from the learner's parameters, the attention output projection as a segment of a
+    packed bucket), the third refused (a NaN); then disk syncs with keep=1."""
     from megatron_smd.learner.convert import megatron_to_hf
     from megatron_smd.learner.learner import Learner, LearnerSettings
     from megatron_smd.parallel.layout import ParallelLayout
     from megatron_smd.sync import (BroadcastTransport, DiskTransport, WeightSync, WeightSyncError, latest_snapshot,
                                    learner_logits)
 
+    import megatron_smd.sync.reshard as reshard_mod
+
+    reshard_mod.MIN_SEGMENT_BYTES = 4096  # the tiny model's views of >= 4 KiB travel as segments
     name = "qwen2"
     arch = _arch(name)
     layout = ParallelLayout(world_size=1)
@@ -983,13 +987,14 @@ def _cycle_receiver_job(port: int) -> dict:
     from megatron_smd.sync import BroadcastReceiver
 
     engine = _engine("qwen2")
-    out: dict = {"syncs": [], "aliased": []}
+    out: dict = {"syncs": [], "aliased": [], "segments": []}
     rx = None
 
     def on_bucket(hdr):  # the buffers being received into never back the live weights
         live = {p.untyped_storage().data_ptr() for p in engine.model.parameters()}
         recv = {b.untyped_storage().data_ptr() for b in rx.buffers._recv.values()}
         out["aliased"].append(bool(live & recv))
+        out["segments"].append(len(hdr.get("segments") or [hdr["nbytes"]]))
 
     rx = BroadcastReceiver(engine, master_address="127.0.0.1", master_port=port, num_stages=1, rank=1,
                            world_size=2, timeout_s=60, on_bucket=on_bucket)
@@ -1028,6 +1033,7 @@ def test_double_buffered_receiver_and_recycled_disk_snapshots(tmp_path):
     assert a and b and not set(a) & set(b)
     assert [s["storage"] for s in rx["syncs"]] == [a, b, b, a, b]
     assert rx["aliased"] and not any(rx["aliased"])
+    assert max(rx["segments"]) > 1  # some buckets went in segments (packed tensors and views)
     d = lr["disk"]
     assert all(s["bitwise"] for s in d)
     assert d[2]["inodes"] == d[0]["inodes"] and d[3]["inodes"] == d[1]["inodes"]

@@ -138,10 +138,12 @@ class BroadcastReceiver:
             if op == "bucket":
                 flat = self.buffers.recv((p, n), hdr["nbytes"], self.device)
                 t0 = time.perf_counter()
-                off = 0
-                for k in hdr.get("segments") or [hdr["nbytes"]]:  # the sender's segments, back to back
-                    dist.broadcast(flat[off:off + k], group=g, group_src=0)
-                    off += k
+                off, works = 0, []
+                for k in hdr.get("segments") or [hdr["nbytes"]]:  # the sender's segments, back to back,
+                    works.append(dist.broadcast(flat[off:off + k], group=g, group_src=0, async_op=True))
+                    off += k  # all posted at once: the sender streams them without waiting for this loop
+                for w in works:
+                    w.wait()
                 t1 = time.perf_counter()
                 n += 1
                 if self.on_bucket is not None:

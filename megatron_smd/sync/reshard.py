@@ -82,6 +82,9 @@ __all__ = ["LiveBytes", "PhaseTimer", "Piece", "ReshardStats", "Resharder", "Sin
            "param_order", "unwrap_model", "write_pieces"]
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+#: With overlap, a view of the learner's parameter at least this large is sent as it is (a segment
+#: of its own); smaller ones are packed (a broadcast per small tensor costs more than its copy).
+MIN_SEGMENT_BYTES = 1 << 20
 
 
 def param_order(arch: ModelArch, pp_rank: int, pp_size: int) -> list[str]:
@@ -227,8 +230,12 @@ class Resharder:
                              pp_size=self.num_stages)
         except Exception:  # reported when the parameter is converted
             return False
-        return all(param_view(pieces, shape, self.dtype or pieces[0][1].dtype, None) is not None
-                   for _, shape, pieces in outs)
+        for _, shape, pieces in outs:
+            dt = self.dtype or pieces[0][1].dtype
+            nb = _numel(shape) * dt.itemsize
+            if param_view(pieces, shape, dt, None) is None or not (nb >= MIN_SEGMENT_BYTES or nb > self._limit):
+                return False
+        return True
 
     def _hf_bytes_estimate(self, p: torch.Tensor) -> int:
         """Upper bound of the HF bytes one parameter converts to (vocabulary padding included)."""
@@ -469,6 +476,8 @@ class Resharder:
                     del view
                     continue
                 if self.overlap:  # the bucket in segments: views of the learner's memory as they are
+                    if nb < MIN_SEGMENT_BYTES:
+                        view = None
                     buf = self._buffer(self._pack_key(bucket), self._pack_capacity, p.device)
                     end = -(-bucket.packed // dt.itemsize) * dt.itemsize + nb
                     if len(bucket) and (bucket.nbytes % dt.itemsize or (view is None and end > buf.numel())):
