@@ -8,9 +8,10 @@ prompt, the same KV byte capacity and the same long generations (16x the budget)
   R-KV; SnapKV (prompt compression only) below ``none``;
 * with the same KV byte capacity, H2O runs >= 3x as many requests at once as ``none``, and no
   server retracts a request;
-* decode speed: patched ``none`` >= 0.9x the unpatched server's tokens/s, H2O >= 0.7x, on the
-  tokens per CPU second the servers' processes used (the cost per token; wall-clock tokens/s on a
-  machine shared with other jobs swings several-fold between identical rounds, and is printed).
+* decode speed: patched ``none`` >= 0.9x the unpatched server's tokens/s, H2O >= 0.7x, counted per
+  CPU second the server's processes used (the median over rounds). On a machine shared with other
+  jobs the wall-clock tokens/s of identical rounds swing several-fold (printed, with the paired
+  per-round ratios); the CPU a token costs is what the patch changes, and it varies far less.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def bench(tmp_path_factory):
     from sglang_patch.bench import bench_rollout_sglang
 
     work = tmp_path_factory.mktemp("sglang-bench")
-    res = bench_rollout_sglang(None, prompt_len=32, budget_frac=0.25, gen_factor=16, batch=4,
-                               concurrency_requests=32, rounds=5, workdir=work)
+    res = bench_rollout_sglang(None, prompt_len=32, budget_frac=0.25, gen_factor=16, batch=8,
+                               concurrency_requests=48, rounds=7, workdir=work)
     print("\n" + json.dumps({k: {m: round(x, 3) for m, x in v.items() if isinstance(x, float)}
                              for k, v in res["policies"].items()}, indent=1))
     return res
@@ -57,8 +58,8 @@ def test_more_requests_run_at_once_without_retraction(bench):
 def test_decode_speed(bench):
     pol = bench["policies"]
     for name in pol:
-        print(f"{name}: tokens/s {pol[name]['throughput_ratio_vs_unpatched']:.2f}x (best round), "
-              f"{pol[name]['throughput_ratio_vs_unpatched_median']:.2f}x (median), "
-              f"per CPU second {pol[name]['cpu_throughput_ratio_vs_unpatched']:.2f}x of the unpatched server")
+        print(f"{name}: tokens/s {pol[name]['throughput_ratio_vs_unpatched']:.2f}x the unpatched server's "
+              f"(median of paired rounds; best round {pol[name]['throughput_ratio_vs_unpatched_best']:.2f}x, "
+              f"per CPU second {pol[name]['cpu_throughput_ratio_vs_unpatched']:.2f}x)")
     assert pol["none"]["cpu_throughput_ratio_vs_unpatched"] >= 0.9, pol["none"]
     assert pol["h2o"]["cpu_throughput_ratio_vs_unpatched"] >= 0.7, pol["h2o"]
