@@ -54,15 +54,6 @@ def obs_attention_batched(keys: torch.Tensor, positions: torch.Tensor, obs_queri
     return probs.reshape(n, H_q, w, C)
 
 
-def accumulate_batched(acc: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """:func:`megatron_smd.policies.accumulate_attention` for ``n`` requests:
-    acc ``[n, H_kv, C]`` float32, probs ``[n, H_q, n_q, C]`` -> new acc float32."""
-    n, H_kv, C = acc.shape
-    H_q = probs.shape[1]
-    per_q_head = probs.to(torch.float32).sum(dim=2)  # [n, H_q, C]
-    return acc.to(torch.float32) + per_q_head.view(n, H_kv, H_q // H_kv, C).sum(dim=2)
-
-
 def _obs_window_vote(keys, positions, obs_queries, obs_positions) -> torch.Tensor:
     n, H_kv, C, _ = keys.shape
     probs = obs_attention_batched(keys, positions, obs_queries, obs_positions)  # [n, H_q, w, C]
@@ -149,6 +140,5 @@ def dropped_batched(keep: torch.Tensor, C: int) -> torch.Tensor:
     return torch.sort(mask, dim=1, descending=True, stable=True).indices[:, : C - B]
 
 
-__all__ = ["accumulate_batched", "dropped_batched", "obs_attention_batched", "select_and_drop_batched",
-           "select_batched"]
+__all__ = ["dropped_batched", "obs_attention_batched", "select_and_drop_batched", "select_batched"]
 

@@ -8,8 +8,8 @@
   budget of ``budget_frac`` of the prompt (per-layer pools),
 
 every one with the same KV byte capacity (``--max-total-tokens``: physical slots per layer, the same
-K/V buffers as SGLang's dense pool of that many tokens) and one torch / OpenMP thread (``threads``). Generations are long: ``gen_factor`` times
-the budget, fixed length (``ignore_eos``). Then:
+K/V buffers as SGLang's dense pool of that many tokens) and one torch / OpenMP thread (``threads``).
+Generations are long: ``gen_factor`` times the budget, fixed length (``ignore_eos``). Then:
 
 1. **Speed and memory** (``rounds`` rounds; in each, every server in turn gets the same batch of
    ``batch`` requests, few enough that the dense pool holds them all at once, after a

@@ -413,11 +413,6 @@ class EvictionManager:
         tab = self.tab[layer, st.row, : st.n_tab].cpu() if st.n_tab else torch.empty(0, dtype=torch.int64)
         return torch.cat([tab, torch.arange(st.tail_start, st.next_pos)])
 
-    def kv_indices(self, rid: str, layer: int) -> torch.Tensor:
-        """Physical slots of ``layer`` that ``rid`` attends now."""
-        st = self._reqs[rid]
-        return self.kv_pool.translate(layer, self._row_slots(st.row, self.live_positions(rid, layer))).cpu()
-
     def running_reserve(self, req) -> int | None:
         """Slots per layer admission keeps free for a managed running request: its GRPO group's
         growth bound (:func:`megatron_smd.kv_budget.group_reserve_tokens`), charged to one member

@@ -225,8 +225,8 @@ class PerLayerPrefillBudget(PrefillBudget):
                       chunk_limit, auxiliary_swa_host_hit_length=0):
         grow = self._growth(extend_input_len, max_new_tokens, input_tokens)
         self._last = (int(extend_input_len), int(max_new_tokens), grow)
-        return super().check_prefill(extend_input_len=extend_input_len, total_tokens=total_tokens - max_new_tokens + grow,
-                                     max_new_tokens=grow, input_tokens=input_tokens,
+        return super().check_prefill(extend_input_len=extend_input_len,
+                                     total_tokens=total_tokens - max_new_tokens + grow, max_new_tokens=grow, input_tokens=input_tokens,
                                      swa_host_hit_length=swa_host_hit_length, chunk_limit=chunk_limit,
                                      auxiliary_swa_host_hit_length=auxiliary_swa_host_hit_length)
 

@@ -426,8 +426,8 @@ def _hook_scheduler(Scheduler) -> None:
 
 
 def _hook_admission(PrefillAdder) -> None:
-    """A running request under eviction reserves what it may still add per layer
-    (``kv_budget.running_reserve_tokens``), not its remaining ``max_new_tokens``."""
+    """A running request under eviction reserves what its GRPO group may still add per layer
+    (``kv_budget.group_reserve_tokens``), not its remaining ``max_new_tokens``."""
     def make(orig):
         def _get_running_request_total_token_offset(self, req):
             if _per_layer():
