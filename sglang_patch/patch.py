@@ -71,10 +71,14 @@ physical slots per layer (the same K/V bytes as SGLang's dense pool), admission 
 each policy holds (:mod:`megatron_smd.kv_budget`), so more requests run at once and a request that
 cannot fit waits instead of being retracted.
 
-Decode step: the eviction decision runs on the device inside the forward, batched over requests
-and heads (:meth:`EvictionManager.layer_update`: index tables, H2O sums, scores, top-k and
-compaction are tensor ops; every shape is known on the host beforehand); the step's dropped
-positions reach the host once, after the forward (:meth:`EvictionManager.end_decode_step`).
+Decode step: every shape is known on the host before the forward (:meth:`EvictionManager.begin_decode`).
+Per layer, inside the forward, only tensor ops run: the layer's table of physical slots
+(:meth:`EvictionManager.layer_tables`), one padded attention over it for the whole batch on CPU
+(:meth:`EvictionManager.attend`; Triton gets the compacted ``kv_indptr`` / ``kv_indices``), and what
+the decision needs is kept (:meth:`EvictionManager.layer_update`). After the forward the decision
+runs once for all layers, requests and heads on the device (:meth:`EvictionManager.decide`: H2O
+sums, scores, top-k, compaction of the tables), and the dropped positions reach the host in one
+read (:meth:`EvictionManager.end_decode_step`), where the per-layer frees happen.
 
 Supported: attention backends ``triton`` (GPU) and ``torch_native`` (CPU; prefill is dense in
 both), page size 1, eager decode (CUDA graphs off: a captured graph bakes the index
