@@ -168,9 +168,10 @@ class Resharder:
         check_finite: record, per bucket, the tensors holding NaN or inf (``Bucket.nonfinite``).
         phases: a :class:`PhaseTimer` to account ``gather``, ``convert``, ``pack``, ``finite``,
             ``checksum`` and ``stage`` (the sink's ``put``) into.
-        overlap: pack alternately into two buffers of half the bucket size, so that a transport
-            may still be sending one bucket while the next is packed (it must be done with a
-            bucket by the time it returns from sending the next one, or from ``finish``).
+        overlap: a transport may still be sending one bucket while the next is built (it must be
+            done with a bucket by the time it returns from sending the next one, or from
+            ``finish``): buckets are half the size, packed alternately into two buffers (or, not
+            packed, their temporaries kept one bucket longer), so the memory bound holds.
 
     Raises ``ValueError`` at construction when the model's parameters are not exactly the ones the
     conversion table expects for this stage (same names and TP-local shapes on every rank).
@@ -206,15 +207,16 @@ class Resharder:
         # Reused buffers (sender only): the bucket is packed in place in wire layout (``pack0``, and
         # ``pack1`` in turn with ``overlap``: one bucket, or the largest parameter if that is bigger),
         # and the TP shards of one parameter land in ``gather`` ((tp - 1) x the largest local parameter).
-        self.overlap = overlap and self.pack
+        self.overlap = overlap and sink is None
         self._limit = self.bucket_bytes // 2 if self.overlap else self.bucket_bytes  # bytes per bucket
         est = [self._hf_bytes_estimate(q) for _, q in self.params]
-        if self.overlap:  # what is sent as views of the learner's parameters takes no buffer space
+        if self.overlap and self.pack:  # what is sent as views of the learner's parameters takes no buffer space
             est = [e for (n, q), e in zip(self.params, est) if not self._sent_as_views(n, q)]
         self._pack_capacity = max(min(self._limit, sum(est)), max(est, default=0))
         self._max_local_bytes = max(q.numel() * q.element_size() for _, q in self.params)
         self._bufs: dict[str, torch.Tensor] = {}
         self._temps: list[torch.Tensor] = []  # unpacked mode: temporaries of the open bucket
+        self._prev_temps: list[torch.Tensor] = []  # (overlap) the previous bucket's, still being sent
         self._copier: ThreadPoolExecutor | None = None  # the second half of large tensors
         self._sums: list[int | None] = []  # the open bucket's checksums, in tensor order
 
@@ -330,11 +332,18 @@ class Resharder:
                 self.meter.release(buf)
             self._bufs.clear()
             self._release_temps()
+            self._release_temps()
             self.stats.peak_live_bytes = self.meter.peak
 
     def _release_temps(self) -> None:
-        self.meter.release(*self._temps)
-        self._temps = []
+        """Free the accounting of the oldest temporaries: the last bucket's, or, with overlap (the
+        transport may still be writing the previous bucket), the one before."""
+        if self.overlap:
+            self.meter.release(*self._prev_temps)
+            self._prev_temps, self._temps = self._temps, []
+        else:
+            self.meter.release(*self._temps)
+            self._temps = []
 
     def _write(self, dest: torch.Tensor, pieces: list[Piece], verifier: Checksum | None = None
                ) -> tuple[bool, int | None]:
@@ -464,7 +473,7 @@ class Resharder:
             sizes = [_numel(shape) * dt.itemsize for (_, shape, _), dt in zip(outs, dtypes)]
             self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes, sum(sizes))
             for (hf_name, shape, pieces), dt, nb in zip(outs, dtypes, sizes):
-                view = param_view(pieces, shape, dt, gptr) if self.overlap else None
+                view = param_view(pieces, shape, dt, gptr) if self.overlap and self.pack else None
                 if view is not None and nb > B:  # a bucket of its own anyway
                     if len(bucket):
                         yield self._flush(bucket)
@@ -475,7 +484,7 @@ class Resharder:
                     bucket = self._next(bucket)
                     del view
                     continue
-                if self.overlap:  # the bucket in segments: views of the learner's memory as they are
+                if self.overlap and self.pack:  # the bucket in segments: views of the learner's memory as they are
                     if nb < MIN_SEGMENT_BYTES:
                         view = None
                     buf = self._buffer(self._pack_key(bucket), self._pack_capacity, p.device)

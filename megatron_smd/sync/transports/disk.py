@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch.distributed as dist
@@ -56,9 +57,14 @@ class DiskTransport(Transport):
         self._files: list[dict] = []
         self._fsyncs: list[_Fsync] = []
         self._pruning: threading.Thread | None = None
+        self._writer: ThreadPoolExecutor | None = None  # writes a shard while the next is converted
+        self._writing: Future | None = None
 
     def packs(self, ctx: SenderContext) -> bool:
         return False  # a shard is written tensor by tensor, mostly straight from the parameters
+
+    def overlaps(self, ctx: SenderContext) -> bool:
+        return True  # a shard is written on a helper thread while the next bucket is converted and checked
 
     @staticmethod
     def snapshot_name(version: int) -> str:
@@ -80,10 +86,13 @@ class DiskTransport(Transport):
 
     def close(self) -> None:
         self.wait()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def begin(self, ctx: SenderContext) -> None:
         self.wait()
-        self._files, self._fsyncs = [], []
+        self._files, self._fsyncs, self._writing = [], [], None
         part = self._partial(ctx.version)
         if ctx.coordinator:
             spare = self._spare
@@ -100,6 +109,16 @@ class DiskTransport(Transport):
             dist.barrier(group=ctx.senders_group)  # the directory exists before anyone writes
 
     def send(self, ctx: SenderContext, bucket: Bucket) -> None:
+        """Queue the shard's write on the writer thread, then wait for the previous shard's (the
+        resharder may free that bucket's temporaries once this returns); a write's error is
+        raised here or by :meth:`finish`."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smd-sync-write")
+        previous, self._writing = self._writing, self._writer.submit(self._write, ctx, bucket)
+        if previous is not None:
+            previous.result()
+
+    def _write(self, ctx: SenderContext, bucket: Bucket) -> None:
         fname = f"model-pp{ctx.stage:02d}-{bucket.index:05d}.safetensors"
         path = self._partial(ctx.version) / fname
         with ctx.phases("write"):
@@ -111,6 +130,12 @@ class DiskTransport(Transport):
                             "checksums": bucket.checksums})
 
     def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            try:
+                writing.result()
+            except Exception as e:  # the last shard's write
+                failed = failed or f"writing a shard: {type(e).__name__}: {e}"
         with ctx.phases("fsync"):  # what is left of the shards' fsyncs
             for t in self._fsyncs:
                 t.join()
