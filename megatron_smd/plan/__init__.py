@@ -22,12 +22,13 @@ command line is ``smd plan`` in :mod:`megatron_smd.cli`.
 
 from __future__ import annotations
 
+# The rollout KV arithmetic is the SGLang pools' own (megatron_smd.kv_budget), re-exported here.
+from ..kv_budget import batch_peak_tokens, decode_peak_tokens, kv_bytes_per_token, prefill_kept_tokens, request_peak_tokens
 from .launch import check_server_args, format_shell, launch_vars, policy_flags
-from .memory import (DEFAULT_MEM_FRACTION_STATIC, DTYPE_BYTES, GB, GIB, TIGHT, StageParams, batch_peak_tokens,
-                     decode_peak_tokens, hf_param_count, kv_bytes_per_token, kv_dtype_bytes, layer_activation_bytes,
-                     layer_params, learner_memory, learner_precision, microbatch_activation_bytes,
-                     microbatches_per_step, padded_vocab, plan, prefill_kept_tokens, recompute_mode,
-                     request_peak_tokens, rollout_memory, rows_per_microbatch, stage_params)
+from .memory import (DEFAULT_MEM_FRACTION_STATIC, DTYPE_BYTES, GB, GIB, TIGHT, StageParams, hf_param_count,
+                     kv_dtype_bytes, layer_activation_bytes, layer_params, learner_memory, learner_precision,
+                     microbatch_activation_bytes, microbatches_per_step, padded_vocab, plan, recompute_mode,
+                     rollout_memory, rows_per_microbatch, stage_params)
 from .table import format_plan
 from .validate import VOCAB_DIVISOR, padded_seq_len, resolve_arch, validate_layout
 

@@ -103,6 +103,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..kv_budget import kv_bytes_per_token, request_peak_tokens
 from ..model.hf import ModelArch, expected_shapes
 from ..policies import PolicyConfig
 from .validate import VOCAB_DIVISOR, padded_seq_len, resolve_arch, validate_layout
@@ -306,49 +307,6 @@ def kv_dtype_bytes(cfg) -> int:
     if cfg.rollout.kv_cache_dtype.startswith("fp8"):
         return 1
     return DTYPE_BYTES[cfg.model.dtype]
-
-
-def _compresses_prefill(policy: PolicyConfig, prompt_len: int) -> bool:
-    return policy.name != "none" and prompt_len > policy.budget
-
-
-def prefill_kept_tokens(policy: PolicyConfig, prompt_len: int) -> int:
-    """Slots a request holds per layer right after its prompt (``r0``)."""
-    return policy.budget if _compresses_prefill(policy, prompt_len) else prompt_len
-
-
-def decode_peak_tokens(policy: PolicyConfig, prompt_len: int, new_tokens: int) -> int:
-    """Most slots a request holds per layer during decoding (the last sampled token is never cached)."""
-    r0 = prefill_kept_tokens(policy, prompt_len)
-    grown = r0 + new_tokens - 1
-    if policy.name in ("streaming", "h2o"):
-        return min(grown, policy.budget + 1)
-    if policy.name == "rkv":
-        return min(grown, policy.budget + policy.buffer)
-    return grown  # none, snapkv (compresses the prompt only)
-
-
-def request_peak_tokens(policy: PolicyConfig, prompt_len: int, new_tokens: int) -> int:
-    """Peak slots per layer of one request, prefill included (the prompt is prefilled densely)."""
-    return max(prompt_len, decode_peak_tokens(policy, prompt_len, new_tokens))
-
-
-def batch_peak_tokens(policy: PolicyConfig, prompt_len: int, new_tokens: int, num_prompts: int,
-                      group_size: int) -> int:
-    """Peak live slots per layer of a reference-engine batch (every row the same length, no EOS).
-
-    The engine prefills prompts one after another (the dense prompt cache sits on top of the rows
-    already admitted), replicates each into ``group_size`` rows, then decodes all rows in lock step.
-    """
-    r0 = prefill_kept_tokens(policy, prompt_len)
-    B = num_prompts * group_size
-    return max((num_prompts - 1) * group_size * r0 + prompt_len, B * r0,
-               B * decode_peak_tokens(policy, prompt_len, new_tokens))
-
-
-def kv_bytes_per_token(arch: ModelArch, dtype_bytes: int, tp: int = 1) -> int:
-    """K and V bytes of one token over all layers on one GPU of a TP-``tp`` engine."""
-    return 2 * arch.num_layers * math.ceil(arch.num_kv_heads / tp) * arch.head_dim * dtype_bytes
 
 
 def rollout_memory(cfg, arch: ModelArch, learner_resident: int) -> dict[str, Any]:
