@@ -84,7 +84,7 @@ __all__ = ["LiveBytes", "PhaseTimer", "Piece", "ReshardStats", "Resharder", "Sin
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 #: With overlap, a view of the learner's parameter at least this large is sent as it is (a segment
 #: of its own); smaller ones are packed (a broadcast per small tensor costs more than its copy).
-MIN_SEGMENT_BYTES = 4 << 20
+MIN_SEGMENT_BYTES = 1 << 20
 
 
 def param_order(arch: ModelArch, pp_rank: int, pp_size: int) -> list[str]:
