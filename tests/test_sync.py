@@ -33,13 +33,22 @@ What is measured, and against what:
   parameters bit-identical to the conversion table's HF tensors; a NaN is refused with and without
   checksums (the finiteness test runs on different threads in the two cases), the engine
   bit-identical; the raw-broadcast ``wire`` message works between syncs.
+* **Double-buffered receiver, segments, recycled snapshots** (one learner rank + one broadcast
+  receiver): five broadcast syncs of new weights, one refused (a NaN), some buckets sent in
+  segments straight from the learner's parameters: the receiver's engine matches the learner after
+  each, its parameters alternate between two buffer sets that are never received into while live,
+  the refused sync changes nothing, the learner's memory is untouched; five disk syncs with
+  ``keep=1``: the third and fourth overwrite the first and second snapshots' files (same inodes,
+  held open), the engine bit-identical each time, no stale shard after the layout changes.
 * Unit tests in the pytest process: the checksum against a pure-Python evaluation of its formula
   and against single-word corruption, and its numpy (CPU) and torch paths against each other; the
   finiteness test against every NaN / inf pattern per float dtype; the resharder's direct
   conversion byte-for-byte against the conversion table (TP 1, 2, 4, query groups split across
   ranks); the wire layout byte-for-byte against SGLang's own ``FlattenedTensorBucket``; safetensors
   shards against the ``safetensors`` reader; the staged commit's atomicity; a disk snapshot whose
-  checksums another algorithm computed; ``WeightSync.from_config``.
+  checksums another algorithm computed; ``WeightSync.from_config``; the pieces a tensor is written
+  and checked in (row-aligned, each written by its own copies); the checksum fed in pieces from two
+  threads; the adopting commit (tied weights stay tied, a refusal changes no storage).
 """
 
 from __future__ import annotations
@@ -306,7 +315,8 @@ def test_all_finite_is_exact_for_every_float_dtype():
 
 
 def test_checksum_numpy_and_torch_paths_agree():
-    """The CPU computes the checksum with numpy, other devices with torch: the same integers."""
+    """The CPU computes the checksum with torch and numpy (row and column sums, :class:`Checksum`),
+    other devices with torch alone: the same integers."""
     from megatron_smd.sync.checks import _checksum_torch
 
     g = torch.Generator().manual_seed(2)
