@@ -87,6 +87,7 @@ class PatchedServer:
 
             prepare_cpu_environment(env)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._log_offset = self.log_path.stat().st_size if self.log_path and self.log_path.is_file() else 0
         self._t0 = time.monotonic()
         try:
             self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -98,16 +99,37 @@ class PatchedServer:
             self.wait_healthy()
         return self
 
-    def wait_healthy(self, timeout_s: float | None = None) -> None:
-        """Block until ``/health`` answers 200; raise with the log's tail if the process dies or time runs out."""
+    #: what SGLang's HTTP server logs when its port was taken between :func:`free_port` and its bind
+    BIND_FAILED = b"error while attempting to bind on address"
+
+    def _bind_failed(self) -> bool:
+        if not self.log_path or not self.log_path.is_file():
+            return False
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_offset)
+            return self.BIND_FAILED in f.read()
+
+    def wait_healthy(self, timeout_s: float | None = None, *, port_retries: int = 3) -> None:
+        """Block until ``/health`` answers 200; raise with the log's tail if the process dies or time runs out.
+
+        A free port can be taken by another process before the server binds it (SGLang starts its HTTP
+        server a minute after the port was chosen): the server is then restarted on a new port, at most
+        ``port_retries`` times (seen in the log, so only with ``log_path``)."""
         deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
+        t0 = self._t0
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise SMDError(f"SGLang server exited with status {self.proc.returncode} before it was healthy "
                                f"({' '.join(self.command())}){self._log_tail()}")
             if self.healthy():
-                self.startup_s = time.monotonic() - self._t0
+                self.startup_s = time.monotonic() - t0
                 return
+            if port_retries > 0 and self._bind_failed():
+                self.stop()
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+                port_retries -= 1
+                self.start(wait=False)
             time.sleep(0.5)
         self.stop()
         raise SMDError(f"SGLang server at {self.url} was not healthy within {timeout_s or self.start_timeout_s:.0f} s"
