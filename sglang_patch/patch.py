@@ -499,16 +499,18 @@ def _extend_table(layer, forward_batch) -> torch.Tensor:
     return _MANAGER.kv_pool.translate(layer.layer_id, slots)
 
 
+def _init_then_begin(orig):
+    """A backend's ``init_forward_metadata`` followed by the patch's per-step setup (both backends)."""
+    def init_forward_metadata(self, forward_batch, *args, **kwargs):
+        out = orig(self, forward_batch, *args, **kwargs)
+        _begin_forward(forward_batch)
+        return out
+    return init_forward_metadata
+
+
 def _hook_triton(TritonAttnBackend) -> None:
     """GPU backend: each layer reads its physical slots (``kv_indices`` translated, and compacted to
     the live positions in decode)."""
-    def make_init(orig):
-        def init_forward_metadata(self, forward_batch, *args, **kwargs):
-            out = orig(self, forward_batch, *args, **kwargs)
-            _begin_forward(forward_batch)
-            return out
-        return init_forward_metadata
-
     def make_extend(orig):
         def forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs):
             if not _per_layer():
@@ -548,7 +550,7 @@ def _hook_triton(TritonAttnBackend) -> None:
             return out
         return forward_decode
 
-    _wrap(TritonAttnBackend, "init_forward_metadata", make_init)
+    _wrap(TritonAttnBackend, "init_forward_metadata", _init_then_begin)
     _wrap(TritonAttnBackend, "forward_extend", make_extend)
     _wrap(TritonAttnBackend, "forward_decode", make_decode)
 
@@ -557,13 +559,6 @@ def _hook_torch_native(TorchNativeAttnBackend) -> None:
     """CPU backend: its extend and decode read ``req_to_token[row, :seq_len]`` per request, so each
     layer gets a table of physical slots in place of the pool's (decode: one row per batch entry,
     its live slots)."""
-    def make_init(orig):
-        def init_forward_metadata(self, forward_batch, *args, **kwargs):
-            out = orig(self, forward_batch, *args, **kwargs)
-            _begin_forward(forward_batch)
-            return out
-        return init_forward_metadata
-
     def make_extend(orig):
         def forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs):
             global _TABLE
@@ -620,7 +615,7 @@ def _hook_torch_native(TorchNativeAttnBackend) -> None:
                         t["seq_lens"], encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
         return _run_sdpa_forward_decode
 
-    _wrap(TorchNativeAttnBackend, "init_forward_metadata", make_init)
+    _wrap(TorchNativeAttnBackend, "init_forward_metadata", _init_then_begin)
     _wrap(TorchNativeAttnBackend, "forward_extend", make_extend)
     _wrap(TorchNativeAttnBackend, "forward_decode", make_decode)
     _wrap(TorchNativeAttnBackend, "_run_sdpa_forward_extend", make_run_extend)
