@@ -9,7 +9,8 @@
     smd export-hf  CKPT OUT
     smd calibrate-kv --config CFG --out DIR [--model DIR] [--method auto|modelopt|reference] [key=value ...]
     smd plan       --config CFG [--json | --shell] [key=value ...]
-    smd experiment compare --config CFG [--out DIR] [--modes a,b] [--docs DIR] [key=value ...]
+    smd experiment compare --config CFG [--out DIR] [--modes a,b] [--seeds K] [--ppo ExM|none]
+                           [--sweep P,P,..|none] [--sweep-steps N] [--docs DIR] [key=value ...]
     smd experiment report  --out DIR [--docs DIR]
     smd experiment golden  --out FILE
     smd bench      rollout|attention|sync|all [--quick] [--threads N] [--json]
@@ -29,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import SMDError
+from .errors import ConfigError, SMDError
 
 
 def _cmd_init_model(a) -> int:
@@ -253,7 +254,8 @@ def _cmd_experiment_compare(a) -> int:
 
     install_signal_handlers()
     try:
-        res = compare(a.config, a.out, a.modes, a.overrides, docs=a.docs)
+        res = compare(a.config, a.out, a.modes, a.overrides, docs=a.docs, seeds=a.seeds, ppo=_ppo_arg(a.ppo),
+                      sweep=_sweep_arg(a.sweep), sweep_steps=a.sweep_steps)
     except KeyboardInterrupt as e:
         print(f"\ninterrupted ({e or 'Ctrl-C'}): finished modes are kept, the current one resumes from its last "
               f"checkpoint. Continue with the same command.", file=sys.stderr)
@@ -264,6 +266,29 @@ def _cmd_experiment_compare(a) -> int:
         print(f"wrote {out / RESULTS_MD}, {out / RESULTS_JSON} and {out / IMG}/*.png"
               + (f"; and {Path(a.docs) / RESULTS_MD}" if a.docs else ""))
     return 0
+
+
+def _ppo_arg(v: str) -> tuple[int, int] | None:
+    if v.lower() == "none":
+        return None
+    try:
+        e, m = (int(x) for x in v.lower().split("x"))
+        assert e >= 1 and m >= 1
+    except (ValueError, AssertionError):
+        raise ConfigError(f"command line: --ppo {v!r}: expected EPOCHSxMINIBATCHES (e.g. 4x2) or none") from None
+    return e, m
+
+
+def _sweep_arg(v: str) -> tuple[float, ...]:
+    if v.lower() == "none":
+        return ()
+    try:
+        fr = tuple(float(x) / 100 for x in v.split(",") if x)
+        assert fr and all(0 < f <= 1 for f in fr)
+    except (ValueError, AssertionError):
+        raise ConfigError(f"command line: --sweep {v!r}: expected budget percentages in (0, 100], e.g. 25,50,100, "
+                          "or none") from None
+    return fr
 
 
 def _cmd_experiment_report(a) -> int:
@@ -372,7 +397,13 @@ def _args_experiment_compare(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", help="comparison directory (default: <output_dir>/compare)")
     s.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)} (default: all)")
     s.add_argument("--docs", help="also write DOCS/results.md and DOCS/img/*.png")
-    _overrides(s, "key=value config overrides (applied to every mode)")
+    s.add_argument("--seeds", type=int, default=3, help="K: every arm runs on the same K seeds (default 3)")
+    s.add_argument("--ppo", default="4x2", help="EPOCHSxMINIBATCHES of the off-policy arms of naive and smd "
+                   "(default 4x2; none: no such arms)")
+    s.add_argument("--sweep", default="25,50,100", help="budget sweep of smd runs, in %% of prompt + completion length "
+                   "(default 25,50,100; none: no sweep)")
+    s.add_argument("--sweep-steps", type=int, default=10, help="steps of each budget-sweep run (default 10)")
+    _overrides(s, "key=value config overrides (applied to every run)")
 
 
 def _args_experiment_report(s: argparse.ArgumentParser) -> None:

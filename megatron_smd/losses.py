@@ -58,6 +58,8 @@ single-rank reference.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -254,6 +256,24 @@ def distills(alg: "AlgorithmConfig") -> bool:
     return alg.correction == "smd" and alg.distill.coef > 0
 
 
+# Opt-in view of correction_loss's terms (see capture_terms); None = nobody is looking.
+_TERMS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("smd_loss_terms", default=None)
+
+
+@contextlib.contextmanager
+def capture_terms():
+    """Within the context, :func:`correction_loss` also puts the terms it adds into the yielded dict:
+    ``ppo`` (the clipped surrogate), ``kl_ref`` and ``distill`` (each with its coefficient), as the
+    tensors it sums, still attached to the graph. What it returns is unchanged. Used by
+    :meth:`megatron_smd.learner.learner.Learner.step` to measure each term's gradient norm."""
+    d: dict[str, torch.Tensor] = {}
+    tok = _TERMS.set(d)
+    try:
+        yield d
+    finally:
+        _TERMS.reset(tok)
+
+
 def correction_loss(alg: "AlgorithmConfig", lp: torch.Tensor, *, lp_old: torch.Tensor, adv: torch.Tensor,
                     coef: torch.Tensor, weights: torch.Tensor, lp_ref: torch.Tensor | None = None,
                     lp_dense: torch.Tensor | None = None, full_kl_per_token: torch.Tensor | None = None
@@ -274,9 +294,14 @@ def correction_loss(alg: "AlgorithmConfig", lp: torch.Tensor, *, lp_old: torch.T
     loss, st = ppo_clip_loss(lp, lp_old, adv, m, clip_low=alg.clip_low, clip_high=alg.clip_high,
                              weights=c * weights, aggregation="sum")
     sums = {"clip_count": st["clip_count"], "action_tokens": st["tokens"], "coef_sum": float(c.sum())}
+    terms = _TERMS.get()
+    if terms is not None:
+        terms["ppo"] = loss
     if lp_ref is not None and alg.kl_coef > 0:
         kl = ((kl_penalty(lp, lp_ref, alg.kl_estimator)) * c).sum()
         sums["kl_ref_sum"] = float(kl.detach())
+        if terms is not None:
+            terms["kl_ref"] = alg.kl_coef * kl
         loss = loss + alg.kl_coef * kl
     if lp_dense is not None:
         d = alg.distill
@@ -286,6 +311,8 @@ def correction_loss(alg: "AlgorithmConfig", lp: torch.Tensor, *, lp_old: torch.T
             dk = distill_kl(lp, lp_dense, m, direction=d.direction, estimator=d.estimator, weights=c,
                             aggregation="sum")
         sums["distill_sum"] = float(dk.detach())
+        if terms is not None:
+            terms["distill"] = d.coef * dk
         loss = loss + d.coef * dk
     return loss, sums, int(m.sum())
 

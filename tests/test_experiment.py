@@ -45,9 +45,11 @@ def _ckpt_state(mode_dir: Path) -> dict:
 
 def test_compare_writes_results_and_resumes_without_work(tmp_path, tiny_qwen2_dir):
     out, docs = tmp_path / "cmp", tmp_path / "docs"
-    res = compare(CFG, out, ["smd", "dense"], _over(tiny_qwen2_dir), docs=docs)
-    assert res["status"] == {"dense": "ran", "smd": "ran"}
-    assert list(res["modes"]) == ["dense", "smd"]  # canonical order, dense (the floor) first
+    kw = dict(seeds=2, ppo=(2, 2), sweep=(0.5, 1.0), sweep_steps=1)
+    res = compare(CFG, out, ["smd", "dense"], _over(tiny_qwen2_dir), docs=docs, **kw)
+    arms = ["dense", "smd", "smd-ppo2x2", "sweep-b100", "sweep-b50"]
+    assert list(res["modes"]) == arms  # canonical order: dense (the floor) first, then smd, its variants
+    assert res["status"] == {f"seed{k}/{a}": "ran" for k in (0, 1) for a in arms}
     for d in (out, docs):
         assert (d / "results.md").is_file()
         for name in PLOTS:
@@ -55,59 +57,75 @@ def test_compare_writes_results_and_resumes_without_work(tmp_path, tiny_qwen2_di
     assert json.loads((out / "results.json").read_text())["modes"] == res["modes"]
     assert (docs / "results.md").read_text() == (out / "results.md").read_text()
 
-    # the table's numbers are the runs' numbers (recomputed here from run.json's history)
-    for m in ("dense", "smd"):
-        hist = json.loads((out / m / "run.json").read_text())["history"]
-        row = res["modes"][m]
-        # the trainer may log a step-0 record (the starting weights' eval only) before step 1
-        trained = [r for r in hist if r["step"] >= 1]
-        assert [r["step"] for r in trained] == [1, 2] and row["steps"] == 2
-        gaps = [r["mismatch/max_abs_logprob_diff"] for r in trained]
-        gn = [r["train/grad_norm"] for r in trained]
-        assert row["replay_gap_max"] == max(gaps) and math.isclose(row["replay_gap_mean"], sum(gaps) / 2)
-        assert math.isclose(row["grad_norm_var"], statistics.pvariance(gn), rel_tol=1e-12, abs_tol=1e-15)
-        assert row["peak_kv_bytes"] == max(r["kv/peak_bytes"] for r in trained)
-        assert row["eval_reward_dense_final"] == hist[-1]["reward/eval_dense"]
-        assert row["eval_reward_compressed_best"] == max(r["reward/eval_compressed"] for r in hist)
-        assert row["rejected_fraction"] == 0.0 and row["wall_s"] > 0
-        assert row["replay_gap_max"] <= TOL  # dense: the fp32 floor; smd: on it
+    # the per-seed rows are the runs' numbers; the table holds their mean and t-interval
+    for a in ("dense", "smd"):
+        for k in (0, 1):
+            run = json.loads((out / f"seed{k}" / a / "run.json").read_text())
+            assert run["config"]["rollout"]["seed"] == k and run["config"]["learner"]["seed"] == 1234 + k
+            hist = run["history"]
+            row = res["per_seed"][a][str(k)]
+            trained = [r for r in hist if r["step"] >= 1]
+            assert [r["step"] for r in trained] == [1, 2] and row["steps"] == 2
+            gaps = [r["mismatch/max_abs_logprob_diff"] for r in trained]
+            gn = [r["train/grad_norm"] for r in trained]
+            assert row["replay_gap_max"] == max(gaps) and math.isclose(row["replay_gap_mean"], sum(gaps) / 2)
+            assert math.isclose(row["grad_norm_var"], statistics.pvariance(gn), rel_tol=1e-12, abs_tol=1e-15)
+            assert row["grad_norm_median"] == statistics.median(gn)
+            assert row["eval_reward_dense_final"] == hist[-1]["reward/eval_dense"]
+            assert row["replay_gap_max"] <= TOL  # dense: the fp32 floor; smd: on it
+        iv = res["intervals"][a]["replay_gap_max"]
+        vals = [res["per_seed"][a][str(k)]["replay_gap_max"] for k in (0, 1)]
+        m, h = sum(vals) / 2, 12.706 * statistics.stdev(vals) / math.sqrt(2)
+        assert iv["mean"] == pytest.approx(m) and iv["lo"] == pytest.approx(m - h) and iv["hi"] == pytest.approx(m + h)
+        assert res["modes"][a]["replay_gap_max"] == pytest.approx(m)
+    # the two seeds sampled different completions on the same eval prompts
+    h0, h1 = (json.loads((out / f"seed{k}" / "smd" / "run.json").read_text())["history"] for k in (0, 1))
+    assert [r["reward/eval_dense"] for r in h0 if r["step"] == 0] == [r["reward/eval_dense"] for r in h1 if r["step"] == 0]
+    assert [r["mismatch_dense/max_abs_logprob_diff"] for r in h0 if r["step"] >= 1] != \
+        [r["mismatch_dense/max_abs_logprob_diff"] for r in h1 if r["step"] >= 1]
+    pd = res["paired"]["smd - dense"]["eval_reward_dense_final"]
+    assert pd["values"] == [res["per_seed"]["smd"][str(k)]["eval_reward_dense_final"]
+                            - res["per_seed"]["dense"][str(k)]["eval_reward_dense_final"] for k in (0, 1)]
+    # the off-policy arm really ran 2 epochs x 2 mini-batches; the sweep arms their budgets
+    cfg = json.loads((out / "seed0" / "smd-ppo2x2" / "run.json").read_text())["config"]
+    assert (cfg["algorithm"]["epochs"], cfg["algorithm"]["minibatches"]) == (2, 2)
+    sw = res["sweep"]
+    assert sw["fractions"] == [0.5, 1.0] and sw["budgets"][1] == sw["length"] and sw["budgets"][0] < sw["length"]
+    assert sw["dense_learner_gap"][0]["mean"] > 100 * TOL >= sw["dense_learner_gap"][1]["mean"]  # evicting vs not
+    assert all(g <= TOL for g in sw["shadow_gap_all_steps"])
     d, s = res["modes"]["dense"], res["modes"]["smd"]
     assert s["peak_kv_bytes"] < d["peak_kv_bytes"]  # the 12-token budget really evicted
-    assert math.isclose(s["kv_ratio_vs_dense"], s["peak_kv_bytes"] / d["peak_kv_bytes"])
     assert s["dense_learner_gap_max"] > 100 * TOL  # the gap smd removes is there
     fl = res["findings"]["smd_gap_at_dense_floor"]
-    assert fl["holds"] is True and fl["steps_at_floor"] == 2
-    assert fl["tolerance"] == max(FLOOR_FACTOR * d["replay_gap_max"], REPLAY_TOL)
+    assert fl["holds"] is True and fl["steps_at_floor"] == 2 * (2 + 2 + 1 + 1)
     md = (out / "results.md").read_text()
-    assert "| `dense` |" in md and "| `smd` |" in md and "](img/replay_gap.png)" in md
-    assert f"{s['replay_gap_max']:.2e}" in md
-    print(f"\nreplay gap max: dense {d['replay_gap_max']:.2e}, smd {s['replay_gap_max']:.2e} "
-          f"(dense learner on smd's rollouts {s['dense_learner_gap_max']:.2e}); KV smd/dense {s['kv_ratio_vs_dense']:.2f}")
+    assert "| `dense` |" in md and "| `smd-ppo2x2` |" in md and "](img/budget_sweep.png)" in md
+    assert "## What holds" in md and "smd - dense" in md
 
     # a finished comparison: nothing trains, nothing is rewritten
-    runs = {m: (out / m / "run.json").stat().st_mtime_ns for m in ("dense", "smd")}
-    ck = {m: _ckpt_state(out / m) for m in ("dense", "smd")}
-    again = compare(CFG, out, ["dense", "smd"], _over(tiny_qwen2_dir))
-    assert again["status"] == {"dense": "cached", "smd": "cached"}
-    assert {m: (out / m / "run.json").stat().st_mtime_ns for m in ("dense", "smd")} == runs
-    assert {m: _ckpt_state(out / m) for m in ("dense", "smd")} == ck
+    runs = {p: p.stat().st_mtime_ns for p in out.glob("seed*/*/run.json")}
+    ck = {p.parent.name + p.parent.parent.name: _ckpt_state(p.parent) for p in runs}
+    again = compare(CFG, out, ["dense", "smd"], _over(tiny_qwen2_dir), **kw)
+    assert set(again["status"].values()) == {"cached"}
+    assert {p: p.stat().st_mtime_ns for p in out.glob("seed*/*/run.json")} == runs
+    assert {p.parent.name + p.parent.parent.name: _ckpt_state(p.parent) for p in runs} == ck
     assert again["modes"]["smd"]["replay_gap_max"] == s["replay_gap_max"]
-    # an invocation for a subset still reports every finished mode of the comparison
-    only = compare(CFG, out, ["dense"], _over(tiny_qwen2_dir))
-    assert only["status"] == {"dense": "cached"} and list(only["modes"]) == ["dense", "smd"]
+    # an invocation for a subset still reports every finished arm of the comparison
+    only = compare(CFG, out, ["dense"], _over(tiny_qwen2_dir), **kw)
+    assert set(only["status"]) == {"seed0/dense", "seed1/dense"} and list(only["modes"]) == arms
 
-    # a mode killed after its last checkpoint but before run.json: it resumes and redoes no step
-    old = json.loads((out / "smd" / "run.json").read_text())["history"]
-    (out / "smd" / "run.json").unlink()
-    res3 = compare(CFG, out, ["dense", "smd"], _over(tiny_qwen2_dir))
-    assert res3["status"] == {"dense": "cached", "smd": "resumed"}
-    assert json.loads((out / "smd" / "run.json").read_text())["history"] == old
-    assert _ckpt_state(out / "smd") == ck["smd"]
-    assert len(json.loads((out / "smd" / "wall.json").read_text())["sessions"]) == 2
+    # a run killed after its last checkpoint but before run.json: it resumes and redoes no step
+    f = out / "seed1" / "smd" / "run.json"
+    old = json.loads(f.read_text())["history"]
+    f.unlink()
+    res3 = compare(CFG, out, ["dense", "smd"], _over(tiny_qwen2_dir), **kw)
+    assert res3["status"]["seed1/smd"] == "resumed" and res3["status"]["seed0/smd"] == "cached"
+    assert json.loads(f.read_text())["history"] == old
+    assert len(json.loads((out / "seed1" / "smd" / "wall.json").read_text())["sessions"]) == 2
 
     # a different config under the same directory is refused, naming the key
     with pytest.raises(ConfigError, match=r"train\.steps \(2 -> 3\)"):
-        compare(CFG, out, ["dense", "smd"], _over(tiny_qwen2_dir, **{"train.steps": 3}))
+        compare(CFG, out, ["dense", "smd"], _over(tiny_qwen2_dir, **{"train.steps": 3}), **kw)
 
 
 def test_bad_modes_and_reserved_overrides(tmp_path, tiny_qwen2_dir):
@@ -115,6 +133,8 @@ def test_bad_modes_and_reserved_overrides(tmp_path, tiny_qwen2_dir):
         compare(CFG, tmp_path, ["dense", "bogus"], _over(tiny_qwen2_dir))
     with pytest.raises(ConfigError, match="algorithm.correction"):
         compare(CFG, tmp_path, ["dense"], _over(tiny_qwen2_dir, **{"algorithm.correction": "smd"}))
+    with pytest.raises(ConfigError, match="rollout.seed"):
+        compare(CFG, tmp_path, ["dense"], _over(tiny_qwen2_dir, **{"rollout.seed": 3}))
     with pytest.raises(ConfigError, match="twice"):
         compare(CFG, tmp_path, "smd,smd", _over(tiny_qwen2_dir))
     assert not any(tmp_path.iterdir())
@@ -126,7 +146,17 @@ def test_cli_wiring():
     a = p.parse_args(["experiment", "compare", "--config", "c.yaml", "--modes", "dense,smd", "--out", "o",
                       "train.steps=3", "rollout.policy.budget=32"])
     assert (a.config, a.modes, a.out, a.overrides) == ("c.yaml", "dense,smd", "o", ["train.steps=3", "rollout.policy.budget=32"])
+    assert (a.seeds, a.ppo, a.sweep, a.sweep_steps) == (3, "4x2", "25,50,100", 10)
     assert callable(a.fn)
+    from megatron_smd.cli import _ppo_arg, _sweep_arg
+
+    assert _ppo_arg("4x2") == (4, 2) and _ppo_arg("none") is None
+    assert _sweep_arg("25,50,100") == (0.25, 0.5, 1.0) and _sweep_arg("none") == ()
+    for bad in ("4", "0x2"):
+        with pytest.raises(ConfigError):
+            _ppo_arg(bad)
+    with pytest.raises(ConfigError):
+        _sweep_arg("0,50")
 
 
 def _hist(steps, gap, gn, kv, ed, ec, gap_dense=None, rej=None):

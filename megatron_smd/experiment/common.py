@@ -19,7 +19,22 @@ MANIFEST = "compare.json"      # OUT/compare.json: config path, overrides, modes
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 IMG = "img"
-PLOTS = ("reward.png", "replay_gap.png", "grad_norm.png", "kv_memory.png")
+PLOTS = ("reward.png", "replay_gap.png", "grad_norm.png", "kv_memory.png", "budget_sweep.png")
+LAYOUT = 2                     # compare.json "layout": 2 = OUT/seed<k>/<arm>/ (several seeds, extra arms)
+# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The two-sided 95% Student-t quantile for ``df`` degrees of freedom (``df >= 1``)."""
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def seed_dir(k: int) -> str:
+    """Directory of seed index ``k`` under a comparison directory."""
+    return f"seed{k}"
 # Sections of the resolved config that do not change what a run computes (progress bar, images in
 # TensorBoard): they may differ between the sessions of one comparison.
 _COSMETIC = ("logging",)
@@ -67,3 +82,11 @@ def _secs(s: float | None) -> str:
     if s is None or (isinstance(s, float) and math.isnan(s)):
         return "n/a"
     return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
+
+
+def arm_order(name: str, arm: dict) -> tuple:
+    """Sort key of an arm: the main matrix (modes in :data:`MODES` order), the off-policy arms, then
+    the budget sweep from the largest budget down."""
+    kinds = {"main": 0, "ppo": 1, "sweep": 2}
+    return (kinds.get(arm.get("kind"), 3), MODES.index(arm["mode"]) if arm["mode"] in MODES else 99,
+            -float(arm.get("fraction", 0.0)), name)

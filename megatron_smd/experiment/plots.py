@@ -17,7 +17,8 @@ MODE_STYLE = {"dense": dict(marker="s", ls="-"), "naive": dict(marker="v", ls="-
 
 
 def write_plots(results: dict, img_dir: str | os.PathLike) -> list[Path]:
-    """Write the four PNGs of :data:`PLOTS` (matplotlib, Agg backend) and return their paths."""
+    """Write the PNGs of :data:`PLOTS` (matplotlib, Agg backend) and return their paths; the budget
+    sweep's only when the comparison has one. With several seeds the per-step curves are seed 0's."""
     try:
         import matplotlib
 
@@ -43,6 +44,7 @@ def write_plots(results: dict, img_dir: str | os.PathLike) -> list[Path]:
             a.grid(alpha=0.3)
 
     paths = []
+    seed_note = " [seed 0]" if results.get("layout") == "seeds" and len(results["setup"].get("seeds", [])) > 1 else ""
     # reward curves: training reward per step (faint) and its trailing mean, greedy eval reward
     n_steps = max((len(S[m].get("reward/train", {}).get("steps", [])) for m in modes), default=0)
     win = max(1, n_steps // 10)
@@ -94,7 +96,13 @@ def write_plots(results: dict, img_dir: str | os.PathLike) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 4))
     for m in modes:
         line(ax, m, "train/grad_norm", label=f"{m} (var {_fmt(rows[m]['grad_norm_var'], '.2g')})")
-    ax.set(title="gradient norm (mean over the step's optimizer steps, before clipping)", xlabel="step", ylabel="‖g‖")
+    for key, lab in (("train/grad_norm_ppo", "smd: PPO term"), ("train/grad_norm_distill", "smd: distillation term")):
+        s = S.get("smd", {}).get(key)
+        if s:
+            ax.plot(s["steps"], s["values"], color=MODE_COLORS["smd"], lw=0.8, alpha=0.7,
+                    ls="--" if key.endswith("ppo") else "-.", label=lab + " (1st micro-batch)")
+    ax.set(title="gradient norm (mean over the step's optimizer steps, before clipping)" + seed_note, xlabel="step",
+           ylabel="‖g‖")
     steps_axis(ax)
     ax.legend(fontsize=8)
     paths.append(_save(fig, img / "grad_norm.png"))
@@ -118,6 +126,29 @@ def write_plots(results: dict, img_dir: str | os.PathLike) -> list[Path]:
     steps_axis(a2)
     a2.legend(fontsize=8)
     paths.append(_save(fig, img / "kv_memory.png"))
+
+    sw = results.get("sweep")
+    if sw:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        x = [100 * f for f in sw["fractions"]]
+        for key, lab, st in (("dense_learner_gap", "dense learner on the compressed rollouts (naive/tis/sparse_rl's gap)",
+                              dict(color=MODE_COLORS["naive"], marker="v")),
+                             ("shadow_gap", "smd's shadow learner", dict(color=MODE_COLORS["smd"], marker="o", ls=":"))):
+            cis = sw[key]
+            mean = [max(c["mean"], 1e-10) for c in cis]
+            err = [[max(c["mean"] - max(c["lo"], 1e-10), 0) if c["lo"] is not None else 0 for c in cis],
+                   [c["hi"] - c["mean"] if c["hi"] is not None else 0 for c in cis]]
+            ax.errorbar(x, mean, yerr=err, capsize=4, label=lab, **st)
+        tol = results["findings"]["smd_gap_at_dense_floor"].get("tolerance")
+        if tol:
+            ax.axhline(tol, color="gray", ls="--", lw=1, label="floor criterion")
+        ax.set_yscale("log")
+        ax.set(title=f"replay gap vs KV budget (max over steps; mean and 95% interval over seeds; "
+                     f"{sw['length']}-token sequences)", xlabel="budget, % of prompt + completion", ylabel="max |Δ log p|")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, img / "budget_sweep.png"))
     return paths
 
 

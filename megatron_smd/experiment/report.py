@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import FormatError
-from .common import (IMG, MANIFEST, MODES, PLOTS, RESULTS_JSON, RESULTS_MD, RUN_FILE, _bytes, _fmt, _secs,
-                     _write_json)
+from .common import (IMG, LAYOUT, MANIFEST, MODES, PLOTS, RESULTS_JSON, RESULTS_MD, RUN_FILE, _bytes, _fmt, _secs,
+                     _write_json, seed_dir)
 from .plots import write_plots
-from .stats import summarize
+from .seeds import fmt_ci, summarize_seeds
+from .stats import SPIKE_FACTOR, summarize
 
 
 def report(out: str | os.PathLike, *, docs: str | os.PathLike | None = None,
@@ -23,6 +24,9 @@ def report(out: str | os.PathLike, *, docs: str | os.PathLike | None = None,
     ``modes`` defaults to those in ``out/compare.json`` (or every mode with a ``run.json``).
     """
     out = Path(out)
+    man = out / MANIFEST
+    if man.is_file() and json.loads(man.read_text()).get("layout") == LAYOUT:
+        return _report_seeds(out, json.loads(man.read_text()), docs=docs)
     if modes is None:
         man = out / MANIFEST
         modes = json.loads(man.read_text())["modes"] if man.is_file() else [m for m in MODES if (out / m / RUN_FILE).is_file()]
@@ -38,22 +42,44 @@ def report(out: str | os.PathLike, *, docs: str | os.PathLike | None = None,
     if not runs:
         raise FormatError(f"{out}: no finished mode (no */{RUN_FILE}); run `smd experiment compare` first")
     results = summarize(runs)
+    return _write(out, results, docs)
+
+
+def _write(out: Path, results: dict, docs) -> dict:
     prev = out / RESULTS_JSON
     if prev.is_file():  # keep what only `compare` knows (status of the last session, warm start)
         old = json.loads(prev.read_text())
         for k in ("status", "warm_start"):
-            if k in old:
+            if k in old and k not in results:
                 results[k] = old[k]
-    write_plots(results, out / IMG)
-    (out / RESULTS_MD).write_text(render_markdown(results, img_rel=IMG))
+    written = write_plots(results, out / IMG)
+    render = render_markdown_seeds if results.get("layout") == "seeds" else render_markdown
+    (out / RESULTS_MD).write_text(render(results, img_rel=IMG))
     _write_json(out / RESULTS_JSON, results)
     if docs is not None:
         d = Path(docs)
         (d / IMG).mkdir(parents=True, exist_ok=True)
-        for name in PLOTS:
-            shutil.copyfile(out / IMG / name, d / IMG / name)
-        (d / RESULTS_MD).write_text(render_markdown(results, img_rel=IMG))
+        for p in written:
+            shutil.copyfile(p, d / IMG / p.name)
+        (d / RESULTS_MD).write_text(render(results, img_rel=IMG))
     return results
+
+
+def _report_seeds(out: Path, man: dict, *, docs) -> dict:
+    runs: dict[str, dict[int, dict]] = {}
+    for arm in man["arms"]:
+        for k in range(int(man["seeds"])):
+            f = out / seed_dir(k) / arm / RUN_FILE
+            if not f.is_file():
+                raise FormatError(f"{f}: missing; run {seed_dir(k)}/{arm} has not finished (run `smd experiment compare` "
+                                  "again to resume it)")
+            try:
+                runs.setdefault(arm, {})[k] = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise FormatError(f"{f}: not valid JSON ({e})") from None
+    if not runs:
+        raise FormatError(f"{out}: no finished run; run `smd experiment compare` first")
+    return _write(out, summarize_seeds(runs, man["arms"]), docs)
 
 
 def render_markdown(results: dict, img_rel: str = IMG) -> str:
@@ -140,6 +166,8 @@ def render_markdown(results: dict, img_rel: str = IMG) -> str:
 def render_summary(res: dict) -> str:
     lines = []
     for m, r in res["modes"].items():
+        if res.get("layout") == "seeds" and res["setup"]["arms"].get(m, {}).get("kind") == "sweep":
+            continue
         lines.append(f"{m:>9}: eval {_fmt(r['eval_reward_dense_final'])}/{_fmt(r['eval_reward_compressed_final'])} "
                      f"(dense/compressed)  gap max {_fmt(r['replay_gap_max'], '.2e')}  grad-norm var "
                      f"{_fmt(r['grad_norm_var'])}  peak KV {_bytes(r['peak_kv_bytes'])}  wall {_secs(r['wall_s'])}")
@@ -147,3 +175,127 @@ def render_summary(res: dict) -> str:
         if v["holds"] is not None:
             lines.append(f"[{'ok' if v['holds'] else 'NO'}] {k}")
     return "\n".join(lines)
+
+
+_FINDING_TITLES = {"smd_gap_at_dense_floor": "Replay gap", "smd_kv_2x_less": "KV memory",
+                   "smd_reward_similar_to_dense": "Reward, smd vs dense", "smd_better_than_naive": "Reward, smd vs naive",
+                   "smd_grad_norm": "smd's gradient-norm spread is inherent (PPO term), not the distillation term's", "budget_sweep": "Budget sweep",
+                   "corrections_cost": "What tis and sparse_rl pay"}
+
+
+def render_markdown_seeds(results: dict, img_rel: str = IMG) -> str:
+    """The results page of a several-seed comparison: setup, the table with 95% intervals, paired
+    differences, the budget sweep, the plots and what holds / what does not -- all from ``results``."""
+    su, rows, iv, f = results["setup"], results["modes"], results["intervals"], results["findings"]
+    seeds = su["seeds"]
+    pol = su["policy"]
+    pol_s = pol["name"] if pol["name"] == "none" else (
+        f"{pol['name']} (budget {pol['budget']} tokens per layer, window {pol.get('window')}, {pol.get('granularity')})")
+    ro, tr, env = su["rollout"], su["train"], results["environment"]
+    L = ["# Correction modes compared: dense, naive, tis, sparse_rl, smd\n",
+         "<!-- generated by `smd experiment compare` / `smd experiment report`; do not edit by hand -->\n"]
+    mixed = f"; NOTE: runs {', '.join(env['mixed'])} ran in a different environment" if env.get("mixed") else ""
+    L.append(f"Generated {results['generated_utc']} by `smd experiment compare --seeds {len(seeds)}` (trained with torch "
+             f"{env['torch']}, {env['threads']} threads, {env['machine']}{mixed}). Every number, interval and plot below "
+             "is computed from the runs' histories; to regenerate, run the command again (finished runs are reused, "
+             "interrupted ones resume):\n")
+    L.append(f"```\nsmd experiment compare --config configs/tiny-cpu.yaml --seeds {len(seeds)} --out runs/compare --docs docs\n"
+             "smd experiment report --out runs/compare --docs docs   # re-render only\n```\n")
+    L.append("## Setup\n")
+    mi = su.get("model_init")
+    init_s = (f" (random init: {mi['arch']}, hidden {mi['hidden_size']}, {mi['num_layers']} layers, {mi['num_heads']} heads / "
+              f"{mi['num_kv_heads']} KV heads, seed {mi['seed']})") if mi else ""
+    L.append(f"- model: `{su['model']}`{init_s}")
+    L.append(f"- task: {', '.join(f'{k}={v}' for k, v in su['task'].items() if v is not None)}")
+    L.append(f"- rollout: {ro['num_prompts']} prompts x {ro['group_size']} samples per step, up to {ro['max_new_tokens']} "
+             f"new tokens, temperature {ro['temperature']}; eviction policy {pol_s} (`dense` rolls out uncompressed)")
+    L.append(f"- training: {tr['steps']} steps, eval every {tr['eval_every']} steps on {tr['eval_prompts']} held-out "
+             f"prompts (greedy); learner lr {su['learner']['lr']}, grad clip {su['learner']['grad_clip']}")
+    L.append(f"- seeds: {len(seeds)} (indices {', '.join(map(str, seeds))}): seed k shifts `rollout.seed` and `learner.seed` "
+             "by k (the sampled completions, the mini-batch order); the eval prompts and the training prompt stream "
+             "(`task.seed`) are the same for every seed and arm, so differences are paired on the same prompts. "
+             + (f"The SFT warm start (`{su['sft']['out']}`) is trained once and shared by every seed and arm: it is the "
+                "common starting point, so the intervals cover the RL phase's randomness, not the warm start's."
+                if su["sft"]["enabled"] else "No SFT warm start."))
+    L.append(f"- every arm of the main matrix shares one config apart from the mode and the seed: "
+             f"{'yes' if su['shared_config'] else 'NO: the configs differ'}")
+    extra = [a for a, v in su["arms"].items() if v.get("kind") != "main"]
+    if extra:
+        L.append("- further arms: " + "; ".join(f"`{a}` ({v['mode']}, {', '.join(v['overrides'])})" for a, v in su["arms"].items()
+                                                if v.get("kind") != "main"))
+    L.append("")
+    K = len(seeds)
+    L.append("## Results\n")
+    L.append(f"Each cell: mean over the {K} seeds and, in brackets, the 95% t-interval of that mean"
+             + (f" (t = {fmt_t(K)})" if K > 1 else "") + ".\n")
+    head = ["arm", "eval reward dense (final / best)", "eval reward compressed (final / best)", "replay gap max",
+            "grad-norm var", "grad-norm median", f"steps > {SPIKE_FACTOR:g}x median", "var of log norm", "rejected",
+            "peak KV", "wall"]
+    L.append("| " + " | ".join(head) + " |")
+    L.append("|" + "---|" * len(head))
+    for a, r in rows.items():
+        if su["arms"].get(a, {}).get("kind") == "sweep":
+            continue
+        c = iv[a]
+        rej = {k: (100 * v if isinstance(v, float) else v) for k, v in c["rejected_fraction"].items()}
+        L.append("| " + " | ".join([
+            f"`{a}`",
+            f"{fmt_ci(c['eval_reward_dense_final'])} / {fmt_ci(c['eval_reward_dense_best'])}",
+            f"{fmt_ci(c['eval_reward_compressed_final'])} / {fmt_ci(c['eval_reward_compressed_best'])}",
+            fmt_ci(c["replay_gap_max"], ".2e"), fmt_ci(c["grad_norm_var"]), fmt_ci(c["grad_norm_median"]),
+            fmt_ci(c["grad_norm_spike_share"], ".2f"), fmt_ci(c["grad_norm_logvar"]), fmt_ci(rej, ".1f") + "%",
+            _bytes(r["peak_kv_bytes"]), _secs(r["wall_s"])]) + " |")
+    L.append("")
+    if results["paired"]:
+        L.append("### Paired differences (per seed, then mean and 95% interval)\n")
+        ph = ["difference", "final eval dense", "best eval dense", "final eval compressed", "grad-norm var",
+              f"steps > {SPIKE_FACTOR:g}x median", "var of log norm"]
+        L.append("| " + " | ".join(ph) + " |")
+        L.append("|" + "---|" * len(ph))
+        for k, p in results["paired"].items():
+            L.append("| " + " | ".join([f"`{k}`", fmt_ci(p["eval_reward_dense_final"]), fmt_ci(p["eval_reward_dense_best"]),
+                                        fmt_ci(p["eval_reward_compressed_final"]), fmt_ci(p["grad_norm_var"]),
+                                        fmt_ci(p["grad_norm_spike_share"], ".2f"), fmt_ci(p["grad_norm_logvar"])]) + " |")
+        n_eval = int(tr["eval_prompts"])
+        L.append(f"\nFor scale: one eval reward over {n_eval} prompts has a binomial standard error of at most "
+                 f"{0.5 / n_eval ** 0.5:.3f} (p = 0.5); the intervals above are over seeds on the same prompts.\n")
+    sw = results.get("sweep")
+    if sw:
+        L.append("### Budget sweep (smd runs: their shadow gap and the dense learner's gap on the same rollouts)\n")
+        L.append("| budget | dense learner gap (max over steps) | shadow gap (max over steps) |")
+        L.append("|---|---|---|")
+        for fr, b, d, s in zip(sw["fractions"], sw["budgets"], sw["dense_learner_gap"], sw["shadow_gap"]):
+            L.append(f"| {round(100 * fr)}% ({b} of {sw['length']} tokens) | {fmt_ci(d)} | {fmt_ci(s, '.2e')} |")
+        L.append("")
+    L.append("## Plots\n")
+    for name, alt in (("reward", "reward curves"), ("replay_gap", "replay gap per step"), ("grad_norm", "gradient norm"),
+                      ("kv_memory", "rollout KV memory")):
+        L.append(f"![{alt}]({img_rel}/{name}.png)\n")
+    if sw:
+        L.append(f"![replay gap vs KV budget]({img_rel}/budget_sweep.png)\n")
+    holds = [k for k, v in f.items() if v["holds"] is True]
+    fails = [k for k, v in f.items() if v["holds"] is False]
+    other = [k for k, v in f.items() if v["holds"] is None]
+    for title, keys in (("## What holds\n", holds), ("## What does not hold\n", fails), ("## Descriptive / not decided\n", other)):
+        if keys:
+            L.append(title)
+            for k in keys:
+                L.append(f"- **{_FINDING_TITLES.get(k, k)}**: {f[k]['text']}")
+            L.append("")
+    L.append("## Columns\n")
+    L.append("- *eval reward*: mean task reward of greedy completions on the fixed held-out prompts, decoded with a dense "
+             "KV cache and with the rollout's eviction policy; final = last eval, best = best eval (step 0 included).")
+    L.append("- *replay gap*: per step, max |log p_learner - log p_sampler| over the rollout's actions at the sampling "
+             "parameters, in the learner forward the mode trains with (shadow-masked for `smd`); max over steps.")
+    L.append(f"- *grad-norm*: per step, the mean over its optimizer steps of the gradient norm before clipping; var = "
+             f"population variance over steps (one or two spikes dominate it), with the median, the share of steps above "
+             f"{SPIKE_FACTOR:g}x the run's median and the variance of the log norm as robust companions.")
+    L.append("- *rejected*: mean fraction of sequences `sparse_rl` discards; *peak KV*: largest rollout KV cache allocated "
+             "(mean over seeds); *wall*: training time of one run (mean over seeds; the shared warm start excluded).")
+    return "\n".join(L) + "\n"
+
+
+def fmt_t(k: int) -> str:
+    from .common import t975
+
+    return f"{t975(k - 1):.2f}"

@@ -12,27 +12,87 @@ from typing import Sequence
 import yaml
 
 from ..errors import ConfigError
-from .common import (MANIFEST, MODES, RESULTS_JSON, RUN_FILE, WALL_FILE, _COSMETIC, _environment, _flatten, _now,
-                     _write_json)
+from .common import (LAYOUT, MANIFEST, MODES, RESULTS_JSON, RUN_FILE, WALL_FILE, _COSMETIC, _environment, _flatten,
+                     _now, _write_json, seed_dir, arm_order)
 from .report import report
 
 
+# The off-policy arm: several PPO epochs over mini-batches of each rollout (the update moves away
+# from the sampling policy within a step: where an uncorrected mismatch should hurt most).
+PPO_MODES = ("naive", "smd")
+DEFAULT_PPO = (4, 2)               # algorithm.epochs, algorithm.minibatches
+DEFAULT_SWEEP = (0.25, 0.5, 1.0)   # budget sweep, fractions of prompt + completion length (tokens)
+DEFAULT_SWEEP_STEPS = 10
+
+
+def plan_arms(cfg, modes: Sequence[str], *, ppo: tuple[int, int] | None = DEFAULT_PPO,
+              sweep: Sequence[float] = DEFAULT_SWEEP, sweep_steps: int = DEFAULT_SWEEP_STEPS) -> dict[str, dict]:
+    """The comparison's arms: ``{name: {"mode", "kind", "overrides", ...}}``.
+
+    - ``main``: one arm per correction mode, the config as given.
+    - ``ppo``: ``naive`` and ``smd`` (when requested) with ``algorithm.epochs`` x ``algorithm.minibatches``
+      = ``ppo`` (arm ``<mode>-ppo<E>x<M>``); skipped when ``ppo`` is None or the config already uses it.
+    - ``sweep``: ``smd`` only (it logs both gaps of one rollout: its shadow learner's and the dense
+      learner's, which is what ``naive``/``tis``/``sparse_rl`` train with) at each budget fraction of
+      the prompt + completion length, for ``sweep_steps`` steps with one final eval
+      (arm ``sweep-b<pct>``, ``rollout.policy.budget`` in tokens, at least the policy's window + 1).
+    """
+    arms: dict[str, dict] = {m: {"mode": m, "kind": "main", "overrides": []} for m in modes}
+    alg = cfg.algorithm
+    if ppo is not None and (alg.epochs, alg.minibatches) != tuple(ppo):
+        e, mb = ppo
+        for m in PPO_MODES:
+            if m in modes:
+                arms[f"{m}-ppo{e}x{mb}"] = {"mode": m, "kind": "ppo", "epochs": e, "minibatches": mb,
+                                            "overrides": [f"algorithm.epochs={e}", f"algorithm.minibatches={mb}"]}
+    if sweep and "smd" in modes and cfg.rollout.policy.name != "none":
+        length = sequence_length(cfg)
+        window = cfg.rollout.policy.window or 0
+        for frac in sweep:
+            budget = max(window + 1, round(frac * length))
+            arms[f"sweep-b{round(100 * frac)}"] = {
+                "mode": "smd", "kind": "sweep", "fraction": frac, "budget": budget, "length": length,
+                "overrides": [f"rollout.policy.budget={budget}", f"train.steps={sweep_steps}", "train.eval_every=0",
+                              f"train.save_every={sweep_steps}"]}
+    return arms
+
+
+def sequence_length(cfg) -> int:
+    """Longest prompt + completion of the task in tokens (one per character plus ``<bos>``, the
+    character tokenizer's count), over the first 64 training prompts."""
+    from ..tasks import make_task
+
+    ex = make_task(cfg.task).sample(64, seed=cfg.task.seed * 1_000_003)
+    return 1 + max(len(e.prompt) for e in ex) + cfg.rollout.max_new_tokens
+
+
+def seed_overrides(cfg, k: int) -> list[str]:
+    """Seed index ``k``: ``rollout.seed`` and ``learner.seed`` shifted by ``k`` (the sampler's randomness,
+    the mini-batch order). ``task.seed`` stays: the eval prompts (and the training prompt stream) are
+    the same for every seed, so differences between modes are paired on the same prompts."""
+    return [f"rollout.seed={cfg.rollout.seed + k}", f"learner.seed={cfg.learner.seed + k}"]
+
+
 def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, modes: Sequence[str] | None = None,
-            overrides: Sequence[str] | None = None, *, docs: str | os.PathLike | None = None) -> dict:
-    """Run (or resume) every requested mode, then write ``results.{json,md}`` and the plots.
+            overrides: Sequence[str] | None = None, *, docs: str | os.PathLike | None = None, seeds: int = 3,
+            ppo: tuple[int, int] | None = DEFAULT_PPO, sweep: Sequence[float] = DEFAULT_SWEEP,
+            sweep_steps: int = DEFAULT_SWEEP_STEPS) -> dict:
+    """Run (or resume) every arm on every seed, then write ``results.{json,md}`` and the plots.
 
     Args:
         cfg_path: experiment YAML (e.g. ``configs/tiny-cpu.yaml``).
         out: comparison directory (default ``<output_dir>/compare`` of the resolved config).
         modes: subset of :data:`MODES` (default all five, run in that order: ``dense`` first, it is
             the numeric-floor reference).
-        overrides: ``key=value`` config overrides applied to every mode. ``algorithm.correction``
-            and ``output_dir`` are set per mode by this function and may not be overridden.
+        overrides: ``key=value`` config overrides applied to every run. ``algorithm.correction``,
+            ``output_dir``, ``rollout.seed`` and ``learner.seed`` are set per run by this function.
         docs: if given, also write ``docs/results.md`` and ``docs/img/*.png``.
+        seeds: number of seeds K; every arm runs on the same K seeds (:func:`seed_overrides`).
+        ppo: ``(epochs, minibatches)`` of the off-policy arms of ``naive`` and ``smd`` (None: none).
+        sweep: budget fractions of the budget sweep (empty: none); ``sweep_steps`` steps each.
     Returns:
-        the results dict written to ``results.json`` (``modes``, ``findings``, ``setup``, ...), with
-        ``status[mode]`` in ``{"cached", "resumed", "ran"}``. On non-zero ranks of a multi-process
-        run: ``{}`` (rank 0 writes everything).
+        the results dict written to ``results.json``, with ``status["seed<k>/<arm>"]`` in
+        ``{"cached", "resumed", "ran"}``. On non-zero ranks of a multi-process run: ``{}``.
     """
     from ..config import load_config
     from ..parallel.layout import env_rank
@@ -41,55 +101,68 @@ def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, m
     overrides = list(overrides or [])
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key in ("algorithm.correction", "output_dir"):
-            raise ConfigError(f"command line: {key} is set per mode by `smd experiment compare` and cannot be overridden")
+        if key in ("algorithm.correction", "output_dir", "rollout.seed", "learner.seed"):
+            raise ConfigError(f"command line: {key} is set per run by `smd experiment compare` and cannot be overridden")
+    if seeds < 1:
+        raise ConfigError(f"command line: --seeds {seeds}: needs at least 1")
     modes = _check_modes(modes)
     base = load_config(cfg_path, overrides)
     out_dir = Path(out) if out is not None else Path(base.output_dir) / "compare"
     rank0 = env_rank() == 0
-    cfgs = {m: load_config(cfg_path, [*overrides, f"algorithm.correction={m}", f"output_dir={out_dir / m}"])
-            for m in modes}
-    # Every mode already under out_dir (requested now or not) must share this config.
-    for m in MODES:
-        if (out_dir / m).is_dir():
-            _check_same_config(cfgs[modes[0]], out_dir / m)
+    arms = plan_arms(base, modes, ppo=ppo, sweep=sweep, sweep_steps=sweep_steps)
+    jobs: dict[str, tuple[str, object]] = {}  # "seed<k>/<arm>" -> (arm, config)
+    for k in range(seeds):
+        for name, arm in arms.items():
+            rel = f"{seed_dir(k)}/{name}"
+            jobs[rel] = (name, load_config(cfg_path, [*overrides, *arm["overrides"], *seed_overrides(base, k),
+                                                      f"algorithm.correction={arm['mode']}",
+                                                      f"output_dir={out_dir / rel}"]))
+    # Every run already under out_dir must have been started with the config it would get now.
+    for rel, (_, cfg) in jobs.items():
+        if (out_dir / rel).is_dir():
+            _check_same_config(cfg, out_dir / rel)
     # Decide everything from the state on disk before any rank trains, so all ranks agree.
     status: dict[str, str] = {}
-    for m in modes:
-        if (out_dir / m / RUN_FILE).is_file():
-            status[m] = "cached"
-        elif _has_checkpoint(out_dir / m):
-            status[m] = "resumed"
+    for rel in jobs:
+        if (out_dir / rel / RUN_FILE).is_file():
+            status[rel] = "cached"
+        elif _has_checkpoint(out_dir / rel):
+            status[rel] = "resumed"
         else:
-            status[m] = "ran"
-    # The comparison's modes: those of earlier invocations on this directory plus these (one may run
-    # the modes in separate invocations; the report covers all of them).
-    prev = json.loads((out_dir / MANIFEST).read_text())["modes"] if (out_dir / MANIFEST).is_file() else []
-    all_modes = [m for m in MODES if m in prev or m in modes]
+            status[rel] = "ran"
+    # Arms of earlier invocations on this directory are kept in the report (one may run the modes
+    # in separate invocations); so are their seeds.
+    prev = json.loads((out_dir / MANIFEST).read_text()) if (out_dir / MANIFEST).is_file() else {}
+    prev_arms = prev.get("arms", {}) if prev.get("layout") == LAYOUT else {}
+    all_arms = {**prev_arms, **{n: {k: v for k, v in a.items()} for n, a in arms.items()}}
+    all_arms = dict(sorted(all_arms.items(), key=lambda kv: arm_order(kv[0], kv[1])))
     if rank0:
-        _write_json(out_dir / MANIFEST, {"config": str(cfg_path), "overrides": overrides, "modes": all_modes})
-    todo = [m for m in modes if status[m] != "cached"]
-    warm = _warm_start(cfgs[todo[0]]) if todo else None
-    for m in modes:
-        if status[m] == "cached":
+        _write_json(out_dir / MANIFEST, {"layout": LAYOUT, "config": str(cfg_path), "overrides": overrides,
+                                         "seeds": max(seeds, int(prev.get("seeds", 0) or 0)), "arms": all_arms,
+                                         "modes": [m for m in MODES if any(a["mode"] == m for a in all_arms.values())]})
+    todo = [rel for rel in jobs if status[rel] != "cached"]
+    warm = _warm_start(jobs[todo[0]][1]) if todo else None
+    for rel, (name, cfg) in jobs.items():
+        if status[rel] == "cached":
             if rank0:
-                print(f"[smd] {m}: finished earlier ({out_dir / m / RUN_FILE}), skipped", flush=True)
+                print(f"[smd] {rel}: finished earlier ({out_dir / rel / RUN_FILE}), skipped", flush=True)
             continue
         if rank0:
-            print(f"[smd] {m}: {'resuming' if status[m] == 'resumed' else 'training'} -> {out_dir / m}", flush=True)
+            print(f"[smd] {rel}: {'resuming' if status[rel] == 'resumed' else 'training'} -> {out_dir / rel}", flush=True)
         t0 = time.perf_counter()
         try:
-            res = train(cfgs[m], resume="auto")
+            res = train(cfg, resume="auto")
         finally:
             if rank0:
-                _add_wall(out_dir / m, time.perf_counter() - t0, status[m])
+                _add_wall(out_dir / rel, time.perf_counter() - t0, status[rel])
         if rank0:
-            _write_json(out_dir / m / RUN_FILE, {
-                "mode": m, "config": cfgs[m].model_dump(mode="json"), "history": res["history"],
-                "wall_s": _wall(out_dir / m), "finished_utc": _now(), "environment": _environment()})
+            _write_json(out_dir / rel / RUN_FILE, {
+                "mode": arms[name]["mode"], "arm": name, "seed_index": int(rel.split("/")[0][len("seed"):]),
+                "config": cfg.model_dump(mode="json"), "history": res["history"],
+                "wall_s": _wall(out_dir / rel), "finished_utc": _now(), "environment": _environment()})
     if not rank0:
         return {}
-    results = report(out_dir, docs=docs, modes=[m for m in all_modes if m in modes or (out_dir / m / RUN_FILE).is_file()])
+    results = report(out_dir, docs=docs)
     results["status"] = status
     if warm is not None:
         results["warm_start"] = warm
@@ -113,8 +186,8 @@ def _check_modes(modes: Sequence[str] | str | None) -> list[str]:
 
 
 def _check_same_config(cfg, mode_dir: Path) -> None:
-    """Refuse to mix runs of different configs under one comparison directory (the mode's own
-    ``algorithm.correction`` and ``output_dir`` aside)."""
+    """Refuse to reuse a run directory started with another config than the one it would get now
+    (``output_dir`` and cosmetic sections aside)."""
     prev = None
     if (mode_dir / RUN_FILE).is_file():
         prev = json.loads((mode_dir / RUN_FILE).read_text()).get("config")
@@ -123,7 +196,7 @@ def _check_same_config(cfg, mode_dir: Path) -> None:
     if prev is None:
         return
     def keep(k: str) -> bool:
-        return k.split(".")[0] not in _COSMETIC and k not in ("algorithm.correction", "output_dir")
+        return k.split(".")[0] not in _COSMETIC and k != "output_dir"
 
     now = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items() if keep(k)}
     old = {k: v for k, v in _flatten(prev).items() if keep(k)}
@@ -132,7 +205,7 @@ def _check_same_config(cfg, mode_dir: Path) -> None:
         shown = ", ".join(f"{k} ({old.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r})" for k in diff[:5])
         more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
         raise ConfigError(f"{mode_dir}: holds a run with a different config: {shown}{more}. All modes of a comparison "
-                          f"share one config; choose another --out (or delete {mode_dir}) to start over")
+                          f"share one config per arm and seed; choose another --out (or delete {mode_dir}) to start over")
 
 
 def _has_checkpoint(mode_dir: Path) -> bool:

@@ -34,7 +34,23 @@ def _pvar(xs: Sequence[float]) -> float | None:
 
 SERIES_KEYS = ("reward/train", "reward/eval_dense", "reward/eval_compressed", "mismatch/max_abs_logprob_diff",
                "mismatch_dense/max_abs_logprob_diff", "mismatch/kl_k3", "train/grad_norm", "kv/peak_bytes",
-               "correction/rejection_rate")
+               "correction/rejection_rate", "train/grad_norm_ppo", "train/grad_norm_distill")
+# A step's gradient norm is a "spike" when it exceeds this multiple of the run's median.
+SPIKE_FACTOR = 3.0
+
+
+def grad_norm_stats(gn: Sequence[float], prefix: str = "grad_norm") -> dict:
+    """Robust statistics of per-step gradient norms next to the variance (which one or two spikes
+    dominate): median, interquartile range, share of steps above :data:`SPIKE_FACTOR` x the median,
+    and the population variance of the natural log of the norms (a scale-free spread)."""
+    if not gn:
+        return {f"{prefix}_{k}": None for k in ("median", "iqr", "spike_share", "logvar")}
+    q = statistics.quantiles(gn, n=4, method="inclusive") if len(gn) >= 2 else [gn[0]] * 3
+    med = statistics.median(gn)
+    logs = [math.log(max(g, 1e-30)) for g in gn]
+    return {f"{prefix}_median": med, f"{prefix}_iqr": q[2] - q[0],
+            f"{prefix}_spike_share": sum(g > SPIKE_FACTOR * med for g in gn) / len(gn),
+            f"{prefix}_logvar": statistics.pvariance(logs)}
 
 
 def summarize_mode(mode: str, history: list[dict], wall_s: float | None) -> dict:
@@ -46,7 +62,8 @@ def summarize_mode(mode: str, history: list[dict], wall_s: float | None) -> dict
     - replay gap: ``mismatch/max_abs_logprob_diff`` of every step (max |log p_learner - log
       p_sampler| on the rollout's actions, at the parameters that sampled them, in the learner's
       forward for this mode: shadow-masked for ``smd``, dense otherwise); max and mean over steps.
-    - grad-norm variance: population variance over steps of the per-step mean gradient norm.
+    - grad-norm variance: population variance over steps of the per-step mean gradient norm; with
+      its robust companions (:func:`grad_norm_stats`): median, IQR, spike share, variance of log norm.
     - rejected: mean over steps of the fraction of sequences ``sparse_rl`` rejected (0 for the other
       modes, which never discard samples).
     - peak KV: largest rollout KV cache actually allocated in any step (bytes).
@@ -61,6 +78,8 @@ def summarize_mode(mode: str, history: list[dict], wall_s: float | None) -> dict
     _, kv = _series(history, "kv/peak_bytes")
     _, tps = _series(history, "perf/rollout_tokens_per_s")
     _, rej = _series(history, "correction/rejection_rate")
+    _, g_ppo = _series(history, "train/grad_norm_ppo")
+    _, g_dis = _series(history, "train/grad_norm_distill")
     trained = [r for r in history if int(r["step"]) >= 1]  # step 0: the starting weights' eval only
     t_steps = [sum(float(r.get(f"time/{k}_s", 0.0)) for k in ("rollout", "learn", "sync")) for r in trained]
     return {
@@ -79,6 +98,11 @@ def summarize_mode(mode: str, history: list[dict], wall_s: float | None) -> dict
         "dense_learner_gap_max": max(gap_dense) if gap_dense else None,
         "grad_norm_mean": _mean(gn),
         "grad_norm_var": _pvar(gn),
+        **grad_norm_stats(gn),
+        # per-term norms (logged only when the run asked for them): the PPO term's gradient and the
+        # distillation term's (coefficient included), on the step's first micro-batch
+        "grad_norm_ppo_median": statistics.median(g_ppo) if g_ppo else None,
+        "grad_norm_distill_median": statistics.median(g_dis) if g_dis else None,
         "rejected_fraction": (_mean(rej) if rej else 0.0) if mode == "sparse_rl" else 0.0,
         "peak_kv_bytes": max(kv) if kv else None,
         "rollout_tokens_per_s": _mean(tps),

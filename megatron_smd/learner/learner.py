@@ -31,6 +31,7 @@ token-mean or sequence-mean gradient.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,6 +43,11 @@ from ..parallel.layout import ParallelLayout
 from ..rollout.io import RolloutBatch
 from .batch import TrainBatch, as_train_batch, to_file_alignment, to_model_alignment
 from .runner import MicroBatch, run_microbatches
+
+# Set to 1 to log the gradient norm of each loss term per step (``train/grad_norm_ppo``,
+# ``train/grad_norm_distill``, ``train/grad_norm_kl_ref``; see Learner._with_term_grads). Off by
+# default: it costs one extra backward per term and micro-batch.
+TERM_GRAD_NORMS_ENV = "SMD_TERM_GRAD_NORMS"
 from .settings import PRECISIONS, LearnerSettings, learner_settings  # noqa: F401  (the learner's names)
 
 Mode = str  # "dense" | "shadow"
@@ -297,14 +303,50 @@ class Learner:
         self.model.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
+        acc: dict[str, list[torch.Tensor]] = {}
+        if os.environ.get(TERM_GRAD_NORMS_ENV, "") not in ("", "0"):
+            loss_fn = self._with_term_grads(loss_fn, acc)
         res = run_microbatches(self.ddp, self.layout, microbatches, vocab_size=self.arch.vocab_size,
                                forward_only=False, loss_fn=loss_fn, temperature=temperature)
+        if acc:
+            from ..metrics import add_pending
+
+            for name, gs in acc.items():
+                add_pending(f"train/grad_norm_{name}", float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs))))
         ok, grad_norm, _ = self.optimizer.step()
         loss = torch.tensor(sum(res.losses), dtype=torch.float64)
         if self.layout.dp > 1:
             dist.all_reduce(loss, group=self.layout.dp_group)
         return {"loss": float(loss), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "update_ok": bool(ok), "logprobs": res.logprobs}
+
+    def _with_term_grads(self, loss_fn: Callable, acc: dict[str, list[torch.Tensor]]) -> Callable:
+        """``loss_fn`` that also sums, over the step's micro-batches, the gradient of each term of
+        :func:`~megatron_smd.losses.correction_loss` (``ppo``, ``kl_ref``, ``distill``; each with
+        its coefficient) on this rank's parameters, into ``acc[name]`` (one tensor per parameter).
+        One extra backward per term and micro-batch (``torch.autograd.grad`` with the graph retained:
+        nothing is accumulated into the parameters' gradients, the update is unchanged). The norms
+        are of this rank's shard only: exact for a single-rank learner (the CPU comparison)."""
+        from ..losses import capture_terms
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+
+        def wrapped(logp, mb, **kw):
+            with capture_terms() as terms:
+                out = loss_fn(logp, mb, **kw)
+            for name, t in terms.items():
+                if not t.requires_grad:
+                    continue
+                gs = torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
+                gs = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(gs, params)]
+                if name in acc:
+                    acc[name] = [a + g for a, g in zip(acc[name], gs)]
+                else:
+                    acc[name] = gs
+            return out
+
+        wrapped.wants_logits = getattr(loss_fn, "wants_logits", False)
+        return wrapped
 
     def reduce_stats(self, local: dict[str, float]) -> dict[str, float]:
         """Sums of per-micro-batch statistics over the whole mini-batch. Collective.
