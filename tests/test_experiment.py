@@ -1,8 +1,9 @@
-"""`smd experiment compare` and `smd bench all`: outputs exist, numbers are those of the runs, resume
-does no work, and every benchmark figure carries its baseline.
+"""`smd experiment compare` and `smd bench all`: outputs exist, numbers are those of the runs
+(per seed, their intervals and paired differences), resume does no work, the per-term gradient norms
+change nothing, and every benchmark figure carries its baseline.
 
 Small sizes (as tests/test_train.py): 2 prompts x 2 samples, 4 new tokens, H2O at a 12-token budget
-on ~45-token prompts, 2 steps, modes dense and smd.
+on ~45-token prompts, 2 steps, modes dense and smd on 2 seeds, an off-policy arm and a 2-point sweep.
 """
 
 import argparse
@@ -15,7 +16,8 @@ import pytest
 
 from megatron_smd.cli import add_cli
 from megatron_smd.errors import ConfigError
-from megatron_smd.experiment import FLOOR_FACTOR, PLOTS, REPLAY_TOL, compare, render_markdown, summarize
+from megatron_smd.experiment import (FLOOR_FACTOR, PLOTS, REPLAY_TOL, compare, render_markdown, render_markdown_seeds,
+                                     summarize)
 
 pytestmark = pytest.mark.slow  # runs the comparison and every benchmark
 
@@ -101,6 +103,17 @@ def test_compare_writes_results_and_resumes_without_work(tmp_path, tiny_qwen2_di
     md = (out / "results.md").read_text()
     assert "| `dense` |" in md and "| `smd-ppo2x2` |" in md and "](img/budget_sweep.png)" in md
     assert "## What holds" in md and "smd - dense" in md
+
+    # smd's per-term gradient norms: logged in its main and off-policy arms (not the sweep), and they
+    # change nothing: the same run without them has the same gradient norms, bit for bit
+    for a, want in (("smd", True), ("smd-ppo2x2", True), ("sweep-b50", False), ("dense", False)):
+        h = json.loads((out / "seed0" / a / "run.json").read_text())["history"]
+        assert all(("train/grad_norm_ppo" in r and "train/grad_norm_distill" in r) == want for r in h if r["step"] >= 1), a
+    assert res["modes"]["smd"]["grad_norm_distill_median"] > 0 and res["modes"]["smd"]["grad_norm_ppo_median"] is not None
+    plain = compare(CFG, tmp_path / "plain", ["smd"], _over(tiny_qwen2_dir), seeds=1, ppo=None, sweep=(), term_grads=False)
+    hp = json.loads((tmp_path / "plain" / "seed0" / "smd" / "run.json").read_text())["history"]
+    assert all("train/grad_norm_ppo" not in r for r in hp) and list(plain["modes"]) == ["smd"]
+    assert [r.get("train/grad_norm") for r in hp] == [r.get("train/grad_norm") for r in h0]
 
     # a finished comparison: nothing trains, nothing is rewritten
     runs = {p: p.stat().st_mtime_ns for p in out.glob("seed*/*/run.json")}
@@ -213,6 +226,41 @@ def test_findings_from_hand_computed_numbers():
     assert f2["steps_at_floor"] == 2 and f2["holds"] is False
     md = render_markdown(res)
     assert "(does NOT hold)" not in md and md.count("(holds)") == 4 and "25.0%" in md
+
+
+def test_seed_intervals_paired_differences_and_findings_by_hand():
+    from megatron_smd.experiment import interval, summarize_seeds
+
+    iv = interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(2) = 4.303 -> half-width 4.303 / sqrt(3)
+    assert iv["mean"] == 2.0 and iv["hi"] - 2.0 == pytest.approx(4.303 / math.sqrt(3)) and iv["n"] == 3
+    assert interval([5.0])["lo"] is None and interval([None])["mean"] is None
+    base = _runs(n_eval=16)
+    runs = {}
+    for a in ("dense", "naive", "smd"):
+        runs[a] = {}
+        for k, shift in enumerate((0.0, 0.1, 0.2)):
+            r = json.loads(json.dumps(base[a]))
+            for rec in r["history"]:
+                rec["reward/eval_dense"] += shift if a == "smd" else 0.0
+            runs[a][k] = r
+    arms = {a: {"mode": a, "kind": "main", "overrides": []} for a in runs}
+    res = summarize_seeds(runs, arms)
+    assert res["setup"]["seeds"] == [0, 1, 2] and list(res["modes"]) == ["dense", "naive", "smd"]
+    # smd - naive, final eval: smd 0.6 + (0, .1, .2) vs naive 0.1 -> 0.5, 0.6, 0.7: mean 0.6, above 0
+    p = res["paired"]["smd - naive"]["eval_reward_dense_final"]
+    assert p["values"] == pytest.approx([0.5, 0.6, 0.7]) and p["mean"] == pytest.approx(0.6)
+    assert p["lo"] == pytest.approx(0.6 - 4.303 * 0.1 / math.sqrt(3))
+    f = res["findings"]
+    assert f["smd_better_than_naive"]["holds"] is True
+    # smd - dense: -0.1 + (0, .1, .2) = -0.1, 0, 0.1: the interval [-0.25, 0.25] is not within +-0.1
+    sim = f["smd_reward_similar_to_dense"]
+    assert sim["diff_final"]["mean"] == pytest.approx(0.0) and sim["holds"] is False
+    assert f["smd_gap_at_dense_floor"]["holds"] is True and f["smd_gap_at_dense_floor"]["steps"] == 9
+    assert f["budget_sweep"]["holds"] is None and f["smd_grad_norm"]["holds"] is None
+    # robust grad-norm statistics of smd's (1, 2, 3): median 2, no step above 3x the median
+    assert res["modes"]["smd"]["grad_norm_median"] == 2.0 and res["modes"]["smd"]["grad_norm_spike_share"] == 0.0
+    md = render_markdown_seeds(res)
+    assert "## What holds" in md and "## What does not hold" in md and "`smd - naive`" in md
 
 
 def test_bench_all_quick_every_figure_has_its_baseline():

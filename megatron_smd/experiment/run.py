@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -76,7 +77,7 @@ def seed_overrides(cfg, k: int) -> list[str]:
 def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, modes: Sequence[str] | None = None,
             overrides: Sequence[str] | None = None, *, docs: str | os.PathLike | None = None, seeds: int = 3,
             ppo: tuple[int, int] | None = DEFAULT_PPO, sweep: Sequence[float] = DEFAULT_SWEEP,
-            sweep_steps: int = DEFAULT_SWEEP_STEPS) -> dict:
+            sweep_steps: int = DEFAULT_SWEEP_STEPS, term_grads: bool = True) -> dict:
     """Run (or resume) every arm on every seed, then write ``results.{json,md}`` and the plots.
 
     Args:
@@ -90,11 +91,15 @@ def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, m
         seeds: number of seeds K; every arm runs on the same K seeds (:func:`seed_overrides`).
         ppo: ``(epochs, minibatches)`` of the off-policy arms of ``naive`` and ``smd`` (None: none).
         sweep: budget fractions of the budget sweep (empty: none); ``sweep_steps`` steps each.
+        term_grads: log the per-term gradient norms (PPO term, distillation term) in the ``smd``
+            runs of the main and off-policy arms (:data:`~megatron_smd.learner.learner.TERM_GRAD_NORMS_ENV`;
+            one extra backward per term and micro-batch; the update itself is unchanged).
     Returns:
         the results dict written to ``results.json``, with ``status["seed<k>/<arm>"]`` in
         ``{"cached", "resumed", "ran"}``. On non-zero ranks of a multi-process run: ``{}``.
     """
     from ..config import load_config
+    from ..learner.learner import TERM_GRAD_NORMS_ENV
     from ..parallel.layout import env_rank
     from ..trainer import train
 
@@ -149,16 +154,18 @@ def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, m
             continue
         if rank0:
             print(f"[smd] {rel}: {'resuming' if status[rel] == 'resumed' else 'training'} -> {out_dir / rel}", flush=True)
+        per_term = term_grads and arms[name]["mode"] == "smd" and arms[name]["kind"] != "sweep"
         t0 = time.perf_counter()
         try:
-            res = train(cfg, resume="auto")
+            with _env(TERM_GRAD_NORMS_ENV, "1" if per_term else None):
+                res = train(cfg, resume="auto")
         finally:
             if rank0:
                 _add_wall(out_dir / rel, time.perf_counter() - t0, status[rel])
         if rank0:
             _write_json(out_dir / rel / RUN_FILE, {
                 "mode": arms[name]["mode"], "arm": name, "seed_index": int(rel.split("/")[0][len("seed"):]),
-                "config": cfg.model_dump(mode="json"), "history": res["history"],
+                "config": cfg.model_dump(mode="json"), "history": res["history"], "term_grad_norms": per_term,
                 "wall_s": _wall(out_dir / rel), "finished_utc": _now(), "environment": _environment()})
     if not rank0:
         return {}
@@ -169,6 +176,23 @@ def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, m
     results["out"] = str(out_dir)
     _write_json(out_dir / RESULTS_JSON, results)
     return results
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str | None):
+    """``os.environ[key] = value`` (None: unset) for the duration of the context."""
+    old = os.environ.get(key)
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _check_modes(modes: Sequence[str] | str | None) -> list[str]:
