@@ -49,7 +49,7 @@ from .rollout.engine import RolloutStats
 from .rollout.engine_api import RemoteRolloutEngine, RolloutEngine
 from .rollout.faults import ServerFault, ServerFaults
 from .rollout.io import RolloutBatch
-from .rollout.run import ensure_model_once, rollout_policy  # noqa: F401  (ensure_model_once: smd sft too)
+from .rollout.run import ensure_model_once, rollout_kv_cache, rollout_policy  # noqa: F401  (ensure_model_once: smd sft too)
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -197,7 +197,7 @@ def _setup_on_layout(cfg: ExperimentConfig, layout, arch, model_dir, run_dir: Pa
         dump_config(cfg, run_dir / "config.yaml")
         model = RefTransformer.from_pretrained(start, dtype=torch_dtype(cfg.model.dtype))  # model.dtype
         if cfg.rollout.backend == "sglang":
-            ctx.engine = sglang_client(cfg, arch.num_layers, rollout_policy(cfg))
+            ctx.engine = sglang_client(cfg, arch.num_layers, rollout_policy(cfg), rollout_kv_cache(cfg, arch.num_layers, start))
         else:
             ctx.engine = training_engine(cfg, model, start)  # policy, kv_growth, FP8 KV cache (scales vs start)
         ctx.eval_engines = eval_engines(cfg, model)

@@ -324,11 +324,13 @@ class EvictionManager:
             manages nothing), and ``RadixCache``.
         prompt_cache_size: how many :class:`PromptState` are kept (LRU), keyed by prompt tokens;
             cleared by :meth:`clear_prompt_cache` whenever the weights change.
+        kv: the server's FP8 cache (:class:`sglang_patch.fp8_kv.ServerKV`) or None: every K/V this
+            class reads from the pool (attention, the policies' keys) is dequantised with it.
     """
 
     def __init__(self, policy: PolicyConfig, *, num_layers: int, num_q_heads: int, num_kv_heads: int,
                  head_dim: int, req_to_token_pool, allocator, kv_pool, tree_cache,
-                 prompt_cache_size: int = 256):
+                 prompt_cache_size: int = 256, kv=None):
         check_policy_supported(policy)
         page = getattr(allocator, "page_size", 1)
         if page != 1:
@@ -346,6 +348,7 @@ class EvictionManager:
         self.policy = make_policy(policy)
         self.L, self.H_q, self.H_kv, self.d = num_layers, num_q_heads, num_kv_heads, head_dim
         self.rtp, self.allocator, self.kv_pool, self.tree = req_to_token_pool, allocator, kv_pool, tree_cache
+        self.kv = kv
         self.prompt_cache_size = prompt_cache_size
         self._prompt_cache: dict[tuple, PromptState] = {}
         self._reqs: dict[str, RequestEviction] = {}
@@ -402,10 +405,15 @@ class EvictionManager:
     def _row_slots(self, row: int, positions: torch.Tensor) -> torch.Tensor:
         return self.rtp.req_to_token[row, positions.to(self.rtp.req_to_token.device)].to(torch.int64)
 
+    def _read(self, layer: int, which: int, stored: torch.Tensor) -> torch.Tensor:
+        """K (``which`` 0) or V (1) rows read from ``layer``'s pool as attention sees them (FP8:
+        dequantised with the layer's scale into the compute dtype)."""
+        return stored if self.kv is None else self.kv.load(layer, which, stored)
+
     def _keys(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """``[H_kv, C, d]`` keys of logical ``slots`` in ``layer``, read from that layer's pool."""
         kb = self.kv_pool.get_key_buffer(layer)
-        return kb[self.kv_pool.translate(layer, slots)].transpose(0, 1)
+        return self._read(layer, 0, kb[self.kv_pool.translate(layer, slots)]).transpose(0, 1)
 
     def live_positions(self, rid: str, layer: int) -> torch.Tensor:
         """Positions ``layer`` of ``rid`` attends now (table, then tail up to ``next_pos - 1``)."""
@@ -667,8 +675,8 @@ class EvictionManager:
         bs, W = phys.shape
         kb, vb = self.kv_pool.get_kv_buffer(layer)
         g = self.H_q // self.H_kv
-        keys = kb[phys].float().permute(0, 2, 3, 1)  # [bs, H_kv, d, W]
-        vals = vb[phys].float().permute(0, 2, 1, 3)  # [bs, H_kv, W, d_v]
+        keys = self._read(layer, 0, kb[phys]).float().permute(0, 2, 3, 1)  # [bs, H_kv, d, W]
+        vals = self._read(layer, 1, vb[phys]).float().permute(0, 2, 1, 3)  # [bs, H_kv, W, d_v]
         qv = q.reshape(bs, self.H_kv, g, self.d).float()
         exact = abs(scaling * math.sqrt(self.d) - 1.0) < 1e-12
         logits = torch.matmul(qv, keys)  # [bs, H_kv, g, W]
@@ -696,7 +704,7 @@ class EvictionManager:
                 probs = step.probs
             else:  # the scores in the pool's dtype, as the reference engine
                 kb = self.kv_pool.get_key_buffer(layer)
-                keys = kb[phys].permute(0, 2, 1, 3)  # [bs, H_kv, W, d]
+                keys = self._read(layer, 0, kb[phys]).permute(0, 2, 1, 3)  # [bs, H_kv, W, d]
                 qb = q.reshape(step.bs, self.H_q, 1, self.d).to(keys.dtype)
                 qpos = step.tail.view(-1, 1) + step.n_live.view(-1, 1) - step.n_tab.view(-1, 1) - 1
                 probs = obs_attention_batched(keys, pos, qb, qpos, valid=valid)
@@ -737,7 +745,7 @@ class EvictionManager:
             keys = acc_c = obs_q = obs_pos = None
             if self.policy.name == "rkv":
                 PHYS = rows(torch.stack([step.stash[li][2] for li in range(L)]), sel)[..., :C]
-                keys = torch.stack([self.kv_pool.get_key_buffer(li)[PHYS[li]] for li in range(L)])
+                keys = torch.stack([self._read(li, 0, self.kv_pool.get_key_buffer(li)[PHYS[li]]) for li in range(L)])
                 keys = keys.permute(0, 1, 3, 2, 4).reshape(L * n, self.H_kv, C, self.d).float()
                 kq = meta["obs_k"]
                 obs_q = self.obs[:, cr][:, :, :, self.w - kq:].reshape(L * n, self.H_q, kq, self.d)

@@ -40,6 +40,16 @@ and the pure-torch stand-ins of :mod:`sglang_patch.cpu_standins` for the kernel 
 imports on CPU but the package registry does not ship (each only where the real one is missing).
 A flag you give yourself is kept, then checked like any other.
 
+FP8 KV cache (``--kv-cache-dtype fp8_e5m2``, CPU ``torch_native`` only): K and V are
+stored as one byte per element with per-layer K and V scales (``--smd-kv-scales kv_scales.json``
+from ``smd calibrate-kv``; unit scales without it) and
+read back exactly as the learner's replay rounds them (:mod:`sglang_patch.fp8_kv`). The server
+reports the cache under ``/server_info`` and the trainer refuses servers whose cache differs from
+``rollout.kv_cache_dtype`` / ``rollout.kv_scales``. Refused: ``fp8_e4m3`` on CPU (SGLang 0.5.23 serves
+it only with Intel AMX and its ``intel_amx`` backend, a cache layout the patch does not hook), FP8 on
+the Triton backend (its GQA decode also rounds the query and the softmax weights, which the learner
+does not replay) and ``--quantization-param-path`` (one merged scale per layer).
+
 Memory: with an evicting policy SGLang's token pool is replaced by the per-layer pool of
 :mod:`sglang_patch.kv_pool`; ``--max-total-tokens`` (or SGLang's own sizing from free memory) is the
 number of physical K/V slots *per layer* (the same K/V bytes as SGLang's dense pool of that many
@@ -62,10 +72,11 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from megatron_smd.errors import ConfigError
+from megatron_smd.errors import ConfigError, SMDError
 from megatron_smd.policies import PolicyConfig
 
 from .eviction import EvictionConfigError, check_policy_supported
+from .fp8_kv import ENV_KV, SUPPORTED_KV_DTYPES, kv_to_env
 from .patch import RADIX_BACKEND, SUPPORTED_BACKENDS
 
 PLUGIN_NAME = "smd_eviction"
@@ -84,6 +95,8 @@ def _smd_parser() -> argparse.ArgumentParser:
     p.add_argument("--smd-buffer", type=int)
     p.add_argument("--smd-rkv-lambda", type=float)
     p.add_argument("--smd-granularity", choices=["layer", "head"])
+    p.add_argument("--smd-kv-scales", help="FP8 KV cache: per-layer K/V scales (kv_scales.json from smd calibrate-kv); "
+                                           "without it an FP8 cache has unit scales")
     return p
 
 
@@ -110,6 +123,9 @@ def _sglang_view_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-algorithm")
     p.add_argument("--enable-hierarchical-cache", action="store_true")
     p.add_argument("--sleep-on-idle", action="store_true")
+    p.add_argument("--model-path")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--quantization-param-path")
     return p
 
 
@@ -147,7 +163,7 @@ def parse_args(argv: Sequence[str], env: dict | None = None) -> tuple[PolicyConf
     """
     env = os.environ if env is None else env
     ours, rest = _smd_parser().parse_known_args(list(argv))
-    fields = {k[len("smd_"):]: v for k, v in vars(ours).items() if v is not None}
+    fields = {k[len("smd_"):]: v for k, v in vars(ours).items() if v is not None and k != "smd_kv_scales"}
     fields["name"] = fields.pop("policy")
     try:
         policy = PolicyConfig(**fields)
@@ -205,6 +221,7 @@ def parse_args(argv: Sequence[str], env: dict | None = None) -> tuple[PolicyConf
         errs.append(f"--speculative-algorithm {sg.speculative_algorithm} is not supported")
     if sg.enable_hierarchical_cache:
         errs.append("--enable-hierarchical-cache is not supported (host copies would outlive freed slots)")
+    errs += _kv_cache_errors(sg, ours.smd_kv_scales)
     if env.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes"):
         errs.append("SGLANG_RETURN_ORIGINAL_LOGPROB must be unset: the trajectory's log-probs are the "
                     "temperature-scaled distribution the learner uses")
@@ -213,6 +230,60 @@ def parse_args(argv: Sequence[str], env: dict | None = None) -> tuple[PolicyConf
     if sg.radix_cache_backend is None:
         rest = rest + ["--radix-cache-backend", RADIX_BACKEND]
     return policy, rest
+
+
+def _kv_cache_errors(sg: argparse.Namespace, kv_scales: str | None) -> list[str]:
+    """What the FP8 KV cache flags ask that the patch cannot honour (:mod:`sglang_patch.fp8_kv`)."""
+    errs = []
+    dt = sg.kv_cache_dtype
+    if dt not in SUPPORTED_KV_DTYPES:
+        errs.append(f"--kv-cache-dtype {dt} is not supported (supported: {', '.join(SUPPORTED_KV_DTYPES)}): the "
+                    f"learner replays only the FP8 formats it can round the same way")
+        return errs
+    if dt == "auto":
+        if kv_scales is not None:
+            errs.append("--smd-kv-scales is set but --kv-cache-dtype is auto (no FP8 cache to scale)")
+        return errs
+    backends = {b for b in (sg.attention_backend, sg.decode_attention_backend, sg.prefill_attention_backend) if b}
+    if dt == "fp8_e4m3" and sg.device == "cpu":
+        errs.append("--kv-cache-dtype fp8_e4m3 on CPU is not supported: SGLang 0.5.23 serves an e4m3 KV cache on "
+                    "CPU only with Intel AMX and its intel_amx attention backend (a separate cache layout the patch "
+                    "does not hook); use --kv-cache-dtype fp8_e5m2 on CPU")
+    if backends - {"torch_native"}:
+        errs.append(f"--kv-cache-dtype {dt} with --attention-backend {'/'.join(sorted(backends - {'torch_native'}))} is "
+                    f"not supported: Triton's GQA decode also rounds the query and the softmax weights to FP8 and "
+                    f"its extend reads the chunk's own K/V unrounded, which the learner does not replay (FP8 runs on "
+                    f"the CPU torch_native backend)")
+    if sg.quantization_param_path is not None:
+        errs.append("--quantization-param-path is not supported: it loads one scale per layer for K and V together "
+                    "(fp8_e4m3 only); give the calibrated per-layer K and V scales with --smd-kv-scales")
+    return errs
+
+
+def server_kv_cache(argv: Sequence[str]):
+    """The FP8 KV cache a server started with ``argv`` stores (a
+    :class:`~megatron_smd.quant.cache.RolloutKV`), or None for ``--kv-cache-dtype auto``.
+
+    ``--smd-kv-scales``: the file's format, layer count and FP8 format are checked; without it,
+    unit scales. Errors name the flag and the file. The server does not compare the file's
+    ``weights.fingerprint`` with ``--model-path``: a trainer starts servers from ``model.path`` and
+    then syncs its own starting weights (e.g. an SFT warm start) into them, so the trainer checks the
+    scales against those weights, and every trajectory carries the fingerprint to the learner."""
+    from megatron_smd.model.hf import read_arch
+    from megatron_smd.quant.cache import load_rollout_kv
+
+    ours, rest = _smd_parser().parse_known_args(list(argv))
+    sg, _ = _sglang_view_parser().parse_known_args(rest)
+    if sg.kv_cache_dtype == "auto":
+        return None
+    if sg.model_path is None:
+        raise EvictionConfigError("--kv-cache-dtype: needs --model-path (the layer count and the weights the "
+                                  "scales belong to)")
+    try:
+        num_layers = read_arch(sg.model_path).num_layers
+        return load_rollout_kv(sg.kv_cache_dtype, ours.smd_kv_scales, num_layers)
+    except (SMDError, OSError, ValueError) as e:
+        raise EvictionConfigError(f"--smd-kv-scales / --kv-cache-dtype: {e}") from None
 
 
 def plugin_installed() -> bool:
@@ -227,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         policy, rest = parse_args(argv)
+        kv = server_kv_cache(argv)
         from .version import check_sglang_version
 
         check_sglang_version()
@@ -246,6 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         prepare_cpu_environment(os.environ)  # before anything imports SGLang, in every process
     os.environ[patch.ENV_CONFIG] = json.dumps(policy.model_dump(mode="json"))
+    if kv is not None:
+        os.environ[ENV_KV] = kv_to_env(kv)
+    else:
+        os.environ.pop(ENV_KV, None)
     os.environ.setdefault("SGLANG_DISABLE_LEAN_ATTENTION", "1")
     patch.apply()  # this process too (the engine), before SGLang reads anything
     from sglang.srt.server_args import prepare_server_args

@@ -120,7 +120,7 @@ import torch
 
 from megatron_smd.policies import PolicyConfig
 
-from . import memory_hooks
+from . import fp8_kv, memory_hooks
 from .eviction import EvictionConfigError, EvictionManager
 from .version import check_sglang_version
 
@@ -160,10 +160,12 @@ TARGETS: tuple[tuple[str, str, str], ...] = (
      "is_request_level_customized_info_key"),
     ("sglang.srt.managers.scheduler_components.internal_state", "SchedulerInternalStateController",
      "get_internal_state"),
+    ("sglang.srt.mem_cache.memory_pool", "MHATokenToKVPool", "set_kv_buffer"),
 )
 #: Module-level functions the patch uses by name (checked by :func:`verify_targets`).
 FUNCTION_TARGETS: tuple[tuple[str, str], ...] = (
     ("sglang.srt.mem_cache.registry", "register_radix_cache_backend"),
+    ("sglang.srt.mem_cache.kv_cache_dtype", "configure_kv_cache_dtype"),  # wrapped by fp8_kv.install_cpu_dtype
 )
 #: The name our radix-cache backend is registered under (``--radix-cache-backend``).
 RADIX_BACKEND = "smd"
@@ -228,6 +230,8 @@ _MANAGER: EvictionManager | None = None
 _PREFILL: dict[int, _PrefillCapture] = {}  # req_pool_idx -> capture of the request prefilling there
 _PREFILL_DONE: dict[str, Any] = {}  # rid -> PromptState, while its prefill's results are processed
 _TABLE: dict[str, Any] | None = None  # per-layer physical slot table for torch_native extend / decode
+_KV: fp8_kv.ServerKV | None = None  # the FP8 KV cache this server stores (None: the model's dtype)
+_LAYER: list[int] = [0]  # the layer torch_native is running (its _run_sdpa_* are not told)
 _APPLIED = False
 
 
@@ -392,7 +396,7 @@ def _hook_scheduler(Scheduler) -> None:
 
     def make_init(orig):
         def __init__(self, *args, **kwargs):
-            global _MANAGER
+            global _MANAGER, _KV
             orig(self, *args, **kwargs)
             policy = policy_from_env()
             if policy is None:
@@ -406,12 +410,13 @@ def _hook_scheduler(Scheduler) -> None:
                 raise EvictionConfigError(f"smd eviction: the scheduler's KV pool is {type(kv_pool).__name__}, not "
                                           f"the per-layer pool (SGLang built another pool family for this model)")
             mc = self.model_config
+            _KV = _server_kv(kv_pool, mc.dtype)
             tp = 1
             _MANAGER = EvictionManager(
                 policy, num_layers=mc.num_hidden_layers, num_q_heads=mc.num_attention_heads // tp,
                 num_kv_heads=mc.get_num_kv_heads(tp), head_dim=mc.head_dim,
                 req_to_token_pool=self.req_to_token_pool, allocator=self.token_to_kv_pool_allocator,
-                kv_pool=kv_pool, tree_cache=self.tree_cache)
+                kv_pool=kv_pool, tree_cache=self.tree_cache, kv=_KV)
             _MANAGER.waiting_requests = lambda: self.waiting_queue  # prompt groups wait for their samples
             memory_hooks.register_manager(self.tree_cache, _MANAGER)
             logger.info("smd eviction active: %s", policy.model_dump())
@@ -442,6 +447,27 @@ def _hook_admission(PrefillAdder) -> None:
         return _get_running_request_total_token_offset
 
     _wrap(PrefillAdder, "_get_running_request_total_token_offset", make)
+
+
+def _server_kv(kv_pool, compute_dtype: torch.dtype) -> fp8_kv.ServerKV | None:
+    """The scheduler's FP8 cache (:mod:`sglang_patch.fp8_kv`): what the launcher put in
+    :data:`fp8_kv.ENV_KV`, checked against the pool SGLang built (an FP8 pool without a cache
+    description, or the reverse, would round K/V the learner does not know about)."""
+    kv = fp8_kv.kv_from_env()
+    pool_fp8 = getattr(kv_pool, "dtype", None) in (torch.float8_e4m3fn, torch.float8_e5m2)
+    if kv is None:
+        if pool_fp8:
+            raise EvictionConfigError(f"smd: SGLang built an FP8 KV pool ({kv_pool.dtype}) but the launcher set no "
+                                      f"${fp8_kv.ENV_KV}: start the server with python -m sglang_patch.launch_server "
+                                      f"--kv-cache-dtype ... so the rollouts carry the rounding")
+        return None
+    if kv_pool.dtype != kv.config.torch_dtype:
+        raise EvictionConfigError(f"smd: ${fp8_kv.ENV_KV} says {kv.dtype}, SGLang built a {kv_pool.dtype} KV pool "
+                                  f"(--kv-cache-dtype must be {kv.dtype})")
+    if kv.num_layers != kv_pool.layer_num:
+        raise EvictionConfigError(f"smd: ${fp8_kv.ENV_KV} has scales for {kv.num_layers} layers, the KV pool "
+                                  f"has {kv_pool.layer_num}")
+    return fp8_kv.ServerKV(kv, compute_dtype)
 
 
 def _rows_cpu(forward_batch) -> list[int]:
@@ -562,6 +588,7 @@ def _hook_torch_native(TorchNativeAttnBackend) -> None:
     def make_extend(orig):
         def forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs):
             global _TABLE
+            _LAYER[0] = layer.layer_id
             if not _per_layer():
                 return orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
             t = _extend_table(layer, forward_batch)
@@ -577,6 +604,7 @@ def _hook_torch_native(TorchNativeAttnBackend) -> None:
     def make_decode(orig):
         def forward_decode(self, q, k, v, layer, forward_batch, *args, **kwargs):
             global _TABLE
+            _LAYER[0] = layer.layer_id
             step = _MANAGER._step if _per_layer() else None
             if step is None:
                 return orig(self, q, k, v, layer, forward_batch, *args, **kwargs)
@@ -593,10 +621,14 @@ def _hook_torch_native(TorchNativeAttnBackend) -> None:
 
     def make_run_extend(orig):
         def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
-                                     *args, **kwargs):
+                                     seq_lens, *args, **kwargs):
             if _TABLE is not None:
                 req_to_token, req_pool_indices = _TABLE["req_to_token"], _TABLE["req_pool_indices"]
-            return orig(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, *args, **kwargs)
+            if _KV is not None and _KV.scaled:  # SGLang's read would drop the scales
+                k_cache, v_cache, req_to_token, req_pool_indices = _KV.compact(
+                    _LAYER[0], k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, query.dtype)
+            return orig(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                        *args, **kwargs)
         return _run_sdpa_forward_extend
 
     def make_run_decode(orig):
@@ -604,15 +636,17 @@ def _hook_torch_native(TorchNativeAttnBackend) -> None:
                                      seq_lens, encoder_lens=None, scaling=None, enable_gqa=False, causal=False,
                                      is_cross_attn=False, sliding_window_size=None):
             t = _TABLE
-            if t is None:
-                return orig(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                            encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
-            if encoder_lens is None and not is_cross_attn and sliding_window_size is None and scaling is not None:
-                # one padded batch over every request's live physical slots (SGLang loops per request)
-                _MANAGER.attend(t["step"], t["layer"], query, output, scaling)
-                return output
-            return orig(self, query, output, k_cache, v_cache, t["req_to_token"], t["req_pool_indices"],
-                        t["seq_lens"], encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
+            if t is not None:
+                if encoder_lens is None and not is_cross_attn and sliding_window_size is None and scaling is not None:
+                    # one padded batch over every request's live physical slots (SGLang loops per request)
+                    _MANAGER.attend(t["step"], t["layer"], query, output, scaling)
+                    return output
+                req_to_token, req_pool_indices, seq_lens = t["req_to_token"], t["req_pool_indices"], t["seq_lens"]
+            if _KV is not None and _KV.scaled:  # SGLang's read would drop the scales
+                k_cache, v_cache, req_to_token, req_pool_indices = _KV.compact(
+                    _LAYER[0], k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, query.dtype)
+            return orig(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                        encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
         return _run_sdpa_forward_decode
 
     _wrap(TorchNativeAttnBackend, "init_forward_metadata", _init_then_begin)
@@ -729,6 +763,7 @@ def pool_state(scheduler) -> dict:
 
     alloc, rtp, tree = scheduler.token_to_kv_pool_allocator, scheduler.req_to_token_pool, scheduler.tree_cache
     out = {"policy": _MANAGER.cfg.model_dump(mode="json") if _MANAGER else None,
+           fp8_kv.KV_META_KEY: _KV.meta() if _KV is not None else None,
            "free_slots": int(alloc.available_size()), "total_slots": int(scheduler.max_total_num_tokens),
            "evictable_slots": int(tree.evictable_size()), "protected_slots": int(tree.protected_size()),
            "free_rows": int(rtp.available_size()), "total_rows": int(rtp.size),
@@ -784,6 +819,8 @@ def apply() -> bool:
     _hook_retract(m["sglang.srt.managers.schedule_batch"].ScheduleBatch)
     _hook_output(m["sglang.srt.managers.scheduler_components.output_streamer"].SchedulerOutputStreamer)
     _hook_internal_state(m["sglang.srt.managers.scheduler_components.internal_state"].SchedulerInternalStateController)
+    fp8_kv.install_store(m["sglang.srt.mem_cache.memory_pool"].MHATokenToKVPool, lambda: _KV)
+    fp8_kv.install_cpu_dtype(importlib.import_module("sglang.srt.mem_cache.kv_cache_dtype"), fp8_kv.kv_from_env)
     _APPLIED = True
     return True
 

@@ -475,8 +475,8 @@ def test_rollout_kv_cache_meta_is_validated_naming_file_and_key(fp8_rollouts, tm
 def test_fp8_config_combinations_are_refused_with_the_reason():
     from megatron_smd.config import load_config
 
-    with pytest.raises(ConfigError, match=r"the patched SGLang server's FP8 KV path is not wired yet"):
-        load_config(TINY, ["rollout.kv_cache_dtype=fp8_e4m3", "rollout.backend=sglang", "sync.transport=sglang"])
+    with pytest.raises(ConfigError, match=r"kv_cache_dtype is not a server pass-through"):
+        load_config(TINY, ["sglang.kv_cache_dtype=fp8_e4m3"])
     with pytest.raises(ConfigError, match=r"kv_scales is set but kv_cache_dtype is 'auto'"):
         load_config(TINY, ["rollout.kv_scales=x.json"])
     assert load_config(TINY).rollout.kv_cache_dtype == "auto"

@@ -158,8 +158,10 @@ class RolloutConfig(_Strict):
     format and scales (``meta.json: kv_cache``) and the learner's shadow forward rounds K and V the
     same way (``algorithm.correction: smd`` then covers eviction and quantisation together). Also
     the compressed periodic eval. ``algorithm.correction: dense`` samples without it (the
-    uncompressed baseline, like the eviction policy). The reference engine only: refused with
-    ``backend: sglang`` (the patched server's FP8 path is not wired yet)."""
+    uncompressed baseline, like the eviction policy). With ``backend: sglang`` (``fp8_e5m2`` on
+    CPU ``torch_native`` servers only: e4m3 and the Triton backend are refused, with the reason) the
+    servers are launched with ``--kv-cache-dtype`` / ``--smd-kv-scales`` from these settings
+    (``smd plan``), and the trainer refuses servers that report another cache."""
     kv_scales: str | None = None
     """FP8 only: a ``kv_scales.json`` from `smd calibrate-kv` (per-layer K and V scales and the
     fingerprint of the weights they were calibrated on, which must be the weights the run starts
@@ -170,10 +172,12 @@ class RolloutConfig(_Strict):
         if self.kv_cache_dtype == "auto" and self.kv_scales is not None:
             raise ValueError("kv_scales is set but kv_cache_dtype is 'auto' (no FP8 cache to scale): set "
                              "rollout.kv_cache_dtype to fp8_e4m3 / fp8_e5m2 or remove rollout.kv_scales")
-        if self.kv_cache_dtype != "auto" and self.backend == "sglang":
-            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype} with backend=sglang: the patched SGLang "
-                             f"server's FP8 KV path is not wired yet (the learner could not replay its "
-                             f"rounding); use rollout.backend=reference or rollout.kv_cache_dtype=auto")
+        if self.kv_cache_dtype == "fp8_e4m3" and self.backend == "sglang":
+            raise ValueError("kv_cache_dtype=fp8_e4m3 with backend=sglang: the patched SGLang servers serve an FP8 "
+                             "cache as fp8_e5m2 on CPU (torch_native) only; SGLang 0.5.23 builds an e4m3 CPU cache "
+                             "only for Intel AMX kernels, and FP8 on its Triton backend rounds the query and the "
+                             "softmax weights too, which the learner does not replay. Use fp8_e5m2 or the reference "
+                             "engine")
         return self
 
 

@@ -43,9 +43,11 @@ SETTINGS: dict[str, tuple[str, str]] = {
        for k in ("num_prompts", "group_size", "max_new_tokens", "temperature", "top_p", "top_k", "seed")},
     "rollout.stop_at_eos": (RUN, "rollout tensors and the periodic evals"),
     "rollout.kv_growth": (RUN, "KV statistics of the rollout and of the periodic evals"),
-    "rollout.kv_cache_dtype": (RUN, "FP8 K/V in the reference engine (rollout tensors, KV bytes, the compressed "
-                                    "eval) and the learner's shadow forward"),
-    "rollout.kv_scales": (RUN, "the FP8 cache's per-layer scales (rollout tensors, the learner's rounding)"),
+    "rollout.kv_cache_dtype": (RUN, "FP8 K/V in the rollout engine (reference engine; the SGLang servers' "
+                                    "--kv-cache-dtype from smd plan, checked by the trainer), KV bytes, the "
+                                    "compressed eval, and the learner's shadow forward"),
+    "rollout.kv_scales": (RUN, "the FP8 cache's per-layer scales (engine or servers' --smd-kv-scales, rollout "
+                               "tensors, the learner's rounding)"),
     **{f"rollout.faults.{k}": (RUN, "retries against failing rollout servers (backend sglang)")
        for k in ("request_timeout_s", "max_attempts", "wait_healthy_s", "mask_retries", "probe_atol")},
     **{f"rollout.faults.{k}": (PLAN, "the launchers' server supervisor")

@@ -41,6 +41,15 @@ def policy_flags(pol: PolicyConfig) -> list[str]:
     return out
 
 
+def kv_cache_flags(cfg) -> list[str]:
+    """The servers' KV cache flags from ``rollout.kv_cache_dtype`` / ``rollout.kv_scales`` (none for
+    ``algorithm.correction: dense``, which samples the model's dtype, like the trainer's check)."""
+    r = cfg.rollout
+    if cfg.algorithm.correction == "dense" or r.kv_cache_dtype == "auto":
+        return []
+    return ["--kv-cache-dtype", r.kv_cache_dtype, *(["--smd-kv-scales", r.kv_scales] if r.kv_scales else [])]
+
+
 def check_server_args(argv: list[str], *, cpu: bool) -> None:
     """The servers' command line against the eviction patch's own rules
     (:func:`sglang_patch.launch_server.parse_args`): a setting the patch would refuse at start-up
@@ -67,7 +76,7 @@ def launch_vars(cfg) -> dict[str, Any]:
     r = cfg.resources
     pol = cfg.rollout.policy if cfg.algorithm.correction != "dense" else PolicyConfig()
     sgl = ["--model-path", cfg.model.path, "--tp-size", str(r.rollout_tp), *_sglang_flags(cfg.sglang),
-           *policy_flags(pol)]
+           *policy_flags(pol), *kv_cache_flags(cfg)]
     if r.rollout_nodes > 0 or cfg.rollout.backend == "sglang":
         check_server_args(sgl, cpu=r.gpus_per_node == 0)
     return dict(

@@ -9,7 +9,8 @@ Learner modes (:data:`MODES`):
 
 Metrics over completion tokens (``prompt_len <= t < seq_len``), :func:`gap_metrics`:
 
-* ``max_abs_logprob_diff``: ``max |log p_learner - log p_sampler|``.
+* ``max_abs_logprob_diff``: ``max |log p_learner - log p_sampler|``; ``frac_within_tol``: the share
+  of tokens with ``|log p_learner - log p_sampler| <= 1e-5`` (``gap.REPLAY_TOL``).
 * ``mean_kl``: mean of the k3 estimator of ``KL(sampler || learner)``, ``r - 1 - log r`` with
   ``r = p_learner / p_sampler`` on tokens drawn from the sampler (unbiased, non-negative);
   ``mean_kl_k1`` is the plain ``log p_sampler - log p_learner`` mean.

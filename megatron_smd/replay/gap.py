@@ -8,6 +8,8 @@ import torch
 from ..rollout.io import RolloutBatch
 
 MODES = ("dense", "shadow")
+#: the exact-replay tolerance (fp32) the ``frac_within_tol`` metric counts against
+REPLAY_TOL = 1e-5
 
 
 def learner_temperature(batch: RolloutBatch) -> float:
@@ -29,4 +31,7 @@ def gap_metrics(learner_lp: torch.Tensor, batch: RolloutBatch) -> dict:
         "mean_kl": float(k3.mean()) if d.numel() else 0.0,
         "mean_kl_k1": float((-log_r).mean()) if d.numel() else 0.0,
         "num_tokens": int(m.sum()),
+        # share of tokens within the exact-replay tolerance (FP8 rollouts: the criterion of
+        # megatron_smd.quant.cache.fp8_replay_check)
+        "frac_within_tol": float((d.abs() <= REPLAY_TOL).double().mean()) if d.numel() else 1.0,
     }

@@ -113,15 +113,19 @@ def training_engine(cfg: ExperimentConfig, model, weights_dir: Path | str) -> Re
                            kv_cache=rollout_kv_cache(cfg, model.arch.num_layers, weights_dir))
 
 
-def sglang_client(cfg: ExperimentConfig, num_layers: int, policy=None) -> RemoteRolloutEngine:
+def sglang_client(cfg: ExperimentConfig, num_layers: int, policy=None, kv_cache="config",
+                  weights_dir: Path | str | None = None) -> RemoteRolloutEngine:
     """The client of the patched SGLang servers (:func:`sglang_urls`), checked to run ``policy``
-    (default: the config's ``rollout.policy``). The servers own the policy (``--smd-*`` at launch);
-    requests time out and invalid masks are re-requested as ``rollout.faults`` says."""
+    (default: the config's ``rollout.policy``) and to store the KV cache ``kv_cache`` (default: the
+    config's ``rollout.kv_cache_dtype`` / ``rollout.kv_scales``, the scales checked against
+    ``weights_dir``). The servers own both (``--smd-*`` / ``--kv-cache-dtype`` at launch); requests
+    time out and invalid masks are re-requested as ``rollout.faults`` says."""
     from .sglang_client import SGLangClient
 
     f = cfg.rollout.faults
     client = SGLangClient(sglang_urls(cfg), num_layers, timeout_s=f.request_timeout_s, mask_retries=f.mask_retries)
     client.check_policy((policy or cfg.rollout.policy).model_dump(mode="json"))
+    client.check_kv_cache(kv_cache_of(cfg, num_layers, weights_dir) if kv_cache == "config" else kv_cache)
     return client
 
 
@@ -130,7 +134,7 @@ def make_engine(cfg: ExperimentConfig, model_dir: Path, arch=None) -> RolloutEng
     KV cache ``rollout.kv_cache_dtype`` configures), or the client of the patched SGLang servers.
     Both sample with the same ``generate`` signature."""
     if cfg.rollout.backend == "sglang":
-        return sglang_client(cfg, (arch or read_arch(model_dir)).num_layers)
+        return sglang_client(cfg, (arch or read_arch(model_dir)).num_layers, weights_dir=model_dir)
     kv = kv_cache_of(cfg, (arch or read_arch(model_dir)).num_layers, model_dir)
     return ReferenceEngine.from_pretrained(model_dir, cfg.rollout.policy, kv_growth=cfg.rollout.kv_growth,
                                            dtype=cfg.model.dtype, kv_cache=kv)

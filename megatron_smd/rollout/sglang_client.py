@@ -38,10 +38,12 @@ from dataclasses import dataclass, field
 import torch
 
 from sglang_patch.eviction import decode_mask  # the servers' wire format of a mask
+from sglang_patch.fp8_kv import same_cache
 from sglang_patch.patch import META_KEY
 
 from ..errors import FormatError, MaskError, SMDError
 from ..mask import validate_evict
+from ..quant.cache import RolloutKV
 from .drills import drill_point
 from .engine import RolloutStats, SamplingParams, Trajectory
 from .faults import ServerFault
@@ -76,6 +78,9 @@ class SGLangClient:
     last_export_info: list[dict] = field(default_factory=list)
     mask_retries: int = 2
     invalid_outputs: int = 0
+    #: the FP8 KV cache the servers store (checked by :meth:`check_kv_cache`), stamped on every
+    #: trajectory so the learner replays the rounding; None: the model's dtype
+    kv_cache: RolloutKV | None = None
 
     def __post_init__(self):
         if not self.urls:
@@ -118,10 +123,9 @@ class SGLangClient:
         return {"input_ids": list(prompt), "sampling_params": params, "return_logprob": True}
 
     # ------------------------------------------------------------------ public
-    def server_policies(self) -> dict[str, dict | None]:
-        """Each URL's eviction policy as the server reports it (``/server_info`` →
-        ``internal_states[0]["smd"]["policy"]``); None where the answer has no patch state (a
-        router, or an unpatched server)."""
+    def server_states(self) -> dict[str, dict | None]:
+        """Each URL's patch state (``/server_info`` → ``internal_states[0]["smd"]``); None where the
+        answer has no patch state (a router, or an unpatched server)."""
         out = {}
         for u in self.urls:
             req = urllib.request.Request(u + "/server_info", method="GET")
@@ -131,8 +135,32 @@ class SGLangClient:
             except (urllib.error.URLError, OSError, ValueError) as e:
                 raise SMDError(f"{u}/server_info: cannot read the server's state ({e})") from None
             states = info.get("internal_states") or [{}]
-            out[u] = (states[0].get("smd") or {}).get("policy") if isinstance(states[0], dict) else None
+            out[u] = states[0].get("smd") if isinstance(states[0], dict) else None
         return out
+
+    def server_policies(self) -> dict[str, dict | None]:
+        """Each URL's eviction policy as the server reports it (``smd.policy`` of :meth:`server_states`)."""
+        return {u: (st or {}).get("policy") for u, st in self.server_states().items()}
+
+    def check_kv_cache(self, expected: RolloutKV | None) -> None:
+        """Refuse servers whose KV cache (``smd.kv_cache``: FP8 format, per-layer scales, the weights
+        they were calibrated on) differs from ``expected`` (``rollout.kv_cache_dtype`` /
+        ``rollout.kv_scales``); then stamp ``expected`` on every trajectory this client builds."""
+        want = None if expected is None else expected.to_meta()
+        for u, st in self.server_states().items():
+            if st is None or "kv_cache" not in st:
+                raise SMDError(f"{u}: the server reports no smd KV cache state; start it with "
+                               f"python -m sglang_patch.launch_server")
+            have = st["kv_cache"]
+            if not same_cache(have, want):
+                def show(m):
+                    return "the model's dtype (no FP8)" if m is None else \
+                        f"{m['dtype']} with k scales {m['k_scale']}, v scales {m['v_scale']}"
+                raise SMDError(f"{u}: the server stores its KV cache as {show(have)}, the config says {show(want)} "
+                               f"(rollout.kv_cache_dtype / rollout.kv_scales): restart the server with "
+                               f"--kv-cache-dtype / --smd-kv-scales to match, or the learner would replay another "
+                               f"rounding")
+        self.kv_cache = expected
 
     def check_policy(self, expected: dict) -> None:
         """Refuse servers whose eviction policy differs from ``expected`` (``PolicyConfig``
@@ -239,4 +267,4 @@ class SGLangClient:
         ftype = fin.get("type") if isinstance(fin, dict) else None
         return Trajectory(tokens=tokens, prompt_len=P, sampler_logprobs=lp, evict=evict,
                           prompt_index=prompt_index, sample_index=sample_index,
-                          finish_reason="stop" if ftype in ("stop", "matched") else "length")
+                          finish_reason="stop" if ftype in ("stop", "matched") else "length", kv_cache=self.kv_cache)
