@@ -100,7 +100,7 @@ def write_plots(results: dict, img_dir: str | os.PathLike) -> list[Path]:
         s = S.get("smd", {}).get(key)
         if s:
             ax.plot(s["steps"], s["values"], color=MODE_COLORS["smd"], lw=0.8, alpha=0.7,
-                    ls="--" if key.endswith("ppo") else "-.", label=lab + " (1st micro-batch)")
+                    ls="--" if key.endswith("ppo") else "-.", label=lab)
     ax.set(title="gradient norm (mean over the step's optimizer steps, before clipping)" + seed_note, xlabel="step",
            ylabel="‖g‖")
     steps_axis(ax)

@@ -290,6 +290,10 @@ def render_markdown_seeds(results: dict, img_rel: str = IMG) -> str:
     L.append(f"- *grad-norm*: per step, the mean over its optimizer steps of the gradient norm before clipping; var = "
              f"population variance over steps (one or two spikes dominate it), with the median, the share of steps above "
              f"{SPIKE_FACTOR:g}x the run's median and the variance of the log norm as robust companions.")
+    L.append("- *per-term gradient norms* (`smd` runs): the norm of the gradient of the PPO term and of the distillation "
+             "term (coefficient included) over the whole mini-batch, each measured by its own backward pass before the "
+             "update (which they do not change); their sum is the update's gradient, so their norms show which term "
+             "makes a spike.")
     L.append("- *rejected*: mean fraction of sequences `sparse_rl` discards; *peak KV*: largest rollout KV cache allocated "
              "(mean over seeds); *wall*: training time of one run (mean over seeds; the shared warm start excluded).")
     return "\n".join(L) + "\n"

@@ -17,6 +17,7 @@ METRICS = ("eval_reward_dense_final", "eval_reward_dense_best", "eval_reward_com
            "eval_reward_compressed_best", "train_reward_mean", "replay_gap_max", "replay_gap_mean",
            "dense_learner_gap_max", "grad_norm_mean", "grad_norm_var", "grad_norm_median", "grad_norm_iqr",
            "grad_norm_spike_share", "grad_norm_logvar", "grad_norm_ppo_median", "grad_norm_distill_median",
+           "grad_norm_spike_distill_over_ppo",
            "rejected_fraction", "peak_kv_bytes", "kv_ratio_vs_dense", "rollout_tokens_per_s", "wall_s",
            "step_time_s")
 # Columns of the paired differences (smd - other, seed by seed).
@@ -198,7 +199,7 @@ def findings_seeds(res: dict, runs: dict, *, n_eval: int) -> dict:
         if parts else {"holds": None, "text": "needs naive and smd."})
 
     # 5. gradient norm: where smd's variance comes from
-    out["smd_grad_norm"] = _grad_finding(res, ivl)
+    out["smd_grad_norm"] = _grad_finding(res, ivl, K)
 
     # 6. budget sweep
     sw = res.get("sweep")
@@ -215,7 +216,7 @@ def findings_seeds(res: dict, runs: dict, *, n_eval: int) -> dict:
             "text": (f"per-run maximum replay gap by budget (of a {sw['length']}-token prompt + completion): {pts}. "
                      f"Criteria: the dense learner's gap falls strictly as the budget grows (means: "
                      f"{'yes' if grows else 'NO'}), the smallest budget's interval lies above the largest's "
-                     f"({'yes' if sep else 'NO'}), and the shadow gap stays <= {_fmt(tol)} at every step of every run "
+                     f"({'yes' if sep else 'NO' if K > 1 else 'n/a: one seed'}), and the shadow gap stays <= {_fmt(tol)} at every step of every run "
                      f"({'yes' if flat else 'NO'}).")}
     else:
         out["budget_sweep"] = {"holds": None, "text": "no budget sweep was run."}
@@ -233,11 +234,12 @@ def findings_seeds(res: dict, runs: dict, *, n_eval: int) -> dict:
     return out
 
 
-def _grad_finding(res: dict, ivl: str) -> dict:
+def _grad_finding(res: dict, ivl: str, K: int) -> dict:
     """Where smd's gradient-norm spread comes from. Descriptive (``holds`` None) unless the per-term
     norms were logged; then ``holds`` answers "the spread is inherent (the PPO term's), not an
     artefact of the distillation term": the distillation term's median norm (coefficient included)
-    lies resolvably below the PPO term's."""
+    lies resolvably below the PPO term's, and at every spike step of every seed it is below the PPO
+    term's."""
     iv, P = res["intervals"], res["paired"]
     if "smd" not in iv:
         return {"holds": None, "text": "smd was not run."}
@@ -259,15 +261,19 @@ def _grad_finding(res: dict, ivl: str) -> dict:
     holds = None
     ppo, dis = s["grad_norm_ppo_median"], s["grad_norm_distill_median"]
     if ppo["mean"] is not None and dis["mean"] is not None:
+        sp = s["grad_norm_spike_distill_over_ppo"]
         if dis["hi"] is not None and ppo["lo"] is not None:
-            holds = dis["hi"] < ppo["lo"]
-        txt += (f". Per term (gradient norm of each term on the step's first micro-batch, median over steps): PPO term "
-                f"{fmt_ci(ppo)}, distillation term (coefficient included) {fmt_ci(dis)}; "
-                + ("the distillation term is resolvably the smaller part, so the spread is the PPO term's (rare sampled "
+            holds = dis["hi"] < ppo["lo"] and (not sp["values"] or max(sp["values"]) < 1.0)
+        txt += (f". Per term (norm of each term's gradient over the whole mini-batch, median over steps): PPO term "
+                f"{fmt_ci(ppo)}, distillation term (coefficient included) {fmt_ci(dis)}"
+                + (f"; at the spike steps the distillation term's norm is at most {fmt_ci(sp)} x the PPO term's "
+                   f"({sp['n']} of {K} seeds had spike steps)" if sp["mean"] is not None else "; no spike steps")
+                + "; "
+                + ("the distillation term is resolvably the smaller part (and the smaller one at every spike step), so the spread is the PPO term's (rare sampled "
                    "tokens with large log-probability gradients): inherent to the sampling, not an artefact of the "
                    "distillation term" if holds else
-                   "the distillation term is NOT resolvably smaller than the PPO term: its share of the spread cannot be "
-                   "ruled out" if holds is False else "one seed: not decided"))
+                   "the distillation term is NOT resolvably smaller than the PPO term (or not at every spike step): its "
+                   "share of the spread cannot be ruled out" if holds is False else "one seed: not decided"))
     else:
         txt += ". Per-term norms were not logged in these runs (`learner.term_grad_norms`), so the source is not decided here"
     return {"holds": holds, "text": txt + "."}

@@ -99,16 +99,31 @@ def summarize_mode(mode: str, history: list[dict], wall_s: float | None) -> dict
         "grad_norm_mean": _mean(gn),
         "grad_norm_var": _pvar(gn),
         **grad_norm_stats(gn),
-        # per-term norms (logged only when the run asked for them): the PPO term's gradient and the
-        # distillation term's (coefficient included), on the step's first micro-batch
+        # per-term norms (logged only when the run asked for them): the norm of the PPO term's gradient
+        # and of the distillation term's (coefficient included) over the whole mini-batch, mean over
+        # the step's optimizer steps; median over steps, and at the spike steps (> SPIKE_FACTOR x the
+        # median total norm) the largest ratio distillation / PPO
         "grad_norm_ppo_median": statistics.median(g_ppo) if g_ppo else None,
         "grad_norm_distill_median": statistics.median(g_dis) if g_dis else None,
+        "grad_norm_spike_distill_over_ppo": _spike_ratio(history, gn),
         "rejected_fraction": (_mean(rej) if rej else 0.0) if mode == "sparse_rl" else 0.0,
         "peak_kv_bytes": max(kv) if kv else None,
         "rollout_tokens_per_s": _mean(tps),
         "wall_s": wall_s,
         "step_time_s": sum(t_steps) if t_steps else None,
     }
+
+
+def _spike_ratio(history: list[dict], gn: list[float]) -> float | None:
+    """Largest ``train/grad_norm_distill / train/grad_norm_ppo`` over the spike steps (None: no spike
+    step or no per-term norms)."""
+    if not gn:
+        return None
+    med = statistics.median(gn)
+    r = [float(h["train/grad_norm_distill"]) / max(float(h["train/grad_norm_ppo"]), 1e-30) for h in history
+         if h.get("train/grad_norm") is not None and h["train/grad_norm"] > SPIKE_FACTOR * med
+         and h.get("train/grad_norm_ppo") is not None and h.get("train/grad_norm_distill") is not None]
+    return max(r) if r else None
 
 
 def _reward_threshold(n_eval: int) -> float:
