@@ -29,7 +29,7 @@ What is measured, and against what:
 * **GPU** (``gpu`` marker): the ``sglang`` transport against a real SGLang server, colocated
   (``update_weights_from_tensor``, one GPU) and distributed (NCCL broadcast, two GPUs).
 * **Repeated syncs** (one learner rank + one broadcast receiver): three in-process syncs of new
-  weights through the engine's kept buffers (the same memory each time) leave the engine's
+  weights through the engine's kept buffers (two sets the commit adopts in turn) leave the engine's
   parameters bit-identical to the conversion table's HF tensors; a NaN is refused with and without
   checksums (the finiteness test runs on different threads in the two cases), the engine
   bit-identical; the raw-broadcast ``wire`` message works between syncs.
@@ -752,7 +752,9 @@ def _repeat_sync_job(port: int, tmp: str) -> dict:
         want = megatron_to_hf({(0, 0): {n: p.detach() for n, p in params.items()}}, arch, 1, 1)
         have = dict(engine.model.named_parameters())
         out["bitwise"].append(all(torch.equal(have[n], t) for n, t in want.items() if n in have))
-        out["slot_ptrs"].append(sorted(t.data_ptr() for t in tr.buffers._slots.values()))
+        live = sorted(t.data_ptr() for t in tr._live._slots.values())  # the engine's parameters are views of these
+        out["slot_ptrs"].append(live)
+        out.setdefault("params_in_slots", []).append({p.data_ptr() for p in have.values()} <= set(live))
         out.setdefault("verified", []).append(rep.verified_checksums)
         out.setdefault("phases", []).append(sorted(rep.phases))
     # a NaN without verify (the finiteness check then runs on the helper thread) and with it
@@ -796,7 +798,7 @@ def _repeat_receiver_job(port: int) -> dict:
 
 @pytest.mark.slow
 def test_kept_buffers_repeated_syncs_and_wire(tmp_path):
-    """Syncs reuse the engine side's kept buffers (the same memory every time) and still leave the
+    """Syncs reuse the engine side's kept buffers (two sets, in turn) and still leave the
     engine exactly on the learner's current weights, with tensors written, checked and committed
     in halves on two threads; a NaN is refused with and without checksums (the engine
     bit-identical); the raw-broadcast 'wire' message works between syncs."""
@@ -807,7 +809,10 @@ def test_kept_buffers_repeated_syncs_and_wire(tmp_path):
     lr, rx = res[0], res[1]
     assert lr["bitwise"] == [True, True, True]  # the engine holds exactly the learner's HF tensors
     assert all(d <= EXACT_TOL for d in lr["diffs"]), lr["diffs"]
-    assert lr["slot_ptrs"][0] and lr["slot_ptrs"][0] == lr["slot_ptrs"][1] == lr["slot_ptrs"][2]
+    # the commit adopts the slots: the engine's parameters alternate between two kept sets (never
+    # written while live), the same two sets every time
+    assert lr["slot_ptrs"][0] and lr["slot_ptrs"][0] == lr["slot_ptrs"][2]
+    assert not set(lr["slot_ptrs"][0]) & set(lr["slot_ptrs"][1]) and lr["params_in_slots"] == [True] * 3
     n_hf = len(init_weights(_arch("qwen2"), seed=0))
     assert lr["verified"] == [0, n_hf, 0]
     assert {"convert", "finite", "engine.commit"} <= set(lr["phases"][0])

@@ -31,7 +31,8 @@ Who does what (ranks in Megatron's ``tp-cp-ep-dp-pp`` order, one :class:`Paralle
   checksum (``Sink.verifier``: the in-process engine's check, compared in its ``put``). A view
   that is not written is checked the same way, piece by piece: the first check reads a piece from
   memory, the others from cache. A large tensor's pieces are shared between the sender's thread
-  and one helper thread (numpy and torch release the GIL), joined before the next tensor. Every
+  and one helper thread (numpy and torch release the GIL), each taking the next piece in turn, so
+  the sender never waits for the helper to be scheduled (:mod:`~megatron_smd.sync.share`). Every
   stage sends its own layers; the senders of all stages form exactly one pipeline group
   (``layout.pp_group`` of a sender), which the transports use.
 
@@ -61,7 +62,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,6 +77,7 @@ from .checks import ROW_BYTES, Checksum, all_finite, all_finite_cached, tensor_c
 from .meters import LiveBytes, PhaseTimer
 from .pieces import Chunk, Piece, hf_pieces, param_view, plan_chunks, view_chunks, write_pieces
 from .probe import learner_logits, unwrap_model
+from .share import Helper
 
 __all__ = ["LiveBytes", "PhaseTimer", "Piece", "ReshardStats", "Resharder", "Sink", "hf_pieces", "learner_logits",
            "param_order", "unwrap_model", "write_pieces"]
@@ -217,7 +218,7 @@ class Resharder:
         self._bufs: dict[str, torch.Tensor] = {}
         self._temps: list[torch.Tensor] = []  # unpacked mode: temporaries of the open bucket
         self._prev_temps: list[torch.Tensor] = []  # (overlap) the previous bucket's, still being sent
-        self._copier: ThreadPoolExecutor | None = None  # the second half of large tensors
+        self._copier: Helper | None = None  # shares the pieces of large tensors (share.py)
         self._sums: list[int | None] = []  # the open bucket's checksums, in tensor order
 
     # --------------------------------------------------------------------------------------
@@ -326,7 +327,7 @@ class Resharder:
         finally:
             self._sums = []
             if self._copier is not None:
-                self._copier.shutdown(wait=True)
+                self._copier.close()
                 self._copier = None
             for buf in self._bufs.values():
                 self.meter.release(buf)
@@ -382,13 +383,8 @@ class Resharder:
     def _checked(self, dest: torch.Tensor, plan: list[Chunk], split: bool, verifier: Checksum | None
                  ) -> tuple[bool, int | None]:
         ck = Checksum(dest.numel() * dest.element_size()) if self.checksums else None
-        if split and len(plan) >= 2:
-            half = len(plan) // 2
-            f = self._copy_pool().submit(self._run, dest, plan[half:], ck, verifier)
-            try:
-                ok = self._run(dest, plan[:half], ck, verifier)
-            finally:
-                ok = f.result() and ok
+        if split and len(plan) >= 2:  # pieces shared with the helper thread, never waiting for it to start
+            ok = self._helper().run(len(plan), lambda i: self._run(dest, plan[i:i + 1], ck, verifier))
         else:
             ok = self._run(dest, plan, ck, verifier)
         if ck is None:
@@ -559,9 +555,9 @@ class Resharder:
             return None
         return make(hf_name, dest.numel() * dest.element_size())
 
-    def _copy_pool(self) -> ThreadPoolExecutor:
+    def _helper(self) -> Helper:
         if self._copier is None:
-            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smd-sync-copy")
+            self._copier = Helper("smd-sync-copy")
         return self._copier
 
     def _next(self, bucket: Bucket) -> Bucket:

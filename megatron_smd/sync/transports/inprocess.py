@@ -19,18 +19,28 @@ class InProcessTransport(Transport):
     Args:
         engine: the :class:`~megatron_smd.rollout.engine.ReferenceEngine`, on global rank 0 (the
             coordinator); None on every other rank.
-        keep_buffers: keep the staging memory (in the engine's dtype: for the tensors that are
-            not staged as views of the learner's parameters, and the other stages' buckets)
-            across syncs, so that no sync after the first faults in fresh pages; False frees it
-            after every sync.
+        keep_buffers: keep the staging memory (in the engine's dtype) across syncs, so that no
+            sync after the first faults in fresh pages; False frees it after every sync.
+        adopt: commit double-buffered (the default): every tensor is written (and checked, piece
+            by piece while it is in cache) into the engine's staging slots, and the commit makes
+            the engine's parameters views of those slots (no copy); the memory they leave is
+            where the next sync is written (never the live weights; a refused sync leaves the
+            parameters where they were). The learner's memory is then read once, by the copy
+            that is also the check. Engine side: the parameters plus one set of slots, as the
+            broadcast receiver. False: the learner's tensors that are views of its parameters in
+            the engine's dtype are staged as they are, checked where they lie (one read of the
+            learner's memory) and copied into the parameters by the commit (a second read);
+            slots only for the others.
     """
 
     name = "inprocess"
 
-    def __init__(self, engine=None, *, keep_buffers: bool = True):
+    def __init__(self, engine=None, *, keep_buffers: bool = True, adopt: bool = True):
         self.engine = engine
         self.keep_buffers = keep_buffers
-        self.buffers = ShadowBuffers()
+        self.adopt = adopt
+        self.buffers = ShadowBuffers()  # what the next sync is written into
+        self._live: ShadowBuffers | None = None  # (adopt) what the engine's parameters are views of
         self.staging: StagedUpdate | None = None
         self._sent = 0
         self._sinking = False  # this sync's own tensors reach the staging through the sink
@@ -42,7 +52,7 @@ class InProcessTransport(Transport):
         if not ctx.coordinator or self.staging is None:
             return None
         self._sinking = True
-        return _StagingSink(self.staging, self.buffers)
+        return _StagingSink(self.staging, self.buffers, views=not self.adopt)
 
     def begin(self, ctx: SenderContext) -> None:
         self._sent, self._sinking = 0, False
@@ -100,7 +110,10 @@ class InProcessTransport(Transport):
         for stage in range(1, ctx.num_stages):
             self._drain_stage(stage, ctx)
         try:
-            return st.commit(ctx.probe)
+            res = st.commit(ctx.probe, adopt=self.adopt)
+            if self.adopt:  # the parameters now live in these buffers; the ones they left are free
+                self._live, self.buffers = self.buffers, (self._live or ShadowBuffers())
+            return res
         except WeightSyncError as e:
             return result_from_error(ctx.version, e, self.name)
         finally:
@@ -108,14 +121,16 @@ class InProcessTransport(Transport):
             self.staging = None
             if not self.keep_buffers:
                 self.buffers.clear()
+                self._live = None  # the parameters keep what they are views of
 
 
 class _StagingSink:
     """The in-process engine's staging as a resharder sink: each HF tensor is converted into its
-    kept slot (when the engine has that tensor, in that shape and dtype) and staged right away."""
+    kept slot (when the engine has that tensor, in that shape and dtype; with ``views``, a view of
+    the learner's parameter is staged as it is instead) and staged right away."""
 
-    def __init__(self, staging: StagedUpdate, buffers: ShadowBuffers):
-        self.staging, self.buffers = staging, buffers
+    def __init__(self, staging: StagedUpdate, buffers: ShadowBuffers, *, views: bool = True):
+        self.staging, self.buffers, self.views = staging, buffers, views
 
     def _fits(self, name: str, shape, dtype: torch.dtype, device: torch.device | None = None) -> bool:
         """Whether the staging takes ``name`` as is (else it casts, refuses or ignores it in add())."""
@@ -128,8 +143,9 @@ class _StagingSink:
     def keep(self, name: str, t: torch.Tensor) -> bool:
         """Stage ``t`` itself, a view of the learner's parameter: it stays valid until the sync ends
         (the learner is inside the sync; the staging is committed or discarded before it returns),
-        so the commit copies it into the engine straight from the learner's memory."""
-        return self._fits(name, t.shape, t.dtype, t.device)
+        so the commit copies it into the engine straight from the learner's memory. Not when the
+        commit adopts its slots (``views=False``): the tensor is then copied into its slot."""
+        return self.views and self._fits(name, t.shape, t.dtype, t.device)
 
     def slot(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor | None:
         if not self._fits(name, shape, dtype):
