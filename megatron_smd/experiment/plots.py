@@ -136,15 +136,20 @@ def write_plots(results: dict, img_dir: str | os.PathLike) -> list[Path]:
                              ("shadow_gap", "smd's shadow learner", dict(color=MODE_COLORS["smd"], marker="o", ls=":"))):
             cis = sw[key]
             mean = [max(c["mean"], 1e-10) for c in cis]
-            err = [[max(c["mean"] - max(c["lo"], 1e-10), 0) if c["lo"] is not None else 0 for c in cis],
-                   [c["hi"] - c["mean"] if c["hi"] is not None else 0 for c in cis]]
-            ax.errorbar(x, mean, yerr=err, capsize=4, label=lab, **st)
+            ax.plot(x, mean, label=lab + " (mean)", **st)
+            for xi, c in zip(x, cis):  # every seed's value; the interval only where it stays above 0
+                ax.scatter([xi] * len(c["values"]), [max(v, 1e-10) for v in c["values"]], s=12, alpha=0.5,
+                           color=st["color"])
+                if c["lo"] is not None and c["lo"] > 0:
+                    ax.errorbar([xi], [c["mean"]], yerr=[[c["mean"] - c["lo"]], [c["hi"] - c["mean"]]], capsize=4,
+                                color=st["color"], lw=1)
         tol = results["findings"]["smd_gap_at_dense_floor"].get("tolerance")
         if tol:
             ax.axhline(tol, color="gray", ls="--", lw=1, label="floor criterion")
         ax.set_yscale("log")
-        ax.set(title=f"replay gap vs KV budget (max over steps; mean and 95% interval over seeds; "
-                     f"{sw['length']}-token sequences)", xlabel="budget, % of prompt + completion", ylabel="max |Δ log p|")
+        ax.set(title=f"replay gap vs KV budget ({sw['length']}-token sequences): max over a run's steps; dots: seeds,\n"
+                     "line: their mean, bars: 95% interval (drawn where its lower end is > 0)",
+               xlabel="budget, % of prompt + completion", ylabel="max |Δ log p|")
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
