@@ -95,7 +95,8 @@ def write_plots(results: dict, img_dir: str | os.PathLike) -> list[Path]:
     # gradient norm per step
     fig, ax = plt.subplots(figsize=(8, 4))
     for m in modes:
-        line(ax, m, "train/grad_norm", label=f"{m} (var {_fmt(rows[m]['grad_norm_var'], '.2g')})")
+        var_s = "var, mean over seeds" if seed_note else "var"
+        line(ax, m, "train/grad_norm", label=f"{m} ({var_s} {_fmt(rows[m]['grad_norm_var'], '.2g')})")
     for key, lab in (("train/grad_norm_ppo", "smd: PPO term"), ("train/grad_norm_distill", "smd: distillation term")):
         s = S.get("smd", {}).get(key)
         if s:

@@ -293,9 +293,8 @@ def _grad_finding(res: dict, ivl: str, K: int) -> dict:
                 + (f"; at the spike steps the distillation term's norm is at most {fmt_ci(sp)} x the PPO term's "
                    f"({sp['n']} of {K} seeds had spike steps)" if sp["mean"] is not None else "; no spike steps")
                 + "; "
-                + ("the distillation term is resolvably the smaller part (and the smaller one at every spike step), so the spread is the PPO term's (rare sampled "
-                   "tokens with large log-probability gradients): inherent to the sampling, not an artefact of the "
-                   "distillation term" if holds else
+                + ("the distillation term is resolvably the smaller part (and the smaller one at every spike step), so the spread is the PPO term's (inherent to "
+                   "the policy-gradient update, which every mode has), not an artefact of the distillation term" if holds else
                    "the distillation term is NOT resolvably smaller than the PPO term (or not at every spike step): its "
                    "share of the spread cannot be ruled out" if holds is False else "one seed: not decided"))
     else:
