@@ -1,6 +1,6 @@
 """Synthetic long-context tasks with exact rewards, where KV-cache eviction hurts.
 
-Both tasks spread the facts needed for the answer uniformly over a long prompt and ask about them
+The tasks spread the facts needed for the answer uniformly over a long prompt and ask about them
 only at the end, so a compressed rollout cache (StreamingLLM window, H2O, SnapKV, R-KV) that drops
 the wrong positions loses reward, while the dense model can in principle answer everything. Every
 prompt and answer uses only characters of the tiny model's vocabulary
@@ -32,7 +32,25 @@ token.
         prompt: qer=7;mab=qer+5;tiv=4;zod=mab*3;?zod,mab>      (modulus 10)
         answer: 6,2
 
-Reward (both tasks): the completion (decoded text up to, excluding, ``<eos>``) is stripped of
+``pair_recall``
+    A look-up that needs no induction circuit: each pair is ONE character whose identity encodes
+    (key ``k``, value ``v``), ``PAIR_SYMBOLS[k * num_values + v]`` (``a``-``z`` then punctuation),
+    so a one-layer content match finds it. The question comes FIRST: ``?`` and ``num_queries``
+    distinct key symbols (``KEY_SYMBOLS[k]``: ``A``, ``B``, ...), then ``num_pairs`` pairs with
+    distinct keys among ``num_keys`` (default ``num_pairs``: every key once). The answer is ``=`` then the values in query order, separated
+    by ``,``. With 6 keys and ``num_values=4`` (key ``A`` = symbols ``abcd`` for values 0-3,
+    ``B`` = ``efgh``, ...)::
+
+        prompt: ?Bnfwdkr        (query key 1 = 'B'; pairs (3,1) (1,1) (5,2) (0,3) (2,2) (4,1))
+        answer: =1
+
+    The leading ``=`` is on purpose: engines sample the first completion token from the dense
+    prefill, so only tokens after it see the compressed cache; with ``=`` first, the value is read
+    under the eviction policy's cache (otherwise eviction could not change a one-token answer).
+    Query first: while reading the prompt densely the model already knows the question, so a
+    policy can learn to carry the answer into the tokens its cache keeps (the recent window).
+
+Reward (all tasks): the completion (decoded text up to, excluding, ``<eos>``) is stripped of
 surrounding whitespace and split on ``,``; field ``i`` scores iff it equals the expected string
 exactly (no leading zeros for ``arith_chain``, zero-padded for ``kv_recall``). The reward is
 ``correct / max(num_queries, number_of_fields)``: unparsable fields score 0, and appending extra
@@ -54,6 +72,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ARITH_NAME_LEN = 3
 ARITH_OPS = "+-*"
+# pair_recall alphabets (fixed, so a trained model's table never changes): keys are queried by an
+# upper-case letter; a (key, value) pair is one of these symbols (no digit and no ?=>,; separator).
+KEY_SYMBOLS = string.ascii_uppercase
+PAIR_SYMBOLS = string.ascii_lowercase + "".join(c for c in string.punctuation if c not in "?=>,;")
 
 
 class TaskConfig(BaseModel):
@@ -61,8 +83,9 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["kv_recall", "arith_chain"] = Field(
-        "kv_recall", description="Task family: 'kv_recall' (look up keys) or 'arith_chain' (evaluate assignments).")
+    name: Literal["kv_recall", "arith_chain", "pair_recall"] = Field(
+        "kv_recall", description="Task family: 'kv_recall' (look up keys), 'arith_chain' (evaluate assignments) or "
+                                 "'pair_recall' (look up one-character key-value pairs).")
     num_pairs: int = Field(
         16, ge=1, description="kv_recall: number of key=value pairs; arith_chain: number of assignments. "
                               "Sets the prompt length (about 8-10 tokens each with the defaults).")
@@ -71,6 +94,15 @@ class TaskConfig(BaseModel):
     key_digits: int = Field(
         3, ge=1, le=6, description="kv_recall: digits per key ('k047' has 3); allows up to 10**key_digits pairs.")
     value_digits: int = Field(2, ge=1, le=6, description="kv_recall: digits per value, zero-padded ('07').")
+    num_keys: int | None = Field(
+        None, ge=1, le=len(KEY_SYMBOLS), description="pair_recall: size of the key alphabet (keys 'A', 'B', ...); "
+                                                     "default num_pairs (every key appears once per prompt).")
+    num_values: int = Field(
+        4, ge=1, le=10, description="pair_recall: values per key (answer digits 0..num_values-1); "
+                                    "num_keys * num_values pair symbols are used (at most 53).")
+    note_prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="pair_recall: share of reference answers that write the value once BEFORE "
+                                         "the '=' too ('1=1'); the reward only reads the text after '='.")
     modulus: int = Field(
         10, ge=2, le=1000, description="arith_chain: all values are taken mod this; 10 keeps every value one token.")
     max_depth: int = Field(
@@ -78,6 +110,11 @@ class TaskConfig(BaseModel):
     literal_prob: float = Field(
         0.4, gt=0.0, lt=1.0, description="arith_chain: probability that an assignment (other than the first) is "
                                          "a literal rather than an update.")
+
+    @property
+    def keys(self) -> int:
+        """pair_recall's key alphabet size: ``num_keys``, or ``num_pairs`` when unset."""
+        return self.num_keys or self.num_pairs
 
     @model_validator(mode="after")
     def _check_sizes(self) -> TaskConfig:
@@ -87,6 +124,11 @@ class TaskConfig(BaseModel):
         if self.name == "kv_recall" and self.num_pairs > 10 ** self.key_digits:
             raise ValueError(f"num_pairs={self.num_pairs} > 10**key_digits={10 ** self.key_digits}: "
                              f"not enough unique keys; raise key_digits")
+        if self.name == "pair_recall" and self.num_pairs > self.keys:
+            raise ValueError(f"num_pairs={self.num_pairs} > num_keys={self.keys}: pairs need distinct keys")
+        if self.name == "pair_recall" and self.keys * self.num_values > len(PAIR_SYMBOLS):
+            raise ValueError(f"num_keys * num_values = {self.keys} * {self.num_values} > {len(PAIR_SYMBOLS)} "
+                             f"pair symbols (num_keys defaults to num_pairs)")
         if self.name == "arith_chain" and self.num_pairs > len(string.ascii_lowercase) ** ARITH_NAME_LEN:
             raise ValueError(f"num_pairs={self.num_pairs} exceeds the {26 ** ARITH_NAME_LEN} unique variable names")
         return self
@@ -155,7 +197,19 @@ def _arith_chain(cfg: TaskConfig, rng: random.Random) -> tuple[str, str, dict]:
     return prompt, ",".join(expected), meta
 
 
-_GENERATORS = {"kv_recall": _kv_recall, "arith_chain": _arith_chain}
+def _pair_recall(cfg: TaskConfig, rng: random.Random) -> tuple[str, str, dict]:
+    keys = rng.sample(range(cfg.keys), cfg.num_pairs)
+    vals = [rng.randrange(cfg.num_values) for _ in keys]
+    q_idx = rng.sample(range(cfg.num_pairs), cfg.num_queries)
+    prompt = ("?" + "".join(KEY_SYMBOLS[keys[i]] for i in q_idx)
+              + "".join(PAIR_SYMBOLS[k * cfg.num_values + v] for k, v in zip(keys, vals)))
+    expected = [str(vals[i]) for i in q_idx]
+    meta = {"queries": [KEY_SYMBOLS[keys[i]] for i in q_idx], "expected": expected, "query_positions": q_idx}
+    note = expected[0] if rng.random() < cfg.note_prob else ""
+    return prompt, note + "=" + ",".join(expected), meta
+
+
+_GENERATORS = {"kv_recall": _kv_recall, "arith_chain": _arith_chain, "pair_recall": _pair_recall}
 
 
 def score_fields(expected: list[str], completion: str) -> float:
@@ -189,18 +243,25 @@ class Task:
 
     def reward(self, example: Example, completion: str) -> float:
         """Fraction of queries answered exactly, in ``[0, 1]``; ``completion`` excludes ``<eos>``."""
+        if self.cfg.name == "pair_recall":
+            note, eq, rest = completion.strip().partition("=")
+            if not eq or len(note) > 1:
+                return 0.0
+            return score_fields(example.meta["expected"], rest)
         return score_fields(example.answer.split(","), completion)
 
     def approx_prompt_tokens(self) -> int:
         """Prompt tokens including ``<bos>`` with the character tokenizer.
 
-        Exact for ``kv_recall``; an upper bound for ``arith_chain`` (every assignment counted as an
+        Exact for ``kv_recall`` and ``pair_recall``; an upper bound for ``arith_chain`` (every assignment counted as an
         update with a constant of the widest width), tight with ``modulus <= 10``.
         """
         c = self.cfg
         if c.name == "kv_recall":
             body = c.num_pairs * (1 + c.key_digits + 1 + c.value_digits + 1)
             question = 1 + c.num_queries * (1 + c.key_digits) + (c.num_queries - 1) + 1
+        elif c.name == "pair_recall":
+            body, question = c.num_pairs, 1 + c.num_queries
         else:
             width = len(str(c.modulus - 1))
             body = c.num_pairs * (ARITH_NAME_LEN + 1 + ARITH_NAME_LEN + 1 + width + 1)
@@ -210,6 +271,8 @@ class Task:
     def max_answer_tokens(self) -> int:
         """Longest reference answer plus ``<eos>``: a sensible generation budget for the task."""
         c = self.cfg
+        if c.name == "pair_recall":
+            return 2 + c.num_queries + (c.num_queries - 1) + 1  # note, '=', values, commas, <eos>
         width = c.value_digits if c.name == "kv_recall" else len(str(c.modulus - 1))
         return c.num_queries * width + (c.num_queries - 1) + 1
 

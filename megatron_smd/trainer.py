@@ -45,6 +45,7 @@ from .mask import kept_fraction
 from .metrics import NullLogger, make_logger, mask_image
 from .parallel.layout import ParallelLayout, free_port, launched_by_torchrun
 from .rollout.drills import set_drill_step
+from .train_display import show
 from .rollout.engine import RolloutStats
 from .rollout.engine_api import RemoteRolloutEngine, RolloutEngine
 from .rollout.faults import ServerFault, ServerFaults
@@ -550,11 +551,7 @@ def log_step(ctx: Context, step: int, ro: StepRollout, stats: dict, t: dict) -> 
     if ctx.bar is not None:
         post = {"reward": f"{stats['reward/train']:.2f}", "gap": f"{stats['mismatch/max_abs_logprob_diff']:.1e}",
                 "gnorm": f"{stats['train/grad_norm']:.2f}"}
-        if "reward/eval_dense" in stats:
-            post["eval_d"] = f"{stats['reward/eval_dense']:.2f}"
-            post["eval_c"] = f"{stats['reward/eval_compressed']:.2f}"
-        ctx.bar.set_postfix(post)
-        ctx.bar.update(1)
+        show(ctx.bar, ctx.history, stats, post, step, cfg.train.steps)
 
 
 def log_eval_only(ctx: Context, stats: dict) -> None:
@@ -562,6 +559,8 @@ def log_eval_only(ctx: Context, stats: dict) -> None:
     if ctx.rank0:
         ctx.logger.log(stats, 0)
         ctx.history.append({"step": 0, **stats})
+        if ctx.bar is not None:
+            show(ctx.bar, ctx.history, stats, {}, 0, -1)
 
 
 def save(ctx: Context, step: int) -> None:

@@ -15,7 +15,7 @@ from megatron_smd.errors import ConfigError, FormatError, SMDError
 from megatron_smd.model import hf
 from megatron_smd.model.tiny import init_model_dir, init_weights, tiny_arch
 from megatron_smd.model.tokenizer import CHARSET, CharTokenizer, byte_to_unicode
-from megatron_smd.tasks import Example, Task, TaskConfig, make_task
+from megatron_smd.tasks import KEY_SYMBOLS, PAIR_SYMBOLS, Example, Task, TaskConfig, make_task
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,7 +25,9 @@ SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
 def _task_text() -> str:
     kv = make_task(TaskConfig(name="kv_recall", num_pairs=20, num_queries=3)).sample(2, seed=5)
     ar = make_task(TaskConfig(name="arith_chain", num_pairs=20, num_queries=3)).sample(2, seed=5)
-    return "\n".join(e.prompt + e.answer for e in kv + ar) + "\n Hello, World! ~`|\\\"'\n"
+    pr = make_task(TaskConfig(name="pair_recall", num_keys=5, num_values=10, num_pairs=5, num_queries=2,
+                              note_prob=0.5)).sample(2, seed=5)
+    return "\n".join(e.prompt + e.answer for e in kv + ar + pr) + "\n Hello, World! ~`|\\\"'\n"
 
 
 # ---------------------------------------------------------------------------------- tokenizer
@@ -204,6 +206,42 @@ def test_kv_recall_structure_and_partial_credit():
     assert task.reward(ex, "93,x,05,11") == pytest.approx(2 / 4)  # extra field dilutes
     assert task.reward(ex, "17,93,05") == pytest.approx(1 / 3)  # order matters
     assert task.reward(ex, "93 ,17,05") == pytest.approx(2 / 3)  # inner spaces are not stripped
+
+
+def test_pair_recall_structure_reward_and_notes():
+    cfg = TaskConfig(name="pair_recall", num_pairs=6, num_values=4, num_queries=1)  # num_keys = num_pairs
+    task = make_task(cfg)
+    tok = CharTokenizer.build()
+    for e in task.sample(20, seed=3):
+        assert e.prompt[0] == "?" and len(e.prompt) == 1 + 1 + 6 == task.approx_prompt_tokens() - 1
+        q = KEY_SYMBOLS.index(e.prompt[1])
+        pairs = [divmod(PAIR_SYMBOLS.index(c), 4) for c in e.prompt[2:]]  # independent decoding of the symbols
+        assert sorted(k for k, _ in pairs) == list(range(6))  # distinct keys, all 6 used
+        assert e.answer == "=" + str(dict(pairs)[q])  # note_prob 0: never a note
+        assert task.reward(e, e.answer) == 1.0 and task.reward(e, e.answer[1:]) == 0.0  # '=' is required
+        assert len(tok.encode(e.answer, add_bos=False)) + 1 <= task.max_answer_tokens()
+    assert make_task(cfg).sample(5) == task.sample(5)
+    ex = task.sample(1)[0]
+    v = ex.meta["expected"][0]
+    assert task.reward(ex, f"{v}={v}") == task.reward(ex, f"x={v}") == task.reward(ex, f" ={v}\n") == 1.0
+    assert task.reward(ex, f"12={v}") == 0.0  # at most one note character
+    assert task.reward(ex, f"{v}") == task.reward(ex, "=" + str((int(v) + 1) % 4)) == 0.0
+    # note_prob: that share of reference answers writes the value before '=' too; prompts are unchanged
+    noted = make_task(cfg.model_copy(update={"note_prob": 0.3})).sample(400, seed=3)
+    plain = task.sample(400, seed=3)
+    assert [e.prompt for e in noted] == [e.prompt for e in plain]
+    share = sum(e.answer == e.meta["expected"][0] + p.answer for e, p in zip(noted, plain)) / 400
+    assert 0.22 < share < 0.38 and all(e.answer in (p.answer, p.answer[1] + p.answer) for e, p in zip(noted, plain))
+    # two queries: values in query order
+    e2 = make_task(TaskConfig(name="pair_recall", num_pairs=4, num_queries=2)).sample(1)[0]
+    assert e2.answer == "=" + ",".join(e2.meta["expected"]) and len(e2.prompt) == 1 + 2 + 4
+    assert cfg.keys == 6 and TaskConfig(name="pair_recall", num_pairs=9, num_queries=1).keys == 9
+    e9 = make_task(TaskConfig(name="pair_recall", num_pairs=3, num_keys=9, num_queries=1)).sample(50)
+    assert {c for e in e9 for c in e.prompt[1]} <= set(KEY_SYMBOLS[:9]) and len({e.prompt[1] for e in e9}) > 6
+    with pytest.raises(ValueError, match="num_pairs=7 > num_keys=6"):
+        TaskConfig(name="pair_recall", num_pairs=7, num_keys=6, num_queries=1)
+    with pytest.raises(ValueError, match="pair symbols"):
+        TaskConfig(name="pair_recall", num_pairs=6, num_values=10, num_queries=1)
 
 
 def _eval_arith(prompt: str) -> dict[str, int]:
