@@ -13,31 +13,11 @@ from pathlib import Path
 import torch
 
 
-# Per-step scalars measured deep inside the update that the caller's stats do not carry (opt-in
-# diagnostics: the per-term gradient norms of megatron_smd.learner.learner.Learner.step).
-# ``log`` of every logger first merges their mean over the step into the dict it is given -- so they
-# reach whatever the caller records from that dict (the trainer's per-step history) -- and clears them.
-_PENDING: dict[str, list[float]] = {}
-
-
-def add_pending(key: str, value: float) -> None:
-    """Queue a scalar for the next ``log`` call (several values of one key are averaged)."""
-    _PENDING.setdefault(key, []).append(float(value))
-
-
-def merge_pending(scalars: dict) -> dict:
-    """Add the queued scalars' means to ``scalars`` (keys already there win) and clear the queue."""
-    for k, v in _PENDING.items():
-        scalars.setdefault(k, sum(v) / len(v))
-    _PENDING.clear()
-    return scalars
-
-
 class NullLogger:
-    """Accepts everything, writes nothing (but merges the queued scalars into ``scalars``)."""
+    """Accepts everything, writes nothing."""
 
     def log(self, scalars: dict, step: int) -> None:
-        merge_pending(scalars)
+        pass
 
     def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         pass
@@ -67,7 +47,6 @@ class TensorBoardLogger(NullLogger):
         self._w = SummaryWriter(str(self.log_dir))
 
     def log(self, scalars: dict, step: int) -> None:
-        merge_pending(scalars)
         for k, v in scalars.items():
             if v is None:
                 continue

@@ -359,7 +359,7 @@ def learn(ctx: Context, batch: TrainBatch | RolloutBatch, adv: torch.Tensor, ste
             mbs = learner.microbatches(batch, mine, modes, ex)
             parts = dict.fromkeys(_STAT_SUMS, 0.0)  # sums over this rank's micro-batches (last stage)
             fn = _loss_fn(alg, len(modes), parts, learner.arch.vocab_size, temp)
-            st = learner.step(mbs, fn, temperature=temp)
+            st = learner.step(mbs, fn, temperature=temp, term_grads=cfg.logging.term_grad_norms)
             # every micro-batch of every DP (x CP) rank, taken from the last pipeline stage: the same
             # numbers under any layout and micro-batch split (collective)
             tot = learner.reduce_stats(parts)
@@ -370,6 +370,8 @@ def learn(ctx: Context, batch: TrainBatch | RolloutBatch, adv: torch.Tensor, ste
                 stats.update(_first_step_ratio(st["logprobs"][0], mbs[0], len(modes)))
                 first = False
             acc["grad_norm"].append(st["grad_norm"])
+            for name, v in st["term_grad_norms"].items():  # logging.term_grad_norms: train/grad_norm_<term>
+                acc.setdefault(f"grad_norm_{name}", []).append(v)
             acc["loss"].append(st["loss"])
             acc["clip_frac"].append(tot["clip_count"] / max(tot["action_tokens"], 1.0))
             if distill:

@@ -19,7 +19,7 @@ TINY = REPO / "configs" / "tiny-cpu.yaml"
 
 
 def test_layers_preset_experiment_overrides():
-    cfg = load_config(TINY, ["rollout.policy.budget=48", "rollout.policy.name=streaming", "task.num_pairs=9"])
+    cfg = load_config(TINY, ["rollout.policy.budget=48", "rollout.policy.name=streaming", "task.name=kv_recall", "task.num_pairs=9"])
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.model.init.arch == "qwen2"  # from the preset
     assert cfg.rollout.group_size == 4  # from the experiment
@@ -73,7 +73,7 @@ def test_missing_file_bad_yaml_bad_override(tmp_path):
 def rollout_dir(tmp_path_factory, tiny_qwen2_dir):
     out = tmp_path_factory.mktemp("ro") / "rollout"
     rc = main(["rollout", "--config", str(TINY), "--out", str(out), f"model.path={tiny_qwen2_dir}",
-               "rollout.num_prompts=2", "rollout.group_size=2", "rollout.max_new_tokens=6", "task.num_pairs=6"])
+               "rollout.num_prompts=2", "rollout.group_size=2", "rollout.max_new_tokens=6", "task.name=kv_recall", "task.num_pairs=6"])
     assert rc == 0
     return out
 

@@ -27,7 +27,7 @@ TOL = 1e-5
 
 
 def _over(model_dir, **extra):
-    base = [f"model.path={model_dir}", "sft.enabled=false", "task.num_pairs=6", "task.num_queries=1",
+    base = [f"model.path={model_dir}", "sft.enabled=false", "task.name=kv_recall", "task.num_pairs=6", "task.num_queries=1",
             "task.key_digits=2", "task.value_digits=1", "rollout.num_prompts=2", "rollout.group_size=2",
             "rollout.max_new_tokens=4", "rollout.policy.name=h2o", "rollout.policy.budget=12",
             "rollout.policy.window=4", "train.steps=2", "train.eval_every=1", "train.eval_prompts=2",

@@ -52,7 +52,7 @@ def warm_dir(tmp_path_factory, tiny_qwen2_dir):
 
     out = tmp_path_factory.mktemp("warm") / "model"
     cfg = load_config(TINY, [f"model.path={tiny_qwen2_dir}", "sft.steps=40", "sft.batch_size=16", "sft.lr=3e-3",
-                             "sft.warmup_steps=10", "sft.eval_every=40"])
+                             "sft.warmup_steps=10", "sft.eval_every=40", *(f"{k}={v}" for k, v in KV_TASK.items())])
     layout = init_layout(cfg, read_arch(tiny_qwen2_dir))
     try:
         run_sft(cfg, layout, Path(tiny_qwen2_dir), out, log=lambda *_: None)
@@ -65,8 +65,15 @@ def _overrides(d: dict) -> list[str]:
     return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in d.items()]
 
 
+# The probes run on key-value recall with an 8-token H2O budget (prompts of ~27 tokens, so every
+# eviction setting has something to evict); the pair_recall fields are probed on pair_recall.
+KV_TASK = {"task.name": "kv_recall", "task.num_pairs": 4, "task.key_digits": 1, "task.value_digits": 1,
+           "rollout.policy.budget": 8}
+
+
 def base_overrides(model_dir, out) -> dict:
-    return {"model.path": str(model_dir), "output_dir": str(out), "sft.enabled": False, "rollout.num_prompts": 2,
+    return {**KV_TASK, "model.path": str(model_dir), "output_dir": str(out), "sft.enabled": False,
+            "rollout.num_prompts": 2,
             "rollout.group_size": 4, "rollout.max_new_tokens": 4, "train.steps": 2, "train.eval_every": 0,
             "train.eval_prompts": 4, "train.save_every": 0, "logging.progress_bar": False,
             "logging.mask_images": 1, "logging.sample_text": 1}
@@ -174,6 +181,13 @@ PROBES: dict[str, tuple[dict, dict, object]] = {
        for k, v in dict(name="arith_chain", num_pairs=5, num_queries=2, seed=1, key_digits=2, value_digits=2).items()},
     **{f"task.{k}": ({f"task.{k}": v}, _TASK_ARITH, "scalars")
        for k, v in dict(modulus=7, max_depth=1, literal_prob=0.9).items()},
+    **{f"task.{k}": ({f"task.{k}": v}, {"task.name": "pair_recall", "rollout.policy.budget": 3, "train.steps": 1},
+                     "scalars") for k, v in dict(num_keys=5, num_values=3).items()},
+    # the share of SFT answers that write the value early: what the warm start learns
+    "task.note_prob": ({"task.note_prob": 0.9, "sft.out": "{tmp}/sft-note"},
+                       {**_SFT, "task.name": "pair_recall", "rollout.policy.budget": 3, "sft.out": "{tmp}/sft-note-base"},
+                       "sft"),
+    "logging.term_grad_norms": ({"logging.term_grad_norms": True}, _ROLL, "scalars"),
     "rollout.backend": ({"rollout.backend": "sglang", "sync.transport": "sglang",
                          "rollout.sglang_urls": ["http://127.0.0.1:9"]}, _ROLL, _unreachable),
     "rollout.sglang_urls": ({"rollout.sglang_urls": ["http://127.0.0.1:9"]},
@@ -468,7 +482,7 @@ def test_sequences_longer_than_max_seq_len_are_refused(tmp_path, tiny_qwen2_dir,
     with pytest.raises(ConfigError, match=r"model.max_seq_len=20: .*prompts \(25 tokens at most\).*need up to 29 tokens"):
         train(cfg, resume="none")
     assert cli.main(["rollout", "--config", str(TINY), "--out", str(tmp_path / "r"), f"model.path={tiny_qwen2_dir}",
-                     "model.max_seq_len=20"]) == 2
+                     "model.max_seq_len=20", *(f"{k}={v}" for k, v in KV_TASK.items())]) == 2
     assert "model.max_seq_len=20" in capsys.readouterr().err
     from megatron_smd.config import check_runnable
 

@@ -49,7 +49,7 @@ TOL = 1e-5
 
 def _cfg(out: Path, model_dir: Path, urls: list[str], *extra: str):
     return load_config(REPO / "configs" / "tiny-cpu.yaml", [
-        f"model.path={model_dir}", f"output_dir={out}", "sft.enabled=false", "task.num_pairs=6",
+        f"model.path={model_dir}", f"output_dir={out}", "sft.enabled=false", "task.name=kv_recall", "task.num_pairs=6",
         "task.num_queries=1", "task.key_digits=2", "task.value_digits=1", "rollout.num_prompts=2",
         "rollout.group_size=4", "rollout.max_new_tokens=6", "rollout.policy.name=h2o", "rollout.policy.budget=12",
         "rollout.policy.window=4", "train.eval_every=0", "train.eval_prompts=2", "learner.micro_batch_size=4",

@@ -273,7 +273,7 @@ def test_smd_train_against_the_fp8_server_meets_the_replay_tolerance_every_step(
             f"rollout.policy.budget={BUDGET}", "rollout.policy.window=4", "rollout.kv_cache_dtype=fp8_e5m2",
             f"rollout.kv_scales={calibrated}", "rollout.num_prompts=3", "rollout.group_size=4",
             "rollout.max_new_tokens=8", "train.steps=2", "train.eval_every=0", "train.eval_prompts=4",
-            "train.save_every=0", "logging.progress_bar=false", "logging.tensorboard=false", "task.num_pairs=6",
+            "train.save_every=0", "logging.progress_bar=false", "logging.tensorboard=false", "task.name=kv_recall", "task.num_pairs=6",
             "task.key_digits=2"]
     hist = train(load_config(TINY, over), resume="none")["history"]
     steps = [h for h in hist if h["step"] > 0]

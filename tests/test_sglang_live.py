@@ -307,7 +307,7 @@ def test_smd_rollout_and_replay_commands_with_the_sglang_backend(servers, model_
     args = ["--config", "configs/tiny-cpu.yaml", "--out", str(out), f"model.path={model_dir}",
             "rollout.backend=sglang", f"rollout.sglang_urls=[{srv.url}]", "rollout.policy.name=h2o",
             f"rollout.policy.budget={BUDGET}", "rollout.policy.window=4", "rollout.num_prompts=3",
-            "rollout.group_size=4", "rollout.max_new_tokens=6", "task.num_pairs=6", "task.key_digits=2"]
+            "rollout.group_size=4", "rollout.max_new_tokens=6", "task.name=kv_recall", "task.num_pairs=6", "task.key_digits=2"]
     repo = Path(__file__).resolve().parent.parent
     p = subprocess.run([sys.executable, "-m", "megatron_smd.cli", "rollout", *args], cwd=repo,
                        capture_output=True, text=True, timeout=300)

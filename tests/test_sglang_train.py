@@ -55,7 +55,7 @@ def test_local_launcher_trains_against_a_patched_cpu_server(tmp_path, tiny_qwen2
     port = _free_port()
     out = tmp_path / "run"
     overrides = [f"model.path={tiny_qwen2_dir}", f"output_dir={out}", "sft.enabled=false",
-                 "task.num_pairs=6", "task.num_queries=1", "task.key_digits=2", "task.value_digits=1",
+                 "task.name=kv_recall", "task.num_pairs=6", "task.num_queries=1", "task.key_digits=2", "task.value_digits=1",
                  "rollout.num_prompts=2", "rollout.group_size=4", "rollout.max_new_tokens=6",
                  "rollout.policy.name=h2o", "rollout.policy.budget=12", "rollout.policy.window=4",
                  f"train.steps={STEPS}", "train.eval_every=0", "train.eval_prompts=2", "train.save_every=0",

@@ -274,7 +274,7 @@ def slurm(tmp_path_factory):
     assert not left, f"daemons still running after stop(): {left}"
 
 
-SHORT_RUN = ["resources.gpus_per_node=0", "sft.enabled=false", "task.num_pairs=6", "task.num_queries=1",
+SHORT_RUN = ["resources.gpus_per_node=0", "sft.enabled=false", "task.name=kv_recall", "task.num_pairs=6", "task.num_queries=1",
              "task.key_digits=2", "task.value_digits=1", "rollout.num_prompts=2", "rollout.group_size=2",
              "rollout.max_new_tokens=4", "rollout.policy.budget=12", "rollout.policy.window=4",
              "train.eval_every=0", "train.save_every=1", "logging.progress_bar=false", "learner.micro_batch_size=4"]

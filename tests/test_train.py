@@ -24,7 +24,7 @@ TOL = 1e-5
 
 def _cfg(tmp, model_dir, **over):
     base = [f"model.path={model_dir}", f"output_dir={tmp}", "sft.enabled=false",
-            "task.num_pairs=6", "task.num_queries=1", "task.key_digits=2", "task.value_digits=1",
+            "task.name=kv_recall", "task.num_pairs=6", "task.num_queries=1", "task.key_digits=2", "task.value_digits=1",
             "rollout.num_prompts=2", "rollout.group_size=2", "rollout.max_new_tokens=4",
             "rollout.policy.name=h2o", "rollout.policy.budget=12", "rollout.policy.window=4",
             "train.steps=2", "train.eval_every=2", "train.eval_prompts=2", "train.save_every=0",
@@ -151,7 +151,7 @@ def test_sigterm_swallowed_by_a_callback_still_stops_the_loop(monkeypatch):
 @pytest.mark.slow  # a subprocess run, killed and resumed
 def test_killed_run_keeps_complete_checkpoints_and_resumes(tmp_path, tiny_qwen2_dir):
     args = [sys.executable, "-m", "megatron_smd.cli", "train", "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
-            f"model.path={tiny_qwen2_dir}", f"output_dir={tmp_path}", "sft.enabled=false", "task.num_pairs=6",
+            f"model.path={tiny_qwen2_dir}", f"output_dir={tmp_path}", "sft.enabled=false", "task.name=kv_recall", "task.num_pairs=6",
             "task.num_queries=1", "task.key_digits=2", "task.value_digits=1", "rollout.num_prompts=2",
             "rollout.group_size=2", "rollout.max_new_tokens=4", "rollout.policy.budget=12", "rollout.policy.window=4",
             "train.steps=400", "train.save_every=1", "train.eval_every=0", "logging.progress_bar=false",
@@ -188,7 +188,7 @@ def test_killed_run_keeps_complete_checkpoints_and_resumes(tmp_path, tiny_qwen2_
 def test_two_rank_training_matches_single_process(layout, tmp_path, tiny_qwen2_dir):
     """torchrun with 2 gloo ranks (TP=2, or DP=2 splitting each mini-batch) trains the same weights as one
     process: the loss is normalised over the whole mini-batch before DDP's sum-reduction."""
-    common = [f"model.path={tiny_qwen2_dir}", "sft.enabled=false", "task.num_pairs=6", "task.num_queries=1",
+    common = [f"model.path={tiny_qwen2_dir}", "sft.enabled=false", "task.name=kv_recall", "task.num_pairs=6", "task.num_queries=1",
               "task.key_digits=2", "task.value_digits=1", "rollout.num_prompts=2", "rollout.group_size=2",
               "rollout.max_new_tokens=4", "rollout.policy.budget=12", "rollout.policy.window=4", "train.steps=2",
               "train.eval_every=0", "logging.progress_bar=false", "learner.micro_batch_size=2",

@@ -378,6 +378,11 @@ class LoggingConfig(_Strict):
     """Shadow masks rendered per log step (first layer and last layer of the first N trajectories)."""
     sample_text: int = Field(2, ge=0)
     progress_bar: bool = True
+    term_grad_norms: bool = False
+    """Also log the gradient norm of each loss term per step (``train/grad_norm_ppo``,
+    ``train/grad_norm_distill``, ``train/grad_norm_kl_ref``): one extra backward per term and
+    micro-batch, the update itself unchanged. The norms are of this rank's parameters (exact on a
+    single-rank learner, as in ``smd experiment compare``, which turns it on for its smd runs)."""
 
 
 class ExperimentConfig(_Strict):

@@ -36,7 +36,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "model.max_seq_len": (RUN, "refuses runs whose sequences could be longer; smd plan"),
     **{f"task.{k}": (RUN, "prompts, answers and rewards")
        for k in ("name", "num_pairs", "num_queries", "seed", "key_digits", "value_digits", "modulus", "max_depth",
-                 "literal_prob")},
+                 "literal_prob", "num_keys", "num_values", "note_prob")},
     "rollout.backend": (RUN, "the rollout engine"),
     "rollout.sglang_urls": (RUN, "the servers the sglang engine and transport talk to"),
     **{f"rollout.{k}": (RUN, "rollout tensors")
@@ -81,6 +81,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "logging.mask_images": (RUN, "TensorBoard images"),
     "logging.sample_text": (RUN, "TensorBoard text"),
     "logging.progress_bar": (RUN, "the progress bar"),
+    "logging.term_grad_norms": (RUN, "per-term gradient norms in the step's statistics (an extra backward per term)"),
     "sglang": (PLAN, "the SGLang servers' command line (launchers); smd plan"),
     "output_dir": (RUN, "where a run writes"),
 }

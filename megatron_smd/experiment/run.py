@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -92,14 +91,13 @@ def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, m
         ppo: ``(epochs, minibatches)`` of the off-policy arms of ``naive`` and ``smd`` (None: none).
         sweep: budget fractions of the budget sweep (empty: none); ``sweep_steps`` steps each.
         term_grads: log the per-term gradient norms (PPO term, distillation term) in the ``smd``
-            runs of the main and off-policy arms (:data:`~megatron_smd.learner.learner.TERM_GRAD_NORMS_ENV`;
-            one extra backward per term and micro-batch; the update itself is unchanged).
+            runs of the main and off-policy arms (``logging.term_grad_norms``; one extra backward
+            per term and micro-batch; the update itself is unchanged).
     Returns:
         the results dict written to ``results.json``, with ``status["seed<k>/<arm>"]`` in
         ``{"cached", "resumed", "ran"}``. On non-zero ranks of a multi-process run: ``{}``.
     """
     from ..config import load_config
-    from ..learner.learner import TERM_GRAD_NORMS_ENV
     from ..parallel.layout import env_rank
     from ..trainer import train
 
@@ -157,8 +155,8 @@ def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, m
         per_term = term_grads and arms[name]["mode"] == "smd" and arms[name]["kind"] != "sweep"
         t0 = time.perf_counter()
         try:
-            with _env(TERM_GRAD_NORMS_ENV, "1" if per_term else None):
-                res = train(cfg, resume="auto")
+            logging = cfg.logging.model_copy(update={"term_grad_norms": per_term})  # a diagnostic: _COSMETIC
+            res = train(cfg.model_copy(update={"logging": logging}), resume="auto")
         finally:
             if rank0:
                 _add_wall(out_dir / rel, time.perf_counter() - t0, status[rel])
@@ -176,23 +174,6 @@ def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, m
     results["out"] = str(out_dir)
     _write_json(out_dir / RESULTS_JSON, results)
     return results
-
-
-@contextlib.contextmanager
-def _env(key: str, value: str | None):
-    """``os.environ[key] = value`` (None: unset) for the duration of the context."""
-    old = os.environ.get(key)
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 def _check_modes(modes: Sequence[str] | str | None) -> list[str]:

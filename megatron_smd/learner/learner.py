@@ -31,7 +31,6 @@ token-mean or sequence-mean gradient.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -43,11 +42,6 @@ from ..parallel.layout import ParallelLayout
 from ..rollout.io import RolloutBatch
 from .batch import TrainBatch, as_train_batch, to_file_alignment, to_model_alignment
 from .runner import MicroBatch, run_microbatches
-
-# Set to 1 to log the gradient norm of each loss term per step (``train/grad_norm_ppo``,
-# ``train/grad_norm_distill``, ``train/grad_norm_kl_ref``; see Learner._with_term_grads). Off by
-# default: it costs one extra backward per term and micro-batch.
-TERM_GRAD_NORMS_ENV = "SMD_TERM_GRAD_NORMS"
 from .settings import PRECISIONS, LearnerSettings, learner_settings  # noqa: F401  (the learner's names)
 
 Mode = str  # "dense" | "shadow"
@@ -297,28 +291,28 @@ class Learner:
         return out
 
     # ----------------------------------------------------------------------------- update
-    def step(self, microbatches: list[MicroBatch], loss_fn: Callable, temperature: float = 1.0) -> dict:
-        """One optimizer step: forward+backward over the micro-batches, then clip and update."""
+    def step(self, microbatches: list[MicroBatch], loss_fn: Callable, temperature: float = 1.0, *,
+             term_grads: bool = False) -> dict:
+        """One optimizer step: forward+backward over the micro-batches, then clip and update.
+
+        ``term_grads`` (``logging.term_grad_norms``): also return ``term_grad_norms``, the gradient
+        norm of each loss term (:meth:`_with_term_grads`); the update is the same either way."""
         assert self.optimizer is not None, "learner was built with train=False"
         self.model.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         acc: dict[str, list[torch.Tensor]] = {}
-        if os.environ.get(TERM_GRAD_NORMS_ENV, "") not in ("", "0"):
+        if term_grads:
             loss_fn = self._with_term_grads(loss_fn, acc)
         res = run_microbatches(self.ddp, self.layout, microbatches, vocab_size=self.arch.vocab_size,
                                forward_only=False, loss_fn=loss_fn, temperature=temperature)
-        if acc:
-            from ..metrics import add_pending
-
-            for name, gs in acc.items():
-                add_pending(f"train/grad_norm_{name}", float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs))))
+        term_norms = {name: float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs))) for name, gs in acc.items()}
         ok, grad_norm, _ = self.optimizer.step()
         loss = torch.tensor(sum(res.losses), dtype=torch.float64)
         if self.layout.dp > 1:
             dist.all_reduce(loss, group=self.layout.dp_group)
         return {"loss": float(loss), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "update_ok": bool(ok), "logprobs": res.logprobs}
+                "update_ok": bool(ok), "logprobs": res.logprobs, "term_grad_norms": term_norms}
 
     def _with_term_grads(self, loss_fn: Callable, acc: dict[str, list[torch.Tensor]]) -> Callable:
         """``loss_fn`` that also sums, over the step's micro-batches, the gradient of each term of
