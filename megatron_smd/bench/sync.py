@@ -42,7 +42,14 @@ buffers, the disk transport's spare snapshot), are not measured (the first one i
 =====================  ===========================================================================
 
 Every pair gives a ratio (sync seconds / floor seconds); the figure is the **median** of those
-ratios (``floor.ratio``), with the medians of both timings beside it. ``ratio_vs_copy`` (median
+ratios (``floor.ratio``, 9 pairs), with the medians of both timings beside it. Floor and sync run
+with the same thread budget: the process's torch threads (``threads``, the machine's cores by
+default) for the floor; for the sync one torch thread plus one helper thread that shares the
+pieces of large tensors (:mod:`~megatron_smd.sync.share`), and for ``broadcast`` the same two
+processes and gloo group as the raw broadcast. Nothing left over by one measurement is charged to
+the next: the disk floor's deletion of its file and the disk runs' write-back are flushed
+(``os.sync``, not timed) before the next measurement; ``method`` in the output says so, and
+``load_average`` is the machine's load when the run started. ``ratio_vs_copy`` (median
 sync seconds over the median plain-copy seconds) is reported for every transport too.
 ``phases`` are the per-phase medians in seconds (see
 :class:`~megatron_smd.sync.weight_sync.SyncReport`; ``engine.*`` run inside the sender's
@@ -69,6 +76,13 @@ from ..model.hf import ModelArch
 from ..parallel.layout import free_port
 
 MiB = 1 << 20
+#: How the figures are taken (also in the output).
+METHOD = ("per transport: 2 warm-up syncs, then (floor, sync) pairs interleaved; figure = median of the per-pair "
+          "ratios. Same thread budget: the floor with torch's threads (the 'threads' field), the sync with one torch "
+          "thread plus one helper thread sharing large tensors' pieces. Floors: plain Tensor.copy_ of the same bytes "
+          "(best of 3); raw torch.distributed.broadcast of the same bytes over the same group to the same receiver; "
+          "raw safetensors save_file + load_file of the same tensors. The disk floor's file deletion and the disk "
+          "runs' write-back are flushed (os.sync, untimed) so that no measurement pays for the previous one's.")
 #: Syncs per transport before the measured ones (see ``_bench_model.run``).
 WARMUP = 2
 
@@ -123,6 +137,9 @@ def _raw_safetensors_seconds(tensors: dict[str, torch.Tensor], directory: str) -
     t3 = time.perf_counter()
     del loaded
     os.unlink(path)
+    # Not timed: the file system's own work for the unlink (freeing, trimming a model's worth of
+    # blocks at the next journal commit) is done here, not charged to the sync measured next.
+    os.sync()
     return t1 - t0, t2 - t1, t3 - t2
 
 
@@ -251,6 +268,7 @@ def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, buc
                 what2="the same with an fsync of the file between save and load (the transport makes its "
                       "snapshot durable before publishing it)")
             ws.close()  # waits for the background deletion of the last old snapshot
+        os.sync()  # the disk runs' write-back and trims are not left to the next transport's measurements
     if "broadcast" in transports:
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
@@ -280,7 +298,7 @@ def _bench_model(label: str, arch: ModelArch, dtype: torch.dtype, layout, *, buc
     return out
 
 
-def bench_sync(*, large: bool = True, bucket_mb: int = 512, repeats: int = 7,
+def bench_sync(*, large: bool = True, bucket_mb: int = 512, repeats: int = 9,
                transports: tuple[str, ...] = ("inprocess", "disk", "broadcast"), seed: int = 0,
                quick: bool = False) -> dict:
     """Run the sync benchmark (see the module docstring); returns a JSON-serialisable dict.
@@ -308,7 +326,7 @@ def bench_sync(*, large: bool = True, bucket_mb: int = 512, repeats: int = 7,
         t0 = time.perf_counter()
         try:
             res = {"device": "cpu", "threads": torch.get_num_threads(), "layout": "tp=1 pp=1 (one gloo rank)",
-                   "models": {}}
+                   "load_average": [round(x, 2) for x in os.getloadavg()], "method": METHOD, "models": {}}
             models = [("tiny", _tiny_arch(), torch.float32)]
             if large:
                 models.append(("qwen2.5-0.5b", QWEN25_05B, torch.bfloat16))
