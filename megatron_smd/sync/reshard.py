@@ -18,10 +18,10 @@ Who does what (ranks in Megatron's ``tp-cp-ep-dp-pp`` order, one :class:`Paralle
 
   - ``pack=True`` (wire transports): the bucket's slice of one packing buffer, in SGLang's
     flattened wire layout, so sending the bucket copies nothing more;
-  - a ``sink`` (the in-process engine): where the HF tensor is a contiguous view of the
-    learner's parameter in the engine's dtype (most tensors at TP=1), that view itself, which the
-    engine stages as is (it stays valid until the sync returns, and the engine's commit copies it
-    from there: one copy in all); else the engine's own staging buffers, kept across syncs;
+  - a ``sink`` (the in-process engine): the engine's own staging slots, kept across syncs (its
+    double-buffered commit adopts them); with a sink whose ``keep`` accepts it (``adopt=False``),
+    a contiguous view of the learner's parameter in the engine's dtype is staged as it is instead
+    (it stays valid until the sync returns, and the engine's commit copies it from there);
   - ``pack=False`` (a consumer done with each bucket before the next, e.g. a file writer): no copy
     at all where the HF tensor is a contiguous view of the parameter, else a temporary.
 

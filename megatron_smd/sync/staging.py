@@ -21,10 +21,11 @@ Cost: the shadow is one extra copy of the model on the engine side (the price of
 SGLang, which loads in place, cannot offer it, and its transport says so on failure). A receiver
 that syncs repeatedly keeps that memory in a :class:`ShadowBuffers` and reuses it: the tensors are
 received or converted straight into it, so after the first sync no page is faulted in again (a
-fresh gigabyte costs several times its copy on a VM). Two receivers avoid part of it: in process,
-a learner tensor that is a view of its parameter in the engine's dtype is staged as it is (it
-stays valid until the sync returns; the commit copies it from there), and the broadcast receiver
-commits by adopting its receive buffers (``commit(adopt=True)``: no copy at all). Between syncs
+fresh gigabyte costs several times its copy on a VM). The in-process engine and the broadcast
+receiver commit by adopting what they wrote or received into (``commit(adopt=True)``: no copy at
+all; their kept memory alternates between two sets); with ``adopt=False`` the in-process engine
+stages a learner tensor that is a view of its parameter in the engine's dtype as it is (it stays
+valid until the sync returns; the commit copies it from there). Between syncs
 the buffers hold stale bytes and nothing refers to them; a staging refers to them from its first
 ``add`` until it commits or is discarded, and the next sync's staging only starts after that.
 """
