@@ -129,12 +129,15 @@ FINGERPRINT = "smd_sft.json"
 def sft_fingerprint(cfg: ExperimentConfig, model_dir: Path) -> dict:
     """What an SFT model was trained from and on; a cached one is reused only if this matches: the
     base model, the task, the ``sft.*`` settings and the ``learner.*`` settings SFT uses (all but
-    ``learner.lr``: SFT's rate is ``sft.lr``)."""
+    ``learner.lr``: SFT's rate is ``sft.lr``; and ``learner.seed``: SFT's batches are seeded by step
+    and its weights start from the base model, so the seed plays no part in what it trains: runs
+    that differ only in their RL seed share one warm start)."""
     sc = cfg.sft.model_dump(mode="json")
     sc.pop("out", None)
     sc.pop("enabled", None)
     lc = cfg.learner.model_dump(mode="json")
     lc.pop("lr", None)
+    lc.pop("seed", None)
     return {"base_model": str(Path(model_dir).resolve()), "task": cfg.task.model_dump(mode="json"), "sft": sc,
             "learner": lc}
 

@@ -601,6 +601,8 @@ def test_sft_cache_fingerprint_covers_learner_settings(tmp_path, tiny_qwen2_dir)
             "sft.eval_every": 2, "train.steps": 1}
     train(_tiny_cfg(tmp_path / "a", tiny_qwen2_dir, **over), resume="none")
     train(_tiny_cfg(tmp_path / "b", tiny_qwen2_dir, **over, **{"learner.lr": 1e-3}), resume="none")  # RL only
+    # the RL seed (smd experiment compare's seeds): SFT's batches and start do not depend on it
+    train(_tiny_cfg(tmp_path / "s", tiny_qwen2_dir, **over, **{"learner.seed": 3}), resume="none")
     with pytest.raises(ConfigError, match=r"sft.out: .* different learner"):
         train(_tiny_cfg(tmp_path / "c", tiny_qwen2_dir, **over, **{"learner.weight_decay": 0.1}), resume="none")
 
