@@ -10,7 +10,7 @@
     smd calibrate-kv --config CFG --out DIR [--model DIR] [--method auto|modelopt|reference] [key=value ...]
     smd plan       --config CFG [--json | --shell] [key=value ...]
     smd experiment compare --config CFG [--out DIR] [--modes a,b] [--seeds K] [--ppo ExM|none]
-                           [--sweep P,P,..|none] [--sweep-steps N] [--no-term-grads] [--docs DIR] [key=value ...]
+                           [--sweep P,P,..|none] [--sweep-steps N] [--no-ablation] [--no-term-grads] [--docs DIR] [key=value ...]
     smd experiment report  --out DIR [--docs DIR]
     smd experiment golden  --out FILE
     smd bench      rollout|attention|sync|all [--quick] [--threads N] [--json]
@@ -255,7 +255,8 @@ def _cmd_experiment_compare(a) -> int:
     install_signal_handlers()
     try:
         res = compare(a.config, a.out, a.modes, a.overrides, docs=a.docs, seeds=a.seeds, ppo=_ppo_arg(a.ppo),
-                      sweep=_sweep_arg(a.sweep), sweep_steps=a.sweep_steps, term_grads=not a.no_term_grads)
+                      sweep=_sweep_arg(a.sweep), sweep_steps=a.sweep_steps, term_grads=not a.no_term_grads,
+                      ablation=not a.no_ablation)
     except KeyboardInterrupt as e:
         print(f"\ninterrupted ({e or 'Ctrl-C'}): finished modes are kept, the current one resumes from its last "
               f"checkpoint. Continue with the same command.", file=sys.stderr)
@@ -403,6 +404,8 @@ def _args_experiment_compare(s: argparse.ArgumentParser) -> None:
     s.add_argument("--sweep", default="25,50,100", help="budget sweep of smd runs, in %% of prompt + completion length "
                    "(default 25,50,100; none: no sweep)")
     s.add_argument("--sweep-steps", type=int, default=10, help="steps of each budget-sweep run (default 10)")
+    s.add_argument("--no-ablation", action="store_true", help="do not run smd without its distillation term "
+                   "(arms smd-nodistill[-ppoExM])")
     s.add_argument("--no-term-grads", action="store_true", help="do not log smd's per-term gradient norms (PPO vs "
                    "distillation; they cost one extra backward per term)")
     _overrides(s, "key=value config overrides (applied to every run)")

@@ -49,7 +49,7 @@ def test_compare_writes_results_and_resumes_without_work(tmp_path, tiny_qwen2_di
     out, docs = tmp_path / "cmp", tmp_path / "docs"
     kw = dict(seeds=2, ppo=(2, 2), sweep=(0.5, 1.0), sweep_steps=1)
     res = compare(CFG, out, ["smd", "dense"], _over(tiny_qwen2_dir), docs=docs, **kw)
-    arms = ["dense", "smd", "smd-ppo2x2", "sweep-b100", "sweep-b50"]
+    arms = ["dense", "smd", "smd-ppo2x2", "smd-nodistill", "smd-nodistill-ppo2x2", "sweep-b100", "sweep-b50"]
     assert list(res["modes"]) == arms  # canonical order: dense (the floor) first, then smd, its variants
     assert res["status"] == {f"seed{k}/{a}": "ran" for k in (0, 1) for a in arms}
     for d in (out, docs):
@@ -99,7 +99,7 @@ def test_compare_writes_results_and_resumes_without_work(tmp_path, tiny_qwen2_di
     assert s["peak_kv_bytes"] < d["peak_kv_bytes"]  # the 12-token budget really evicted
     assert s["dense_learner_gap_max"] > 100 * TOL  # the gap smd removes is there
     fl = res["findings"]["smd_gap_at_dense_floor"]
-    assert fl["holds"] is True and fl["steps_at_floor"] == 2 * (2 + 2 + 1 + 1)
+    assert fl["holds"] is True and fl["steps_at_floor"] == 2 * (2 + 2 + 2 + 2 + 1 + 1)  # smd, smd-ppo2x2, both without distillation, 2 sweep runs
     md = (out / "results.md").read_text()
     assert "| `dense` |" in md and "| `smd-ppo2x2` |" in md and "](img/budget_sweep.png)" in md
     assert "## What holds" in md and "smd - dense" in md
@@ -110,7 +110,8 @@ def test_compare_writes_results_and_resumes_without_work(tmp_path, tiny_qwen2_di
         h = json.loads((out / "seed0" / a / "run.json").read_text())["history"]
         assert all(("train/grad_norm_ppo" in r and "train/grad_norm_distill" in r) == want for r in h if r["step"] >= 1), a
     assert res["modes"]["smd"]["grad_norm_distill_median"] > 0 and res["modes"]["smd"]["grad_norm_ppo_median"] is not None
-    plain = compare(CFG, tmp_path / "plain", ["smd"], _over(tiny_qwen2_dir), seeds=1, ppo=None, sweep=(), term_grads=False)
+    plain = compare(CFG, tmp_path / "plain", ["smd"], _over(tiny_qwen2_dir), seeds=1, ppo=None, sweep=(), term_grads=False,
+                    ablation=False)
     hp = json.loads((tmp_path / "plain" / "seed0" / "smd" / "run.json").read_text())["history"]
     assert all("train/grad_norm_ppo" not in r for r in hp) and list(plain["modes"]) == ["smd"]
     assert [r.get("train/grad_norm") for r in hp] == [r.get("train/grad_norm") for r in h0]
@@ -251,7 +252,10 @@ def test_seed_intervals_paired_differences_and_findings_by_hand():
     assert p["values"] == pytest.approx([0.5, 0.6, 0.7]) and p["mean"] == pytest.approx(0.6)
     assert p["lo"] == pytest.approx(0.6 - 4.303 * 0.1 / math.sqrt(3))
     f = res["findings"]
-    assert f["smd_better_than_naive"]["holds"] is True
+    # compressed decoding: smd 0.6 vs naive 0.1 in every seed -> 0.5 [0.5, 0.5]: above 0 too
+    assert f["smd_better_than_naive_dense"]["holds"] is True and f["smd_better_than_naive_compressed"]["holds"] is True
+    assert res["paired"]["smd - naive"]["eval_reward_compressed_final"]["values"] == pytest.approx([0.5] * 3)
+    assert f["distill_term"]["holds"] is None and "no smd-nodistill arm" in f["distill_term"]["text"]
     # smd - dense: -0.1 + (0, .1, .2) = -0.1, 0, 0.1: the interval [-0.25, 0.25] is not within +-0.1
     sim = f["smd_reward_similar_to_dense"]
     assert sim["diff_final"]["mean"] == pytest.approx(0.0) and sim["holds"] is False
@@ -261,6 +265,17 @@ def test_seed_intervals_paired_differences_and_findings_by_hand():
     assert res["modes"]["smd"]["grad_norm_median"] == 2.0 and res["modes"]["smd"]["grad_norm_spike_share"] == 0.0
     md = render_markdown_seeds(res)
     assert "## What holds" in md and "## What does not hold" in md and "`smd - naive`" in md
+    # the ablation: smd without its distillation term, 0.2 better with dense decoding in every seed
+    runs["smd-nodistill"] = {k: json.loads(json.dumps(r)) for k, r in runs["smd"].items()}
+    for r in runs["smd-nodistill"].values():
+        for rec in r["history"]:
+            rec["reward/eval_dense"] += 0.2
+    arms["smd-nodistill"] = {"mode": "smd", "kind": "ablation", "overrides": ["algorithm.distill.coef=0"]}
+    res = summarize_seeds(runs, arms)
+    d = res["paired"]["smd - smd-nodistill"]["eval_reward_dense_final"]
+    assert d["values"] == pytest.approx([-0.2] * 3) and "smd - smd-nodistill: dense decoding -0.2" in \
+        res["findings"]["distill_term"]["text"]
+    assert list(res["modes"]) == ["dense", "naive", "smd", "smd-nodistill"]
 
 
 def test_bench_all_quick_every_figure_has_its_baseline():

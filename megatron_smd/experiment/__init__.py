@@ -14,6 +14,8 @@ another from the same resolved config (:func:`~.run.plan_arms`):
   only ``algorithm.correction`` differs (``dense`` turns the rollout's compression off);
 - the off-policy arms ``naive-ppo4x2`` and ``smd-ppo4x2`` (``--ppo EPOCHSxMINIBATCHES``, default
   4x2): several optimizer steps per rollout, where an uncorrected mismatch should hurt most;
+- the ablation ``smd-nodistill`` (and ``smd-nodistill-ppo4x2``): smd with ``algorithm.distill.coef=0``,
+  when the config's smd distils (``--no-ablation`` skips it): what the distillation term itself does;
 - the budget sweep ``sweep-b25``, ``sweep-b50``, ``sweep-b100`` (``--sweep``, percentages of the
   prompt + completion length; ``--sweep-steps`` steps, one final eval): ``smd`` runs only, since an
   ``smd`` step logs both gaps of one compressed rollout -- its shadow learner's and the dense

@@ -85,8 +85,8 @@ def _secs(s: float | None) -> str:
 
 
 def arm_order(name: str, arm: dict) -> tuple:
-    """Sort key of an arm: the main matrix (modes in :data:`MODES` order), the off-policy arms, then
-    the budget sweep from the largest budget down."""
-    kinds = {"main": 0, "ppo": 1, "sweep": 2}
-    return (kinds.get(arm.get("kind"), 3), MODES.index(arm["mode"]) if arm["mode"] in MODES else 99,
+    """Sort key of an arm: the main matrix (modes in :data:`MODES` order), the off-policy arms, the
+    ablations, then the budget sweep from the largest budget down."""
+    kinds = {"main": 0, "ppo": 1, "ablation": 2, "sweep": 3}
+    return (kinds.get(arm.get("kind"), 4), MODES.index(arm["mode"]) if arm["mode"] in MODES else 99,
             -float(arm.get("fraction", 0.0)), name)

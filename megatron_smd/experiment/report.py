@@ -179,6 +179,9 @@ def render_summary(res: dict) -> str:
 
 _FINDING_TITLES = {"smd_gap_at_dense_floor": "Replay gap", "smd_kv_2x_less": "KV memory",
                    "smd_reward_similar_to_dense": "Reward, smd vs dense", "smd_better_than_naive": "Reward, smd vs naive",
+                   "smd_better_than_naive_compressed": "Reward under the rollout's own compressed cache, smd vs naive",
+                   "smd_better_than_naive_dense": "Reward under dense decoding, smd vs naive",
+                   "distill_term": "What smd's distillation term does to the rewards",
                    "smd_grad_norm": "smd's gradient-norm spread is inherent (PPO term), not the distillation term's", "budget_sweep": "Budget sweep",
                    "corrections_cost": "What tis and sparse_rl pay"}
 

@@ -26,12 +26,16 @@ DEFAULT_SWEEP_STEPS = 10
 
 
 def plan_arms(cfg, modes: Sequence[str], *, ppo: tuple[int, int] | None = DEFAULT_PPO,
-              sweep: Sequence[float] = DEFAULT_SWEEP, sweep_steps: int = DEFAULT_SWEEP_STEPS) -> dict[str, dict]:
+              sweep: Sequence[float] = DEFAULT_SWEEP, sweep_steps: int = DEFAULT_SWEEP_STEPS,
+              ablation: bool = True) -> dict[str, dict]:
     """The comparison's arms: ``{name: {"mode", "kind", "overrides", ...}}``.
 
     - ``main``: one arm per correction mode, the config as given.
     - ``ppo``: ``naive`` and ``smd`` (when requested) with ``algorithm.epochs`` x ``algorithm.minibatches``
       = ``ppo`` (arm ``<mode>-ppo<E>x<M>``); skipped when ``ppo`` is None or the config already uses it.
+    - ``ablation``: ``smd`` without its distillation term (``algorithm.distill.coef=0``; arm
+      ``smd-nodistill``, and ``smd-nodistill-ppo<E>x<M>`` beside the off-policy arms), when the
+      config's smd distils and ``ablation`` is on: what the term itself does to the rewards.
     - ``sweep``: ``smd`` only (it logs both gaps of one rollout: its shadow learner's and the dense
       learner's, which is what ``naive``/``tis``/``sparse_rl`` train with) at each budget fraction of
       the prompt + completion length, for ``sweep_steps`` steps with one final eval
@@ -45,6 +49,13 @@ def plan_arms(cfg, modes: Sequence[str], *, ppo: tuple[int, int] | None = DEFAUL
             if m in modes:
                 arms[f"{m}-ppo{e}x{mb}"] = {"mode": m, "kind": "ppo", "epochs": e, "minibatches": mb,
                                             "overrides": [f"algorithm.epochs={e}", f"algorithm.minibatches={mb}"]}
+    if ablation and "smd" in modes and alg.distill.coef > 0:
+        off = ["algorithm.distill.coef=0"]
+        arms["smd-nodistill"] = {"mode": "smd", "kind": "ablation", "overrides": off}
+        e, mb = ppo if ppo is not None else (0, 0)
+        if f"smd-ppo{e}x{mb}" in arms:
+            arms[f"smd-nodistill-ppo{e}x{mb}"] = {"mode": "smd", "kind": "ablation", "epochs": e, "minibatches": mb,
+                                                  "overrides": [*off, f"algorithm.epochs={e}", f"algorithm.minibatches={mb}"]}
     if sweep and "smd" in modes and cfg.rollout.policy.name != "none":
         length = sequence_length(cfg)
         window = cfg.rollout.policy.window or 0
@@ -76,7 +87,7 @@ def seed_overrides(cfg, k: int) -> list[str]:
 def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, modes: Sequence[str] | None = None,
             overrides: Sequence[str] | None = None, *, docs: str | os.PathLike | None = None, seeds: int = 3,
             ppo: tuple[int, int] | None = DEFAULT_PPO, sweep: Sequence[float] = DEFAULT_SWEEP,
-            sweep_steps: int = DEFAULT_SWEEP_STEPS, term_grads: bool = True) -> dict:
+            sweep_steps: int = DEFAULT_SWEEP_STEPS, term_grads: bool = True, ablation: bool = True) -> dict:
     """Run (or resume) every arm on every seed, then write ``results.{json,md}`` and the plots.
 
     Args:
@@ -90,6 +101,7 @@ def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, m
         seeds: number of seeds K; every arm runs on the same K seeds (:func:`seed_overrides`).
         ppo: ``(epochs, minibatches)`` of the off-policy arms of ``naive`` and ``smd`` (None: none).
         sweep: budget fractions of the budget sweep (empty: none); ``sweep_steps`` steps each.
+        ablation: also run smd without its distillation term (:func:`plan_arms`).
         term_grads: log the per-term gradient norms (PPO term, distillation term) in the ``smd``
             runs of the main and off-policy arms (``logging.term_grad_norms``; one extra backward
             per term and micro-batch; the update itself is unchanged).
@@ -112,7 +124,7 @@ def compare(cfg_path: str | os.PathLike, out: str | os.PathLike | None = None, m
     base = load_config(cfg_path, overrides)
     out_dir = Path(out) if out is not None else Path(base.output_dir) / "compare"
     rank0 = env_rank() == 0
-    arms = plan_arms(base, modes, ppo=ppo, sweep=sweep, sweep_steps=sweep_steps)
+    arms = plan_arms(base, modes, ppo=ppo, sweep=sweep, sweep_steps=sweep_steps, ablation=ablation)
     jobs: dict[str, tuple[str, object]] = {}  # "seed<k>/<arm>" -> (arm, config)
     for k in range(seeds):
         for name, arm in arms.items():

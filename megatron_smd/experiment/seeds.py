@@ -80,8 +80,10 @@ def summarize_seeds(runs: dict[str, dict[int, dict]], arms: dict[str, dict]) -> 
             if steps:
                 series[a][key] = {"steps": steps, "values": vals}
     paired = {}
-    for other_arm, smd_arm in (("naive", "smd"), ("dense", "smd"), *[(a, a.replace("naive", "smd", 1)) for a in names
-                                                                       if arms[a].get("kind") == "ppo" and arms[a]["mode"] == "naive"]):
+    ppo_naive = [a for a in names if arms[a].get("kind") == "ppo" and arms[a]["mode"] == "naive"]
+    for other_arm, smd_arm in (("naive", "smd"), ("dense", "smd"), *[(a, a.replace("naive", "smd", 1)) for a in ppo_naive],
+                               ("smd-nodistill", "smd"), ("naive", "smd-nodistill"),
+                               *[(a.replace("naive", "smd-nodistill", 1), a.replace("naive", "smd", 1)) for a in ppo_naive]):
         if other_arm in per_seed and smd_arm in per_seed:
             common = sorted(set(per_seed[other_arm]) & set(per_seed[smd_arm]))
             paired[f"{smd_arm} - {other_arm}"] = {
@@ -90,7 +92,7 @@ def summarize_seeds(runs: dict[str, dict[int, dict]], arms: dict[str, dict]) -> 
     first = runs[names[0]][min(runs[names[0]])]
     cfg = first["config"]
     all_runs = {f"{a}@{k}": r for a in names for k, r in runs[a].items() if arms[a].get("kind") == "main"}
-    setup = _setup(cfg, all_runs or {names[0]: first})
+    setup = _setup(cfg, all_runs or {names[0]: first}, ignore=("rollout.seed", "learner.seed"))
     setup["seeds"] = sorted({k for a in names for k in runs[a]})
     setup["arms"] = {a: {k: v for k, v in arms[a].items() if k != "overrides"} | {"overrides": arms[a]["overrides"]}
                      for a in names}
@@ -182,34 +184,40 @@ def findings_seeds(res: dict, runs: dict, *, n_eval: int) -> dict:
     else:
         out["smd_reward_similar_to_dense"] = {"holds": None, "text": "needs both dense and smd with eval steps."}
 
-    # 4. smd better than naive (paired), in the main and the off-policy arms
-    parts, verdicts = [], []
-    for key, p in P.items():
-        if "naive" not in key:
-            continue
-        c = p["eval_reward_dense_final"]
-        if c["mean"] is None:
-            continue
-        better = c["lo"] is not None and c["lo"] > 0
-        verdicts.append(better)
-        parts.append(f"{key}: final eval reward {fmt_ci(c)} (compressed decoding {fmt_ci(p['eval_reward_compressed_final'])}), "
-                     + ("smd better" if better else "no difference resolved" if c["lo"] is not None and c["lo"] <= 0 <= c["hi"]
-                        else "smd worse" if c["hi"] is not None and c["hi"] < 0 else "one seed"))
-    holds = all(verdicts) if verdicts and K > 1 else None
-    why = ""
-    if holds is False:
-        st = _start_eval(runs)
-        if st is not None:
-            d0, c0 = st
-            why = (f" Why, as far as the data show: at the shared starting weights greedy eval scores {d0:.3f} with a dense "
-                   f"cache and {c0:.3f} with compressed decoding")
-            why += (" -- eviction does not change the starting model's greedy reward on these prompts (to within one "
-                    "prompt), so there is little cache-specific signal for a correction to recover, however large the "
-                    "replay gap of the uncorrected learner." if abs(d0 - c0) <= 1.0 / n_eval else
-                    f" (eviction costs it {d0 - c0:+.3f}); a correction's gain did not show within this run's steps.")
-    out["smd_better_than_naive"] = (
-        {"holds": holds, "text": "; ".join(parts) + f" ({ivl}; criterion: the paired interval of smd - naive lies above 0)."
-         + why} if parts else {"holds": None, "text": "needs naive and smd."})
+    # 4. smd better than naive (paired), in the main and the off-policy arms, under each decoding:
+    # compressed (the rollout's own cache: the policy the runs sample and are rewarded for) and dense
+    st = _start_eval(runs)
+    for dec, col in (("compressed", "eval_reward_compressed_final"), ("dense", "eval_reward_dense_final")):
+        parts, verdicts = [], []
+        for key, p in P.items():
+            if not (key == "smd - naive" or (key.startswith("smd-ppo") and "naive" in key)):
+                continue
+            c = p[col]
+            if c["mean"] is None:
+                continue
+            better = c["lo"] is not None and c["lo"] > 0
+            verdicts.append(better)
+            parts.append(f"{key}: {fmt_ci(c)}, " + ("smd better" if better else "no difference resolved"
+                                                    if c["lo"] is not None and c["lo"] <= 0 <= c["hi"] else "smd worse"
+                                                    if c["hi"] is not None and c["hi"] < 0 else "one seed"))
+        holds = all(verdicts) if verdicts and K > 1 else None
+        txt = (f"final eval reward with {dec} decoding, paired per seed: " + "; ".join(parts)
+               + f" ({ivl}; criterion: the paired interval of smd - naive lies above 0 in every pair of arms).")
+        if st is not None and dec == "compressed":
+            txt += (f" At the shared starting weights greedy eval scores {st[0]:.3f} with a dense cache and {st[1]:.3f} "
+                    f"with compressed decoding ({st[1] - st[0]:+.3f}): the room a policy adapted to its cache can win back.")
+        abl = {k: P[k][col] for k in P if k.startswith("smd") and " - smd-nodistill" in k}
+        if holds is False and abl:
+            def verdict(c):
+                return ("resolvably below 0: the term costs reward here" if c["hi"] is not None and c["hi"] < 0 else
+                        "resolvably above 0" if c["lo"] is not None and c["lo"] > 0 else "not resolved")
+            txt += (" The same arms without smd's distillation term, paired: " + "; ".join(
+                f"{k}: {fmt_ci(c)} ({verdict(c)})" for k, c in abl.items()) + ".")
+        out[f"smd_better_than_naive_{dec}"] = {"holds": holds, "text": txt} if parts else \
+            {"holds": None, "text": "needs naive and smd."}
+
+    # 4b. what smd's distillation term does to the rewards (the ablation arms, paired per seed)
+    out["distill_term"] = _distill_finding(P, ivl)
 
     # 5. gradient norm: where smd's variance comes from
     out["smd_grad_norm"] = _grad_finding(res, ivl, K)
@@ -245,6 +253,22 @@ def findings_seeds(res: dict, runs: dict, *, n_eval: int) -> dict:
             parts.append(p)
     out["corrections_cost"] = {"holds": None, "text": ("; ".join(parts) + ".") if parts else "tis and sparse_rl were not run."}
     return out
+
+
+def _distill_finding(P: dict, ivl: str) -> dict:
+    """Descriptive: smd with and without its distillation term (``smd-nodistill`` arms), paired per
+    seed, under both decodings; and smd without the term against naive."""
+    pairs = [k for k in P if "smd-nodistill" in k]
+    if not pairs:
+        return {"holds": None, "text": "no smd-nodistill arm was run (the config's smd does not distil, or smd was not run)."}
+    parts = []
+    for k in pairs:
+        p = P[k]
+        parts.append(f"{k}: dense decoding {fmt_ci(p['eval_reward_dense_final'])}, compressed decoding "
+                     f"{fmt_ci(p['eval_reward_compressed_final'])}")
+    return {"holds": None, "text": "final eval rewards, paired per seed: " + "; ".join(parts) + f" ({ivl}). An "
+            "interval below 0 in a 'smd - smd-nodistill' row is reward the distillation term (sampler into the dense "
+            "view) costs; above 0, reward it adds."}
 
 
 def _start_eval(runs: dict) -> tuple[float, float] | None:

@@ -163,7 +163,7 @@ def _run_environment(runs: dict[str, dict]) -> dict:
     return {**first, "mixed": sorted(m for m, e in envs.items() if e != first)}
 
 
-def _setup(cfg: dict, runs: dict[str, dict]) -> dict:
+def _setup(cfg: dict, runs: dict[str, dict], ignore: tuple[str, ...] = ()) -> dict:
     pol = cfg["rollout"]["policy"]
     return {
         "model": cfg["model"]["path"], "model_init": cfg["model"].get("init"),
@@ -172,16 +172,17 @@ def _setup(cfg: dict, runs: dict[str, dict]) -> dict:
         "train": cfg["train"], "learner": {k: cfg["learner"][k] for k in ("lr", "grad_clip", "seed", "attention_backend")},
         "algorithm": {k: v for k, v in cfg["algorithm"].items() if k != "correction"},
         "sft": cfg["sft"],
-        "shared_config": _shared(runs),
+        "shared_config": _shared(runs, ignore),
     }
 
 
-def _shared(runs: dict[str, dict]) -> bool:
-    """True iff the modes' configs differ only in ``algorithm.correction``, ``output_dir`` and cosmetics."""
+def _shared(runs: dict[str, dict], ignore: tuple[str, ...] = ()) -> bool:
+    """True iff the modes' configs differ only in ``algorithm.correction``, ``output_dir``, cosmetics
+    and the keys in ``ignore`` (a several-seed comparison: the seeds)."""
     flat = []
     for r in runs.values():
         f = _flatten(r["config"])
-        flat.append({k: v for k, v in f.items() if k not in ("algorithm.correction", "output_dir")
+        flat.append({k: v for k, v in f.items() if k not in ("algorithm.correction", "output_dir", *ignore)
                      and k.split(".")[0] not in _COSMETIC})
     return all(f == flat[0] for f in flat)
 
