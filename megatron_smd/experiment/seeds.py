@@ -217,7 +217,7 @@ def findings_seeds(res: dict, runs: dict, *, n_eval: int) -> dict:
             {"holds": None, "text": "needs naive and smd."}
 
     # 4b. what smd's distillation term does to the rewards (the ablation arms, paired per seed)
-    out["distill_term"] = _distill_finding(P, ivl)
+    out["distill_term"] = _distill_finding(P, ivl, runs)
 
     # 5. gradient norm: where smd's variance comes from
     out["smd_grad_norm"] = _grad_finding(res, ivl, K)
@@ -255,9 +255,21 @@ def findings_seeds(res: dict, runs: dict, *, n_eval: int) -> dict:
     return out
 
 
-def _distill_finding(P: dict, ivl: str) -> dict:
+def _dead_share(runs: dict, arm: str) -> list[float]:
+    """Per seed: the share of ``arm``'s steps whose whole batch scored 0 (every group all wrong, so
+    GRPO's advantages and the PPO term's gradient are 0: only the other loss terms move the weights)."""
+    out = []
+    for r in runs.get(arm, {}).values():
+        rw = [float(h["reward/train"]) for h in r["history"] if int(h["step"]) > 0 and "reward/train" in h]
+        if rw:
+            out.append(sum(x == 0.0 for x in rw) / len(rw))
+    return out
+
+
+def _distill_finding(P: dict, ivl: str, runs: dict) -> dict:
     """Descriptive: smd with and without its distillation term (``smd-nodistill`` arms), paired per
-    seed, under both decodings; and smd without the term against naive."""
+    seed, under both decodings; and smd without the term against naive. Also, per smd arm, the share
+    of steps with a batch reward of 0 (no RL signal left: a collapsed run)."""
     pairs = [k for k in P if "smd-nodistill" in k]
     if not pairs:
         return {"holds": None, "text": "no smd-nodistill arm was run (the config's smd does not distil, or smd was not run)."}
@@ -266,9 +278,13 @@ def _distill_finding(P: dict, ivl: str) -> dict:
         p = P[k]
         parts.append(f"{k}: dense decoding {fmt_ci(p['eval_reward_dense_final'])}, compressed decoding "
                      f"{fmt_ci(p['eval_reward_compressed_final'])}")
+    dead = {a: _dead_share(runs, a) for a in runs if a.startswith("smd") and not a.startswith("sweep")}
+    dead_s = "; ".join(f"{a} {', '.join(f'{100 * x:.0f}%' for x in v)}" for a, v in dead.items() if v)
     return {"holds": None, "text": "final eval rewards, paired per seed: " + "; ".join(parts) + f" ({ivl}). An "
             "interval below 0 in a 'smd - smd-nodistill' row is reward the distillation term (sampler into the dense "
-            "view) costs; above 0, reward it adds."}
+            "view) costs; above 0, reward it adds. Share of training steps whose whole batch scored 0, per seed (no "
+            "advantage, so the PPO term's gradient is 0 and only the distillation term, which fits the dense view to "
+            f"the sampled answers whatever their reward, moves the weights): {dead_s}."}
 
 
 def _start_eval(runs: dict) -> tuple[float, float] | None:
