@@ -372,7 +372,7 @@ def test_cpu_cluster_layouts(fake):
 
 
 TINY_SERVER = ["python", "-m", "sglang_patch.launch_server", "--model-path", "runs/models/tiny-qwen2",
-               "--tp-size", "1", "--smd-policy", "h2o", "--smd-budget", "8"]
+               "--tp-size", "1", "--smd-policy", "h2o", "--smd-budget", "3"]  # configs/tiny-cpu.yaml's policy
 
 
 def test_cpu_cluster_with_sglang_servers(fake):
