@@ -281,7 +281,11 @@ def test_smd_train_against_the_fp8_server_meets_the_replay_tolerance_every_step(
         print(f"\nstep {h['step']}: {100 * h['replay/fp8_frac_within_tol']:.2f}% within 1e-5, max "
               f"{h['replay/fp8_max_abs_logprob_diff']:.2e}; probe after the sync "
               f"{h.get('sync/probe_max_abs_logprob_diff')}")
-    assert len(steps) == 2 and all(h["replay/fp8_ok"] == 1.0 for h in steps)
+    # ~100 tokens per step from the server's unseeded draws: one K/V element on an e5m2 rounding
+    # midpoint (see the Megatron test) would be 1% of a step, so the bound is per token, not 99.9%
+    assert len(steps) == 2
+    for h in steps:
+        assert h["replay/fp8_max_abs_logprob_diff"] <= FP8_REPLAY_MAX and h["replay/fp8_frac_within_tol"] >= 0.98, h
 
 
 def test_plan_launches_the_servers_with_the_configs_fp8_cache(tmp_path):
