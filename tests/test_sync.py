@@ -261,13 +261,11 @@ def test_staged_commit_is_all_or_nothing():
     assert _param_sums(engine) == {k: tensor_checksum(new[k]) for k in before}
 
 
-def test_direct_conversion_equals_the_conversion_table():
-    """The resharder converts straight into its destination (hf_pieces + write_pieces); the result
-    must be byte for byte what the project's one conversion table gives (iter_hf_from_local), for
-    every rule, at TP 1, 2 and 4 (4 > num_kv_heads = 2: query groups split across ranks), both PP
-    stages, tied and untied embeddings, and when the destination has another dtype."""
-    from megatron_smd.learner.convert import hf_to_megatron, iter_hf_from_local, local_param_names
-    from megatron_smd.sync.reshard import hf_pieces, write_pieces
+def _every_param_shards():
+    """``(model, tp, pp_rank, megatron name, arch, TP shards)`` of every parameter of the tiny Qwen2
+    and Llama at TP 1, 2 and 4 (4 > num_kv_heads = 2: query groups split across ranks), both stages
+    of PP = 2."""
+    from megatron_smd.learner.convert import hf_to_megatron, local_param_names
 
     for name in ("qwen2", "llama"):
         arch = _arch(name)
@@ -275,20 +273,32 @@ def test_direct_conversion_equals_the_conversion_table():
         for tp in (1, 2, 4):
             for pp_rank in (0, 1):
                 local = [hf_to_megatron(hf, arch, r, tp, pp_rank, 2) for r in range(tp)]
-                seen = 0
                 for pname in local_param_names(arch, pp_rank, 2):
-                    shards = [local[r][pname] for r in range(tp)]
-                    ref = list(iter_hf_from_local(pname, shards, arch, pp_rank=pp_rank, pp_size=2))
-                    got = hf_pieces(pname, shards, arch, pp_rank=pp_rank, pp_size=2)
-                    assert [n for n, _ in ref] == [n for n, _, _ in got], (name, tp, pname)
-                    for (hf_name, t), (_, shape, pieces) in zip(ref, got):
-                        assert tuple(t.shape) == tuple(shape), (hf_name, tp)
-                        out = write_pieces(torch.full(shape, float("nan")), pieces)
-                        assert torch.equal(out, t), (name, tp, pp_rank, hf_name)
-                        half = write_pieces(torch.empty(shape, dtype=torch.bfloat16), pieces)
-                        assert torch.equal(half, t.to(torch.bfloat16)), (hf_name, tp)
-                        seen += 1
-                assert seen > 0
+                    yield name, tp, pp_rank, pname, arch, [local[r][pname] for r in range(tp)]
+
+
+def test_direct_conversion_equals_the_conversion_table():
+    """The resharder converts straight into its destination (hf_pieces + write_pieces); the result
+    must be byte for byte what the project's one conversion table gives (iter_hf_from_local), for
+    every rule, at TP 1, 2 and 4 (4 > num_kv_heads = 2: query groups split across ranks), both PP
+    stages, tied and untied embeddings, and when the destination has another dtype."""
+    from megatron_smd.learner.convert import iter_hf_from_local
+    from megatron_smd.sync.reshard import hf_pieces, write_pieces
+
+    seen: dict[tuple, int] = {}
+    for name, tp, pp_rank, pname, arch, shards in _every_param_shards():
+        ref = list(iter_hf_from_local(pname, shards, arch, pp_rank=pp_rank, pp_size=2))
+        got = hf_pieces(pname, shards, arch, pp_rank=pp_rank, pp_size=2)
+        assert [n for n, _ in ref] == [n for n, _, _ in got], (name, tp, pname)
+        seen.setdefault((name, tp, pp_rank), 0)
+        for (hf_name, t), (_, shape, pieces) in zip(ref, got):
+            assert tuple(t.shape) == tuple(shape), (hf_name, tp)
+            out = write_pieces(torch.full(shape, float("nan")), pieces)
+            assert torch.equal(out, t), (name, tp, pp_rank, hf_name)
+            half = write_pieces(torch.empty(shape, dtype=torch.bfloat16), pieces)
+            assert torch.equal(half, t.to(torch.bfloat16)), (hf_name, tp)
+            seen[name, tp, pp_rank] += 1
+    assert len(seen) == 2 * 3 * 2 and all(n > 0 for n in seen.values()), seen
 
 
 def test_all_finite_is_exact_for_every_float_dtype():
@@ -833,34 +843,26 @@ def test_tensors_are_written_and_checked_in_row_aligned_pieces():
     be written entirely by its own copies: after piece k, the bytes up to its end hold their final
     value and nothing beyond it was touched (so a check of the piece sees the final bytes). Every
     rule, TP 1, 2 and 4, both stages; and tensors of every kind are really cut."""
-    from megatron_smd.learner.convert import hf_to_megatron, local_param_names
     from megatron_smd.sync.bucket import ROW_BYTES
     from megatron_smd.sync.pieces import hf_pieces, plan_chunks, write_pieces
 
     cut = set()
-    for name in ("qwen2", "llama"):
-        arch = _arch(name)
-        hf = _hf0(name)
-        for tp in (1, 2, 4):
-            for pp_rank in (0, 1):
-                local = [hf_to_megatron(hf, arch, r, tp, pp_rank, 2) for r in range(tp)]
-                for pname in local_param_names(arch, pp_rank, 2):
-                    shards = [local[r][pname] for r in range(tp)]
-                    for hf_name, shape, pieces in hf_pieces(pname, shards, arch, pp_rank=pp_rank, pp_size=2):
-                        want = write_pieces(torch.empty(shape), pieces).reshape(-1).view(torch.uint8)
-                        dest = torch.full(shape, float("nan"))
-                        untouched = dest.clone().reshape(-1).view(torch.uint8)
-                        raw = dest.reshape(-1).view(torch.uint8)
-                        plan = plan_chunks(dest, pieces, 2 * ROW_BYTES)
-                        assert plan[0][0] == 0 and plan[-1][1] == raw.numel(), hf_name
-                        for k, (lo, hi, copies) in enumerate(plan):
-                            assert lo % ROW_BYTES == 0 and (k == 0 or plan[k - 1][1] == lo), (hf_name, k)
-                            for d, src in copies:
-                                d.copy_(src)
-                            assert torch.equal(raw[:hi], want[:hi]), (name, tp, hf_name, k)
-                            assert torch.equal(raw[hi:], untouched[hi:]), (name, tp, hf_name, k)
-                        if len(plan) > 1:
-                            cut.add(hf_name.split(".")[-2])
+    for name, tp, pp_rank, pname, arch, shards in _every_param_shards():
+        for hf_name, shape, pieces in hf_pieces(pname, shards, arch, pp_rank=pp_rank, pp_size=2):
+            want = write_pieces(torch.empty(shape), pieces).reshape(-1).view(torch.uint8)
+            dest = torch.full(shape, float("nan"))
+            untouched = dest.clone().reshape(-1).view(torch.uint8)
+            raw = dest.reshape(-1).view(torch.uint8)
+            plan = plan_chunks(dest, pieces, 2 * ROW_BYTES)
+            assert plan[0][0] == 0 and plan[-1][1] == raw.numel(), hf_name
+            for k, (lo, hi, copies) in enumerate(plan):
+                assert lo % ROW_BYTES == 0 and (k == 0 or plan[k - 1][1] == lo), (hf_name, k)
+                for d, src in copies:
+                    d.copy_(src)
+                assert torch.equal(raw[:hi], want[:hi]), (name, tp, hf_name, k)
+                assert torch.equal(raw[hi:], untouched[hi:]), (name, tp, hf_name, k)
+            if len(plan) > 1:
+                cut.add(hf_name.split(".")[-2])
     assert {"embed_tokens", "q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= cut, cut
 
 
