@@ -42,7 +42,7 @@ from megatron_smd import kv_budget
 from megatron_smd.errors import SMDError
 from megatron_smd.policies import PolicyConfig
 
-from .server_process import PatchedServer, stop_all
+from .server_process import PatchedServer, start_all, stop_all
 
 EVICTING = ("streaming", "h2o", "snapkv", "rkv")
 
@@ -182,10 +182,7 @@ def bench_rollout_sglang(model_dir: str | Path | None = None, *, prompt_len: int
                  "kv_slots_per_layer": S, "batch": batch, "concurrency_requests": concurrency_requests,
                  "rounds": rounds, "policies": {}, "servers": {}}
     try:
-        for s in servers.values():
-            s.start(wait=False)
-        for s in servers.values():
-            s.wait_healthy()
+        start_all(servers.values())
         res["startup_s"] = {k: round(s.startup_s, 1) for k, s in servers.items()}
         prompts = _prompts(arch.vocab_size, batch, prompt_len, seed + 1)
         patched = [k for k in servers if k != "unpatched"]

@@ -186,6 +186,17 @@ class PatchedServer:
         self.stop()
 
 
+def start_all(servers) -> None:
+    """Start several servers at once: every process first, then wait for each to be healthy (a
+    start-up takes about a minute on CPU; one after the other that time adds up). A server that
+    does not come up raises (:meth:`PatchedServer.wait_healthy`); the caller stops them all."""
+    servers = list(servers)
+    for s in servers:
+        s.start(wait=False)
+    for s in servers:
+        s.wait_healthy()
+
+
 def stop_all(servers, timeout_s: float = 30.0) -> None:
     """Stop several servers at once: SIGTERM to every one first, then wait for each (SGLang's
     shutdown takes seconds; one after the other that time adds up)."""

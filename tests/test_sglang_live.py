@@ -41,7 +41,7 @@ from megatron_smd.replay import gap_metrics, torch_replay_logprobs  # noqa: E402
 from megatron_smd.rollout.engine import SamplingParams  # noqa: E402
 from megatron_smd.rollout.io import RolloutBatch, save_rollouts  # noqa: E402
 from megatron_smd.rollout.sglang_client import SGLangClient  # noqa: E402
-from sglang_patch.server_process import PatchedServer, stop_all  # noqa: E402
+from sglang_patch.server_process import PatchedServer, start_all, stop_all  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -71,10 +71,7 @@ def servers(model_dir, tmp_path_factory):
     srvs = {p: PatchedServer(model_dir, ["--smd-policy", p, *a, "--skip-tokenizer-init"],
                              log_path=logs / f"{p}.log", start_timeout_s=400) for p, a in POLICY_ARGS.items()}
     try:
-        for s in srvs.values():
-            s.start(wait=False)
-        for s in srvs.values():
-            s.wait_healthy()
+        start_all(srvs.values())
         print("\nstart-up seconds (5 servers at once on this machine): "
               + ", ".join(f"{p} {s.startup_s:.1f}" for p, s in srvs.items()))
         yield srvs
