@@ -44,7 +44,7 @@ from .losses import (apply_correction, correction_loss, distills, group_advantag
 from .mask import kept_fraction
 from .metrics import NullLogger, make_logger, mask_image
 from .parallel.layout import ParallelLayout, free_port, launched_by_torchrun
-from .rollout.drills import set_drill_step
+from .rollout.drills import set_drill_step, start_drills
 from .train_display import show
 from .rollout.engine import RolloutStats
 from .rollout.engine_api import RemoteRolloutEngine, RolloutEngine
@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 # ============================================================================================ loop
 def train(cfg: ExperimentConfig, *, resume: str | None = "auto") -> dict:
     """Run (or continue) the RL loop; returns the final eval metrics and history on rank 0."""
+    start_drills()  # drills name this run's steps; its start-up sync is step 0
     ctx = setup(cfg, resume=resume)
     try:
         if ctx.start_step == 0:
@@ -72,8 +73,7 @@ def train(cfg: ExperimentConfig, *, resume: str | None = "auto") -> dict:
         for step in range(ctx.start_step, cfg.train.steps):
             raise_if_stop_requested()                                    # a SIGTERM whose raise was swallowed
             set_drill_step(step + 1)
-            t = {}
-            t0 = time.perf_counter()
+            t, t0 = {}, time.perf_counter()
             ro = rollout(ctx, step)                                      # sample with eviction
             t["rollout"] = time.perf_counter() - t0
             adv = advantages(ctx, ro.batch)                              # reward -> group-relative advantages

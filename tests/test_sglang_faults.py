@@ -39,7 +39,7 @@ from megatron_smd.rollout.faults import ServerFault  # noqa: E402
 from megatron_smd.rollout.sglang_client import SGLangClient  # noqa: E402
 from sglang_patch.eviction import decode_mask, encode_mask  # noqa: E402
 from sglang_patch.patch import META_KEY  # noqa: E402
-from sglang_patch.server_process import PatchedServer, stop_all  # noqa: E402
+from sglang_patch.server_process import PatchedServer, start_all, stop_all  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,6 @@ def _drill(monkeypatch, tmp_path: Path, spec: str, pid: int) -> None:
     pid_file.write_text(f"{pid}\n")
     monkeypatch.setenv(faults.DRILL_ENV, spec)
     monkeypatch.setenv(faults.DRILL_PID_ENV, str(pid_file))
-    monkeypatch.setattr(faults, "_drills_fired", set())
 
 
 class CorruptingProxy:
@@ -140,10 +139,7 @@ def test_a_dead_server_is_left_out_and_an_exhausted_run_resumes(tmp_path, tiny_q
     b = _server(tiny_qwen2_dir, probe_cfg, tmp_path / "b.log")
     servers = [a, b]
     try:
-        for s in (a, b):
-            s.start(wait=False)
-        for s in (a, b):
-            s.wait_healthy()
+        start_all(servers)
 
         # 1. two servers; B dies for good while step 2's requests are in flight: A carries on
         _drill(monkeypatch, tmp_path, "rollout@2", b.proc.pid)

@@ -27,6 +27,14 @@ def say(msg: str) -> None:
     print(f"[smd] {msg}", file=sys.stderr, flush=True)
 
 
+def start_drills() -> None:
+    """A new training run in this process: step 0 (the syncs and probes before step 1) and no drill
+    fired yet, whatever an earlier run in the same process left behind."""
+    global _drill_step
+    _drill_step = 0
+    _drills_fired.clear()
+
+
 def set_drill_step(step: int) -> None:
     """The 1-based training step now running (drills name steps)."""
     global _drill_step
