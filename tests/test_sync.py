@@ -891,6 +891,69 @@ def test_checksum_taken_in_pieces_in_any_order():
         Checksum(n).update(b[:100], 0)
 
 
+def test_arena_plan_writes_checks_and_sums_every_tensor_like_one_by_one(monkeypatch):
+    """The in-process engine's arena (:mod:`megatron_smd.sync.arena`): tensors of every size (under a
+    row, not a multiple of a row, several chunks), two dtypes and converted pieces (QKV de-interleave,
+    gate / up halves) are written into one buffer by two threads sharing chunks, bit-identical to the
+    conversion; every tensor's flat checksum equals :func:`tensor_checksum` of that tensor (the
+    sender's and the engine's); the gaps stay zero; a NaN in a small tensor that shares its chunk with
+    others, and one in a large tensor, each mark exactly their tensor; the kept arena is reused, and
+    laid out anew when the tensors change."""
+    from megatron_smd.sync.arena import ArenaPlan, FlatChecksums
+    from megatron_smd.sync.bucket import ROW_BYTES
+    from megatron_smd.sync.pieces import hf_pieces, write_pieces
+    from megatron_smd.sync.share import Helper
+    from megatron_smd.sync.staging import ShadowBuffers
+
+    g = torch.Generator().manual_seed(7)
+    arch = tiny_arch("qwen2", vocab_size=VOCAB, pad_token_id=None)
+    entries = []  # (name, shape, dtype, pieces)
+    for pname, shape in [("decoder.layers.0.self_attention.linear_qkv.weight", (2 * 64 + 2 * 2 * 16 * 2, 64)),
+                         ("decoder.layers.0.mlp.linear_fc1.weight", (2 * 176, 64))]:
+        src = torch.randn(arch.num_heads * arch.head_dim + 2 * arch.num_kv_heads * arch.head_dim, arch.hidden_size,
+                          generator=g) if "qkv" in pname else torch.randn(2 * arch.intermediate_size,
+                                                                           arch.hidden_size, generator=g)
+        for h, sh, pcs in hf_pieces(pname, [src], arch, pp_rank=0, pp_size=1):
+            entries.append((h, tuple(sh), torch.float32, pcs))
+    for k, (n, dt) in enumerate([(1, torch.float32), (1024, torch.float32), (17, torch.float32),
+                                 (300, torch.bfloat16), (2049, torch.bfloat16), (70_001, torch.float32),
+                                 (5000, torch.float32)]):
+        src = torch.randn(n, generator=g).to(dt)
+        entries.append((f"t{k}", (n,), dt, [(None, src)]))
+    bufs = ShadowBuffers()
+    import megatron_smd.sync.staging as staging  # memory with stale bytes: the gaps must still read as zero
+
+    monkeypatch.setattr(staging, "empty_bytes", lambda n, device="cpu": torch.full((n,), 0xAB, dtype=torch.uint8))
+    arena, slots = bufs.arena([(h, sh, dt) for h, sh, dt, _ in entries], torch.device("cpu"))
+    plan = ArenaPlan(slots, [e[3] for e in entries], arena, 4 * ROW_BYTES)
+    big = [e[0] for e in entries].index("t5")
+    assert any(len(c.tensors) > 2 for c in plan.chunks) and sum(c.tensors == [big] for c in plan.chunks) > 2
+    helper = Helper()
+    try:
+        ck, ver = FlatChecksums(plan), FlatChecksums(plan)
+        finite = plan.run(helper.run, check_finite=True, checksums=ck, verifier=ver)
+        assert finite == [True] * len(entries)
+        for (h, sh, dt, pcs), slot, a, b in zip(entries, slots, ck.values(), ver.values()):
+            assert torch.equal(slot, write_pieces(torch.empty(sh, dtype=dt), pcs)), h
+            assert a == b == tensor_checksum(slot), h
+        used = torch.zeros(arena.numel(), dtype=torch.bool)
+        for s in slots:
+            o = s.data_ptr() - arena.data_ptr()
+            used[o:o + s.numel() * s.element_size()] = True
+        assert int(arena[~used].count_nonzero()) == 0
+        bad = [[e[0] for e in entries].index(n) for n in ("t0", "t5")]  # in a chunk of several; over several
+        for k in bad:
+            entries[k][3][0][1].view(-1)[-1] = float("nan")
+        finite = plan.run(helper.run, check_finite=True)
+        assert [k for k, f in enumerate(finite) if not f] == bad
+    finally:
+        helper.close()
+    again, slots2 = bufs.arena([(h, sh, dt) for h, sh, dt, _ in entries], torch.device("cpu"))
+    assert again.data_ptr() == arena.data_ptr() and all(a is b for a, b in zip(slots, slots2))
+    other, _ = bufs.arena([(h, sh, dt) for h, sh, dt, _ in entries[1:]], torch.device("cpu"))
+    assert other.data_ptr() != arena.data_ptr() and bufs.slot("t0", (1,), torch.float32, "cpu") is not None
+
+
 def test_adopting_commit_swaps_storage_keeps_ties_and_refusals_untouched():
     """``commit(adopt=True)`` (the broadcast receiver's double-buffered commit) makes the staged
     tensors the engine's parameters (the same parameter objects, the tied output layer still the

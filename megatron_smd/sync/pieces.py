@@ -15,13 +15,34 @@ tensor that is only checked); :func:`param_view` finds an HF tensor that needs n
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import torch
 
-from ..learner.convert import hf_names, resolve_rule
+from ..learner.convert import hf_names, local_param_names, resolve_rule
 from ..model.hf import ModelArch
 from .checks import ROW_BYTES
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def param_order(arch: ModelArch, pp_rank: int, pp_size: int) -> list[str]:
+    """This stage's Megatron parameter names in send order: layer by layer (each layer in
+    :data:`~megatron_smd.learner.convert.RULES` order), then the last-stage tensors, then the
+    first-stage ones (the embedding: often the largest tensor, so it goes last, and a transport
+    that overlaps sending with packing starts on a small first bucket)."""
+    names = local_param_names(arch, pp_rank, pp_size)
+
+    def key(item: tuple[int, str]) -> tuple[int, int, int]:
+        pos, name = item
+        m = _LAYER.match(name)
+        if m:
+            return (0, int(m.group(1)), pos)
+        return (2 if name.startswith("embedding.") else 1, 0, pos)
+
+    return [n for _, n in sorted(enumerate(names), key=key)]
+
 
 #: One piece of an HF tensor: ``(region, source)``; ``region(dest)`` is the view of the destination
 #: that ``source`` (a view of one shard) fills, or None for the whole destination.

@@ -21,7 +21,9 @@ Who does what (ranks in Megatron's ``tp-cp-ep-dp-pp`` order, one :class:`Paralle
   - a ``sink`` (the in-process engine): the engine's own staging slots, kept across syncs (its
     double-buffered commit adopts them); with a sink whose ``keep`` accepts it (``adopt=False``),
     a contiguous view of the learner's parameter in the engine's dtype is staged as it is instead
-    (it stays valid until the sync returns, and the engine's commit copies it from there);
+    (it stays valid until the sync returns, and the engine's commit copies it from there); at TP=1
+    on the CPU, a sink that offers an *arena* (one buffer for the stage) gets the whole stage as
+    one plan of chunks that both threads work through (:mod:`~megatron_smd.sync.arena`);
   - ``pack=False`` (a consumer done with each bucket before the next, e.g. a file writer): no copy
     at all where the HF tensor is a contiguous view of the parameter, else a temporary.
 
@@ -59,50 +61,30 @@ peak with the allocator's own record (``torch.profiler`` memory events) and comp
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from ..learner.convert import local_param_names
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
 from . import bucket as _bucket
+from .arena import ArenaPlan, FlatChecksums, Sink
 from .bucket import Bucket, empty_bytes
 from .checks import ROW_BYTES, Checksum, all_finite, all_finite_cached, tensor_checksum
 from .meters import LiveBytes, PhaseTimer
-from .pieces import Chunk, Piece, hf_pieces, param_view, plan_chunks, view_chunks, write_pieces
+from .pieces import Chunk, Piece, hf_pieces, param_order, param_view, plan_chunks, view_chunks, write_pieces
 from .probe import learner_logits, unwrap_model
 from .share import Helper
 
 __all__ = ["LiveBytes", "PhaseTimer", "Piece", "ReshardStats", "Resharder", "Sink", "hf_pieces", "learner_logits",
            "param_order", "unwrap_model", "write_pieces"]
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 #: With overlap, a view of the learner's parameter at least this large is sent as it is (a segment
 #: of its own); smaller ones are packed (a broadcast per small tensor costs more than its copy).
 MIN_SEGMENT_BYTES = 1 << 20
-
-
-def param_order(arch: ModelArch, pp_rank: int, pp_size: int) -> list[str]:
-    """This stage's Megatron parameter names in send order: layer by layer (each layer in
-    :data:`~megatron_smd.learner.convert.RULES` order), then the last-stage tensors, then the
-    first-stage ones (the embedding: often the largest tensor, so it goes last, and a transport
-    that overlaps sending with packing starts on a small first bucket)."""
-    names = local_param_names(arch, pp_rank, pp_size)
-
-    def key(item: tuple[int, str]) -> tuple[int, int, int]:
-        pos, name = item
-        m = _LAYER.match(name)
-        if m:
-            return (0, int(m.group(1)), pos)
-        return (2 if name.startswith("embedding.") else 1, 0, pos)
-
-    return [n for _, n in sorted(enumerate(names), key=key)]
 
 
 @dataclass
@@ -114,26 +96,6 @@ class ReshardStats:
     bytes: int = 0  # HF bytes yielded (sender only)
     peak_live_bytes: int = 0  # LiveBytes.peak on the sender
     largest_tensor_bytes: int = 0  # largest single Megatron parameter, converted (P_max)
-
-
-class Sink(Protocol):
-    """Where a consumer that keeps the tensors (the in-process engine's staging) wants them written.
-
-    ``slot`` returns the destination for one HF tensor (memory the consumer owns), or None when it
-    has none for it (an unknown name or shape: the resharder then writes a temporary and ``put``
-    decides what to do with it). ``put`` receives the written tensor and its checksum (None
-    without ``checksums``), right after it was written.
-
-    Optionally, ``verifier(name, nbytes)`` returns the consumer's own
-    :class:`~megatron_smd.sync.checks.Checksum` for a tensor written into its slot (or None): the
-    resharder feeds it every piece of the tensor right after writing it, while the piece is in
-    cache, and hands its value to ``put`` as ``received`` (what the consumer compares the sender's
-    checksum with).
-    """
-
-    def slot(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None: ...
-
-    def put(self, name: str, t: torch.Tensor, checksum: int | None, received: int | None = None) -> None: ...
 
 
 def _splits(t: torch.Tensor) -> bool:
@@ -322,8 +284,11 @@ class Resharder:
     def __iter__(self) -> Iterator[Bucket]:
         if not self.participant:
             return
+        make = getattr(self.sink, "arena", None)
+        arena = (make is not None and self.is_sender and self.layout.tp == 1
+                 and all(p.device.type == "cpu" for _, p in self.params))
         try:
-            yield from self._iter()
+            yield from (self._iter_arena(make) if arena else self._iter())
         finally:
             self._sums = []
             if self._copier is not None:
@@ -439,6 +404,59 @@ class Resharder:
                     self.sink.put(hf_name, t, checksum)
                 else:
                     self.sink.put(hf_name, t, checksum, received)
+
+    def _iter_arena(self, make) -> Iterator[Bucket]:
+        """The whole stage written into the sink's arena by one plan (:mod:`.arena`: both threads,
+        no per-tensor wait), then handed to the sink and yielded bucket by bucket as in
+        :meth:`_iter` (the same buckets). For a sink with an ``arena`` at TP=1 on the CPU."""
+        groups, specs, errors = [], [], []
+        with self.phases("convert"):
+            for name, p in self.params:
+                try:
+                    outs = hf_pieces(name, [p.detach()], self.arch, pp_rank=self.stage, pp_size=self.num_stages)
+                except Exception as e:  # as in _iter: recorded, the others still go
+                    errors.append(f"converting {name} of stage {self.stage}: {type(e).__name__}: {e}")
+                    outs = []
+                groups.append((p, [(h, tuple(sh), self.dtype or pcs[0][1].dtype, pcs) for h, sh, pcs in outs]))
+                specs += [(h, sh, dt) for h, sh, dt, _ in groups[-1][1]]
+        got = make(specs) if specs else None
+        if got is None:
+            yield from self._iter()
+            return
+        self.errors += errors
+        arena, slots = got
+        kept = [(s, e[3]) for s, e in zip(slots, (e for _, es in groups for e in es)) if s is not None]
+        plan = ArenaPlan([s for s, _ in kept], [pcs for _, pcs in kept], arena, _bucket.CHUNK_BYTES)
+        ck = FlatChecksums(plan, lambda sec: self.phases.add("checksum", sec)) if self.checksums else None
+        on_verify = getattr(self.sink, "arena_verify_seconds", lambda: None)() if self.checksums else None
+        ver = FlatChecksums(plan, on_verify) if on_verify is not None else None
+        finite = plan.run(self._helper().run, check_finite=self.check_finite, checksums=ck, verifier=ver,
+                          phases=self.phases)
+        sums, received = (ck.values() if ck else None), (ver.values() if ver else None)
+        bucket, j, it = Bucket(self.stage, 0), 0, iter(slots)
+        for p, entries in groups:
+            if self._draining:
+                return
+            if len(bucket) and bucket.nbytes + self._hf_bytes_estimate(p) > self._limit:
+                yield self._flush(bucket)
+                bucket = self._next(bucket)
+            self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes,
+                                                  sum(_numel(sh) * dt.itemsize for _, sh, dt, _ in entries))
+            for h, sh, dt, pcs in entries:
+                if len(bucket) and bucket.nbytes % dt.itemsize:
+                    yield self._flush(bucket)
+                    bucket = self._next(bucket)
+                slot = next(it)
+                if slot is None:
+                    t, fin, cs, rcv = self._unpacked(h, sh, dt, pcs, None)
+                else:
+                    t, fin, cs, rcv = slot, finite[j], sums and sums[j], received and received[j]
+                    j += 1
+                bucket.add(h, t)
+                self._finish_tensor(bucket, h, t, fin, cs, rcv)
+        if len(bucket) and not self._draining:
+            yield self._flush(bucket)
+            self._next(bucket)
 
     def _iter(self) -> Iterator[Bucket]:
         B, ph = self._limit, self.phases

@@ -105,16 +105,37 @@ class ShadowBuffers:
     def __init__(self):
         self._slots: dict[str, torch.Tensor] = {}
         self._recv: dict[object, torch.Tensor] = {}
+        self._arena: torch.Tensor | None = None  # what arena() laid out, and for which tensors
+        self._arena_key: tuple = ()
+
+    def arena(self, specs: list[tuple[str, tuple[int, ...], torch.dtype]], device: torch.device
+              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Slots for every ``(name, shape, dtype)`` of ``specs`` as views of one buffer, the *arena*
+        (:mod:`~megatron_smd.sync.arena`): back to back in that order, each on a 4 KiB boundary,
+        the gaps zero. Kept and reused while ``specs`` and ``device`` are the same; the slots are
+        also what :meth:`slot` returns for those names. Returns the arena and the slots."""
+        from .arena import arena_layout, row_padded
+
+        key = (tuple((n, tuple(int(d) for d in s), dt) for n, s, dt in specs), torch.device(device))
+        if self._arena is None or key != self._arena_key:
+            for n, _, _ in specs:
+                self._slots.pop(n, None)
+            self._arena = None
+            sizes = [_numel(s) * dt.itemsize for _, s, dt in specs]
+            offsets, total = arena_layout(sizes)
+            buf = empty_bytes(total, device)
+            for (n, s, dt), off, nb in zip(specs, offsets, sizes):
+                buf[off + nb:off + row_padded(nb)].zero_()  # the checksum reads a tensor's last row whole
+                self._slots[n] = buf[off:off + nb].view(dt).view(tuple(int(d) for d in s))
+            self._arena, self._arena_key = buf, key
+        return self._arena, [self._slots[n] for n, _, _ in specs]
 
     def slot(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         t = self._slots.get(name)
         if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != torch.device(device):
             self._slots.pop(name, None)
             del t
-            n = 1
-            for d in shape:
-                n *= int(d)
-            t = empty_bytes(n * dtype.itemsize, device).view(dtype).view(tuple(shape))
+            t = empty_bytes(_numel(shape) * dtype.itemsize, device).view(dtype).view(tuple(shape))
             self._slots[name] = t
         return t
 
@@ -129,13 +150,19 @@ class ShadowBuffers:
 
     @property
     def nbytes(self) -> int:
-        return (sum(t.numel() * t.element_size() for t in self._slots.values())
+        """Bytes held: the arena, the slots outside it and the receive buffers."""
+        arena = self._arena
+        inside = 0 if arena is None else arena.untyped_storage().data_ptr()
+        return ((0 if arena is None else arena.numel())
+                + sum(t.numel() * t.element_size() for t in self._slots.values()
+                      if t.untyped_storage().data_ptr() != inside)
                 + sum(t.numel() for t in self._recv.values()))
 
     def clear(self) -> None:
         """Free the memory (the next sync allocates, and faults in, its buffers again)."""
         self._slots.clear()
         self._recv.clear()
+        self._arena, self._arena_key = None, ()
 
 
 @dataclass
@@ -208,9 +235,12 @@ class StagedUpdate:
         self.nbytes += t.numel() * t.element_size()
 
     def _time(self, phase: str, t0: float) -> None:
-        dt = time.perf_counter() - t0
+        self.add_seconds(phase, time.perf_counter() - t0)
+
+    def add_seconds(self, phase: str, seconds: float) -> None:
+        """Account ``seconds`` to one of this staging's phases (from any thread)."""
         with self._lock:
-            self.phases[phase] = self.phases.get(phase, 0.0) + dt
+            self.phases[phase] = self.phases.get(phase, 0.0) + seconds
 
     def __len__(self) -> int:
         return len(self._staged)
@@ -274,6 +304,13 @@ class StagedUpdate:
                            phases=dict(self.phases))
         self.discard()
         return res
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 class _VerifyChecksum(Checksum):

@@ -152,6 +152,27 @@ class _StagingSink:
             return None
         return self.buffers.slot(name, shape, dtype, self.staging._params[name].device)
 
+    def arena(self, specs: list[tuple[str, tuple[int, ...], torch.dtype]]
+              ) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:
+        """The engine's slots for a whole stage as one arena (:meth:`ShadowBuffers.arena`): the
+        arena and, per ``(name, shape, dtype)`` of ``specs``, its slot, or None for a tensor the
+        engine does not take as it is (``add`` then casts, refuses or ignores it). None when this
+        sink stages views (``adopt=False``), a name repeats, or the engine is not on the CPU."""
+        if self.views or len({n for n, _, _ in specs}) != len(specs):
+            return None
+        fits = [self._fits(n, s, dt) for n, s, dt in specs]
+        if {self.staging._params[n].device for (n, _, _), f in zip(specs, fits) if f} != {torch.device("cpu")}:
+            return None
+        arena, slots = self.buffers.arena([sp for sp, f in zip(specs, fits) if f], torch.device("cpu"))
+        it = iter(slots)
+        return arena, [next(it) if f else None for f in fits]
+
+    def arena_verify_seconds(self):
+        """Where the engine's own checksums of an arena account their seconds (its ``verify``
+        phase); None when this staging does not verify checksums."""
+        st = self.staging
+        return (lambda s: st.add_seconds("verify", s)) if st.verify_checksums else None
+
     def verifier(self, name: str, nbytes: int):
         """The engine's own checksum of a tensor written into its slot, fed piece by piece as it is
         written (the engine's verification, while the bytes are in cache)."""
