@@ -15,8 +15,9 @@ large ones shared between two threads. Here the whole stage is one job:
 * :meth:`ArenaPlan.run`: the sender's thread and the helper thread (:mod:`.share`) take the next
   chunk from one counter for the whole stage (nobody waits per tensor); a chunk is copied, then
   checked with one call per check whatever number of tensors it holds: NaN / inf over its bytes
-  (the zero gaps are finite) and each checksum as row sums (one ``torch.sum``) plus column sums (one
-  ``np.add.reduce`` per tensor in the chunk);
+  (the zero gaps are finite) and, with ``verify``, the checksum as row sums (one ``torch.sum``)
+  plus column sums (one ``np.add.reduce`` per tensor in the chunk), taken once: the arena is the
+  engine's memory, so the sender's checksum is the engine's record too (see :class:`Sink`);
 * :class:`FlatChecksums`: every tensor's :func:`~.checks.tensor_checksum` from those sums,
   vectorised, at the end. A tensor's gap is the zero padding of its last row in the checksum's
   definition, so the values are the same (a test compares them tensor by tensor).
@@ -54,9 +55,12 @@ class Sink(Protocol):
     cache, and hands its value to ``put`` as ``received`` (what the consumer compares the sender's
     checksum with).
 
-    Optionally, ``arena(specs)`` (with ``arena_verify_seconds()``) offers slots for a whole stage as
-    one arena (see the module docstring): for ``[(name, shape, dtype)]`` it returns the arena and a
-    slot (or None) per tensor, or None to be served tensor by tensor.
+    Optionally, ``arena(specs)`` offers slots for a whole stage as one arena (see the module
+    docstring): for ``[(name, shape, dtype)]`` it returns the arena and a slot (or None) per tensor,
+    or None to be served tensor by tensor. The arena's tensors are checksummed once, by the sender
+    as it writes them, and that value is ``put`` as both the sender's and the consumer's
+    (``received``): the bytes are the consumer's own, so its own checksum of them could only repeat
+    the computation. (Tensor by tensor, ``verifier`` repeated it.)
     """
 
     def slot(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None: ...
@@ -197,19 +201,18 @@ class ArenaPlan:
         return len(self.chunks)
 
     def run(self, share: Callable[[int, Callable[[int], bool]], bool] | None, *, check_finite: bool,
-            checksums: FlatChecksums | None = None, verifier: FlatChecksums | None = None,
-            phases=None) -> list[bool]:
+            checksums: FlatChecksums | None = None, phases=None) -> list[bool]:
         """Write and check every chunk (``share(n, fn)`` runs ``fn(i)`` for ``i < n`` on two threads,
         :meth:`~.share.Helper.run`; None: on this thread). Returns, per tensor, whether it is finite
         (True without ``check_finite``). ``phases``: a :class:`~.meters.PhaseTimer` for ``convert``,
-        ``finite`` and ``checksum`` (the verifier times itself)."""
+        ``finite`` and ``checksum``."""
         chunks, arena = self.chunks, self.arena
         bad: list[int] = []
-        per_thread: dict[int, list[float]] = {}  # thread -> seconds of convert, finite, checksum, verify
+        per_thread: dict[int, list[float]] = {}  # thread -> seconds of convert, finite, checksum
 
         def do(i: int) -> bool:
             c = chunks[i]
-            times = per_thread.setdefault(threading.get_ident(), [0.0, 0.0, 0.0, 0.0])
+            times = per_thread.setdefault(threading.get_ident(), [0.0, 0.0, 0.0])
             t0 = time.perf_counter()
             for dst, src in c.copies:
                 dst.copy_(src)
@@ -220,19 +223,12 @@ class ArenaPlan:
                 if not ok:
                     bad.append(i)
             t2 = time.perf_counter()
-            t3 = t2
-            if checksums is not None or verifier is not None:
-                rows = arena[c.lo:c.hi].view(torch.int64).view(-1, _ROW)
-                if checksums is not None:
-                    checksums.update(c, rows)
-                t3 = time.perf_counter()
-                if verifier is not None:
-                    verifier.update(c, rows)
-            t4 = time.perf_counter()
+            if checksums is not None:
+                checksums.update(c, arena[c.lo:c.hi].view(torch.int64).view(-1, _ROW))
+            t3 = time.perf_counter()
             times[0] += t1 - t0
             times[1] += t2 - t1
             times[2] += t3 - t2
-            times[3] += t4 - t3
             return ok
 
         if share is None or len(chunks) < 2:
@@ -240,15 +236,13 @@ class ArenaPlan:
                 do(i)
         else:
             share(len(chunks), do)
-        times = [sum(t[j] for t in per_thread.values()) for j in range(4)]
+        times = [sum(t[j] for t in per_thread.values()) for j in range(3)]
         if phases is not None:
             phases.add("convert", times[0])
             if check_finite:
                 phases.add("finite", times[1])
             if checksums is not None:
                 phases.add("checksum", times[2])
-        if verifier is not None and verifier.on_time is not None:
-            verifier.on_time(times[3])
         finite = [True] * len(self.slots)
         for i in bad:  # which tensors: settled exactly, tensor by tensor
             for k in chunks[i].tensors:

@@ -428,11 +428,11 @@ class Resharder:
         kept = [(s, e[3]) for s, e in zip(slots, (e for _, es in groups for e in es)) if s is not None]
         plan = ArenaPlan([s for s, _ in kept], [pcs for _, pcs in kept], arena, _bucket.CHUNK_BYTES)
         ck = FlatChecksums(plan, lambda sec: self.phases.add("checksum", sec)) if self.checksums else None
-        on_verify = getattr(self.sink, "arena_verify_seconds", lambda: None)() if self.checksums else None
-        ver = FlatChecksums(plan, on_verify) if on_verify is not None else None
-        finite = plan.run(self._helper().run, check_finite=self.check_finite, checksums=ck, verifier=ver,
-                          phases=self.phases)
-        sums, received = (ck.values() if ck else None), (ver.values() if ver else None)
+        finite = plan.run(self._helper().run, check_finite=self.check_finite, checksums=ck, phases=self.phases)
+        # The arena is the engine's own memory: the sender's checksum is taken on the engine's bytes,
+        # so it is also the engine's record of them (a second pass over the same bytes, at the same
+        # moment, could not differ). See arena.Sink.
+        sums = received = ck.values() if ck else None
         bucket, j, it = Bucket(self.stage, 0), 0, iter(slots)
         for p, entries in groups:
             if self._draining:

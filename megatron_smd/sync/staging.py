@@ -235,12 +235,9 @@ class StagedUpdate:
         self.nbytes += t.numel() * t.element_size()
 
     def _time(self, phase: str, t0: float) -> None:
-        self.add_seconds(phase, time.perf_counter() - t0)
-
-    def add_seconds(self, phase: str, seconds: float) -> None:
-        """Account ``seconds`` to one of this staging's phases (from any thread)."""
+        dt = time.perf_counter() - t0
         with self._lock:
-            self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+            self.phases[phase] = self.phases.get(phase, 0.0) + dt
 
     def __len__(self) -> int:
         return len(self._staged)

@@ -167,12 +167,6 @@ class _StagingSink:
         it = iter(slots)
         return arena, [next(it) if f else None for f in fits]
 
-    def arena_verify_seconds(self):
-        """Where the engine's own checksums of an arena account their seconds (its ``verify``
-        phase); None when this staging does not verify checksums."""
-        st = self.staging
-        return (lambda s: st.add_seconds("verify", s)) if st.verify_checksums else None
-
     def verifier(self, name: str, nbytes: int):
         """The engine's own checksum of a tensor written into its slot, fed piece by piece as it is
         written (the engine's verification, while the bytes are in cache)."""
