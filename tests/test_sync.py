@@ -998,8 +998,10 @@ def _cycle_learner_job(port: int, tmp: str) -> dict:
                                    learner_logits)
 
     import megatron_smd.sync.reshard as reshard_mod
+    import megatron_smd.sync.transports.disk as disk_mod
 
     reshard_mod.MIN_SEGMENT_BYTES = 4096  # the tiny model's views of >= 4 KiB travel as segments
+    disk_mod.SPLIT_SHARD_BYTES = 32 << 10  # buckets of >= 32 KiB are written as two shards at once
     name = "qwen2"
     arch = _arch(name)
     layout = ParallelLayout(world_size=1)
@@ -1094,7 +1096,8 @@ def test_double_buffered_receiver_and_recycled_disk_snapshots(tmp_path):
     (keep=1): the third sync writes into the first one's files and the fourth into the second's
     (same inodes; the first snapshot's files are held open, so a deleted one's inode number could
     not come back), only the newest snapshot and the spare remain, the engine is bit-identical to
-    the learner every time; fewer, larger shards leave no stale file behind."""
+    the learner every time (buckets written as two shards at once on two threads); fewer, larger
+    shards leave no stale file behind."""
     port = _two_free_ports()
     env = dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     res = _spawn([(_cycle_learner_job, (port, str(tmp_path)), env), (_cycle_receiver_job, (port,), {})],
@@ -1119,6 +1122,7 @@ def test_double_buffered_receiver_and_recycled_disk_snapshots(tmp_path):
     assert d[2]["inodes"] == d[0]["inodes"] and d[3]["inodes"] == d[1]["inodes"]
     assert not set(d[0]["inodes"].values()) & set(d[1]["inodes"].values())
     assert d[3]["root"] == sorted([".spare", "LATEST", d[3]["snapshot"]])
+    assert any(f.endswith("-1.safetensors") for f in d[0]["indexed"])  # buckets written as two shards at once
     assert len(d[4]["indexed"]) < len(d[3]["indexed"])
     assert d[4]["files"] == sorted(d[4]["indexed"] + ["config.json", "model.safetensors.index.json"])
 
