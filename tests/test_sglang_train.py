@@ -14,6 +14,10 @@ TensorBoard scalars then show, for every step:
 * after each weight sync, a probe sampled by the server replays with the learner at <= 1e-5: the
   server holds the learner's weights, restarted or not (a missed re-sync would show: a restarted
   server loads the initial weights).
+
+The supervisor's log shows exactly the three restarts, and the trainer's exactly the three failed
+attempts the drills cause (a failure message lists the failed attempts and ends with the trainer's
+stderr; the launcher's output stays in the run's launch/ folder).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +57,18 @@ def _scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
+def _failed_attempts(stderr: str) -> list[str]:
+    """The trainer's lines for every failed rollout or weight-sync attempt, in order."""
+    return re.findall(r"^\[smd[^\]]*\] ((?:step \d+: rollout|weight sync v\d+:) attempt \d+/\d+ failed.*)$",
+                      stderr, re.M)
+
+
+def _trainer_tail(stderr: str) -> str:
+    """What a failed assertion shows: which attempts failed, then the end of the trainer's stderr."""
+    failed = "\n".join(f"  {line[:400]}" for line in _failed_attempts(stderr)) or "  none"
+    return f"\n--- failed attempts (trainer) ---\n{failed}\n--- trainer stderr (tail) ---\n{stderr[-6000:]}"
+
+
 def test_local_launcher_trains_against_a_patched_cpu_server(tmp_path, tiny_qwen2_dir):
     port = _free_port()
     out = tmp_path / "run"
@@ -74,7 +92,10 @@ def test_local_launcher_trains_against_a_patched_cpu_server(tmp_path, tiny_qwen2
         p.terminate()  # SIGTERM to the launcher (by its PID): its trap stops the server and the learner
         stdout, stderr = p.communicate(timeout=120)
         pytest.fail(f"launch/local.sh did not finish in 900 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    log = stdout[-4000:] + stderr[-4000:]
+    (tmp_path / "launch").mkdir(exist_ok=True)  # the launcher's output, kept with the run's other logs
+    (tmp_path / "launch" / "launcher.stdout").write_text(stdout)
+    (tmp_path / "launch" / "launcher.stderr").write_text(stderr)
+    log = stdout[-4000:] + _trainer_tail(stderr)
     server_log = tmp_path / "launch" / f"sglang-{port}.log"
     assert p.returncode == 0, log + (server_log.read_text()[-3000:] if server_log.is_file() else "")
     assert f"rollout on the patched SGLang CPU server http://127.0.0.1:{port}" in stdout, log
@@ -102,6 +123,40 @@ def test_local_launcher_trains_against_a_patched_cpu_server(tmp_path, tiny_qwen2
     hung = re.search(r"hung: no /health answer for ([\d.]+) s \(limit (\d+) s\)", sup)
     assert hung and int(hung.group(2)) == HANG_TIMEOUT_S, sup
     assert float(hung.group(1)) <= HANG_TIMEOUT_S + 2.0, sup  # within the timeout of the last answer (+ slack)
-    assert sc["faults/rollout_failures"][STEPS] == 2 and sc["faults/sync_failures"][STEPS] == 1
+    assert sup.count("] start ") == 4, sup  # the first start and the three drills' restarts, no other
+    # the drills' failures and nothing else: a retry for any other reason (once, a sync whose cache
+    # flush SGLang refused while the supervisor's /health check ran) is a fault of its own
+    counts = (sc["faults/rollout_failures"][STEPS], sc["faults/sync_failures"][STEPS])
+    failed = _failed_attempts(stderr)
+    planned = ("step 3: rollout attempt 1/4 failed", "weight sync v4: attempt 1/4 failed",
+               "step 6: rollout attempt 1/4 failed")
+    assert counts == (2, 1) and len(failed) == len(planned) and all(map(str.startswith, failed, planned)), \
+        f"rollout / sync failures {counts}, expected (2, 1){log}\n--- supervisor ---\n{sup}"
     print(f"  supervisor: {sup.count('] start ')} starts; hang detected after {hung.group(1)} s "
           f"(limit {HANG_TIMEOUT_S} s)")
+
+
+def test_a_sync_flushes_the_cache_right_behind_a_health_check(tmp_path, tiny_qwen2_dir):
+    """The supervisor probes ``/health`` (SGLang runs a one-token generate for it) while the trainer
+    syncs. SGLang refuses an immediate ``/flush_cache`` while that request is in its scheduler (about
+    1 in 3 flushes sent 0-10 ms behind a probe), which failed the sync: in the launcher run above, a
+    second counted sync failure besides the drill's. The transport's flush waits for the scheduler to
+    be idle."""
+    from megatron_smd.sync.transports.sglang import SGLangTransport
+    from sglang_patch.server_process import PatchedServer
+
+    log = tmp_path / "server.log"
+    srv = PatchedServer(tiny_qwen2_dir, ["--smd-policy", "h2o", "--smd-budget", "12", "--smd-window", "4",
+                                         "--skip-tokenizer-init"], log_path=log, start_timeout_s=400).start()
+    try:
+        tr = SGLangTransport([srv.url])
+        for i in range(12):
+            probe = threading.Thread(target=srv.healthy, kwargs={"timeout_s": 30})
+            probe.start()
+            time.sleep(0.002 * (i % 6))  # the flush 0-10 ms behind the probe
+            tr.flush_caches()  # raises WeightSyncError when a server refuses
+            probe.join()
+    finally:
+        srv.stop()
+    text = log.read_text()
+    assert text.count("Cache flushed successfully") >= 12 and "Cache not flushed" not in text, text[-3000:]

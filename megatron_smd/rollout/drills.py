@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from ..errors import SMDError
@@ -24,7 +25,7 @@ _drills_fired: set[str] = set()
 
 
 def say(msg: str) -> None:
-    print(f"[smd] {msg}", file=sys.stderr, flush=True)
+    print(f"[smd {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # the supervisor's clock format
 
 
 def start_drills() -> None:

@@ -52,6 +52,9 @@ def post_sglang(url: str, route: str, payload: dict | None, timeout_s: float,
 
 
 LOOPBACK = "127.0.0.1"
+#: longest wait for a server's scheduler to be idle before it flushes its cache after a sync (the
+#: requests in it then are health checks and stragglers: they end within milliseconds)
+FLUSH_IDLE_WAIT_S = 60.0
 
 
 def _is_loopback(url: str) -> bool:
@@ -82,7 +85,8 @@ class SGLangTransport(Transport):
     ``MultiprocessingSerializer``), one payload per engine TP rank.
 
     A sync is one SGLang weight-update session (``/begin_weight_update`` ... ``/end_weight_update``,
-    opened and closed by the coordinator), then ``/flush_cache`` and ``/update_weight_version``.
+    opened and closed by the coordinator), then ``/flush_cache`` (once the scheduler is idle) and
+    ``/update_weight_version``.
     SGLang loads each bucket in place, so a failure mid-sync leaves the servers partially updated;
     the error says so (``engine_state="partial"``) and the next successful sync repairs it.
 
@@ -264,13 +268,22 @@ class SGLangTransport(Transport):
             return CommitResult(ok=False, version=ctx.version, receiver=self.name, engine_state="partial",
                                 message=f"{failed}; the servers may hold partially updated weights: re-sync")
         self._check("/end_weight_update", end, "partial")
-        # the radix cache holds prompt K/V (and the patch its prompt scores) of the old weights
-        self._check("/flush_cache", self._all("/flush_cache", [{}] * len(self.urls)), "partial")
+        self.flush_caches()
         self._check("/update_weight_version", self._all(
             "/update_weight_version", [{"new_version": str(ctx.version), "abort_all_requests": False}]
             * len(self.urls)), "partial")
         return CommitResult(ok=True, version=ctx.version, message=f"updated {len(self.urls)} server(s)",
                             receiver=self.name)
+
+    def flush_caches(self) -> None:
+        """Every server drops its radix cache, which holds prompt K/V (and the patch its prompt
+        scores) of the old weights. An immediate ``/flush_cache`` is refused while any request is
+        in the scheduler, and a supervisor's ``/health`` check is one (a one-token generate): one
+        arriving just before the flush failed the whole sync. ``?timeout=`` makes SGLang flush as
+        soon as its scheduler is idle, within :data:`FLUSH_IDLE_WAIT_S` (or half this transport's
+        HTTP timeout)."""
+        wait = min(FLUSH_IDLE_WAIT_S, self.timeout_s / 2)
+        self._check("/flush_cache", self._all(f"/flush_cache?timeout={wait:g}", [{}] * len(self.urls)), "partial")
 
     def retarget(self, urls: Sequence[str]) -> None:
         """Point the next sync at ``urls`` (after a server failed or came back): the weight-update
