@@ -897,8 +897,8 @@ def test_arena_plan_writes_checks_and_sums_every_tensor_like_one_by_one(monkeypa
     row, not a multiple of a row, several chunks), two dtypes and converted pieces (QKV de-interleave,
     gate / up halves) are written into one buffer by two threads sharing chunks, bit-identical to the
     conversion; every tensor's flat checksum equals :func:`tensor_checksum` of that tensor; the gaps stay zero; a NaN in a small tensor that shares its chunk with
-    others, and one in a large tensor, each mark exactly their tensor; the kept arena is reused, and
-    laid out anew when the tensors change."""
+    others, and one in a large tensor, each mark exactly their tensor; the kept arena (and the plan
+    kept with it) is reused, and laid out anew (the plan dropped) when the tensors change."""
     from megatron_smd.sync.arena import ArenaPlan, FlatChecksums
     from megatron_smd.sync.bucket import ROW_BYTES
     from megatron_smd.sync.pieces import hf_pieces, write_pieces
@@ -948,9 +948,12 @@ def test_arena_plan_writes_checks_and_sums_every_tensor_like_one_by_one(monkeypa
         assert [k for k, f in enumerate(finite) if not f] == bad
     finally:
         helper.close()
+    assert bufs.plan("k", lambda: plan) is plan and bufs.plan("k", lambda: 1 / 0) is plan  # kept while the key holds
     again, slots2 = bufs.arena([(h, sh, dt) for h, sh, dt, _ in entries], torch.device("cpu"))
     assert again.data_ptr() == arena.data_ptr() and all(a is b for a, b in zip(slots, slots2))
+    assert bufs.plan("k", lambda: plan) is plan and bufs.plan("k2", lambda: "new") == "new"
     other, _ = bufs.arena([(h, sh, dt) for h, sh, dt, _ in entries[1:]], torch.device("cpu"))
+    assert bufs.plan("k2", lambda: "anew") == "anew"  # a new layout drops the kept plan
     assert other.data_ptr() != arena.data_ptr() and bufs.slot("t0", (1,), torch.float32, "cpu") is not None
 
 

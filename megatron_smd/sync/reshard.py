@@ -71,7 +71,7 @@ import torch.distributed as dist
 from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
 from . import bucket as _bucket
-from .arena import ArenaPlan, FlatChecksums, Sink
+from .arena import ARENA_CHUNK_BYTES, ArenaPlan, FlatChecksums, Sink
 from .bucket import Bucket, empty_bytes
 from .checks import ROW_BYTES, Checksum, all_finite, all_finite_cached, tensor_checksum
 from .meters import LiveBytes, PhaseTimer
@@ -425,8 +425,15 @@ class Resharder:
             return
         self.errors += errors
         arena, slots = got
-        kept = [(s, e[3]) for s, e in zip(slots, (e for _, es in groups for e in es)) if s is not None]
-        plan = ArenaPlan([s for s, _ in kept], [pcs for _, pcs in kept], arena, _bucket.CHUNK_BYTES)
+        def build() -> ArenaPlan:
+            kept = [(s, e[3]) for s, e in zip(slots, (e for _, es in groups for e in es)) if s is not None]
+            return ArenaPlan([s for s, _ in kept], [pcs for _, pcs in kept], arena, ARENA_CHUNK_BYTES)
+
+        # the same learner tensors into the same arena: the plan of an earlier sync holds
+        key = (arena.data_ptr(), self.dtype, ARENA_CHUNK_BYTES,
+               tuple((p.data_ptr(), tuple(p.shape), p.stride(), p.dtype) for _, p in self.params))
+        keep = getattr(self.sink, "arena_plan", None)
+        plan = build() if keep is None else keep(key, build)
         ck = FlatChecksums(plan, lambda sec: self.phases.add("checksum", sec)) if self.checksums else None
         finite = plan.run(self._helper().run, check_finite=self.check_finite, checksums=ck, phases=self.phases)
         # The arena is the engine's own memory: the sender's checksum is taken on the engine's bytes,

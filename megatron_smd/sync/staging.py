@@ -107,6 +107,17 @@ class ShadowBuffers:
         self._recv: dict[object, torch.Tensor] = {}
         self._arena: torch.Tensor | None = None  # what arena() laid out, and for which tensors
         self._arena_key: tuple = ()
+        self._plan: tuple | None = None  # (key, plan) of the arena (see plan())
+
+    def plan(self, key, build):
+        """``build()``, kept with the arena: the same object again while ``key`` is the same and the
+        arena was not laid out anew (a sync's plan of copies into it, see
+        :class:`~megatron_smd.sync.arena.ArenaPlan`: it holds views of the arena and of the
+        learner's parameters, so it is only reused for the same parameters at the same addresses)."""
+        if self._plan is None or self._plan[0] != key:
+            self._plan = None
+            self._plan = (key, build())
+        return self._plan[1]
 
     def arena(self, specs: list[tuple[str, tuple[int, ...], torch.dtype]], device: torch.device
               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -120,7 +131,7 @@ class ShadowBuffers:
         if self._arena is None or key != self._arena_key:
             for n, _, _ in specs:
                 self._slots.pop(n, None)
-            self._arena = None
+            self._arena, self._plan = None, None
             sizes = [_numel(s) * dt.itemsize for _, s, dt in specs]
             offsets, total = arena_layout(sizes)
             buf = empty_bytes(total, device)
@@ -162,7 +173,7 @@ class ShadowBuffers:
         """Free the memory (the next sync allocates, and faults in, its buffers again)."""
         self._slots.clear()
         self._recv.clear()
-        self._arena, self._arena_key = None, ()
+        self._arena, self._arena_key, self._plan = None, (), None
 
 
 @dataclass

@@ -167,6 +167,10 @@ class _StagingSink:
         it = iter(slots)
         return arena, [next(it) if f else None for f in fits]
 
+    def arena_plan(self, key, build):
+        """The arena's plan (:meth:`ShadowBuffers.plan`): reused while ``key`` is the same."""
+        return self.buffers.plan(key, build)
+
     def verifier(self, name: str, nbytes: int):
         """The engine's own checksum of a tensor written into its slot, fed piece by piece as it is
         written (the engine's verification, while the bytes are in cache)."""
