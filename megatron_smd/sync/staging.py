@@ -389,9 +389,6 @@ def stage_from_disk(engine, snapshot: str | Path, *, version: int | None = None,
     """
     import json
 
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
     snap = Path(snapshot)
     index_path = snap / "model.safetensors.index.json"
     try:
@@ -415,20 +412,66 @@ def stage_from_disk(engine, snapshot: str | Path, *, version: int | None = None,
     by_file: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
         by_file.setdefault(fname, []).append(name)
+    _stage_files(st, snap, sorted(by_file.items()), {n: int(c) for n, c in sums.items()})
+    return st
+
+
+def stage_read(engine, shards: list[dict], *, version: int, verify_checksums: bool) -> StagedUpdate:
+    """A :class:`StagedUpdate` of shards already read (:func:`read_shard`) by the ``disk`` transport
+    as it wrote them: ``shards`` are its records (``names``, ``checksums``, ``read`` = what
+    :func:`read_shard` returned, ``read_seconds``), staged with the same checks as
+    :func:`stage_from_disk`."""
+    st = StagedUpdate(engine, version, verify_checksums)
+    for f in shards:
+        entries, problems = f["read"]
+        for msg in problems:
+            st.problem(msg)
+        sums = dict(zip(f["names"], f["checksums"])) if f["checksums"] is not None else {}
+        for name, t in entries:
+            st.add(name, t, sums.get(name), copy=False)
+    st.phases["read"] = sum(f["read_seconds"] for f in shards) - st.phases.get("verify", 0.0)
+    return st
+
+
+def read_shard(path: Path, names: list[str], params: dict[str, torch.Tensor], buffers: ShadowBuffers | None = None
+               ) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+    """The tensors ``names`` of one safetensors file, and the problems met (a tensor missing, the
+    file unreadable). The ``safetensors`` library maps the file: a tensor is a view of the page
+    cache, or, with ``buffers``, copied into its kept slot when it fits its engine parameter
+    (``params``) as it is (the engine's commit then adopts the slot: no second copy)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    out, problems = [], []
+    try:
+        with safe_open(str(path), framework="pt") as f:  # the tensors keep their mapping
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    problems.append(f"{path}: tensor {name} listed in the index is missing")
+                    continue
+                t = f.get_tensor(name)
+                p = params.get(name)
+                if (buffers is not None and p is not None and p.dtype == t.dtype and p.device.type == "cpu"
+                        and tuple(p.shape) == tuple(t.shape) and t.numel()):
+                    slot = buffers.slot(name, t.shape, t.dtype, p.device)
+                    slot.copy_(t)
+                    t = slot
+                out.append((name, t))
+    except (SafetensorError, OSError, ValueError) as e:
+        problems.append(f"{path}: cannot read safetensors shard ({e})")
+    return out, problems
+
+
+def _stage_files(st: StagedUpdate, snap: Path, files: list[tuple[str, list[str]]], sums: dict[str, int]) -> None:
+    """Stage the tensors ``names`` of each safetensors file of ``snap`` (views of the mapped files,
+    copied into the engine by the commit); problems are recorded."""
     t0 = time.perf_counter()
-    for fname, names in sorted(by_file.items()):
-        path = snap / fname
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                present = set(f.keys())
-                for name in names:
-                    if name not in present:
-                        st.problem(f"{path}: tensor {name} listed in the index is missing")
-                        continue
-                    cs = sums.get(name)
-                    st.add(name, f.get_tensor(name), None if cs is None else int(cs), copy=False)
-        except (SafetensorError, OSError, ValueError) as e:
-            st.problem(f"{path}: cannot read safetensors shard ({e})")
+    for fname, names in files:
+        entries, problems = read_shard(snap / fname, names, st._params)
+        for msg in problems:
+            st.problem(msg)
+        for name, t in entries:
+            st.add(name, t, sums.get(name), copy=False)
     st._time("read", t0)
     st.phases["read"] -= st.phases.get("verify", 0.0)  # verify is timed apart
-    return st

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..bucket import CHECKSUM_ALGORITHM, Bucket, fsync_dir, write_safetensors
-from ..staging import CommitResult, WeightSyncError, stage_from_disk
+from ..staging import (CommitResult, ShadowBuffers, StagedUpdate, WeightSyncError, read_shard, stage_from_disk,
+                       stage_read)
 from .base import SenderContext, Transport, result_from_error
 from .sglang import post_sglang
 
@@ -34,6 +36,12 @@ class DiskTransport(Transport):
     Args:
         root: the directory (``sync.dir``), visible to every sender and to the engine.
         engine: a ReferenceEngine on the coordinator to reload into (staged and verified), or None.
+            With one pipeline stage it reads each shard as soon as the shard is written (on the
+            writer thread, while the other shards are written and all are fsynced) into memory
+            the transport keeps, and commits once the snapshot is published, adopting that memory
+            (two sets in turn, as the broadcast receiver; a refused sync leaves the parameters
+            where they were). With several stages it reads the published snapshot
+            (:func:`~megatron_smd.sync.staging.stage_from_disk`) and copies it in.
         sglang_urls: SGLang servers to tell ``/update_weights_from_disk`` (they must see ``root``).
         keep: complete snapshots to keep. After a successful sync the older ones go, in the
             background (:meth:`wait` waits for that): one becomes the *spare* (renamed to
@@ -57,6 +65,9 @@ class DiskTransport(Transport):
         self._files: list[dict] = []
         self._fsyncs: list[_Fsync] = []
         self._pruning: threading.Thread | None = None
+        self.buffers = ShadowBuffers()  # (engine) where the next reload is read into; its commit adopts them
+        self._live: ShadowBuffers | None = None  # what the engine's parameters are views of
+        self._read_into: dict | None = None  # (this sync) the engine's parameters, when it reads shards as written
         self._writer: ThreadPoolExecutor | None = None  # writes shards while the next bucket is converted
         self._writing: list[Future] | None = None  # the last bucket's shards
 
@@ -93,6 +104,10 @@ class DiskTransport(Transport):
     def begin(self, ctx: SenderContext) -> None:
         self.wait()
         self._files, self._fsyncs, self._writing = [], [], None
+        # the coordinator's own engine reads the shards as they are written (single stage: the
+        # other stages' shards are only known at the end)
+        self._read_into = (dict(self.engine.model.named_parameters())
+                           if ctx.coordinator and ctx.num_stages == 1 and self.engine is not None else None)
         part = self._partial(ctx.version)
         if ctx.coordinator:
             spare = self._spare
@@ -126,8 +141,15 @@ class DiskTransport(Transport):
         # made durable in the background while the next shard is converted and written; finish()
         # waits for every shard before anything is published
         self._fsyncs.append(_Fsync(path))
-        self._files.append({"file": fname, "names": list(bucket.names), "nbytes": bucket.nbytes,
-                            "checksums": bucket.checksums})
+        rec = {"file": fname, "names": list(bucket.names), "nbytes": bucket.nbytes, "checksums": bucket.checksums}
+        if self._read_into is not None:
+            # The engine reads the shard right away, on this thread, while the others are written
+            # and everything is fsynced; it commits once the snapshot is published (the same
+            # files, renamed), adopting what it read into (double-buffered, no second copy).
+            t0 = time.perf_counter()
+            rec["read"] = read_shard(path, rec["names"], self._read_into, self.buffers)
+            rec["read_seconds"] = time.perf_counter() - t0
+        self._files.append(rec)
 
     def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
         writing, self._writing = self._writing or [], None
@@ -136,6 +158,9 @@ class DiskTransport(Transport):
                 f.result()
             except Exception as e:  # the last bucket's shards
                 failed = failed or f"writing a shard: {type(e).__name__}: {e}"
+        staged = None
+        if not failed and self._read_into is not None:  # every shard was read as it was written
+            staged = stage_read(self.engine, self._files, version=ctx.version, verify_checksums=ctx.verify)
         with ctx.phases("fsync"):  # what is left of the shards' fsyncs
             for t in self._fsyncs:
                 t.join()
@@ -157,7 +182,7 @@ class DiskTransport(Transport):
                                 message="not written: " + "; ".join(errs))
         with ctx.phases("publish"):
             snap = self._publish(ctx, got)
-        return self._reload(ctx, snap)
+        return self._reload(ctx, snap, staged)
 
     def _publish(self, ctx: SenderContext, got: list[dict]) -> Path:
         part = self._partial(ctx.version)
@@ -203,13 +228,15 @@ class DiskTransport(Transport):
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
 
-    def _reload(self, ctx: SenderContext, snap: Path) -> CommitResult:
+    def _reload(self, ctx: SenderContext, snap: Path, staged: StagedUpdate | None = None) -> CommitResult:
         if self.engine is not None:
-            st = stage_from_disk(self.engine, snap, version=ctx.version, verify_checksums=ctx.verify)
+            st = staged or stage_from_disk(self.engine, snap, version=ctx.version, verify_checksums=ctx.verify)
             try:
-                res = st.commit(ctx.probe)
+                res = st.commit(ctx.probe, adopt=staged is not None)
             except WeightSyncError as e:
                 return result_from_error(ctx.version, e, self.name)
+            if staged is not None:  # the parameters now live in these buffers; the ones they left are free
+                self._live, self.buffers = self.buffers, (self._live or ShadowBuffers())
         elif self.sglang_urls:
             msgs = []
             for url in self.sglang_urls:
