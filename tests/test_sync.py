@@ -1064,6 +1064,33 @@ def _cycle_learner_job(port: int, tmp: str) -> dict:
             held = [open(f, "rb") for f in snap.glob("*.safetensors")]
     for f in held:
         f.close()
+    # a shard corrupted on disk between its write and the engine's read of it (verify on): refused,
+    # the engine bit-identical to before; the next sync is taken
+    sums0, real = _param_sums(engine), disk_mod.write_safetensors
+
+    def flipping(path, bucket, *a, **k):
+        n = real(path, bucket, *a, **k)
+        if bucket.index == 1:
+            with open(path, "r+b") as fh:
+                fh.seek(-3, os.SEEK_END)
+                b = fh.read(1)
+                fh.seek(-3, os.SEEK_END)
+                fh.write(bytes([b[0] ^ 0x10]))
+        return n
+
+    bump()
+    disk_mod.write_safetensors = flipping
+    try:
+        WeightSync(learner.model, layout, arch, tr, bucket_bytes=96 << 10, verify=True).sync(6)
+        out["disk_corrupt"] = ("no error", None)
+    except WeightSyncError as e:
+        out["disk_corrupt"] = (str(e), e.engine_state)
+    finally:
+        disk_mod.write_safetensors = real
+    out["disk_corrupt_unchanged"] = _param_sums(engine) == sums0
+    WeightSync(learner.model, layout, arch, tr, bucket_bytes=96 << 10, verify=True).sync(7)
+    have = dict(engine.model.named_parameters())
+    out["disk_after"] = all(torch.equal(have[n], t) for n, t in hf_now().items() if n in have)
     layout.destroy()
     return out
 
@@ -1099,8 +1126,10 @@ def test_double_buffered_receiver_and_recycled_disk_snapshots(tmp_path):
     (keep=1): the third sync writes into the first one's files and the fourth into the second's
     (same inodes; the first snapshot's files are held open, so a deleted one's inode number could
     not come back), only the newest snapshot and the spare remain, the engine is bit-identical to
-    the learner every time (buckets written as two shards at once on two threads); fewer, larger
-    shards leave no stale file behind."""
+    the learner every time (buckets written as two shards at once on two threads, each read by the
+    engine right after it is written); fewer, larger shards leave no stale file behind; a shard
+    corrupted on disk between its write and the engine's read is refused (verify), the engine
+    bit-identical, and the next sync is taken."""
     port = _two_free_ports()
     env = dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     res = _spawn([(_cycle_learner_job, (port, str(tmp_path)), env), (_cycle_receiver_job, (port,), {})],
@@ -1127,6 +1156,9 @@ def test_double_buffered_receiver_and_recycled_disk_snapshots(tmp_path):
     assert d[3]["root"] == sorted([".spare", "LATEST", d[3]["snapshot"]])
     assert any(f.endswith("-1.safetensors") for f in d[0]["indexed"])  # buckets written as two shards at once
     assert len(d[4]["indexed"]) < len(d[3]["indexed"])
+    msg, state = lr["disk_corrupt"]
+    assert state == "previous" and "checksum mismatch" in msg, msg
+    assert lr["disk_corrupt_unchanged"] and lr["disk_after"]
     assert d[4]["files"] == sorted(d[4]["indexed"] + ["config.json", "model.safetensors.index.json"])
 
 
