@@ -24,10 +24,9 @@ buffers, the disk transport's spare snapshot), are not measured (the first one i
 
 =====================  ===========================================================================
 ``inprocess[+verify]`` one ``Tensor.copy_`` of the same number of bytes (best of three, buffers
-                       touched beforehand): a staged sync copies every byte once (the engine's
-                       commit; the learner's tensors that are views of its parameters are staged
-                       as they are, the others converted into the engine's staging first) plus
-                       the checks.
+                       touched beforehand): the sync copies every byte once, converting it into
+                       the engine's kept staging arena (:mod:`~megatron_smd.sync.arena`), plus the
+                       checks; the commit adopts the arena (no copy).
 ``broadcast``          a raw ``torch.distributed.broadcast`` of the same number of bytes over the
                        same weight-update group to the same receiver process, into a buffer it
                        keeps (:meth:`~megatron_smd.sync.transports.BroadcastTransport.wire_seconds`).
@@ -38,15 +37,19 @@ buffers, the disk transport's spare snapshot), are not measured (the first one i
                        publishing the snapshot, which the raw floor does not: ``floor_durable``
                        is the same floor with an fsync of the file. The floor writes a new file
                        every time, as ``save_file`` does; the transport overwrites the files of
-                       its spare snapshot (see :class:`~megatron_smd.sync.DiskTransport`).
+                       its spare snapshot, two shards at a time on two writer threads, and the
+                       engine reads each shard as soon as it is written (see
+                       :class:`~megatron_smd.sync.DiskTransport`).
 =====================  ===========================================================================
 
 Every pair gives a ratio (sync seconds / floor seconds); the figure is the **median** of those
 ratios (``floor.ratio``, 9 pairs), with the medians of both timings beside it. Floor and sync run
 with the same thread budget: the process's torch threads (``threads``, the machine's cores by
 default) for the floor; for the sync one torch thread plus one helper thread that shares the
-pieces of large tensors (:mod:`~megatron_smd.sync.share`), and for ``broadcast`` the same two
-processes and gloo group as the raw broadcast. Nothing left over by one measurement is charged to
+work (:mod:`~megatron_smd.sync.share`: the in-process plan's chunks, large tensors' pieces), and
+for ``broadcast`` the same two processes and gloo group as the raw broadcast. The ``disk`` floor,
+``save_file``, writes on one thread (it has no other way); the transport writes two shards at
+once. Nothing left over by one measurement is charged to
 the next: the disk floor's deletion of its file and the disk runs' write-back are flushed
 (``os.sync``, not timed) before the next measurement; ``method`` in the output says so, and
 ``load_average`` is the machine's load when the run started. ``ratio_vs_copy`` (median
@@ -79,7 +82,8 @@ MiB = 1 << 20
 #: How the figures are taken (also in the output).
 METHOD = ("per transport: 2 warm-up syncs, then (floor, sync) pairs interleaved; figure = median of the per-pair "
           "ratios. Same thread budget: the floor with torch's threads (the 'threads' field), the sync with one torch "
-          "thread plus one helper thread sharing large tensors' pieces. Floors: plain Tensor.copy_ of the same bytes "
+          "thread plus one helper thread sharing the work (disk: two writer threads; save_file has one). "
+          "Floors: plain Tensor.copy_ of the same bytes "
           "(best of 3); raw torch.distributed.broadcast of the same bytes over the same group to the same receiver; "
           "raw safetensors save_file + load_file of the same tensors. The disk floor's file deletion and the disk "
           "runs' write-back are flushed (os.sync, untimed) so that no measurement pays for the previous one's.")

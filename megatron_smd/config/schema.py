@@ -363,7 +363,8 @@ class SyncConfig(_Strict):
     """Bucket size of the weight stream, in MiB."""
     verify: bool = False
     """After every sync, check per-tensor checksums (computed by the sender, compared by the engine
-    before it commits) and, for the staged transports (``inprocess``, ``disk``), compare the
+    before it commits; in process at TP = 1, where the sender writes the engine's own memory, the
+    one checksum it takes as it writes is both) and, for the staged transports (``inprocess``, ``disk``), compare the
     engine's logits on a probe batch, computed on the staged weights, with the learner's (within
     1e-5; logged as ``sync/probe_max_abs_logit_diff``); fail loudly on a mismatch. With
     ``sglang`` the probe is the sampled-and-replayed trajectory the trainer checks after every

@@ -8,7 +8,9 @@ and packs buckets of ``sync.bucket_mb``; no rank ever holds the whole model. The
 :mod:`.reshard`        :class:`Resharder` (TP gather, conversion straight into the bucket, memory
                        accounting, per-phase timing)
 :mod:`.pieces`         one parameter's TP shards -> its HF tensors, as pieces to copy (grouped
-                       in cache-sized byte ranges)
+                       in cache-sized byte ranges); the send order
+:mod:`.arena`          the in-process engine's staging as one buffer, filled and checked by one
+                       plan of chunks that two threads share
 :mod:`.probe`          :func:`learner_logits` (the learner's probe forward)
 :mod:`.meters`         :class:`PhaseTimer`, :class:`LiveBytes` (seconds per phase, bytes held)
 :mod:`.checks`         the exact checksum (whole or in pieces) and the NaN / inf test
