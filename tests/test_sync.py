@@ -1088,7 +1088,20 @@ def _cycle_learner_job(port: int, tmp: str) -> dict:
     finally:
         disk_mod.write_safetensors = real
     out["disk_corrupt_unchanged"] = _param_sums(engine) == sums0
-    WeightSync(learner.model, layout, arch, tr, bucket_bytes=96 << 10, verify=True).sync(7)
+    # a NaN in the learner: the writer threads' test refuses it, nothing is published
+    latest = (root / "LATEST").read_text()
+    with torch.no_grad():
+        saved = float(w.view(-1)[11])
+        w.view(-1)[11] = float("nan")
+    try:
+        WeightSync(learner.model, layout, arch, tr, bucket_bytes=96 << 10).sync(8)
+        out["disk_nan"] = ("no error", None)
+    except WeightSyncError as e:
+        out["disk_nan"] = (str(e), e.engine_state)
+    with torch.no_grad():
+        w.view(-1)[11] = saved
+    out["disk_nan_unchanged"] = _param_sums(engine) == sums0 and (root / "LATEST").read_text() == latest
+    WeightSync(learner.model, layout, arch, tr, bucket_bytes=96 << 10, verify=True).sync(9)
     have = dict(engine.model.named_parameters())
     out["disk_after"] = all(torch.equal(have[n], t) for n, t in hf_now().items() if n in have)
     layout.destroy()
@@ -1128,8 +1141,9 @@ def test_double_buffered_receiver_and_recycled_disk_snapshots(tmp_path):
     not come back), only the newest snapshot and the spare remain, the engine is bit-identical to
     the learner every time (buckets written as two shards at once on two threads, each read by the
     engine right after it is written); fewer, larger shards leave no stale file behind; a shard
-    corrupted on disk between its write and the engine's read is refused (verify), the engine
-    bit-identical, and the next sync is taken."""
+    corrupted on disk between its write and the engine's read is refused (verify), and so is a NaN
+    in the learner (tested by the writer threads), nothing published and the engine bit-identical
+    both times; the next sync is taken."""
     port = _two_free_ports()
     env = dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     res = _spawn([(_cycle_learner_job, (port, str(tmp_path)), env), (_cycle_receiver_job, (port,), {})],
@@ -1159,6 +1173,9 @@ def test_double_buffered_receiver_and_recycled_disk_snapshots(tmp_path):
     msg, state = lr["disk_corrupt"]
     assert state == "previous" and "checksum mismatch" in msg, msg
     assert lr["disk_corrupt_unchanged"] and lr["disk_after"]
+    msg, state = lr["disk_nan"]
+    assert state == "previous" and "non-finite learner weights (model.layers.2.mlp.gate_proj.weight" in msg, msg
+    assert lr["disk_nan_unchanged"]
     assert d[4]["files"] == sorted(d[4]["indexed"] + ["config.json", "model.safetensors.index.json"])
 
 

@@ -27,8 +27,8 @@ import torch
 
 from .checks import CHECKSUM_ALGORITHM, ROW_BYTES, Checksum, all_finite, all_finite_cached, tensor_checksum
 
-__all__ = ["CHECKSUM_ALGORITHM", "CHUNK_BYTES", "ROW_BYTES", "SPLIT_BYTES", "Bucket", "Checksum", "TensorMeta",
-           "all_finite", "all_finite_cached", "dtype_from_name", "dtype_name", "empty_bytes", "flat_size",
+__all__ = ["CHECKSUM_ALGORITHM", "CHUNK_BYTES", "ROW_BYTES", "SPLIT_BYTES", "Bucket", "Checksum", "NonFiniteError",
+           "TensorMeta", "all_finite", "all_finite_cached", "dtype_from_name", "dtype_name", "empty_bytes", "flat_size",
            "fsync_dir", "stage_bucket", "tensor_checksum", "unflatten", "write_safetensors"]
 
 # ------------------------------------------------------------------------------------------ dtypes
@@ -316,8 +316,16 @@ def flat_size(dtypes, shapes) -> int:
 
 
 # ------------------------------------------------------------------------------------ safetensors
+class NonFiniteError(ValueError):
+    """:func:`write_safetensors` (``check_finite``) met NaN or inf in tensor ``name``."""
+
+    def __init__(self, name: str):
+        super().__init__(f"non-finite values (NaN or inf) in {name}")
+        self.name = name
+
+
 def write_safetensors(path: str | os.PathLike, bucket: Bucket, metadata: dict[str, str] | None = None, *,
-                      fsync: bool = True) -> int:
+                      fsync: bool = True, check_finite: bool = False) -> int:
     """Write ``bucket`` as one safetensors file and fsync it (unless ``fsync=False``: the caller
     does); returns the bytes written.
 
@@ -332,6 +340,10 @@ def write_safetensors(path: str | os.PathLike, bucket: Bucket, metadata: dict[st
     with ``discard``, freeing a gigabyte costs the next writer its trim). The kernel is asked to
     start writing the data back every :data:`WRITEBACK_BYTES` (``sync_file_range``, Linux), so that
     the data reaches the disk while the rest is written and the final fsync waits for little.
+
+    ``check_finite``: test each piece of a float tensor (``CHUNK_BYTES``) for NaN / inf right before
+    writing it (the test brings it into cache, the write copies it from there) and raise
+    :class:`NonFiniteError` at the first one (the file is then incomplete).
     """
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     for m in bucket.metas():
@@ -345,13 +357,23 @@ def write_safetensors(path: str | os.PathLike, bucket: Bucket, metadata: dict[st
     with open(path, "r+b" if os.path.isfile(path) else "wb") as f:
         written += f.write(struct.pack("<Q", len(raw)))
         written += f.write(raw)
+        if check_finite and bucket.flat is not None:  # a packed bucket: its tensors are views of it
+            bad = next((n for n, t in zip(bucket.names, bucket.tensors) if not all_finite(t)), None)
+            if bad is not None:
+                raise NonFiniteError(bad)
         chunks = [bucket.flat] if bucket.flat is not None else bucket.tensors
-        for t in chunks:
+        names = [None] if bucket.flat is not None else bucket.names
+        for name, t in zip(names, chunks):
             if t.device.type != "cpu":
                 t = t.cpu()
-            data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            for lo in range(0, len(data), WRITEBACK_BYTES):
-                written += f.write(data[lo:lo + WRITEBACK_BYTES])
+            flat = t.reshape(-1)
+            data = memoryview(flat.view(torch.uint8).numpy())
+            step = CHUNK_BYTES if check_finite and name is not None and t.is_floating_point() else WRITEBACK_BYTES
+            for lo in range(0, len(data), step):
+                if step == CHUNK_BYTES and not all_finite_cached(flat[lo // t.element_size():
+                                                                      (lo + step) // t.element_size()]):
+                    raise NonFiniteError(name)
+                written += f.write(data[lo:lo + step])
                 if written - flushed >= WRITEBACK_BYTES:
                     f.flush()
                     _start_writeback(f.fileno(), flushed, written - flushed)

@@ -212,10 +212,11 @@ class WeightSync:
         if probe is not None:
             phases.add("probe_forward", time.perf_counter() - t0)
         ctx = SenderContext(layout=lay, arch=self.arch, version=version, verify=self.verify, meter=meter,
-                            probe=probe, phases=phases)
+                            probe=probe, phases=phases, check_finite=self.check_finite)
         res = Resharder(self.model, lay, self.arch, bucket_bytes=self.bucket_bytes, dtype=self.dtype,
                         checksums=self.verify, meter=meter, pack=self.transport.packs(ctx),
-                        check_finite=self.check_finite, phases=phases, overlap=self.transport.overlaps(ctx))
+                        check_finite=self.check_finite and not self.transport.checks_finite(ctx), phases=phases,
+                        overlap=self.transport.overlaps(ctx))
         err, result = None, None
         if res.participant:
             with _intra_op_threads(self.threads):

@@ -24,6 +24,7 @@ class SenderContext:
     meter: LiveBytes
     probe: Probe | None = None  # the coordinator's only
     phases: PhaseTimer = field(default_factory=PhaseTimer)  # this sender's seconds per phase
+    check_finite: bool = True  # refuse non-finite weights (the resharder, or the transport: checks_finite)
 
     @property
     def stage(self) -> int:
@@ -70,6 +71,12 @@ class Transport(ABC):
         """Whether ``send`` may return while still sending the bucket (done with it at the latest
         when the next ``send`` or ``finish`` returns): the resharder then packs the next bucket
         meanwhile, into the other half of its buffer (``Resharder(overlap=True)``)."""
+        return False
+
+    def checks_finite(self, ctx: SenderContext) -> bool:
+        """Whether this transport tests every tensor for NaN / inf itself as it moves it (when
+        ``ctx.check_finite``), refusing the sync before anything is published: the resharder then
+        does not (one read of the weights fewer)."""
         return False
 
     @abstractmethod

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..bucket import CHECKSUM_ALGORITHM, Bucket, fsync_dir, write_safetensors
+from ..bucket import CHECKSUM_ALGORITHM, Bucket, NonFiniteError, fsync_dir, write_safetensors
 from ..staging import (CommitResult, ShadowBuffers, StagedUpdate, WeightSyncError, read_shard, stage_from_disk,
                        stage_read)
 from .base import SenderContext, Transport, result_from_error
@@ -73,6 +73,9 @@ class DiskTransport(Transport):
 
     def packs(self, ctx: SenderContext) -> bool:
         return False  # a shard is written tensor by tensor, mostly straight from the parameters
+
+    def checks_finite(self, ctx: SenderContext) -> bool:
+        return True  # the writer threads test each piece for NaN / inf right before writing it
 
     def overlaps(self, ctx: SenderContext) -> bool:
         return True  # a shard is written on a helper thread while the next bucket is converted and checked
@@ -136,8 +139,15 @@ class DiskTransport(Transport):
 
     def _write(self, ctx: SenderContext, bucket: Bucket, fname: str) -> None:
         path = self._partial(ctx.version) / fname
-        with ctx.phases("write"):
-            write_safetensors(path, bucket, {"format": "pt", "smd_sync_version": str(ctx.version)}, fsync=False)
+        t0 = time.perf_counter()
+        try:
+            write_safetensors(path, bucket, {"format": "pt", "smd_sync_version": str(ctx.version)}, fsync=False,
+                              check_finite=ctx.check_finite)
+        except NonFiniteError as e:
+            raise WeightSyncError(f"non-finite learner weights ({e.name} in shard {fname}): the run diverged; "
+                                  f"nothing was published", "previous") from None
+        finally:
+            ctx.phases.add("write", time.perf_counter() - t0)
         # made durable in the background while the next shard is converted and written; finish()
         # waits for every shard before anything is published
         self._fsyncs.append(_Fsync(path))
@@ -178,8 +188,8 @@ class DiskTransport(Transport):
             return None
         errs = [f"stage {g['stage']}: {g['failed']}" for g in got if g["failed"]]
         if errs:
-            return CommitResult(ok=False, version=ctx.version, receiver=self.name,
-                                message="not written: " + "; ".join(errs))
+            return CommitResult(ok=False, version=ctx.version, receiver=self.name, engine_state="previous",
+                                message="not written: " + "; ".join(errs))  # nothing published or reloaded
         with ctx.phases("publish"):
             snap = self._publish(ctx, got)
         return self._reload(ctx, snap, staged)
