@@ -95,6 +95,9 @@ class Bucket:
 
     segments: list[torch.Tensor] | None = None
     packed: int = 0  # bytes of the packing buffer that place() used (alignment padding included)
+    #: every tensor is a view of the learner's parameters (no buffer or temporary of the resharder):
+    #: a transport may keep the bucket until its ``finish`` rather than until the next ``send``
+    borrows_only: bool = False
 
     _added: int = field(default=0, repr=False)  # bytes added through add() (O(1) nbytes)
 

@@ -27,11 +27,13 @@ from .checks import ROW_BYTES
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
-def param_order(arch: ModelArch, pp_rank: int, pp_size: int) -> list[str]:
+def param_order(arch: ModelArch, pp_rank: int, pp_size: int, *, embedding_first: bool = False) -> list[str]:
     """This stage's Megatron parameter names in send order: layer by layer (each layer in
     :data:`~megatron_smd.learner.convert.RULES` order), then the last-stage tensors, then the
     first-stage ones (the embedding: often the largest tensor, so it goes last, and a transport
-    that overlaps sending with packing starts on a small first bucket)."""
+    that overlaps sending with packing starts on a small first bucket). ``embedding_first``: the
+    embedding first instead (a transport that moves buckets on several threads starts its longest
+    job first, see ``Transport.embedding_first``)."""
     names = local_param_names(arch, pp_rank, pp_size)
 
     def key(item: tuple[int, str]) -> tuple[int, int, int]:
@@ -39,7 +41,9 @@ def param_order(arch: ModelArch, pp_rank: int, pp_size: int) -> list[str]:
         m = _LAYER.match(name)
         if m:
             return (0, int(m.group(1)), pos)
-        return (2 if name.startswith("embedding.") else 1, 0, pos)
+        if name.startswith("embedding."):
+            return (-1 if embedding_first else 2, 0, pos)
+        return (1, 0, pos)
 
     return [n for _, n in sorted(enumerate(names), key=key)]
 

@@ -135,6 +135,7 @@ class Resharder:
             done with a bucket by the time it returns from sending the next one, or from
             ``finish``): buckets are half the size, packed alternately into two buffers (or, not
             packed, their temporaries kept one bucket longer), so the memory bound holds.
+        embedding_first: send the embedding first (:func:`~megatron_smd.sync.pieces.param_order`).
 
     Raises ``ValueError`` at construction when the model's parameters are not exactly the ones the
     conversion table expects for this stage (same names and TP-local shapes on every rank).
@@ -143,7 +144,7 @@ class Resharder:
     def __init__(self, model: torch.nn.Module, layout: ParallelLayout, arch: ModelArch, *, bucket_bytes: int,
                  dtype: torch.dtype | None = None, checksums: bool = False, meter: LiveBytes | None = None,
                  pack: bool = True, sink: Sink | None = None, check_finite: bool = False,
-                 phases: PhaseTimer | None = None, overlap: bool = False):
+                 phases: PhaseTimer | None = None, overlap: bool = False, embedding_first: bool = False):
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
         self.layout, self.arch = layout, arch
@@ -153,7 +154,7 @@ class Resharder:
         self.is_sender = self.participant and layout.tp_rank == 0
         model = unwrap_model(model)
         params = dict(model.named_parameters())
-        order = param_order(arch, self.stage, self.num_stages)
+        order = param_order(arch, self.stage, self.num_stages, embedding_first=embedding_first)
         extra, missing = sorted(set(params) - set(order)), sorted(set(order) - set(params))
         if extra or missing:
             raise ValueError(f"weight sync: stage {self.stage} model parameters {extra[:3]} are not in the "
@@ -274,6 +275,7 @@ class Resharder:
         self._draining = True
 
     def _flush(self, bucket: Bucket) -> Bucket:
+        bucket.borrows_only = not self.pack and self.sink is None and not self._temps
         if self.checksums:
             bucket.checksums, self._sums = self._sums, []
         self.stats.buckets += 1

@@ -216,7 +216,7 @@ class WeightSync:
         res = Resharder(self.model, lay, self.arch, bucket_bytes=self.bucket_bytes, dtype=self.dtype,
                         checksums=self.verify, meter=meter, pack=self.transport.packs(ctx),
                         check_finite=self.check_finite and not self.transport.checks_finite(ctx), phases=phases,
-                        overlap=self.transport.overlaps(ctx))
+                        overlap=self.transport.overlaps(ctx), embedding_first=self.transport.embedding_first(ctx))
         err, result = None, None
         if res.participant:
             with _intra_op_threads(self.threads):

@@ -73,6 +73,11 @@ class Transport(ABC):
         meanwhile, into the other half of its buffer (``Resharder(overlap=True)``)."""
         return False
 
+    def embedding_first(self, ctx: SenderContext) -> bool:
+        """Whether the stage's embedding (often its largest tensor) goes first rather than last
+        (:func:`~megatron_smd.sync.pieces.param_order`); the same on every rank."""
+        return False
+
     def checks_finite(self, ctx: SenderContext) -> bool:
         """Whether this transport tests every tensor for NaN / inf itself as it moves it (when
         ``ctx.check_finite``), refusing the sync before anything is published: the resharder then

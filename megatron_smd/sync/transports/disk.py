@@ -69,13 +69,18 @@ class DiskTransport(Transport):
         self._live: ShadowBuffers | None = None  # what the engine's parameters are views of
         self._read_into: dict | None = None  # (this sync) the engine's parameters, when it reads shards as written
         self._writer: ThreadPoolExecutor | None = None  # writes shards while the next bucket is converted
-        self._writing: list[Future] | None = None  # the last bucket's shards
+        self._writing: list[tuple[bool, Future]] | None = None  # shards being written (Bucket.borrows_only, job)
 
     def packs(self, ctx: SenderContext) -> bool:
         return False  # a shard is written tensor by tensor, mostly straight from the parameters
 
     def checks_finite(self, ctx: SenderContext) -> bool:
         return True  # the writer threads test each piece for NaN / inf right before writing it
+
+    def embedding_first(self, ctx: SenderContext) -> bool:
+        # The embedding is one tensor, so one shard on one writer thread, the longest job of the
+        # sync: first, it runs while the other thread writes the layers' shards; last, it ran alone.
+        return True
 
     def overlaps(self, ctx: SenderContext) -> bool:
         return True  # a shard is written on a helper thread while the next bucket is converted and checked
@@ -127,15 +132,19 @@ class DiskTransport(Transport):
             dist.barrier(group=ctx.senders_group)  # the directory exists before anyone writes
 
     def send(self, ctx: SenderContext, bucket: Bucket) -> None:
-        """Queue the bucket's shards on the writer threads, then wait for the previous bucket's (the
-        resharder may free that bucket's temporaries once this returns); a write's error is
+        """Queue the bucket's shards on the writer threads, then wait for the earlier buckets' (the
+        resharder may free their temporaries once this returns), except those made only of views of
+        the learner's parameters (``Bucket.borrows_only``: the embedding, first): they may still be
+        written while the next buckets are, and :meth:`finish` waits for them. A write's error is
         raised here or by :meth:`finish`."""
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="smd-sync-write")
-        previous = self._writing or []
-        self._writing = [self._writer.submit(self._write, ctx, part, fname) for part, fname in _shards(ctx, bucket)]
-        for f in previous:
-            f.result()
+        earlier = self._writing or []
+        mine = [self._writer.submit(self._write, ctx, part, fname) for part, fname in _shards(ctx, bucket)]
+        self._writing = [(b, f) for b, f in earlier if b] + [(bucket.borrows_only, f) for f in mine]
+        for borrowed, f in earlier:
+            if not borrowed:
+                f.result()
 
     def _write(self, ctx: SenderContext, bucket: Bucket, fname: str) -> None:
         path = self._partial(ctx.version) / fname
@@ -163,7 +172,7 @@ class DiskTransport(Transport):
 
     def finish(self, ctx: SenderContext, failed: str | None) -> CommitResult | None:
         writing, self._writing = self._writing or [], None
-        for f in writing:
+        for _, f in writing:
             try:
                 f.result()
             except Exception as e:  # the last bucket's shards
