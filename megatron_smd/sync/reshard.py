@@ -427,12 +427,12 @@ class Resharder:
             return
         self.errors += errors
         arena, slots = got
+
         def build() -> ArenaPlan:
             kept = [(s, e[3]) for s, e in zip(slots, (e for _, es in groups for e in es)) if s is not None]
             return ArenaPlan([s for s, _ in kept], [pcs for _, pcs in kept], arena, ARENA_CHUNK_BYTES)
 
-        # the same learner tensors into the same arena: the plan of an earlier sync holds
-        key = (arena.data_ptr(), self.dtype, ARENA_CHUNK_BYTES,
+        key = (arena.data_ptr(),  # the same learner tensors into the same arena: an earlier plan holds self.dtype, ARENA_CHUNK_BYTES,
                tuple((p.data_ptr(), tuple(p.shape), p.stride(), p.dtype) for _, p in self.params))
         keep = getattr(self.sink, "arena_plan", None)
         plan = build() if keep is None else keep(key, build)
