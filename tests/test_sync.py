@@ -896,8 +896,9 @@ def test_arena_plan_writes_checks_and_sums_every_tensor_like_one_by_one(monkeypa
     """The in-process engine's arena (:mod:`megatron_smd.sync.arena`): tensors of every size (under a
     row, not a multiple of a row, several chunks), two dtypes and converted pieces (QKV de-interleave,
     gate / up halves) are written into one buffer by two threads sharing chunks, bit-identical to the
-    conversion; every tensor's flat checksum equals :func:`tensor_checksum` of that tensor; the gaps stay zero; a NaN in a small tensor that shares its chunk with
-    others, and one in a large tensor, each mark exactly their tensor; the kept arena (and the plan
+    conversion; every tensor's flat checksum equals :func:`tensor_checksum` of that tensor; the gaps
+    stay zero; a NaN in a small tensor that shares its chunk with others, and one in a large tensor,
+    each mark exactly their tensor; the kept arena (and the plan
     kept with it) is reused, and laid out anew (the plan dropped) when the tensors change."""
     from megatron_smd.sync.arena import ArenaPlan, FlatChecksums
     from megatron_smd.sync.bucket import ROW_BYTES

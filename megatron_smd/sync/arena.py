@@ -10,8 +10,9 @@ large ones shared between two threads. Here the whole stage is one job:
   tensor at an offset that is a multiple of the checksum's 4 KiB row, the gaps zero
   (:meth:`~megatron_smd.sync.staging.ShadowBuffers.arena`);
 * :class:`ArenaPlan`: the conversion's copies into the arena (:func:`~.pieces.hf_pieces`, cut by
-  :func:`~.pieces.plan_chunks`) grouped into chunks of about ``CHUNK_BYTES`` of the arena, in arena
-  order: a few rows of a large tensor, or several small tensors back to back (one dtype per chunk);
+  :func:`~.pieces.plan_chunks`) grouped into chunks of about :data:`ARENA_CHUNK_BYTES` of the arena,
+  in arena order: a few rows of a large tensor, or several small tensors back to back (one dtype per
+  chunk); the plan is kept with the arena and reused while the learner's tensors stay where they are;
 * :meth:`ArenaPlan.run`: the sender's thread and the helper thread (:mod:`.share`) take the next
   chunk from one counter for the whole stage (nobody waits per tensor); a chunk is copied, then
   checked with one call per check whatever number of tensors it holds: NaN / inf over its bytes
@@ -58,10 +59,11 @@ class Sink(Protocol):
     Optionally, ``arena(specs)`` offers slots for a whole stage as one arena (see the module
     docstring): for ``[(name, shape, dtype)]`` it returns the arena and a slot (or None) per tensor,
     or None to be served tensor by tensor; and ``arena_plan(key, build)`` keeps the arena's plan
-    (``build()``) for the next sync while ``key`` (the arena and the learner tensors read) is the same. The arena's tensors are checksummed once, by the sender
-    as it writes them, and that value is ``put`` as both the sender's and the consumer's
-    (``received``): the bytes are the consumer's own, so its own checksum of them could only repeat
-    the computation. (Tensor by tensor, ``verifier`` repeated it.)
+    (``build()``) for the next sync while ``key`` (the arena and the learner tensors read) is the
+    same. The arena's tensors are checksummed once, by the sender as it writes them, and that value
+    is ``put`` as both the sender's and the consumer's (``received``): the bytes are the consumer's
+    own, so its own checksum of them could only repeat the computation. (Tensor by tensor,
+    ``verifier`` repeated it.)
     """
 
     def slot(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None: ...
@@ -93,9 +95,9 @@ def arena_layout(sizes: list[int]) -> tuple[list[int], int]:
 
 @dataclass
 class _Chunk:
-    """One job of the plan: arena bytes ``[lo, hi)`` (whole rows), written by ``copies`` and checked
-    as ``dtype``; rows ``[row0, row0 + (hi - lo) / 4096)`` of the arena; the tensors it holds start at
-    rows ``seg_rows`` relative to ``lo`` (global segments ``seg0 ..``)."""
+    """One job of the plan: arena bytes ``[lo, hi)`` (whole 4 KiB rows), written by ``copies`` and
+    checked as ``dtype``; the tensors it holds (``tensors``, plan indices) start at rows ``seg_rows``
+    relative to ``lo``, their column sums go to segments ``seg0, seg0 + 1, ...``."""
 
     lo: int
     hi: int
@@ -130,7 +132,7 @@ class FlatChecksums:
             np.add.reduce(x[a:b], axis=0, out=self.cseg[c.seg0 + s])
 
     def values(self) -> list[int]:
-        """Every tensor's checksum, in plan order (0 for a tensor of no bytes, never compared)."""
+        """Every tensor's checksum, in plan order."""
         t0 = time.perf_counter()
         p = self.plan
         r = self.rsum.numpy().view(np.uint64)

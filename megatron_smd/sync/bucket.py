@@ -132,7 +132,7 @@ class Bucket:
 
         All tensors of a bucket must be reserved in the same buffer, from offset 0.
         """
-        off, nb = self.nbytes, _numel(shape) * dtype.itemsize
+        off, nb = self.nbytes, numel(shape) * dtype.itemsize
         if off % dtype.itemsize:
             raise ValueError(f"bucket: {name} ({dtype}) would start at byte {off}, "
                              f"not a multiple of its element size")
@@ -149,7 +149,7 @@ class Bucket:
         :meth:`place` calls used, to be written by the caller; returns the view. Unlike
         :meth:`reserve`, the bucket may also hold tensors elsewhere (:meth:`append_view`): its
         wire layout is then :attr:`segments`."""
-        nb = _numel(shape) * dtype.itemsize
+        nb = numel(shape) * dtype.itemsize
         pos = -(-self.packed // dtype.itemsize) * dtype.itemsize
         if self.nbytes % dtype.itemsize:
             raise ValueError(f"bucket: {name} ({dtype}) would start at byte {self.nbytes}, "
@@ -223,7 +223,8 @@ class Bucket:
         return flat
 
 
-def _numel(shape) -> int:
+def numel(shape) -> int:
+    """Elements of a tensor of ``shape`` (any sequence of ints)."""
     n = 1
     for s in shape:
         n *= int(s)

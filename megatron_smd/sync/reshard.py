@@ -72,7 +72,7 @@ from ..model.hf import ModelArch
 from ..parallel.layout import ParallelLayout
 from . import bucket as _bucket
 from .arena import ARENA_CHUNK_BYTES, ArenaPlan, FlatChecksums, Sink
-from .bucket import Bucket, empty_bytes
+from .bucket import Bucket, empty_bytes, numel
 from .checks import ROW_BYTES, Checksum, all_finite, all_finite_cached, tensor_checksum
 from .meters import LiveBytes, PhaseTimer
 from .pieces import Chunk, Piece, hf_pieces, param_order, param_view, plan_chunks, view_chunks, write_pieces
@@ -198,7 +198,7 @@ class Resharder:
             return False
         for _, shape, pieces in outs:
             dt = self.dtype or pieces[0][1].dtype
-            nb = _numel(shape) * dt.itemsize
+            nb = numel(shape) * dt.itemsize
             if param_view(pieces, shape, dt, None) is None or not (nb >= MIN_SEGMENT_BYTES or nb > self._limit):
                 return False
         return True
@@ -432,7 +432,8 @@ class Resharder:
             kept = [(s, e[3]) for s, e in zip(slots, (e for _, es in groups for e in es)) if s is not None]
             return ArenaPlan([s for s, _ in kept], [pcs for _, pcs in kept], arena, ARENA_CHUNK_BYTES)
 
-        key = (arena.data_ptr(),  # the same learner tensors into the same arena: an earlier plan holds self.dtype, ARENA_CHUNK_BYTES,
+        # the same learner tensors into the same arena: an earlier plan holds
+        key = (arena.data_ptr(), self.dtype, ARENA_CHUNK_BYTES,
                tuple((p.data_ptr(), tuple(p.shape), p.stride(), p.dtype) for _, p in self.params))
         keep = getattr(self.sink, "arena_plan", None)
         plan = build() if keep is None else keep(key, build)
@@ -450,7 +451,7 @@ class Resharder:
                 yield self._flush(bucket)
                 bucket = self._next(bucket)
             self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes,
-                                                  sum(_numel(sh) * dt.itemsize for _, sh, dt, _ in entries))
+                                                  sum(numel(sh) * dt.itemsize for _, sh, dt, _ in entries))
             for h, sh, dt, pcs in entries:
                 if len(bucket) and bucket.nbytes % dt.itemsize:
                     yield self._flush(bucket)
@@ -493,7 +494,7 @@ class Resharder:
             if not outs:
                 continue  # the tied output layer of the last stage (or a recorded error)
             dtypes = [self.dtype or pieces[0][1].dtype for _, _, pieces in outs]
-            sizes = [_numel(shape) * dt.itemsize for (_, shape, _), dt in zip(outs, dtypes)]
+            sizes = [numel(shape) * dt.itemsize for (_, shape, _), dt in zip(outs, dtypes)]
             self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes, sum(sizes))
             for (hf_name, shape, pieces), dt, nb in zip(outs, dtypes, sizes):
                 view = param_view(pieces, shape, dt, gptr) if self.overlap and self.pack else None
@@ -591,10 +592,3 @@ class Resharder:
         """After a bucket was consumed: the next one (an unpacked bucket's temporaries are freed)."""
         self._release_temps()
         return Bucket(self.stage, bucket.index + 1)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n

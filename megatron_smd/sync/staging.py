@@ -42,7 +42,7 @@ import torch
 
 from ..errors import SMDError
 from ..model.hf import expected_shapes
-from .bucket import empty_bytes
+from .bucket import empty_bytes, numel
 from .checks import CHECKSUM_ALGORITHM, Checksum, tensor_checksum
 
 EngineState = Literal["previous", "partial", "unknown", "updated"]
@@ -115,7 +115,7 @@ class ShadowBuffers:
         :class:`~megatron_smd.sync.arena.ArenaPlan`: it holds views of the arena and of the
         learner's parameters, so it is only reused for the same parameters at the same addresses)."""
         if self._plan is None or self._plan[0] != key:
-            self._plan = None
+            self._plan = None  # the old plan's views go before the new one is built
             self._plan = (key, build())
         return self._plan[1]
 
@@ -132,7 +132,7 @@ class ShadowBuffers:
             for n, _, _ in specs:
                 self._slots.pop(n, None)
             self._arena, self._plan = None, None
-            sizes = [_numel(s) * dt.itemsize for _, s, dt in specs]
+            sizes = [numel(s) * dt.itemsize for _, s, dt in specs]
             offsets, total = arena_layout(sizes)
             buf = empty_bytes(total, device)
             for (n, s, dt), off, nb in zip(specs, offsets, sizes):
@@ -146,7 +146,7 @@ class ShadowBuffers:
         if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != torch.device(device):
             self._slots.pop(name, None)
             del t
-            t = empty_bytes(_numel(shape) * dtype.itemsize, device).view(dtype).view(tuple(shape))
+            t = empty_bytes(numel(shape) * dtype.itemsize, device).view(dtype).view(tuple(shape))
             self._slots[name] = t
         return t
 
@@ -312,13 +312,6 @@ class StagedUpdate:
                            phases=dict(self.phases))
         self.discard()
         return res
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 class _VerifyChecksum(Checksum):
